@@ -1,0 +1,367 @@
+"""Datasets from their official files, minibatch index streams and sharding.
+
+Every dataset is read from the files its authors publish (MNIST and Fashion-MNIST IDX
+gz files, the CIFAR-10 *binary* tarball), each verified against its published md5.
+Files are looked for in a data directory chosen as: the explicit ``data_dir`` argument
+(CLI ``--data-dir``), else ``$PSADV_DATA_DIR``, else ``$XDG_CACHE_HOME/psadv`` (or
+``~/.cache/psadv``). Within a directory D, a dataset's files are looked for in
+``D/<name>/`` first, then in D itself. Missing files are downloaded into ``D/<name>/``
+unless ``download=False``. No pickle is used anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from psadv.errors import CheckpointError, ConfigError, DataError
+
+DOWNLOAD_TIMEOUT_S = 20.0
+SPLITS = ("train", "test")
+_SUPPLY_HINT = "pass --data-dir DIR (or set PSADV_DATA_DIR)"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset's official files come from and what they must contain.
+
+    ``files`` maps each file name to its md5; ``split_files`` names the files a split
+    needs (for IDX: images then labels; for CIFAR-10: the tarball); ``mirrors`` are URL
+    prefixes ending in ``/`` that the file name is appended to (any scheme urllib opens).
+    """
+
+    name: str
+    format: Literal["idx", "cifar10-binary"]
+    files: dict[str, str]
+    split_files: dict[str, tuple[str, ...]]
+    mirrors: tuple[str, ...]
+    shape: tuple[int, int, int]
+    num_classes: int
+    train_size: int
+    test_size: int
+
+    def size(self, split: str) -> int:
+        """Number of examples in ``split``."""
+        return self.train_size if split == "train" else self.test_size
+
+
+_IDX_SPLITS = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _idx_files(*md5s: str) -> dict[str, str]:
+    """Map the four standard IDX file names (train images/labels, test images/labels) to md5s."""
+    names = _IDX_SPLITS["train"] + _IDX_SPLITS["test"]
+    return dict(zip(names, md5s, strict=True))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist", format="idx",
+        files=_idx_files("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
+        split_files=_IDX_SPLITS,
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/"),
+        shape=(1, 28, 28), num_classes=10, train_size=60000, test_size=10000),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist", format="idx",
+        files=_idx_files("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
+        split_files=_IDX_SPLITS,
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        shape=(1, 28, 28), num_classes=10, train_size=60000, test_size=10000),
+    "cifar10": DatasetSpec(
+        name="cifar10", format="cifar10-binary",
+        files={"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
+        split_files={"train": ("cifar-10-binary.tar.gz",), "test": ("cifar-10-binary.tar.gz",)},
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        shape=(3, 32, 32), num_classes=10, train_size=50000, test_size=10000),
+}
+
+_CIFAR_MEMBERS = {
+    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("test_batch.bin",),
+}
+
+
+@dataclass
+class Dataset:
+    """One split of a dataset: ``x`` float32 N×C×H×W in [0, 1], ``y`` int64 labels.
+
+    Loaded arrays are shared through an in-process cache and are therefore read-only;
+    copy them (or index them, which copies) before modifying.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def dataset_info(name: str) -> DatasetSpec:
+    """The registry entry (shape, num_classes, sizes, files) for ``name``."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$PSADV_DATA_DIR``, else the user cache dir."""
+    for value, origin in ((data_dir, "--data-dir"), (os.environ.get("PSADV_DATA_DIR"), "PSADV_DATA_DIR")):
+        if value is not None and str(value) != "":
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise DataError(f"data directory {path} (from {origin}) does not exist or is not a directory")
+            return path
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "psadv"
+
+
+_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+_ARRAY_CACHE: dict[tuple[str, str, tuple[tuple[str, str], ...]], Dataset] = {}
+
+
+def _md5(path: Path) -> str:
+    """md5 hex digest of ``path``, remembered in-process by (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5_CACHE:
+        digest = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _MD5_CACHE[key] = digest.hexdigest()
+    return _MD5_CACHE[key]
+
+
+def _download(spec: DatasetSpec, filename: str, target_dir: Path) -> Path:
+    """Fetch ``filename`` from the spec's mirrors into ``target_dir``; md5-checked, atomic."""
+    expected = spec.files[filename]
+    created = not target_dir.exists()
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {target_dir}: {exc.strerror}") from None
+    reasons = []
+    for mirror in spec.mirrors:
+        url = mirror + filename
+        tmp: Path | None = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{filename}.", suffix=".tmp")
+            tmp = Path(tmp_name)
+            digest = hashlib.md5(usedforsecurity=False)
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != expected:
+                reasons.append(f"{url}: md5 {digest.hexdigest()} != {expected}")
+                continue
+            final = target_dir / filename
+            tmp.chmod(0o644)
+            os.replace(tmp, final)
+            return final
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reasons.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    if created and not any(target_dir.iterdir()):
+        target_dir.rmdir()
+    raise DataError("; ".join(reasons) or "no mirrors configured")
+
+
+def _locate(spec: DatasetSpec, filename: str, base: Path, download: bool) -> Path:
+    """Path of a verified copy of ``filename`` in ``base/<name>/`` or ``base``, downloading if allowed."""
+    candidates = (base / spec.name, base)
+    found = next((d / filename for d in candidates if (d / filename).is_file()), None)
+    expected = spec.files[filename]
+    if found is None:
+        looked = ", ".join(str(d) for d in candidates)
+        advice = f"download it (md5 {expected}) into {candidates[0]}, or {_SUPPLY_HINT}"
+        if not download:
+            raise DataError(f"{spec.name}: {filename} not found in {looked} (download disabled); {advice}")
+        try:
+            return _download(spec, filename, candidates[0])
+        except DataError as exc:
+            raise DataError(f"{spec.name}: {filename} not found in {looked} and could not be "
+                            f"downloaded ({exc}); {advice}") from None
+    actual = _md5(found)
+    if actual != expected:
+        raise DataError(f"{spec.name}: {found} has md5 {actual}, expected {expected}; replace it with the "
+                        f"official file, or {_SUPPLY_HINT} to use a verified copy")
+    return found
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse a gzipped IDX file of unsigned bytes with ``ndim`` dimensions."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc}); replace it with the official file") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes((0, 0, 0x08, ndim)):
+        raise DataError(f"{path}: bad IDX magic {raw[:4].hex()}, expected 000008{ndim:02x} (unsigned bytes, "
+                        f"{ndim} dims); replace it with the official file")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path}: IDX size mismatch: header says {dims} ({header + int(np.prod(dims))} bytes), "
+                        f"file has {len(raw)} bytes; replace it with the official file")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _decode_idx(spec: DatasetSpec, split: str, images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, C, H, W) and labels of an IDX split, checked against the spec's sizes."""
+    images, labels = _read_idx(images_path, 3), _read_idx(labels_path, 1)
+    expected = (spec.size(split), *spec.shape[1:])
+    if images.shape != expected or labels.shape != expected[:1]:
+        raise DataError(f"{spec.name}: {images_path.name} has shape {images.shape} and {labels_path.name} "
+                        f"{labels.shape}, expected {expected} and {expected[:1]}")
+    return images.reshape(-1, *spec.shape), labels
+
+
+def _decode_cifar10(spec: DatasetSpec, split: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read the split's ``*.bin`` members straight out of the tarball (records: label + 3072 CHW bytes)."""
+    wanted = _CIFAR_MEMBERS[split]
+    chunks: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r|gz") as archive:
+            for member in archive:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in wanted:
+                    chunks[base] = archive.extractfile(member).read()
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+        raise DataError(f"{path}: unreadable tar.gz ({exc}); replace it with the official file") from None
+    missing = [name for name in wanted if name not in chunks]
+    if missing:
+        raise DataError(f"{path}: archive lacks {', '.join(missing)}; replace it with the official file")
+    record = 1 + int(np.prod(spec.shape))
+    raw = b"".join(chunks[name] for name in wanted)
+    if len(raw) != spec.size(split) * record:
+        raise DataError(f"{path}: {split} batches hold {len(raw)} bytes, expected {spec.size(split)} "
+                        f"records of {record} bytes")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    return records[:, 1:].reshape(-1, *spec.shape), records[:, 0]
+
+
+def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None = None,
+                 download: bool = True) -> Dataset:
+    """Load one split of a dataset, verifying md5s; decoded arrays are cached in-process."""
+    spec = dataset_info(name)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+    base = resolve_data_dir(data_dir)
+    paths = [_locate(spec, filename, base, download) for filename in spec.split_files[split]]
+    key = (name, split, tuple((str(p.resolve()), _md5(p)) for p in paths))
+    if key not in _ARRAY_CACHE:
+        if spec.format == "idx":
+            images, labels = _decode_idx(spec, split, *paths)
+        else:
+            images, labels = _decode_cifar10(spec, split, *paths)
+        if labels.size and int(labels.max()) >= spec.num_classes:
+            raise DataError(f"{spec.name}: {split} labels reach {int(labels.max())}, "
+                            f"expected 0..{spec.num_classes - 1}; replace the files with the official ones")
+        x = images.astype(np.float32)
+        x /= 255.0
+        y = labels.astype(np.int64)
+        x.flags.writeable = False
+        y.flags.writeable = False
+        _ARRAY_CACHE[key] = Dataset(x=x, y=y, name=name, split=split)
+    return _ARRAY_CACHE[key]
+
+
+def shard_indices(n: int, seed: int, shard_index: int, shard_count: int) -> np.ndarray:
+    """Indices of shard ``shard_index`` of ``shard_count`` disjoint shards covering ``range(n)``.
+
+    A seeded permutation is cut into contiguous pieces whose sizes differ by at most one.
+    """
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ConfigError(f"shard index {shard_index} out of range for {shard_count} shards "
+                          f"(need 0 <= index < count)")
+    if n < 0:
+        raise ConfigError(f"cannot shard a negative number of examples ({n})")
+    permutation = np.random.default_rng(seed).permutation(n)
+    return np.array_split(permutation, shard_count)[shard_index].astype(np.int64)
+
+
+class BatchStream:
+    """Endless, deterministic, resumable stream of minibatch index arrays over ``indices``.
+
+    Epoch ``e`` uses the order ``default_rng([seed, e]).permutation``, so the position
+    ``{"epoch", "position"}`` alone is enough to resume the exact same sequence.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, drop_last: bool = True) -> None:
+        self._indices = np.array(indices, dtype=np.int64).reshape(-1)
+        if not 1 <= batch_size <= len(self._indices):
+            raise ConfigError(f"batch size {batch_size} must be between 1 and the number of "
+                              f"examples available ({len(self._indices)})")
+        if seed < 0:
+            raise ConfigError(f"seed must be non-negative, got {seed}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        full, rest = divmod(len(self._indices), batch_size)
+        self.batches_per_epoch = full + (1 if rest and not drop_last else 0)
+        self._epoch = 0
+        self._position = 0
+        self._order = self._epoch_order(0)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return self._indices[np.random.default_rng([self.seed, epoch]).permutation(len(self._indices))]
+
+    def next(self) -> np.ndarray:
+        """The next batch of indices (int64); the last batch of an epoch may be short if not drop_last."""
+        start = self._position * self.batch_size
+        batch = self._order[start:start + self.batch_size]
+        self._position += 1
+        if self._position == self.batches_per_epoch:
+            self._epoch, self._position = self._epoch + 1, 0
+            self._order = self._epoch_order(self._epoch)
+        return batch
+
+    __next__ = next
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def state(self) -> dict[str, int]:
+        """Position of the next batch, to store in a checkpoint."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from a position returned by :meth:`state` (same indices, batch size and seed)."""
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"batch stream state {state!r} lacks integer 'epoch' and 'position'") from None
+        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+            raise CheckpointError(f"batch stream state {state!r} does not fit this stream "
+                                  f"({self.batches_per_epoch} batches per epoch)")
+        self._epoch, self._position = epoch, position
+        self._order = self._epoch_order(epoch)

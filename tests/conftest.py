@@ -1,0 +1,11 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The verified offline MNIST copy in ``../shared/data/mnist`` beside the repository."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
