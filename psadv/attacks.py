@@ -1,0 +1,226 @@
+"""The one attack module: threat models, losses and a generic PGD loop.
+
+Training, the MPI attackers and evaluation all call :func:`perturb`. Invariants, each tested:
+
+* the result lies in the threat model's ε-ball around ``x`` and in the pixel range [0, 1];
+* parameter gradients are untouched (only the input gradient is computed, with
+  ``torch.autograd.grad``, which also means nothing accumulates from step to step);
+* the model is in eval mode while attacking and its previous mode is restored afterwards;
+* with restarts, each example keeps its worst restart (misclassified first, then highest loss).
+
+FGSM, FGSM with random start ("fast" adversarial training) and PGD are the same loop with
+different (steps, step size, random start): see :data:`ATTACKS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError
+
+PIXEL_MIN, PIXEL_MAX = 0.0, 1.0
+
+
+class ThreatModel(abc.ABC):
+    """An ε-ball around the clean input, intersected with the valid pixel range."""
+
+    def __init__(self, eps: float):
+        self.eps = float(eps)
+
+    @abc.abstractmethod
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The nearest point of the ball (and pixel range) to ``x_adv``."""
+
+    @abc.abstractmethod
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+        """One ascent step along the norm's steepest direction (unprojected)."""
+
+    @abc.abstractmethod
+    def random_perturb(self, x: torch.Tensor) -> torch.Tensor:
+        """A random point of the ball around ``x``."""
+
+
+class LinfThreat(ThreatModel):
+    """‖δ‖∞ ≤ ε: sign-gradient steps, clipping projection, uniform random start."""
+
+    def project(self, x_adv, x):
+        delta = torch.clamp(x_adv - x, -self.eps, self.eps)
+        return torch.clamp(x + delta, PIXEL_MIN, PIXEL_MAX)
+
+    def step(self, x_adv, grad, step_size):
+        return x_adv + step_size * grad.sign()
+
+    def random_perturb(self, x):
+        return self.project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x)
+
+
+class L2Threat(ThreatModel):
+    """‖δ‖₂ ≤ ε per example: normalised-gradient steps, radial projection, uniform-in-ball start."""
+
+    @staticmethod
+    def _norms(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+    def project(self, x_adv, x):
+        delta = x_adv - x
+        scale = torch.clamp(self.eps / (self._norms(delta) + 1e-12), max=1.0)
+        return torch.clamp(x + delta * scale, PIXEL_MIN, PIXEL_MAX)
+
+    def step(self, x_adv, grad, step_size):
+        return x_adv + step_size * grad / (self._norms(grad) + 1e-12)
+
+    def random_perturb(self, x):
+        direction = torch.randn_like(x)
+        direction = direction / (self._norms(direction) + 1e-12)
+        dims = x[0].numel()
+        radius = self.eps * torch.rand(x.shape[0], device=x.device) ** (1.0 / dims)
+        return self.project(x + direction * radius.view(-1, *([1] * (x.dim() - 1))), x)
+
+
+THREATS: dict[str, type[ThreatModel]] = {"linf": LinfThreat, "l2": L2Threat}
+
+
+def cross_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin: best wrong logit minus true logit (positive = misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return wrong - true
+
+
+LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss}
+
+
+@dataclass(frozen=True)
+class AttackKind:
+    """How a named attack sets the generic loop: steps, default step size, random start."""
+
+    fixed_steps: int | None  # None: the user chooses k
+    random_start: bool
+    default_step_ratio: str  # step size / ε, as a rule of the step count (see step_size_ratio)
+    description: str
+
+
+ATTACKS: dict[str, AttackKind] = {
+    "none": AttackKind(0, False, "0", "clean training / evaluation, no perturbation"),
+    "fgsm": AttackKind(1, False, "1", "one signed-gradient step of size ε (Goodfellow et al.)"),
+    "fgsm-rs": AttackKind(1, True, "1.25", "FGSM from a uniform random start, step 1.25ε (Wong et al.)"),
+    "pgd": AttackKind(None, True, "2.5/k", "k projected steps from a random start, step 2.5ε/k (Madry et al.)"),
+}
+
+
+def step_size_ratio(kind: AttackKind, steps: int) -> float:
+    """Default step size relative to ε for ``steps`` steps."""
+    rule = kind.default_step_ratio
+    if rule == "2.5/k":
+        return 2.5 / max(steps, 1)
+    return float(rule)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A fully resolved attack: what :func:`perturb` runs."""
+
+    name: str = "pgd"
+    eps: float = 0.3
+    steps: int = 10
+    step_size: float | None = None  # absolute; None -> the attack's default ratio × ε
+    restarts: int = 1
+    norm: str = "linf"
+    loss: str = "ce"
+
+    def __post_init__(self):
+        if self.name not in ATTACKS:
+            raise ConfigError(f"unknown attack {self.name!r}; choose one of: {', '.join(ATTACKS)}")
+        if self.norm not in THREATS:
+            raise ConfigError(f"unknown norm {self.norm!r}; choose one of: {', '.join(THREATS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown attack loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.steps < 0:
+            raise ConfigError(f"attack steps must be >= 0, got {self.steps}")
+        if self.restarts < 1:
+            raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ConfigError(f"attack step size must be > 0, got {self.step_size}")
+
+    @property
+    def kind(self) -> AttackKind:
+        return ATTACKS[self.name]
+
+    @property
+    def effective_steps(self) -> int:
+        fixed = self.kind.fixed_steps
+        return self.steps if fixed is None else fixed
+
+    @property
+    def effective_step_size(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return step_size_ratio(self.kind, self.effective_steps) * self.eps
+
+    @property
+    def passes(self) -> int:
+        """Forward+backward passes per example (the attack's cost)."""
+        return self.effective_steps * self.restarts
+
+    def describe(self) -> str:
+        if self.name == "none" or self.eps == 0:
+            return "clean"
+        label = {"pgd": f"PGD-{self.effective_steps}"}.get(self.name, self.name.upper())
+        if self.restarts > 1:
+            label += f"x{self.restarts}"
+        return f"{label} {self.norm} eps={self.eps:g}" + (" margin" if self.loss == "margin" else "")
+
+
+def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, loss_fn) -> torch.Tensor:
+    x_adv = threat.random_perturb(x) if attack.kind.random_start else x.clone()
+    step_size = attack.effective_step_size
+    for _ in range(attack.effective_steps):
+        # A fresh leaf each step: the gradient is computed anew, never accumulated.
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = loss_fn(model(x_adv), y).sum()
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = threat.project(threat.step(x_adv.detach(), grad, step_size), x)
+    return x_adv.detach()
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack) -> torch.Tensor:
+    """Adversarial examples for ``(x, y)`` under ``attack``; see the module docstring."""
+    if attack.name == "none" or attack.eps == 0 or attack.effective_steps == 0:
+        return x.detach().clone()
+    threat = THREATS[attack.norm](attack.eps)
+    loss_fn = LOSSES[attack.loss]
+    was_training = model.training
+    model.eval()
+    try:
+        best = _single_run(model, x, y, attack, threat, loss_fn)
+        if attack.restarts > 1:
+            with torch.no_grad():
+                best_wrong, best_loss = _score(model, best, y, loss_fn)
+            for _ in range(attack.restarts - 1):
+                cand = _single_run(model, x, y, attack, threat, loss_fn)
+                with torch.no_grad():
+                    wrong, loss = _score(model, cand, y, loss_fn)
+                better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
+                best_wrong = best_wrong | wrong
+                best_loss = torch.where(better, loss, best_loss)
+        return best
+    finally:
+        model.train(was_training)
+
+
+def _score(model, x_adv, y, loss_fn):
+    logits = model(x_adv)
+    return logits.argmax(1) != y, loss_fn(logits, y)

@@ -1,0 +1,174 @@
+"""The ``psadv`` command line: thin click commands over the library.
+
+Every user mistake ends as one line on stderr and a non-zero exit: 2 for usage errors (bad
+options, unknown names, an existing run directory, a checkpoint of another model), 1 for a
+missing or corrupted file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .config import FIELDS, choices_of, read_toml
+from .errors import PsadvError
+
+
+class PsadvGroup(click.Group):
+    """A group whose errors print as one line (``psadv: error: …``) with click's exit codes."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name or "psadv", complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except PsadvError as exc:
+            _fail(str(exc), exc.exit_code)
+        except click.Abort:
+            _fail("aborted", 130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+def _fail(message: str, code: int):
+    click.echo(f"psadv: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _click_type(name: str):
+    f = FIELDS[name]
+    choices = choices_of(name)
+    if choices:
+        return click.Choice(choices)
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if f.type == "int":
+        return click.IntRange(min=lo, max=hi)
+    if f.type == "float":
+        return click.FloatRange(min=lo, max=hi)
+    return click.STRING
+
+
+def config_options(command):
+    """One option per config field (``attack_steps`` -> ``--attack-steps``), default None = not given."""
+    for name in reversed(list(FIELDS)):
+        f = FIELDS[name]
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default != "" else "none"
+        help_text = f"{f.metadata['help']} [default: {default}]"
+        if f.type == "bool":
+            command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(command)
+        else:
+            command = click.option(flag, name, type=_click_type(name), default=None, help=help_text)(command)
+    return command
+
+
+@click.group(cls=PsadvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="psadv")
+def cli():
+    """Fast adversarially robust training: weaker adversaries, asynchronous MPI attackers.
+
+    Run `psadv train` in one process, or `mpirun -n N psadv train …` for one parameter server
+    and N-1 attackers. `psadv eval` measures robustness, `psadv inspect` reads a checkpoint.
+    """
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of options (the command line wins)")
+@click.option("--resume", type=click.Path(), help="continue a run: its RUN_DIR or a checkpoint file")
+@click.option("--overwrite", is_flag=True, help="replace the run already in --run-dir")
+@click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
+@config_options
+def train(config_file, resume, overwrite, progress, **options):
+    """Adversarially train a model.
+
+    One process runs the classic loop (attack each batch, then step). Under MPI with N >= 2
+    ranks, rank 0 is the parameter server and ranks 1..N-1 generate adversarial examples.
+    Any option can come from --config FILE.toml; options given here override the file.
+    """
+    from .launch import launch
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    file_values = read_toml(config_file) if config_file else {}
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    launch(overrides, file_values, resume=resume, overwrite=overwrite, show_progress=progress)
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--attack", type=click.Choice(["none", "fgsm", "fgsm-rs", "pgd"]), default="pgd", show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True, help="PGD steps")
+@click.option("--restarts", type=click.IntRange(min=1), default=10, show_default=True, help="random restarts")
+@click.option("--eps", type=click.FloatRange(0, 1), default=None, help="ε (default: the checkpoint's)")
+@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="absolute step size (default: 2.5ε/steps for PGD)")
+@click.option("--loss", type=click.Choice(["ce", "margin"]), default="ce", show_default=True,
+              help="attack loss: cross-entropy or the CW margin")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="threat model (default: the checkpoint's)")
+@click.option("--examples", type=click.IntRange(min=1), default=None, help="first N test examples (default: all)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--data-dir", type=click.Path(), default=None, help="dataset directory (default: the checkpoint's)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random starts")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
+def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examples, batch_size, data_dir, device,
+          seed, as_json, progress):
+    """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
+
+    The default attack is strong: PGD-50 with 10 random restarts at the checkpoint's ε.
+    """
+    import torch
+
+    from .attacks import Attack
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .data import load_dataset
+    from .devices import pick_device, set_threads
+    from .evaluate import evaluate
+    from .models import build_model
+
+    ckpt = load_checkpoint(find_checkpoint(checkpoint))
+    cfg = ckpt.config
+    spec = Attack(name=attack, eps=cfg["eps"] if eps is None else eps, steps=steps, restarts=restarts,
+                  step_size=step_size, norm=norm or cfg["norm"], loss=loss)
+    set_threads(0)
+    dev = pick_device(device)
+    model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
+    model.load_state_dict(ckpt.model_state)
+    test = load_dataset(cfg["dataset"], "test", data_dir or cfg.get("data_dir") or None)
+    n = min(examples or len(test), len(test))
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    result = evaluate(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
+                      batch_size=batch_size, device=dev, progress=progress and not as_json)
+    result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
+                   f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect(checkpoint, as_json):
+    """Summarise CHECKPOINT (a file or a run directory): model, version, config, size."""
+    from .checkpoint import describe_checkpoint, find_checkpoint
+
+    info = describe_checkpoint(find_checkpoint(checkpoint))
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True, default=str))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>16}: {value}")
+
+
+def main():
+    cli()

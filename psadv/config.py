@@ -1,0 +1,187 @@
+"""The one source of configuration defaults.
+
+Every field of :class:`Config` is a ``psadv train`` option (``attack_steps`` -> ``--attack-steps``)
+and a key of the ``--config FILE.toml`` file; the command line wins over the file, the file over
+these defaults. Unknown keys are errors. The resolved config is written to the run directory and
+into every checkpoint, and ``--resume`` starts from the checkpoint's copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def opt(default, help: str, **meta):
+    """A config field with its help text (and optional choices/min/max for validation)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Config:
+    # --- data --------------------------------------------------------------------------------
+    dataset: str = opt("mnist", "dataset to train on", choices="datasets")
+    data_dir: str = opt("", "dataset directory (default: $PSADV_DATA_DIR, then ~/.cache/psadv)")
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = opt("mnist-small", "architecture, by registry name", choices="models")
+
+    # --- the training adversary --------------------------------------------------------------
+    norm: str = opt("linf", "threat model", choices="norms")
+    # The MNIST challenge budget: ε=0.3 in L∞ on [0,1] pixels.
+    eps: float = opt(0.3, "perturbation budget ε (pixels in [0,1])", min=0.0, max=1.0)
+    # ε=0.3 MNIST training from scratch can sit at ~11% accuracy for many epochs; growing ε
+    # linearly from 0 over the first part of training avoids that stall.
+    eps_ramp: float = opt(0.2, "fraction of training over which ε ramps up linearly from 0", min=0.0, max=1.0)
+    attack: str = opt("pgd", "training attack", choices="attacks")
+    # PGD-10 is far cheaper than Madry's PGD-40 and, on MNIST, trains comparably robust nets.
+    attack_steps: int = opt(10, "PGD steps k (fgsm and fgsm-rs always take 1)", min=0)
+    # 0 keeps each attack's rule: 2.5/k for PGD (Madry), 1.25 for fgsm-rs (Wong), 1 for fgsm.
+    attack_step_ratio: float = opt(0.0, "attack step size relative to ε (0 = attack's default)", min=0.0)
+    # A schedule of PGD steps, 'K0,K1@P1,K2@P2': K0 steps until progress P1, then K1, ...
+    attack_steps_schedule: str = opt("", "PGD steps by training progress, e.g. '2,5@0.3,10@0.6'")
+    attack_restarts: int = opt(1, "random restarts of the training attack", min=1)
+
+    # --- optimisation ------------------------------------------------------------------------
+    optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
+    lr: float = opt(1e-3, "(peak) learning rate", min=0.0)
+    # onecycle: up to lr at 40% of training, then down to 0 (fast adversarial training's cyclic
+    # schedule); piecewise: ×0.1 at 50% and again at 75%.
+    lr_schedule: str = opt("constant", "learning-rate schedule", choices=("constant", "piecewise", "onecycle"))
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "weight decay", min=0.0)
+    batch_size: int = opt(100, "examples per optimizer step (and per attacker push)", min=1)
+
+    # --- budget: training stops at whichever is reached first ----------------------------------
+    # With none of steps/epochs/time_budget given, training runs 10 epochs.
+    steps: int = opt(0, "optimizer steps (= model versions) to train; 0 = no step budget", min=0)
+    epochs: float = opt(0.0, "epochs of the training set to consume; 0 = no epoch budget", min=0.0)
+    time_budget: float = opt(0.0, "seconds of training; 0 = no time budget", min=0.0)
+    target_robust_acc: float = opt(0.0, "stop once periodic evaluation reaches this robust accuracy (0 = off)",
+                                   min=0.0, max=1.0)
+
+    # --- evaluation during training ------------------------------------------------------------
+    eval_every: int = opt(500, "evaluate every N versions (0 = only at the end)", min=0)
+    # A held-out slice of the test set: enough to see the curve, cheap enough to run often.
+    eval_examples: int = opt(1000, "test examples used by periodic evaluation", min=1)
+    eval_attack: str = opt("pgd", "attack used by periodic evaluation", choices="attacks")
+    eval_steps: int = opt(20, "PGD steps of periodic evaluation", min=0)
+    eval_restarts: int = opt(1, "restarts of periodic evaluation", min=1)
+
+    # --- staleness -----------------------------------------------------------------------------
+    emulate_staleness: int = opt(0, "single process: attack each batch with the model from S versions ago",
+                                 min=0)
+
+    # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
+    push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))
+    # Around 32 versions of staleness still trains well; around 64 it can fail badly.
+    max_staleness: int = opt(32, "reject pushes staler than this many versions", min=0)
+    refresh_every: int = opt(4, "send parameters to attackers every N versions", min=1)
+    lr_damping: bool = opt(False, "gradients mode: scale the learning rate by 1/max(1, staleness)")
+    wire_dtype: str = opt("float32", "dtype of adversarial examples on the wire", choices=("float32", "float16"))
+
+    # --- run -----------------------------------------------------------------------------------
+    seed: int = opt(0, "random seed", min=0)
+    run_dir: str = opt("", "run directory (default: runs/<date>-<time>)")
+    log_every: int = opt(50, "one metrics row every N versions", min=1)
+    checkpoint_every: int = opt(1000, "checkpoint every N versions (0 = only at the end)", min=0)
+    keep_checkpoints: int = opt(3, "checkpoints kept in the run directory", min=1)
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N")
+    # 0: all cores for one process; under MPI the cores are split between the ranks on a host.
+    threads: int = opt(0, "torch threads per process (0 = automatic)", min=0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _choices(f) -> tuple[str, ...] | None:
+    spec = f.metadata.get("choices")
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    # Registries are looked up lazily so this module imports nothing heavy.
+    from .attacks import ATTACKS, THREATS
+    from .data import DATASETS
+    from .models import MODELS
+
+    return tuple({"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "norms": THREATS}[spec])
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    return _choices(FIELDS[name])
+
+
+def _coerce(name: str, value, source: str):
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    where = f" in {source}" if source else ""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}{where} must be true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{name}{where} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value against its field's choices and range; ConfigError on the first bad one."""
+    for name, f in FIELDS.items():
+        value = getattr(cfg, name)
+        option = "--" + name.replace("_", "-")
+        choices = _choices(f)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{option}: unknown value {value!r}; choose one of: {', '.join(choices)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{option} must be finite, got {value}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and value < lo:
+            raise ConfigError(f"{option} must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{option} must be <= {hi}, got {value}")
+    from .schedules import parse_steps_schedule
+
+    parse_steps_schedule(cfg.attack_steps_schedule)
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict:
+    """Config values from a TOML file (flat keys; dashes or underscores); unknown keys are errors."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r} in {path}")
+        values[name] = _coerce(name, value, str(path))
+    return values
+
+
+def make_config(*layers: dict, source: str = "") -> Config:
+    """Defaults, overridden by each layer in turn (e.g. file values, then command-line values)."""
+    merged: dict = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if name not in FIELDS:
+                raise ConfigError(f"unknown config key {name!r}{' in ' + source if source else ''}")
+            merged[name] = _coerce(name, value, source)
+    return validate(Config(**merged))

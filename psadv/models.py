@@ -1,0 +1,160 @@
+"""Model registry: a name maps to a constructor and the input shape it expects.
+
+Checkpoints store the registry name and the constructor arguments, so a resumed or evaluated
+run rebuilds exactly the architecture it trained (``build_model(name, **args)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError
+
+
+class MnistSmall(nn.Sequential):
+    """The MNIST net of fast adversarial training (Wong et al. 2020): two strided convs, fc100."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__(
+            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
+        )
+
+
+class MnistMadry(nn.Sequential):
+    """The MNIST challenge net of Madry et al. 2018: conv32 5x5, pool, conv64 5x5, pool, fc1024."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__(
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, num_classes),
+        )
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 for 32x32 images; input in [0, 1], normalised inside the model."""
+
+    # CIFAR-10 channel statistics; keeping them in the model keeps attacks in pixel space.
+    MEAN = (0.4914, 0.4822, 0.4465)
+    STD = (0.2471, 0.2435, 0.2616)
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        mean = torch.tensor(self.MEAN[:in_channels] if in_channels == 3 else [0.5] * in_channels)
+        std = torch.tensor(self.STD[:in_channels] if in_channels == 3 else [0.5] * in_channels)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        layers, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(self.conv1((x - self.mean) / self.std))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+        return self.linear(out)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # (C, H, W) the architecture is built for
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mnist-small": ModelSpec(MnistSmall, (1, 28, 28), "fast-adversarial MNIST net (conv16-conv32-fc100)"),
+    "mnist-madry": ModelSpec(MnistMadry, (1, 28, 28), "Madry MNIST challenge net (conv32-conv64-fc1024)"),
+    "preact-resnet18": ModelSpec(PreActResNet18, (3, 32, 32), "PreAct-ResNet-18 for CIFAR-10 (GPU runs)"),
+}
+
+
+def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: int) -> dict:
+    """Constructor arguments of model ``name`` for a dataset; error if the shapes don't fit."""
+    spec = get_spec(name)
+    if tuple(input_shape) != spec.input_shape:
+        want = "x".join(map(str, spec.input_shape))
+        got = "x".join(map(str, input_shape))
+        raise ConfigError(f"model {name} expects {want} inputs, but the dataset has {got}")
+    return {"in_channels": int(input_shape[0]), "num_classes": int(num_classes)}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(name: str, **args) -> nn.Module:
+    """Build registered model ``name`` with constructor ``args`` (as stored in checkpoints)."""
+    return get_spec(name).build(**args)
+
+
+def float_state(model: nn.Module) -> list[torch.Tensor]:
+    """The model's floating-point parameters and buffers, in state-dict order.
+
+    This is what a copy of the model needs to compute like the original: it travels to attackers
+    as one flat buffer and fills the staleness ring buffer.
+    """
+    return [t for t in model.state_dict().values() if t.is_floating_point()]
+
+
+def flat_state(model: nn.Module) -> torch.Tensor:
+    """:func:`float_state` concatenated into one detached float32 vector."""
+    return torch.cat([t.detach().reshape(-1).float() for t in float_state(model)])
+
+
+@torch.no_grad()
+def load_flat_state_(model: nn.Module, vector: torch.Tensor) -> None:
+    """Copy a vector made by :func:`flat_state` (of the same architecture) into ``model``."""
+    offset = 0
+    for t in float_state(model):
+        n = t.numel()
+        t.copy_(vector[offset:offset + n].view_as(t))
+        offset += n
+    if offset != vector.numel():
+        raise ValueError(f"state vector has {vector.numel()} values, model needs {offset}")

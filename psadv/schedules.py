@@ -1,0 +1,92 @@
+"""Schedules as pure functions of training progress p in [0, 1].
+
+Progress is the fraction of the budget used: the largest of versions/total versions and
+elapsed/time budget, so the same recipe stretches to any budget and resumes exactly.
+"""
+
+from __future__ import annotations
+
+from .attacks import Attack
+from .config import Config
+from .errors import ConfigError
+
+
+def total_versions(cfg: Config, batches_per_epoch: int) -> int:
+    """The version budget implied by --steps/--epochs (0 when only a time budget is set)."""
+    budgets = []
+    if cfg.steps:
+        budgets.append(cfg.steps)
+    if cfg.epochs:
+        budgets.append(max(1, round(cfg.epochs * batches_per_epoch)))
+    if not budgets and not cfg.time_budget:
+        budgets.append(10 * batches_per_epoch)  # the default budget: 10 epochs
+    return min(budgets) if budgets else 0
+
+
+def progress(version: int, elapsed: float, total: int, time_budget: float) -> float:
+    fractions = []
+    if total:
+        fractions.append(version / total)
+    if time_budget:
+        fractions.append(elapsed / time_budget)
+    return min(1.0, max(fractions)) if fractions else 0.0
+
+
+def lr_at(p: float, cfg: Config) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "piecewise":
+        return cfg.lr * (0.1 if p >= 0.5 else 1.0) * (0.1 if p >= 0.75 else 1.0)
+    # onecycle: linear warm-up to the peak at 40% of training, then linear decay to 0.
+    peak = 0.4
+    return cfg.lr * (p / peak if p < peak else max(0.0, (1.0 - p) / (1.0 - peak)))
+
+
+def eps_at(p: float, cfg: Config) -> float:
+    if cfg.eps_ramp <= 0 or p >= cfg.eps_ramp:
+        return cfg.eps
+    return cfg.eps * p / cfg.eps_ramp
+
+
+def parse_steps_schedule(text: str) -> list[tuple[float, int]]:
+    """'2,5@0.3,10@0.6' -> [(0.0, 2), (0.3, 5), (0.6, 10)]; '' -> []."""
+    if not text.strip():
+        return []
+    points = []
+    for i, part in enumerate(text.split(",")):
+        steps_text, _, at_text = part.strip().partition("@")
+        try:
+            steps = int(steps_text)
+            at = float(at_text) if at_text else 0.0
+        except ValueError:
+            raise ConfigError(f"--attack-steps-schedule: cannot read {part.strip()!r} (want K or K@PROGRESS)") from None
+        if (i == 0) != (at_text == "") or steps < 0 or not 0.0 <= at <= 1.0:
+            raise ConfigError(
+                f"--attack-steps-schedule: bad entry {part.strip()!r}: the first entry is K, "
+                "later ones K@P with 0 <= P <= 1 in increasing order, K >= 0")
+        if points and at <= points[-1][0]:
+            raise ConfigError(f"--attack-steps-schedule: progress points must increase, got {text!r}")
+        points.append((at, steps))
+    return points
+
+
+def attack_steps_at(p: float, cfg: Config) -> int:
+    steps = cfg.attack_steps
+    for at, k in parse_steps_schedule(cfg.attack_steps_schedule):
+        if p >= at:
+            steps = k
+    return steps
+
+
+def training_attack(p: float, cfg: Config) -> Attack:
+    """The adversary to train with at progress ``p`` (ε ramp, steps schedule, relative step size)."""
+    eps = eps_at(p, cfg)
+    step_size = cfg.attack_step_ratio * eps if cfg.attack_step_ratio > 0 and eps > 0 else None
+    return Attack(name=cfg.attack, eps=eps, steps=attack_steps_at(p, cfg), step_size=step_size,
+                  restarts=cfg.attack_restarts, norm=cfg.norm)
+
+
+def eval_attack(cfg: Config, eps: float | None = None) -> Attack:
+    """The adversary of periodic evaluation: the run's full ε (no ramp)."""
+    return Attack(name=cfg.eval_attack, eps=cfg.eps if eps is None else eps, steps=cfg.eval_steps,
+                  restarts=cfg.eval_restarts, norm=cfg.norm)

@@ -1,0 +1,311 @@
+"""Adversarial training: the state both trainers share, and the single-process loop.
+
+:class:`Trainer` owns the model, optimizer, schedules, counters, periodic evaluation, metrics and
+checkpoints. The single-process loop (:func:`train_single`) and the MPI parameter server both
+drive it: one code path for configuration, checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from . import __version__, rundir, schedules
+from .attacks import perturb
+from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
+                         find_checkpoint, load_checkpoint, restore_rng_state)
+from .config import Config, make_config
+from .data import BatchStream, dataset_info, load_dataset
+from .devices import pick_device, set_threads
+from .evaluate import evaluate
+from .models import build_model, flat_state, load_flat_state_, model_args_for
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class RunSetup:
+    """Everything resolved before training starts."""
+
+    cfg: Config
+    run_dir: Path
+    model_args: dict
+    checkpoint: Checkpoint | None
+
+
+def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
+                overwrite: bool = False, prepare_dir: bool = True) -> RunSetup:
+    """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
+
+    With ``resume`` the architecture comes from the checkpoint; asking for another model or
+    dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers).
+    """
+    file_values = file_values or {}
+    checkpoint = None
+    base: dict = {}
+    if resume:
+        checkpoint = load_checkpoint(find_checkpoint(resume))
+        base = checkpoint.config
+        for key in ("model", "dataset"):
+            asked = {**file_values, **overrides}.get(key)
+            if asked is not None and asked != base[key]:
+                raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a {base[key]} run "
+                                             f"({key} {base[key]!r}), not {key} {asked!r}")
+    cfg = make_config(base, file_values, overrides)
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    elif checkpoint is not None:
+        parent = checkpoint.path.parent
+        run_dir = parent.parent if parent.name == "checkpoints" else parent
+    else:
+        run_dir = rundir.default_run_dir()
+    cfg.run_dir = str(run_dir)
+    info = dataset_info(cfg.dataset)
+    model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
+    if prepare_dir:
+        rundir.prepare(run_dir, resume=checkpoint is not None, overwrite=overwrite)
+    return RunSetup(cfg, run_dir, model_args, checkpoint)
+
+
+class Trainer:
+    """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
+
+    def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single"):
+        cfg = self.cfg = setup.cfg
+        self.run_dir = setup.run_dir
+        self.device = device
+        self.model_args = setup.model_args
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, **setup.model_args).to(device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.batches_per_epoch = max(1, train_size // cfg.batch_size)
+        self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
+        test = load_dataset(cfg.dataset, "test", cfg.data_dir or None)
+        n_eval = min(cfg.eval_examples, len(test))
+        self.eval_x = torch.tensor(test.x[:n_eval])
+        self.eval_y = torch.tensor(test.y[:n_eval])
+        self.state = {"version": 0, "examples_seen": 0, "elapsed": 0.0, "time_to_target": None,
+                      "last_eval": None, "best_robust_acc": None, "role": role}
+        if setup.checkpoint is not None:
+            ckpt = setup.checkpoint
+            self.model.load_state_dict(ckpt.model_state)
+            if ckpt.optimizer_state is not None:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.state.update({k: ckpt.state[k] for k in self.state if k in ckpt.state and k != "role"})
+        self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        self.metrics = rundir.MetricsLog(self.run_dir / "metrics.jsonl")
+        rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
+                                                         "model_args": self.model_args, "psadv_version": __version__})
+        self._clock = time.perf_counter()
+
+    # --- counters and schedules -------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.state["version"]
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of training so far, across resumes."""
+        return self.state["elapsed"] + time.perf_counter() - self._clock
+
+    def progress(self) -> float:
+        return schedules.progress(self.version, self.elapsed(), self.total_versions, self.cfg.time_budget)
+
+    def attack(self):
+        return schedules.training_attack(self.progress(), self.cfg)
+
+    def stop_reason(self) -> str | None:
+        if self.total_versions and self.version >= self.total_versions:
+            return "version budget"
+        if self.cfg.time_budget and self.elapsed() >= self.cfg.time_budget:
+            return "time budget"
+        if self.cfg.target_robust_acc and self.state["time_to_target"] is not None:
+            return "robust-accuracy target"
+        return None
+
+    # --- updates ----------------------------------------------------------------------------
+    def _set_lr(self, scale: float = 1.0) -> float:
+        lr = schedules.lr_at(self.progress(), self.cfg) * scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
+        """One optimizer step on adversarial examples; the model version advances by one."""
+        lr = self._set_lr()
+        self.model.train()
+        logits = self.model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return self._advance(len(y), lr, loss.item(), (logits.argmax(1) == y).float().mean().item())
+
+    def apply_gradients(self, grads: list[torch.Tensor], examples: int, lr_scale: float = 1.0) -> dict:
+        """One optimizer step with gradients computed elsewhere (asynchronous SGD)."""
+        lr = self._set_lr(lr_scale)
+        for p, g in zip(self.model.parameters(), grads):
+            p.grad = g.to(p.device).view_as(p).clone()
+        self.optimizer.step()
+        return self._advance(examples, lr, None, None)
+
+    def _advance(self, examples: int, lr: float, loss, acc) -> dict:
+        self.state["version"] += 1
+        self.state["examples_seen"] += examples
+        return {"lr": lr, "loss": loss, "acc": acc}
+
+    # --- evaluation, metrics, checkpoints ---------------------------------------------------
+    def evaluate(self, progress: bool = False) -> dict:
+        attack = schedules.eval_attack(self.cfg)
+        result = evaluate(self.model, self.eval_x, self.eval_y, attack, device=self.device, progress=progress,
+                          desc=f"eval v{self.version}")
+        elapsed = self.elapsed()
+        self.state["last_eval"] = {**result, "version": self.version, "time": elapsed}
+        best = self.state["best_robust_acc"]
+        self.state["best_robust_acc"] = result["robust_acc"] if best is None else max(best, result["robust_acc"])
+        target = self.cfg.target_robust_acc
+        if target and self.state["time_to_target"] is None and result["robust_acc"] >= target:
+            self.state["time_to_target"] = elapsed
+        self.metrics.write("eval", version=self.version, time=round(elapsed, 3),
+                           examples_seen=self.state["examples_seen"], **result)
+        return result
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.version % every == 0
+
+    def save(self, extra: dict | None = None, extra_state: dict | None = None) -> Path:
+        state = {**self.state, "elapsed": self.elapsed(), **(extra_state or {})}
+        return self.manager.save(self.version, model_name=self.cfg.model, model_args=self.model_args,
+                                 config=self.cfg.to_dict(), state=state, model=self.model,
+                                 optimizer=self.optimizer, rng=capture_rng_state(), extra=extra)
+
+    def finish(self, reason: str, extra_summary: dict | None = None) -> dict:
+        summary = {"stop_reason": reason, "version": self.version, "examples_seen": self.state["examples_seen"],
+                   "elapsed": round(self.elapsed(), 3), "time_to_target": self.state["time_to_target"],
+                   "target_robust_acc": self.cfg.target_robust_acc or None, "last_eval": self.state["last_eval"],
+                   "best_robust_acc": self.state["best_robust_acc"], **(extra_summary or {})}
+        self.metrics.write("end", **summary)
+        rundir.write_json(self.run_dir / "summary.json", summary)
+        self.metrics.close()
+        self.manager.close()
+        return summary
+
+
+class StaleRing:
+    """The model states of the last S+1 versions, to attack with the state from S versions ago."""
+
+    def __init__(self, staleness: int):
+        self.ring: collections.deque[torch.Tensor] = collections.deque(maxlen=staleness + 1)
+
+    def push(self, model: torch.nn.Module) -> None:
+        self.ring.append(flat_state(model))
+
+    def oldest(self) -> torch.Tensor:
+        return self.ring[0]
+
+    def staleness(self) -> int:
+        return len(self.ring) - 1
+
+    def to_array(self) -> np.ndarray:
+        return torch.stack(list(self.ring)).cpu().numpy()
+
+    def load_array(self, array: np.ndarray) -> None:
+        self.ring.clear()
+        self.ring.extend(torch.from_numpy(np.ascontiguousarray(row)) for row in array)
+
+
+def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
+    """The classic loop: attack the batch with the current (or an S-versions-old) model, step."""
+    cfg = setup.cfg
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
+    x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
+    trainer = Trainer(setup, device=device, train_size=len(train_set))
+    stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
+    ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
+    attack_model = build_model(cfg.model, **setup.model_args).to(device) if ring else trainer.model
+    if setup.checkpoint is not None:
+        ckpt = setup.checkpoint
+        stream.restore(ckpt.state["data_stream"])
+        if ckpt.rng:
+            restore_rng_state(ckpt.rng)
+        if ring and "stale_ring" in ckpt.extra:
+            ring.load_array(ckpt.extra["stale_ring"])
+
+    window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+    bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc="train",
+               disable=not show_progress, dynamic_ncols=True)
+    reason = trainer.stop_reason()
+    while reason is None:
+        idx = torch.from_numpy(stream.next())
+        x, y = x_train[idx].to(device), y_train[idx].to(device)
+        attack = trainer.attack()
+        if ring:
+            ring.push(trainer.model)
+            load_flat_state_(attack_model, ring.oldest())
+        x_adv = perturb(attack_model, x, y, attack)
+        out = trainer.step(x_adv, y)
+        window["examples"] += len(y)
+        window["loss"] += out["loss"]
+        window["acc"] += out["acc"]
+        window["n"] += 1
+        bar.update(1)
+
+        if trainer.due(cfg.log_every):
+            now = time.perf_counter()
+            rate = window["examples"] / max(now - window["t"], 1e-9)
+            trainer.metrics.write("train", version=trainer.version, time=round(trainer.elapsed(), 3),
+                                  examples_seen=trainer.state["examples_seen"], epoch=stream.epoch,
+                                  progress=round(trainer.progress(), 5), lr=out["lr"], eps=attack.eps,
+                                  attack=attack.describe(), attack_steps=attack.effective_steps,
+                                  loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
+                                  examples_per_s=round(rate, 1),
+                                  staleness=ring.staleness() if ring else 0)
+            bar.set_postfix_str(_postfix(trainer, rate))
+            window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+        reason = trainer.stop_reason()
+        if trainer.due(cfg.eval_every) and reason is None:
+            trainer.evaluate()
+            bar.set_postfix_str(_postfix(trainer, None))
+            reason = trainer.stop_reason()
+        if trainer.due(cfg.checkpoint_every) and reason is None:
+            _save_single(trainer, stream, ring)
+    bar.close()
+    if trainer.state["last_eval"] is None or trainer.state["last_eval"]["version"] != trainer.version:
+        trainer.evaluate()
+    _save_single(trainer, stream, ring)
+    return trainer.finish(reason)
+
+
+def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) -> Path:
+    extra = {"stale_ring": ring.to_array()} if ring else None
+    return trainer.save(extra=extra, extra_state={"data_stream": stream.state()})
+
+
+def _postfix(trainer: Trainer, rate: float | None) -> str:
+    last = trainer.state["last_eval"]
+    parts = [f"{rate:,.0f} ex/s"] if rate else []
+    if last:
+        parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")
+    return " ".join(parts)
+
+
+def summary_line(summary: dict) -> str:
+    last = summary.get("last_eval") or {}
+    text = (f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s; "
+            f"clean {last.get('clean_acc', float('nan')):.2%}, robust {last.get('robust_acc', float('nan')):.2%} "
+            f"({last.get('attack', '?')}, {last.get('examples', 0)} test examples)")
+    if summary.get("time_to_target") is not None:
+        text += f"; reached target {summary['target_robust_acc']:.0%} after {summary['time_to_target']:.0f}s"
+    return text
