@@ -1,0 +1,763 @@
+"""Checkpoint files: the one place that defines their format, and the only code that reads or writes them.
+
+A checkpoint is one HDF5 file holding plain numeric datasets and JSON string attributes. No
+serialized Python objects are stored, so any HDF5 tool can open a checkpoint and loading one never
+runs code.
+
+Format reference (``format_version`` 1)
+---------------------------------------
+
+Root attributes:
+
+``format``          the string ``"psadv-checkpoint"``.
+``format_version``  integer, currently 1. Readers refuse files with a newer version.
+``model_name``      string: the registered name of the model architecture.
+``model_args``      JSON string: keyword arguments the model was built with.
+``config``          JSON string: the resolved run configuration.
+``state``           JSON string: the trainer's progress. By convention it holds ``version`` (the
+                    parameter version counter) and ``examples_seen``; also the schedule position,
+                    data stream state, elapsed training time and anything else JSON-able.
+``created``         ISO 8601 UTC time of writing.
+``psadv_version``   the psadv version that wrote the file.
+
+Every dataset holding a tensor carries the string attribute ``torch_dtype`` (e.g. ``"float32"``).
+Tensors whose dtype numpy lacks (``bfloat16``, the float8 types) are stored as a same-width
+integer view of their bytes and viewed back on load.
+
+Group ``model/`` (required): one dataset per entry of ``model.state_dict()`` (parameters and
+buffers), named by the exact state-dict key (dots included) and kept in state-dict order. Each has
+a string attribute ``role``: ``"parameter"`` or ``"buffer"``.
+
+Group ``optimizer/`` (optional): ``optimizer.state_dict()``.
+
+* attribute ``param_groups``: JSON list of the param groups without their tensor values; each
+  ``params`` is a list of ints. Tuples (Adam's ``betas``) are encoded as ``{"__tuple__": [...]}``
+  so they come back as tuples.
+* subgroup ``group_tensors/<group index>/`` (only when a group holds tensors, e.g. a tensor
+  learning rate): one dataset per tensor-valued key.
+* subgroup ``state/<param index>/``: one dataset per key of that parameter's state. The dataset
+  attribute ``kind`` says what to give back: ``"tensor"`` (an array, 0-d for e.g. Adam's ``step``),
+  ``"int"``, ``"float"`` or ``"bool"`` (a scalar dataset that was a Python number), or ``"none"``
+  (an empty dataset standing for ``None``, e.g. an SGD ``momentum_buffer`` not yet created).
+
+Group ``rng/`` (optional): random generator states, see :func:`capture_rng_state`.
+
+* dataset ``torch``: uint8 array from ``torch.get_rng_state()``.
+* datasets ``cuda_<i>``: uint8 array of CUDA device *i*'s generator, when CUDA was available.
+* attribute ``numpy``: JSON of ``np.random.Generator.bit_generator.state`` (when a generator was
+  given; PCG64's 128-bit integers are plain JSON integers).
+* attribute ``numpy_global``: JSON of ``np.random.get_state()`` (the legacy global generator).
+* attribute ``python``: JSON of ``random.getstate()``.
+
+The JSON in ``rng/`` uses the same tuple encoding as ``param_groups`` and encodes numpy arrays
+as ``{"__ndarray__": [...], "dtype": "<u4"}``.
+
+Group ``extra/`` (optional): named numpy arrays the trainer wants back (a staleness ring buffer,
+a histogram, ...), one dataset each.
+
+Files are written atomically: to a hidden temporary file in the same directory, fsynced, then
+renamed over the final name, and the directory is fsynced. A crash never leaves a half-written
+checkpoint under a checkpoint name. :class:`CheckpointManager` additionally makes sure only one
+process writes checkpoints into a directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from psadv import __version__
+from psadv.errors import CheckpointError
+
+FORMAT = "psadv-checkpoint"
+FORMAT_VERSION = 1
+
+_ROOT_JSON_ATTRS = ("model_args", "config", "state")
+_ROOT_STR_ATTRS = ("model_name", "created", "psadv_version")
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_LOCK_NAME = ".lock"
+# What h5py, json and numpy raise when a file's metadata or contents are damaged
+# (h5py gives None for links that no longer resolve, hence AttributeError).
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, OverflowError)
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """The checkpoint is fine but holds a different model than the one asked for (exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclass
+class Checkpoint:
+    """Everything read back from a checkpoint file.
+
+    ``model_state`` feeds ``model.load_state_dict`` and ``optimizer_state`` (when present) feeds
+    ``optimizer.load_state_dict`` directly; ``rng`` feeds :func:`restore_rng_state`.
+    """
+
+    path: Path
+    model_name: str
+    model_args: dict
+    config: dict
+    state: dict
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    rng: dict | None
+    extra: dict[str, np.ndarray]
+    format_version: int
+    created: str
+    psadv_version: str
+
+
+# --------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _plain_json(value: Any, what: str, path: Path) -> str:
+    """JSON for user data (model args, config, state); numpy scalars become Python numbers."""
+
+    def numpy_scalar(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+    if not isinstance(value, dict):
+        raise CheckpointError(f"cannot save checkpoint {path}: {what} must be a dict, not {type(value).__name__}")
+    try:
+        return json.dumps(value, default=numpy_scalar)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot save checkpoint {path}: {what} is not JSON-serializable ({exc})") from None
+
+
+def _encode(obj: Any) -> Any:
+    """Turn tuples and numpy arrays into tagged JSON so :func:`_decode` restores them exactly."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(x) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x) for x in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError("dict keys must be strings")
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x) for x in obj]
+    if isinstance(obj, dict):
+        if obj.keys() == {"__tuple__"}:
+            return tuple(_decode(x) for x in obj["__tuple__"])
+        if obj.keys() == {"__ndarray__", "dtype"}:
+            return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        return {k: _decode(v) for k, v in obj.items()}
+    return obj
+
+
+def _tagged_json(value: Any, what: str, path: Path) -> str:
+    try:
+        return json.dumps(_encode(value))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot save checkpoint {path}: {what} cannot be stored ({exc})") from None
+
+
+def _attr_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# tensors <-> datasets
+
+
+def _check_name(name: str, what: str, path: Path) -> None:
+    if not name or "/" in name or name == ".":
+        raise CheckpointError(f"cannot save checkpoint {path}: {what} name {name!r} cannot be an HDF5 name")
+
+
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor, path: Path) -> h5py.Dataset:
+    if tensor.layout != torch.strided:
+        raise CheckpointError(f"cannot save checkpoint {path}: tensor {name!r} has unsupported layout {tensor.layout}")
+    t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    try:
+        array = t.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16, float8): store the raw bits
+        array = t.view(_INT_VIEW[t.element_size()]).numpy()
+    ds = group.create_dataset(name, data=array)
+    ds.attrs["torch_dtype"] = str(t.dtype).removeprefix("torch.")
+    return ds
+
+
+def _read_array(ds: h5py.Dataset) -> np.ndarray:
+    return np.asarray(ds[()])
+
+
+def _read_tensor(ds: h5py.Dataset) -> torch.Tensor:
+    tensor = torch.from_numpy(_read_array(ds))
+    dtype_name = _attr_str(ds.attrs["torch_dtype"])
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dataset {ds.name} has unknown torch_dtype {dtype_name!r}")
+    if tensor.dtype != dtype:
+        tensor = tensor.view(dtype)
+    return tensor
+
+
+def _write_value(group: h5py.Group, name: str, value: Any, path: Path) -> None:
+    """One optimizer-state entry, marked with the Python type it must come back as."""
+    if isinstance(value, torch.Tensor):
+        ds = _write_tensor(group, name, value, path)
+        kind = "tensor"
+    elif value is None:
+        ds = group.create_dataset(name, data=h5py.Empty("f4"))
+        kind = "none"
+    elif isinstance(value, bool):
+        ds = group.create_dataset(name, data=np.bool_(value))
+        kind = "bool"
+    elif isinstance(value, int):
+        ds = group.create_dataset(name, data=np.int64(value))
+        kind = "int"
+    elif isinstance(value, float):
+        ds = group.create_dataset(name, data=np.float64(value))
+        kind = "float"
+    else:
+        raise CheckpointError(
+            f"cannot save checkpoint {path}: optimizer state {group.name}/{name} is a {type(value).__name__}, "
+            "which psadv checkpoints cannot hold"
+        )
+    ds.attrs["kind"] = kind
+
+
+def _read_value(ds: h5py.Dataset) -> Any:
+    kind = _attr_str(ds.attrs["kind"])
+    if kind == "tensor":
+        return _read_tensor(ds)
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return bool(ds[()])
+    if kind == "int":
+        return int(ds[()])
+    if kind == "float":
+        return float(ds[()])
+    raise ValueError(f"dataset {ds.name} has unknown kind {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# random number generators
+
+
+def capture_rng_state(np_generator: np.random.Generator | None = None) -> dict:
+    """Snapshot every random generator a training run draws from.
+
+    Returns a dict with ``torch`` (uint8 tensor), ``cuda`` (list of uint8 tensors, only when CUDA
+    is available), ``numpy`` (``np_generator.bit_generator.state``, only when a generator is
+    given), ``numpy_global`` (``np.random.get_state()``) and ``python`` (``random.getstate()``).
+    Pass it as ``rng=`` to :func:`save_checkpoint`; ``Checkpoint.rng`` has the same shape.
+    """
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_global": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if np_generator is not None:
+        rng["numpy"] = np_generator.bit_generator.state
+    return rng
+
+
+def restore_rng_state(d: dict, np_generator: np.random.Generator | None = None) -> None:
+    """Put back generator states captured by :func:`capture_rng_state` (or loaded from a checkpoint).
+
+    CUDA states are restored for as many devices as both the snapshot and this machine have.
+    When ``np_generator`` is given its state is restored from ``d["numpy"]``.
+    """
+    torch.set_rng_state(d["torch"])
+    if "cuda" in d and torch.cuda.is_available():
+        for index, state in enumerate(d["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+    np.random.set_state(d["numpy_global"])
+    random.setstate(d["python"])
+    if np_generator is not None:
+        if "numpy" not in d:
+            raise CheckpointError("the saved random state holds no numpy Generator state to restore")
+        saved_kind = d["numpy"].get("bit_generator")
+        own_kind = type(np_generator.bit_generator).__name__
+        if saved_kind != own_kind:
+            raise CheckpointError(
+                f"the saved numpy random state is for {saved_kind}, but the generator uses {own_kind}"
+            )
+        np_generator.bit_generator.state = d["numpy"]
+
+
+def _write_rng(f: h5py.File, rng: dict, path: Path) -> None:
+    group = f.create_group("rng")
+    _write_tensor(group, "torch", rng["torch"], path)
+    for index, state in enumerate(rng.get("cuda", [])):
+        _write_tensor(group, f"cuda_{index}", state, path)
+    for key in ("numpy", "numpy_global", "python"):
+        if key in rng:
+            group.attrs[key] = _tagged_json(rng[key], f"rng[{key!r}]", path)
+
+
+def _read_rng(group: h5py.Group) -> dict:
+    rng: dict[str, Any] = {"torch": _read_tensor(group["torch"])}
+    cuda_names = sorted((n for n in group if n.startswith("cuda_")), key=lambda n: int(n.removeprefix("cuda_")))
+    if cuda_names:
+        rng["cuda"] = [_read_tensor(group[n]) for n in cuda_names]
+    for key in ("numpy", "numpy_global", "python"):
+        if key in group.attrs:
+            rng[key] = _decode(json.loads(_attr_str(group.attrs[key])))
+    return rng
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_contents(
+    f: h5py.File,
+    path: Path,
+    *,
+    model_name: str,
+    model_args: dict,
+    config: dict,
+    state: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    rng: dict | None,
+    extra: dict[str, np.ndarray] | None,
+) -> None:
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    f.attrs["model_name"] = model_name
+    f.attrs["model_args"] = _plain_json(model_args, "model_args", path)
+    f.attrs["config"] = _plain_json(config, "config", path)
+    f.attrs["state"] = _plain_json(state, "state", path)
+    f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    f.attrs["psadv_version"] = __version__
+
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    model_group = f.create_group("model", track_order=True)
+    for name, value in model.state_dict().items():
+        _check_name(name, "state-dict entry", path)
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"cannot save checkpoint {path}: state-dict entry {name!r} is not a tensor")
+        ds = _write_tensor(model_group, name, value, path)
+        ds.attrs["role"] = "parameter" if name in parameter_names else "buffer"
+
+    if optimizer is not None:
+        _write_optimizer(f, optimizer.state_dict(), path)
+    if rng is not None:
+        _write_rng(f, rng, path)
+    if extra:
+        extra_group = f.create_group("extra", track_order=True)
+        for name, array in extra.items():
+            _check_name(name, "extra array", path)
+            array = np.asarray(array)
+            if array.dtype.kind in "OUV":
+                raise CheckpointError(
+                    f"cannot save checkpoint {path}: extra array {name!r} has unsupported dtype {array.dtype}"
+                )
+            extra_group.create_dataset(name, data=array)
+
+
+def _write_optimizer(f: h5py.File, state_dict: dict, path: Path) -> None:
+    group = f.create_group("optimizer")
+    plain_groups = []
+    for index, param_group in enumerate(state_dict["param_groups"]):
+        plain = {}
+        for key, value in param_group.items():
+            if isinstance(value, torch.Tensor):
+                _check_name(key, "optimizer param-group key", path)
+                _write_tensor(group.require_group(f"group_tensors/{index}"), key, value, path)
+            else:
+                plain[key] = value
+        plain_groups.append(plain)
+    group.attrs["param_groups"] = _tagged_json(plain_groups, "optimizer param_groups", path)
+    state_group = group.create_group("state", track_order=True)
+    for param_index, param_state in state_dict["state"].items():
+        if not isinstance(param_index, int):
+            raise CheckpointError(f"cannot save checkpoint {path}: optimizer state key {param_index!r} is not an int")
+        sub = state_group.create_group(str(param_index), track_order=True)
+        for key, value in param_state.items():
+            _check_name(key, "optimizer state key", path)
+            _write_value(sub, key, value, path)
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:  # some file systems cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    model_args: dict,
+    config: dict,
+    state: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: dict | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write a checkpoint atomically to ``path`` (parent directories are created) and return it.
+
+    ``rng`` is a dict from :func:`capture_rng_state`. If anything fails, no file appears under
+    ``path`` and an existing file there is left as it was.
+    """
+    path = Path(path)
+    if not isinstance(model_name, str) or not model_name:
+        raise CheckpointError(f"cannot save checkpoint {path}: model_name must be a non-empty string")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+        os.close(fd)
+    except OSError as exc:
+        raise CheckpointError(f"cannot save checkpoint {path}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_contents(
+                f,
+                path,
+                model_name=model_name,
+                model_args=model_args,
+                config=config,
+                state=state,
+                model=model,
+                optimizer=optimizer,
+                rng=rng,
+                extra=extra,
+            )
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot save checkpoint {path}: {_one_line(exc)}") from None
+        raise
+    try:
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot save checkpoint {path}: fsync of its directory failed: {_one_line(exc)}"
+        ) from None
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _Reader:
+    """Opens and validates a checkpoint; turns every read failure into a CheckpointError."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.file: h5py.File | None = None
+
+    def __enter__(self) -> h5py.File:
+        path = self.path
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+        try:
+            self.file = h5py.File(path, "r")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable HDF5 file (truncated or corrupted?): {_one_line(exc)}"
+            ) from None
+        try:
+            self._validate(self.file)
+        except BaseException:
+            self.file.close()
+            raise
+        return self.file
+
+    def _validate(self, f: h5py.File) -> None:
+        path = self.path
+        try:
+            fmt = f.attrs.get("format")
+            if fmt is None or _attr_str(fmt) != FORMAT:
+                raise CheckpointError(f"{path} is not a psadv checkpoint (no format={FORMAT!r} attribute)")
+            version = f.attrs.get("format_version")
+            if version is None or np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.integer):
+                raise CheckpointError(f"checkpoint {path} has no valid format_version attribute")
+            if int(version) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"checkpoint {path} has format version {int(version)}, newer than the {FORMAT_VERSION} "
+                    f"this psadv {__version__} reads; upgrade psadv"
+                )
+            if int(version) < 1:
+                raise CheckpointError(f"checkpoint {path} has invalid format version {int(version)}")
+            for name in _ROOT_JSON_ATTRS + _ROOT_STR_ATTRS:
+                if name not in f.attrs:
+                    raise CheckpointError(f"checkpoint {path} lacks the {name!r} attribute (corrupted?)")
+            if not isinstance(f.get("model"), h5py.Group):
+                raise CheckpointError(f"checkpoint {path} has no model/ group (corrupted?)")
+        except _READ_ERRORS as exc:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {_one_line(exc)}") from None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.file is not None:
+            self.file.close()
+        if exc is not None and isinstance(exc, _READ_ERRORS):
+            raise CheckpointError(f"checkpoint {self.path} is truncated or corrupted: {_one_line(exc)}") from None
+
+
+def _root_json(f: h5py.File, name: str, path: Path) -> dict:
+    value = json.loads(_attr_str(f.attrs[name]))
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupted: attribute {name!r} is not a JSON object")
+    return value
+
+
+def _read_optimizer(group: h5py.Group) -> dict:
+    param_groups = _decode(json.loads(_attr_str(group.attrs["param_groups"])))
+    if "group_tensors" in group:
+        for index, tensors in group["group_tensors"].items():
+            for key, ds in tensors.items():
+                param_groups[int(index)][key] = _read_tensor(ds)
+    state = {int(index): {key: _read_value(ds) for key, ds in sub.items()} for index, sub in group["state"].items()}
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a checkpoint.
+
+    Model tensors are moved to ``map_location``; optimizer state stays on the CPU
+    (``optimizer.load_state_dict`` moves it next to each parameter) and RNG states stay on the CPU
+    (where the setters need them). Any problem with the file raises :class:`CheckpointError`.
+    """
+    reader = _Reader(path)
+    with reader as f:
+        model_state = {name: _read_tensor(ds).to(map_location) for name, ds in f["model"].items()}
+        return Checkpoint(
+            path=reader.path,
+            model_name=_attr_str(f.attrs["model_name"]),
+            model_args=_root_json(f, "model_args", reader.path),
+            config=_root_json(f, "config", reader.path),
+            state=_root_json(f, "state", reader.path),
+            model_state=model_state,
+            optimizer_state=_read_optimizer(f["optimizer"]) if "optimizer" in f else None,
+            rng=_read_rng(f["rng"]) if "rng" in f else None,
+            extra={name: _read_array(ds) for name, ds in f["extra"].items()} if "extra" in f else {},
+            format_version=int(f.attrs["format_version"]),
+            created=_attr_str(f.attrs["created"]),
+            psadv_version=_attr_str(f.attrs["psadv_version"]),
+        )
+
+
+def _scalar_leaves(value: dict, prefix: str = "") -> dict:
+    """Flatten nested dicts to dotted keys, keeping only scalar leaves (no lists)."""
+    leaves: dict[str, Any] = {}
+    for key, item in value.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(item, dict):
+            leaves.update(_scalar_leaves(item, f"{dotted}."))
+        elif item is None or isinstance(item, (bool, int, float, str)):
+            leaves[dotted] = item
+    return leaves
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """A JSON-able summary of a checkpoint for ``psadv inspect``, without loading its tensors.
+
+    Keys: ``path``, ``format``, ``format_version``, ``model_name``, ``model_args``, ``version``,
+    ``examples_seen``, ``parameter_count`` (elements in parameters), ``buffer_count`` (elements in
+    buffers), ``tensor_count`` (model state-dict entries), ``tensor_bytes``, ``has_optimizer``,
+    ``has_rng``, ``extra`` (names), ``state`` and ``config`` (scalar leaves, nested keys dotted),
+    ``created``, ``psadv_version`` and ``file_size`` (bytes).
+    """
+    reader = _Reader(path)
+    with reader as f:
+        parameter_count = buffer_count = tensor_bytes = 0
+        datasets = list(f["model"].values())
+        for ds in datasets:
+            count = int(np.prod(ds.shape, dtype=np.int64))
+            tensor_bytes += count * ds.dtype.itemsize
+            if _attr_str(ds.attrs.get("role", "buffer")) == "parameter":
+                parameter_count += count
+            else:
+                buffer_count += count
+        state = _root_json(f, "state", reader.path)
+        return {
+            "path": str(reader.path),
+            "format": FORMAT,
+            "format_version": int(f.attrs["format_version"]),
+            "model_name": _attr_str(f.attrs["model_name"]),
+            "model_args": _root_json(f, "model_args", reader.path),
+            "version": state.get("version"),
+            "examples_seen": state.get("examples_seen"),
+            "parameter_count": parameter_count,
+            "buffer_count": buffer_count,
+            "tensor_count": len(datasets),
+            "tensor_bytes": tensor_bytes,
+            "has_optimizer": "optimizer" in f,
+            "has_rng": "rng" in f,
+            "extra": list(f["extra"]) if "extra" in f else [],
+            "state": _scalar_leaves(state),
+            "config": _scalar_leaves(_root_json(f, "config", reader.path)),
+            "created": _attr_str(f.attrs["created"]),
+            "psadv_version": _attr_str(f.attrs["psadv_version"]),
+            "file_size": reader.path.stat().st_size,
+        }
+
+
+def check_model_compatible(ckpt: Checkpoint, model_name: str, model_args: dict | None = None) -> None:
+    """Raise :class:`IncompatibleCheckpoint` unless ``ckpt`` holds ``model_name``.
+
+    When ``model_args`` is given, the checkpoint's model must also have been built with exactly
+    those arguments (compared after a JSON round trip, so tuples match lists).
+    """
+    if ckpt.model_name != model_name:
+        raise IncompatibleCheckpoint(f"checkpoint {ckpt.path} holds model {ckpt.model_name!r}, not {model_name!r}")
+    if model_args is not None:
+        wanted = json.loads(json.dumps(model_args))
+        differing = sorted(k for k in set(wanted) | set(ckpt.model_args) if wanted.get(k) != ckpt.model_args.get(k))
+        if differing:
+            details = ", ".join(f"{k}={ckpt.model_args.get(k)!r} (wanted {wanted.get(k)!r})" for k in differing)
+            raise IncompatibleCheckpoint(f"checkpoint {ckpt.path} holds model {model_name!r} built with {details}")
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint directories
+
+
+def _list_checkpoints(directory: Path, prefix: str) -> list[Path]:
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)\.h5$")
+    found = []
+    for candidate in directory.glob(f"{prefix}-*.h5"):
+        match = pattern.match(candidate.name)
+        if match and candidate.is_file():
+            found.append((int(match.group(1)), candidate))
+    return [p for _, p in sorted(found)]
+
+
+class CheckpointManager:
+    """Writes numbered checkpoints into one directory, keeping the newest ``keep``.
+
+    Holds an exclusive lock on ``directory/.lock`` (containing the owner's pid) from construction
+    until :meth:`close`, so two runs never write into the same directory. Usable as a context
+    manager.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, prefix: str = "ckpt"):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.prefix = prefix
+        self._fd: int | None = None
+        lock_path = self.directory / _LOCK_NAME
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {_one_line(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is being written by another psadv process (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+
+    def close(self) -> None:
+        """Release the directory lock. Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def path_for(self, version: int) -> Path:
+        """The file name a checkpoint of ``version`` gets in this directory."""
+        return self.directory / f"{self.prefix}-{version:08d}.h5"
+
+    def save(self, version: int, **kwargs: Any) -> Path:
+        """Write ``prefix-<version>.h5`` with :func:`save_checkpoint` (same keyword arguments), then
+        delete all but the newest ``keep`` checkpoints. ``state["version"]`` is set to ``version``."""
+        if self._fd is None:
+            raise CheckpointError(f"checkpoint manager for {self.directory} is closed")
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"checkpoint version must be a non-negative int, not {version!r}")
+        state = dict(kwargs.pop("state"))
+        if state.setdefault("version", version) != version:
+            raise ValueError(f"state['version'] = {state['version']!r} disagrees with the checkpoint version {version}")
+        path = save_checkpoint(self.path_for(version), state=state, **kwargs)
+        for old in self.list()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint in the directory, or None."""
+        paths = self.list()
+        return paths[-1] if paths else None
+
+    def list(self) -> list[Path]:
+        """Checkpoints in the directory, oldest to newest by the version in their names."""
+        return _list_checkpoints(self.directory, self.prefix)
+
+
+def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
+    """Resolve a checkpoint file, or a run directory to its newest checkpoint.
+
+    For a directory, looks in ``path/checkpoints/`` and then in ``path`` itself.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for directory in (path / "checkpoints", path):
+        found = _list_checkpoints(directory, prefix) if directory.is_dir() else []
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}")
