@@ -172,3 +172,7 @@ def inspect(checkpoint, as_json):
 
 def main():
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,97 @@
-"""``psadv train``: pick the single-process trainer or the MPI roles, and run."""
+"""``psadv train``: pick the single-process trainer or the MPI roles, and run.
+
+Under an MPI launcher with N >= 2 ranks, rank 0 is the parameter server (:mod:`psadv.server`) and
+ranks 1..N-1 are attackers (:mod:`psadv.attacker`); otherwise the single-process trainer runs.
+
+MPI start-up is two collective checks (:func:`psadv.mpi.agree_on_errors`): first every rank
+resolves the config and loads the data without touching the disk; then rank 0 prepares the run
+directory and builds the trainer while the attackers build their models. A user error on any rank
+(a bad data directory, an existing run directory) makes every rank exit with the same code, the
+message printed once. Anything raised later ends the whole job through MPI_Abort.
+"""
 
 from __future__ import annotations
 
+import os
+
 import click
 
+from .errors import PsadvError
 from .training import resolve_run, summary_line, train_single
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool) -> None:
+    from .mpi import world
+
+    w = world()
+    if w is not None:
+        _launch_mpi(w, overrides, file_values, resume=resume, overwrite=overwrite, show_progress=show_progress)
+        return
     setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite)
     click.echo(f"psadv: run directory {setup.run_dir}", err=True)
     summary = train_single(setup, show_progress=show_progress)
     click.echo(summary_line(summary))
+
+
+def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool,
+                show_progress: bool) -> None:
+    from . import rundir
+    from .data import load_dataset
+    from .devices import pick_device, set_threads
+    from .mpi import SignalFlag, agree_on_errors, fail_job, fault_from_env, gather_strings
+
+    signals = SignalFlag().install()
+    error = None
+    setup = train_set = None
+    try:  # phase 1: every rank, nothing written
+        setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False)
+        cfg = setup.cfg
+        threads = set_threads(cfg.threads, w.local_size)
+        device = pick_device(cfg.device, w.local_rank)
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
+        if w.rank > 0 and cfg.batch_size > len(train_set) // w.n_attackers:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds an attacker's shard "
+                              f"({len(train_set) // w.n_attackers} examples with {w.n_attackers} attackers)")
+        fault = fault_from_env()
+    except PsadvError as exc:
+        error = exc
+    except BaseException as exc:  # noqa: BLE001 - any bug ends the job, never a hang
+        fail_job(w, exc)
+    agree_on_errors(w, error)
+
+    role = None
+    try:  # phase 2: rank 0 prepares the run directory and the trainer, attackers their models
+        if w.rank == 0:
+            from .server import Server
+            from .training import Trainer
+
+            rundir.prepare(setup.run_dir, resume=setup.checkpoint is not None, overwrite=overwrite)
+            train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
+            trainer = Trainer(setup, device=device, train_size=train_size, role="server")
+            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint)
+        else:
+            from .attacker import Attacker
+
+            role = Attacker(w, setup, train_set, device, signals, fault)
+    except PsadvError as exc:
+        error = exc
+    except BaseException as exc:  # noqa: BLE001
+        fail_job(w, exc)
+    agree_on_errors(w, error)
+
+    try:
+        ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
+        if w.rank == 0:
+            click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
+                       f"attackers, push {cfg.push})", err=True)
+            world_row = [dict(zip(("host", "pid", "device", "threads"), text.split()), rank=i)
+                         for i, text in enumerate(ranks)]
+            role.trainer.metrics.write("world", size=w.size, ranks=world_row)
+            summary = role.run()
+            click.echo(summary_line(summary))
+        else:
+            role.run()
+    except BaseException as exc:  # noqa: BLE001
+        fail_job(w, exc)

@@ -1,0 +1,157 @@
+"""The attacker role (MPI ranks 1..N-1): generate adversarial examples (or gradients) and push them.
+
+An attacker holds a copy of the model at some version, draws batches from its shard of the
+training set, attacks them with :func:`psadv.attacks.perturb` under the server's schedule
+(progress travels in the PARAMS header), and pushes the result to the server with ``Issend``.
+At most :data:`PUSHES_IN_FLIGHT` pushes are outstanding; an ``Issend`` completes only once the
+server has matched it, so an attacker can never run ahead of the server's bounded queue.
+Between batches it picks up the newest parameters and looks for STOP. Waiting is ``Iprobe`` plus
+an exponential back-off sleep, never a spin.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import schedules, wire
+from .attacks import perturb
+from .data import BatchStream, shard_indices
+from .models import build_model, flat_state, load_flat_state_
+from .mpi import Backoff, Fault, SignalFlag, World
+
+PUSHES_IN_FLIGHT = 2
+
+
+class Attacker:
+    def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag,
+                 fault: Fault | None = None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.w, self.comm, self.cfg = w, w.comm, setup.cfg
+        self.device, self.signals, self.fault = device, signals, fault
+        cfg = self.cfg
+        self.mode = cfg.push
+        self.model = build_model(cfg.model, **setup.model_args).to(device)
+        self.params = list(self.model.parameters())
+        self.n_state = flat_state(self.model).numel()
+        self.n_grad = sum(p.numel() for p in self.params)
+        self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
+        self.layout = wire.ExampleLayout(train_set.x.shape[1:], cfg.batch_size, cfg.wire_dtype)
+        push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
+        self.slots = [wire.Message(push_bytes) for _ in range(PUSHES_IN_FLIGHT)]
+        self.params_in = wire.Message(self.n_state * 4)
+        self.control_in = wire.Message(0)
+        self.control_out = wire.Message(0)
+        shard = shard_indices(len(train_set), cfg.seed, w.rank - 1, w.n_attackers)
+        self.stream = BatchStream(shard, cfg.batch_size, seed=cfg.seed + w.rank)
+        self.version = -1  # no parameters yet
+        self.progress = 0.0
+        self.pushed_version = -1
+        self.pushes = 0
+        self.stopping = False
+        self.signal_sent = False
+
+    # --- receiving ------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Take in every pending PARAMS (the newest wins) and STOP; True if anything arrived."""
+        MPI, comm, status = self.MPI, self.comm, self.MPI.Status()
+        got = False
+        while comm.Iprobe(source=0, tag=wire.TAG_PARAMS, status=status):
+            comm.Recv([self.params_in.buf, MPI.BYTE], source=0, tag=wire.TAG_PARAMS, status=status)
+            self._load_params(status.Get_count(MPI.BYTE))
+            got = True
+        if comm.Iprobe(source=0, tag=wire.TAG_CONTROL, status=status):
+            comm.Recv([self.control_in.buf, MPI.BYTE], source=0, tag=wire.TAG_CONTROL)
+            if int(self.control_in.header[wire.KIND]) == wire.STOP:
+                self.stopping = True
+            got = True
+        return got
+
+    def _load_params(self, nbytes: int) -> None:
+        h = self.params_in.header
+        if int(h[wire.KIND]) != wire.PARAMS or nbytes != wire.HEADER_BYTES + self.n_state * 4:
+            raise RuntimeError(f"malformed parameter message ({nbytes} bytes, kind {int(h[wire.KIND])})")
+        first = self.version < 0
+        version = int(h[wire.VERSION])
+        if version < self.version:
+            return
+        load_flat_state_(self.model, torch.from_numpy(wire.float_view(self.params_in, self.n_state)).to(self.device))
+        self.version = version
+        self.progress = wire.progress_of(h)
+        if first and int(h[wire.EPOCH]) >= 0:  # a resumed run: continue the data stream
+            self.stream.restore({"epoch": int(h[wire.EPOCH]), "position": int(h[wire.POSITION])})
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            if self.poll():
+                backoff.reset()
+            if self.stopping:
+                break
+            self._forward_signal()
+            slot = next((s for s in self.slots if not s.busy()), None)
+            waiting_sync = self.mode == "sync" and self.pushed_version >= self.version
+            if slot is None or self.version < 0 or waiting_sync:
+                backoff.wait()
+                continue
+            self.push(slot)
+            backoff.reset()
+        self.finish()
+
+    def _forward_signal(self) -> None:
+        """A signal caught here is passed to the server, which checkpoints and stops the job."""
+        if self.signals.signum is not None and not self.signal_sent:
+            self.control_out.set_header(wire.SIGNAL, self.version, count=self.signals.signum, sender=self.w.rank)
+            self.comm.Send([self.control_out.buf, self.MPI.BYTE], dest=0, tag=wire.TAG_CONTROL)
+            self.signal_sent = True
+
+    def push(self, slot: wire.Message) -> None:
+        start = time.perf_counter()
+        cfg = self.cfg
+        self.pushes += 1
+        idx = self.stream.next()
+        x = torch.from_numpy(self.x_train[idx]).to(self.device)
+        y = torch.from_numpy(self.y_train[idx]).to(self.device)
+        attack = schedules.training_attack(self.progress, cfg)
+        x_adv = perturb(self.model, x, y, attack)
+        poison = self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "nan-push")
+        if self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "raise"):
+            raise RuntimeError(f"injected fault (PSADV_FAULT, tests only) at push {self.pushes}")
+        if self.mode == "examples":
+            if poison:
+                x_adv = x_adv.clone()
+                x_adv.view(-1)[0] = float("nan")
+            kind, dtype = wire.EXAMPLES, self.layout.dtype_code
+            nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
+                                      y.cpu().numpy())
+        else:
+            self.model.train()
+            loss = F.cross_entropy(self.model(x_adv), y)
+            grads = torch.autograd.grad(loss, self.params)
+            flat = torch.cat([g.reshape(-1) for g in grads]).float()
+            if poison:
+                flat[0] = float("inf")
+            kind, dtype, nbytes = wire.GRADIENTS, wire.DTYPES["float32"], self.n_grad * 4
+            wire.float_view(slot, self.n_grad)[:] = flat.cpu().numpy()
+        state = self.stream.state()
+        slot.set_header(kind, self.version, count=len(y), sender=self.w.rank, progress=self.progress, dtype=dtype,
+                        nbytes=nbytes, seq=self.pushes, epoch=state["epoch"], position=state["position"])
+        slot.header[wire.COMPUTE_US] = int((time.perf_counter() - start) * 1e6)
+        slot.request = self.comm.Issend([slot.buf[:slot.message_bytes()], self.MPI.BYTE], dest=0, tag=wire.TAG_PUSH)
+        self.pushed_version = self.version
+
+    def finish(self) -> None:
+        """After STOP: let every push in flight be matched (the server drains them), then DONE."""
+        backoff = Backoff()
+        while any(s.busy() for s in self.slots):
+            self.poll()
+            backoff.wait()
+        self.poll()
+        self.control_out.set_header(wire.DONE, self.version, sender=self.w.rank, seq=self.pushes)
+        self.comm.Send([self.control_out.buf, self.MPI.BYTE], dest=0, tag=wire.TAG_CONTROL)

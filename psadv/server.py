@@ -1,0 +1,400 @@
+"""The parameter-server role (MPI rank 0): train on whatever the attackers push.
+
+The server drives :class:`psadv.training.Trainer` (the same config, checkpoints and metrics as the
+single-process trainer). Its loop is small pieces, like mpi4py.futures' manager:
+
+* **poll**: while a receive buffer of the bounded queue is free, ``Iprobe`` for a push, ``Recv``
+  it, validate it (size, dtype, finite values, ranges); take in control messages; start the
+  parameter sends that were waiting for their buffer.
+* **use** the oldest queued push: staleness τ = current version − the push's version; τ > S is
+  rejected (counted, and the attacker gets fresh parameters); otherwise one optimizer step on the
+  examples (``examples``) or with the gradient (``gradients``, lr × 1/max(1, τ) with
+  ``--lr-damping``); ``sync`` averages one gradient per attacker at the same version, then steps.
+* **refresh**: every ``--refresh-every`` versions (every version in sync mode) the parameters go to
+  every attacker with ``Isend``; at most one parameter message per attacker is in flight.
+* nothing to do: sleep with exponential back-off (counted as waiting in the utilization).
+
+On stop (version/time budget, robust-accuracy target, or a signal) the server lets its parameter
+sends complete, sends STOP, drains pushes until every attacker says DONE, then evaluates, writes
+the final checkpoint and the summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import wire
+from .attacker import PUSHES_IN_FLIGHT
+from .data import dataset_info
+from .models import flat_state
+from .mpi import Backoff, SignalFlag, World
+from .training import Trainer, _postfix
+
+SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last batch after STOP
+
+
+class Server:
+    def __init__(self, w: World, trainer: Trainer, signals: SignalFlag, *, show_progress: bool = True,
+                 checkpoint=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.w, self.comm, self.trainer, self.signals = w, w.comm, trainer, signals
+        cfg = self.cfg = trainer.cfg
+        self.mode = cfg.push
+        self.show_progress = show_progress
+        self.attackers = list(range(1, w.size))
+        model = trainer.model
+        self.params = list(model.parameters())
+        self.n_state = flat_state(model).numel()
+        self.n_grad = sum(p.numel() for p in self.params)
+        info = dataset_info(cfg.dataset)
+        self.num_classes = info.num_classes
+        self.layout = wire.ExampleLayout(info.shape, cfg.batch_size, cfg.wire_dtype)
+        self.push_kind = wire.EXAMPLES if self.mode == "examples" else wire.GRADIENTS
+        push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
+        # The bounded queue: a fixed pool of receive buffers. When none is free the server stops
+        # matching pushes, the attackers' Issends stay incomplete and they wait (back-pressure).
+        self.queue_size = max(2, len(self.attackers))
+        self.free = [wire.Message(push_bytes) for _ in range(self.queue_size)]
+        self.queue: collections.deque[tuple[wire.Message, int]] = collections.deque()
+        self.params_out = {r: wire.Message(self.n_state * 4) for r in self.attackers}
+        self.control_in = wire.Message(0)
+        self.control_out = {r: wire.Message(0) for r in self.attackers}
+        self.waiting_send: set[int] = set()
+        self.sent_version = {r: -1 for r in self.attackers}
+        self._flat_cache: tuple[int, np.ndarray] | None = None
+        self.remote_signal: int | None = None
+        self.done: set[int] = set()
+        self.sync_sum = torch.zeros(self.n_grad) if self.mode == "sync" else None
+        self.sync_from: set[int] = set()
+        self.sync_examples = 0
+
+        S = cfg.max_staleness
+        # Counters that survive a resume (checkpoint state "mpi" and extra "staleness_hist").
+        self.hist = np.zeros(S + 2, dtype=np.int64)  # τ = 0..S, then "> S" (rejected)
+        self.totals = {"pushes": 0, "applied": 0, "rejected_stale": 0, "rejected_invalid": 0, "drained": 0,
+                       "staleness_sum": 0, "staleness_max": 0, "push_bytes": 0, "param_bytes": 0,
+                       "examples_received": 0}
+        self.streams = {r: (-1, -1) for r in self.attackers}
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.produced = collections.Counter()  # examples received per attacker (this session)
+        self.compute_s = collections.Counter()  # attacker compute seconds (from the push headers)
+        self.time = {"busy": 0.0, "wait": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        self._window = self._window_start()
+        self._max_compute = 0.0
+
+    # --- resume --------------------------------------------------------------------------------
+    def _restore(self, ckpt) -> None:
+        saved = ckpt.state.get("mpi") or {}
+        for key in self.totals:
+            if key in saved:
+                self.totals[key] = int(saved[key])
+        hist = ckpt.extra.get("staleness_hist")
+        if hist is not None:
+            n = min(len(hist) - 1, len(self.hist) - 1)
+            self.hist[:n] = hist[:n]
+            self.hist[-1] += int(np.sum(hist[n:]))
+        streams = saved.get("attacker_streams")
+        if streams and len(streams) == len(self.attackers) and saved.get("push") == self.mode:
+            self.streams = {r: tuple(streams[i]) for i, r in enumerate(self.attackers)}
+
+    # --- sending parameters ------------------------------------------------------------------
+    def _flat(self) -> np.ndarray:
+        version = self.trainer.version
+        if self._flat_cache is None or self._flat_cache[0] != version:
+            self._flat_cache = (version, flat_state(self.trainer.model).cpu().numpy())
+        return self._flat_cache[1]
+
+    def send_params(self, rank: int) -> None:
+        """Start sending the current parameters to ``rank``, or as soon as its buffer is free."""
+        msg = self.params_out[rank]
+        if msg.busy():
+            self.waiting_send.add(rank)
+            return
+        self.waiting_send.discard(rank)
+        epoch, position = self.streams[rank] if self.sent_version[rank] < 0 else (-1, -1)
+        msg.set_header(wire.PARAMS, self.trainer.version, sender=0, progress=self.trainer.progress(),
+                       nbytes=self.n_state * 4, epoch=epoch, position=position)
+        wire.float_view(msg, self.n_state)[:] = self._flat()
+        msg.request = self.comm.Isend([msg.buf[:msg.message_bytes()], self.MPI.BYTE], dest=rank, tag=wire.TAG_PARAMS)
+        self.sent_version[rank] = self.trainer.version
+        self.totals["param_bytes"] += msg.message_bytes()
+
+    def refresh(self, ranks=None) -> None:
+        for r in ranks if ranks is not None else self.attackers:
+            if self.sent_version[r] < self.trainer.version:
+                self.send_params(r)
+
+    # --- receiving ---------------------------------------------------------------------------
+    def poll(self, accept: bool = True) -> bool:
+        """Receive pushes into free queue buffers, control messages; start waiting parameter sends.
+
+        With ``accept=False`` (shutting down) pushes are received and dropped.
+        """
+        MPI, comm, status = self.MPI, self.comm, self.MPI.Status()
+        got = False
+        while self.free and comm.Iprobe(source=MPI.ANY_SOURCE, tag=wire.TAG_PUSH, status=status):
+            src, nbytes = status.Get_source(), status.Get_count(MPI.BYTE)
+            msg = self.free.pop()
+            buf = msg.buf if nbytes <= msg.capacity else np.empty(nbytes, dtype=np.uint8)
+            comm.Recv([buf, MPI.BYTE], source=src, tag=wire.TAG_PUSH)
+            got = True
+            self.totals["push_bytes"] += nbytes
+            problem = "larger than any valid push" if buf is not msg.buf else wire.validate_push(
+                msg, nbytes, src, expected_kind=self.push_kind, batch_size=self.cfg.batch_size,
+                version=self.trainer.version, layout=self.layout, n_grad=self.n_grad, num_classes=self.num_classes)
+            if problem is not None:
+                self.free.append(msg)
+                self.totals["rejected_invalid"] += 1
+                self._window["invalid"] += 1
+                print(f"psadv: warning: rank 0: rejected a push from rank {src}: {problem}", file=sys.stderr,
+                      flush=True)
+                self.trainer.metrics.write("rejected", version=self.trainer.version, sender=src, reason=problem)
+                continue
+            h = msg.header
+            count = int(h[wire.COUNT])
+            self.totals["pushes"] += 1
+            self.totals["examples_received"] += count
+            self.produced[src] += count
+            self._window["produced"][src] += count
+            self.compute_s[src] += int(h[wire.COMPUTE_US]) / 1e6
+            self._max_compute = max(self._max_compute, int(h[wire.COMPUTE_US]) / 1e6)
+            self.streams[src] = (int(h[wire.EPOCH]), int(h[wire.POSITION]))
+            if accept:
+                self.queue.append((msg, src))
+            else:
+                self.totals["drained"] += 1
+                self.free.append(msg)
+        while comm.Iprobe(source=MPI.ANY_SOURCE, tag=wire.TAG_CONTROL, status=status):
+            src = status.Get_source()
+            comm.Recv([self.control_in.buf, MPI.BYTE], source=src, tag=wire.TAG_CONTROL)
+            kind = int(self.control_in.header[wire.KIND])
+            if kind == wire.SIGNAL and self.remote_signal is None:
+                self.remote_signal = int(self.control_in.header[wire.COUNT])
+            elif kind == wire.DONE:
+                self.done.add(src)
+            got = True
+        for r in list(self.waiting_send):
+            if not self.params_out[r].busy():
+                self.send_params(r)
+        return got
+
+    # --- using a push --------------------------------------------------------------------------
+    def use(self, msg: wire.Message, src: int) -> bool:
+        """Train on one queued push; True when the model version advanced."""
+        trainer, h = self.trainer, msg.header
+        tau = trainer.version - int(h[wire.VERSION])
+        S = self.cfg.max_staleness
+        self.hist[min(tau, S + 1)] += 1
+        stale = tau != 0 if self.mode == "sync" else tau > S
+        if stale:
+            self.totals["rejected_stale"] += 1
+            self._window["stale"] += 1
+            self.refresh([src])
+            return False
+        self.totals["applied"] += 1
+        self.totals["staleness_sum"] += tau
+        self.totals["staleness_max"] = max(self.totals["staleness_max"], tau)
+        self._window["tau"].append(tau)
+        count = int(h[wire.COUNT])
+        if self.mode == "examples":
+            x, y = self.layout.views(msg, count)
+            x = torch.from_numpy(x).to(self.trainer.device, torch.float32)
+            y = torch.from_numpy(y).to(self.trainer.device, torch.int64)
+            out = trainer.step(x, y)
+            self._window["loss"] += out["loss"]
+            self._window["acc"] += out["acc"]
+            self._window["steps"] += 1
+        else:
+            flat = torch.from_numpy(wire.float_view(msg, self.n_grad))
+            if self.mode == "gradients":
+                scale = 1.0 / max(1, tau) if self.cfg.lr_damping else 1.0
+                trainer.apply_gradients(self._split(flat), count, lr_scale=scale)
+            else:
+                self.sync_sum += flat
+                self.sync_from.add(src)
+                self.sync_examples += count
+                if len(self.sync_from) < len(self.attackers):
+                    return False
+                trainer.apply_gradients(self._split(self.sync_sum / len(self.attackers)), self.sync_examples)
+                self.sync_sum.zero_()
+                self.sync_from.clear()
+                self.sync_examples = 0
+        self._window["consumed"] += count if self.mode != "sync" else 0
+        return True
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    # --- metrics -------------------------------------------------------------------------------
+    def _window_start(self) -> dict:
+        return {"t": time.perf_counter(), "examples": self.trainer.state["examples_seen"], "consumed": 0,
+                "produced": collections.Counter(), "tau": [], "stale": 0, "invalid": 0, "loss": 0.0, "acc": 0.0,
+                "steps": 0, "busy": self.time["busy"], "wait": self.time["wait"]}
+
+    def _log(self, out_lr: float | None) -> float:
+        trainer, win = self.trainer, self._window
+        now = time.perf_counter()
+        dt = max(now - win["t"], 1e-9)
+        consumed = trainer.state["examples_seen"] - win["examples"]
+        busy, wait = self.time["busy"] - win["busy"], self.time["wait"] - win["wait"]
+        attack = trainer.attack()
+        taus = win["tau"]
+        row = dict(version=trainer.version, time=round(trainer.elapsed(), 3), examples_seen=trainer.state["examples_seen"],
+                   progress=round(trainer.progress(), 5), lr=out_lr, eps=attack.eps, attack=attack.describe(),
+                   attack_steps=attack.effective_steps, push=self.mode,
+                   examples_per_s=round(consumed / dt, 1),
+                   produced_per_s={str(r): round(win["produced"][r] / dt, 1) for r in self.attackers},
+                   utilization=round(busy / max(busy + wait, 1e-9), 4),
+                   staleness_mean=round(float(np.mean(taus)), 3) if taus else None,
+                   staleness_max=int(max(taus)) if taus else None,
+                   rejected_stale=self.totals["rejected_stale"], rejected_invalid=self.totals["rejected_invalid"],
+                   queue=len(self.queue))
+        if win["steps"]:
+            row.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
+        trainer.metrics.write("train", **row)
+        self._window = self._window_start()
+        return consumed / dt
+
+    def staleness_summary(self) -> dict:
+        t = self.totals
+        S = self.cfg.max_staleness
+        seen = int(self.hist.sum())
+        histogram = {str(tau): int(n) for tau, n in enumerate(self.hist[:-1]) if n}
+        if self.hist[-1]:
+            histogram[f">{S}"] = int(self.hist[-1])
+        elapsed = max(sum(self.time.values()), 1e-9)
+        busy_wait = max(self.time["busy"] + self.time["wait"], 1e-9)
+        consumed = max(self.trainer.state["examples_seen"], 1)
+        return {
+            "push": self.mode, "attackers": len(self.attackers), "max_staleness": S,
+            "staleness_histogram": histogram,
+            "staleness_mean": round(t["staleness_sum"] / t["applied"], 4) if t["applied"] else None,
+            "staleness_max": t["staleness_max"],
+            "pushes": t["pushes"], "applied": t["applied"], "rejected_stale": t["rejected_stale"],
+            "rejected_invalid": t["rejected_invalid"], "drained": t["drained"],
+            "rejected_fraction": round((t["rejected_stale"] + t["rejected_invalid"]) /
+                                       max(1, t["pushes"] + t["rejected_invalid"]), 4) if seen or t["pushes"] else 0.0,
+            "utilization": round(self.time["busy"] / busy_wait, 4),
+            "server_seconds": {k: round(v, 3) for k, v in self.time.items()},
+            "session_seconds": round(elapsed, 3),
+            "produced_examples": {str(r): int(self.produced[r]) for r in self.attackers},
+            "attacker_compute_seconds": {str(r): round(self.compute_s[r], 3) for r in self.attackers},
+            "push_bytes_per_example": round(t["push_bytes"] / max(1, t["examples_received"]), 1),
+            "wire_bytes_per_example": round((t["push_bytes"] + t["param_bytes"]) / consumed, 1),
+            "wire_dtype": self.cfg.wire_dtype,
+        }
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self):
+        start = time.perf_counter()
+        n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size)
+        mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals,
+                     "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
+        # data_stream lets the single-process trainer resume an MPI run (from the epoch start).
+        epoch = int(self.trainer.state["examples_seen"] // n_train)
+        path = self.trainer.save(extra={"staleness_hist": self.hist},
+                                 extra_state={"mpi": mpi_state, "data_stream": {"epoch": epoch, "position": 0}})
+        self.time["checkpoint"] += time.perf_counter() - start
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------
+    def stop_reason(self) -> str | None:
+        signum = self.signals.signum or self.remote_signal
+        if signum:
+            import signal as _signal
+
+            return f"signal {_signal.Signals(signum).name}"
+        return self.trainer.stop_reason()
+
+    def run(self) -> dict:
+        trainer, cfg = self.trainer, self.cfg
+        bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc="server",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        self.refresh()
+        backoff = Backoff()
+        reason = self.stop_reason()
+        lr = None
+        while reason is None:
+            t0 = time.perf_counter()
+            got = self.poll()
+            if not self.queue:
+                if not got:
+                    backoff.wait()
+                self.time["wait"] += time.perf_counter() - t0
+                reason = self.stop_reason()
+                continue
+            backoff.reset()
+            msg, src = self.queue.popleft()
+            advanced = self.use(msg, src)
+            self.free.append(msg)
+            self.time["busy"] += time.perf_counter() - t0
+            if not advanced:
+                continue
+            lr = self.trainer.optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            if self.mode == "sync" or trainer.due(cfg.refresh_every):
+                self.refresh()
+            if trainer.due(cfg.log_every):
+                rate = self._log(lr)
+                bar.set_postfix_str(_postfix(trainer, rate))
+            reason = self.stop_reason()
+            if trainer.due(cfg.eval_every) and reason is None:
+                t1 = time.perf_counter()
+                trainer.evaluate()
+                self.time["eval"] += time.perf_counter() - t1
+                bar.set_postfix_str(_postfix(trainer, None))
+                reason = self.stop_reason()
+            if trainer.due(cfg.checkpoint_every) and reason is None:
+                self.save()
+        bar.close()
+        self.shutdown()
+        if not reason.startswith("signal"):
+            last = trainer.state["last_eval"]
+            if last is None or last["version"] != trainer.version:
+                t1 = time.perf_counter()
+                trainer.evaluate()
+                self.time["eval"] += time.perf_counter() - t1
+        self.save()
+        return trainer.finish(reason, extra_summary=self.staleness_summary())
+
+    def shutdown(self) -> None:
+        """STOP every attacker and drain what is in flight, so every rank can finalize."""
+        MPI = self.MPI
+        deadline = time.perf_counter() + SHUTDOWN_TIMEOUT + 20 * self._max_compute
+        backoff = Backoff()
+        self.waiting_send.clear()
+        for msg, _ in self.queue:  # queued but never used: in-flight examples are lost
+            self.totals["drained"] += 1
+            self.free.append(msg)
+        self.queue.clear()
+
+        def wait_until(condition, what):
+            while not condition():
+                if not self.poll(accept=False):
+                    backoff.wait()
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"attackers did not finish within {SHUTDOWN_TIMEOUT:.0f}s after STOP ({what})")
+
+        # Parameters in flight first: attackers keep receiving them while they work or wait.
+        wait_until(lambda: not any(self.params_out[r].busy() for r in self.attackers), "parameter sends")
+        requests = []
+        for r in self.attackers:
+            msg = self.control_out[r]
+            msg.set_header(wire.STOP, self.trainer.version, sender=0)
+            requests.append(self.comm.Isend([msg.buf[:wire.HEADER_BYTES], MPI.BYTE], dest=r, tag=wire.TAG_CONTROL))
+        wait_until(lambda: len(self.done) == len(self.attackers), "DONE messages")
+        wait_until(lambda: all(req.Test() for req in requests), "STOP sends")
+        self.poll(accept=False)
