@@ -189,8 +189,9 @@ def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, los
     for _ in range(attack.effective_steps):
         # A fresh leaf each step: the gradient is computed anew, never accumulated.
         x_adv = x_adv.detach().requires_grad_(True)
-        loss = loss_fn(model(x_adv), y).sum()
-        (grad,) = torch.autograd.grad(loss, [x_adv])
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            loss = loss_fn(model(x_adv), y).sum()
+            (grad,) = torch.autograd.grad(loss, [x_adv])
         x_adv = threat.project(threat.step(x_adv.detach(), grad, step_size), x)
     return x_adv.detach()
 

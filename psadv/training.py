@@ -167,8 +167,13 @@ class Trainer:
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
     def evaluate(self, progress: bool = False) -> dict:
         attack = schedules.eval_attack(self.cfg)
-        result = evaluate(self.model, self.eval_x, self.eval_y, attack, device=self.device, progress=progress,
-                          desc=f"eval v{self.version}")
+        # Evaluation draws its random starts from its own generator: how often a run evaluates
+        # never changes its training, and every evaluation attacks from the same starts.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 1)
+            result = evaluate(self.model, self.eval_x, self.eval_y, attack, device=self.device, progress=progress,
+                              desc=f"eval v{self.version}")
         elapsed = self.elapsed()
         self.state["last_eval"] = {**result, "version": self.version, "time": elapsed}
         best = self.state["best_robust_acc"]

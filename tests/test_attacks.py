@@ -1,0 +1,210 @@
+"""Invariants of the shared attack module."""
+
+import pytest
+import torch
+
+from psadv.attacks import ATTACKS, Attack, L2Threat, LinfThreat, margin_loss, perturb
+from psadv.errors import ConfigError
+from psadv.evaluate import evaluate
+from psadv.models import MODELS, build_model
+
+
+@pytest.fixture()
+def batch():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    x[:4] = 0.0  # pixels at the edges of the valid range
+    x[4:8] = 1.0
+    return x, torch.randint(0, 10, (16,))
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(1)
+    return build_model("mnist-small", in_channels=1, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgsm-rs", "pgd"])
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_linf_result_inside_ball_and_pixel_range(model, batch, name, restarts):
+    x, y = batch
+    eps = 0.3
+    x_adv = perturb(model, x, y, Attack(name=name, eps=eps, steps=5, restarts=restarts))
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert not torch.equal(x_adv, x)
+
+
+def test_l2_result_inside_ball(model, batch):
+    x, y = batch
+    x_adv = perturb(model, x, y, Attack(name="pgd", eps=1.5, steps=5, norm="l2"))
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= 1.5 + 1e-4
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+
+
+def test_threat_model_projection_and_random_start():
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    for threat, norm in ((LinfThreat(0.1), lambda d: d.abs().flatten(1).amax(1)),
+                         (L2Threat(0.5), lambda d: d.flatten(1).norm(dim=1))):
+        far = x + torch.randn_like(x)
+        assert norm(threat.project(far, x) - x).max() <= threat.eps + 1e-5
+        start = threat.random_perturb(x)
+        assert norm(start - x).max() <= threat.eps + 1e-5
+        assert not torch.equal(start, x)
+
+
+def test_parameter_gradients_untouched_and_mode_restored(model, batch):
+    x, y = batch
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    model.train()
+    perturb(model, x, y, Attack(name="pgd", eps=0.3, steps=3))
+    assert model.training
+    assert all(torch.all(p.grad == 7.0) for p in model.parameters())
+    model.eval()
+    perturb(model, x, y, Attack(name="pgd", eps=0.3, steps=3))
+    assert not model.training
+
+
+def test_model_in_eval_mode_during_attack(batch):
+    x, y = batch
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = build_model("mnist-small", in_channels=1, num_classes=10)
+
+        def forward(self, inp):
+            seen.append(self.training)
+            return self.inner(inp)
+
+    spy = Spy().train()
+    perturb(spy, x, y, Attack(name="pgd", eps=0.3, steps=4, restarts=2))
+    assert seen and not any(seen)
+    assert spy.training
+
+
+def test_pgd_matches_reference_with_fresh_gradient_each_step(model, batch):
+    """perturb equals a hand-written PGD whose every step takes a fresh input gradient."""
+    x, y = batch
+    eps, alpha, steps = 0.3, 0.1, 4
+    torch.manual_seed(11)
+    got = perturb(model, x, y, Attack(name="pgd", eps=eps, steps=steps, step_size=alpha))
+    torch.manual_seed(11)
+    model.eval()
+    ref = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1)
+    for _ in range(steps):
+        ref = ref.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(ref), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, [ref])
+        ref = torch.clamp(torch.min(torch.max(ref.detach() + alpha * g.sign(), x - eps), x + eps), 0, 1)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mnist_model(mnist_dir):
+    """mnist-small trained clean for a few seconds on real MNIST, and 300 test examples."""
+    from psadv.data import load_dataset
+
+    train, test = load_dataset("mnist", "train", mnist_dir), load_dataset("mnist", "test", mnist_dir)
+    torch.manual_seed(0)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x, y = torch.tensor(train.x[:6000]), torch.tensor(train.y[:6000])
+    for i in range(0, 6000, 100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+        opt.step()
+    return model, torch.tensor(test.x[:300]), torch.tensor(test.y[:300])
+
+
+def test_pgd_stronger_than_fgsm_and_restarts_never_hurt(mnist_model):
+    model, x, y = mnist_model
+    eps = 0.1
+    clean = evaluate(model, x, y, Attack(name="none", eps=eps))["robust_acc"]
+    fgsm = evaluate(model, x, y, Attack(name="fgsm", eps=eps))["robust_acc"]
+    torch.manual_seed(3)
+    pgd = evaluate(model, x, y, Attack(name="pgd", eps=eps, steps=10))["robust_acc"]
+    torch.manual_seed(3)
+    pgd_restarts = evaluate(model, x, y, Attack(name="pgd", eps=eps, steps=10, restarts=3))["robust_acc"]
+    assert clean > 0.85
+    assert pgd < fgsm < clean
+    assert pgd_restarts <= pgd
+
+
+def test_evaluate_counts_match_a_direct_computation(mnist_model):
+    model, x, y = mnist_model
+    attack = Attack(name="fgsm", eps=0.1)
+    result = evaluate(model, x, y, attack, batch_size=128)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+        robust = (model(perturb(model, x, y, attack)).argmax(1) == y).float().mean().item()
+    assert result["examples"] == 300
+    assert result["clean_acc"] == pytest.approx(clean)
+    assert result["robust_acc"] == pytest.approx(robust)
+
+
+def test_restarts_keep_each_examples_worst_case(model, batch):
+    x, y = batch
+    torch.manual_seed(5)
+    multi = perturb(model, x, y, Attack(name="pgd", eps=0.3, steps=2, restarts=5))
+    with torch.no_grad():
+        loss_multi = torch.nn.functional.cross_entropy(model(multi), y, reduction="none")
+    torch.manual_seed(5)
+    first = perturb(model, x, y, Attack(name="pgd", eps=0.3, steps=2, restarts=1))
+    with torch.no_grad():
+        loss_first = torch.nn.functional.cross_entropy(model(first), y, reduction="none")
+        wrong_first = model(first).argmax(1) != y
+        wrong_multi = model(multi).argmax(1) != y
+    # Worst case over restarts: never fewer misclassified, and loss at least the first restart's
+    # wherever the misclassification status is unchanged.
+    assert wrong_multi.sum() >= wrong_first.sum()
+    same = wrong_multi == wrong_first
+    assert torch.all(loss_multi[same] >= loss_first[same] - 1e-6)
+
+
+def test_margin_loss_sign():
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0])
+    loss = margin_loss(logits, y)
+    assert loss[0] == -4.0 and loss[1] == 3.0
+
+
+def test_margin_loss_attack_works(model, batch):
+    x, y = batch
+    x_adv = perturb(model, x, y, Attack(name="pgd", eps=0.3, steps=5, loss="margin"))
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_named_attack_rules():
+    assert Attack(name="fgsm", eps=0.3, steps=40).effective_steps == 1
+    assert Attack(name="fgsm", eps=0.3).effective_step_size == pytest.approx(0.3)
+    assert Attack(name="fgsm-rs", eps=0.3).effective_step_size == pytest.approx(0.375)
+    assert Attack(name="pgd", eps=0.3, steps=10).effective_step_size == pytest.approx(0.075)
+    assert Attack(name="pgd", eps=0.3, steps=10, step_size=0.01).effective_step_size == 0.01
+    assert Attack(name="pgd", eps=0.3, steps=50, restarts=10).describe() == "PGD-50x10 linf eps=0.3"
+    assert set(ATTACKS) == {"none", "fgsm", "fgsm-rs", "pgd"}
+
+
+@pytest.mark.parametrize("kwargs", [dict(name="bim"), dict(eps=-0.1), dict(steps=-1), dict(restarts=0),
+                                    dict(norm="l1"), dict(loss="hinge"), dict(step_size=0.0)])
+def test_bad_attack_arguments(kwargs):
+    with pytest.raises(ConfigError):
+        Attack(**kwargs)
+
+
+def test_clean_attack_returns_input(model, batch):
+    x, y = batch
+    assert torch.equal(perturb(model, x, y, Attack(name="none")), x)
+    assert torch.equal(perturb(model, x, y, Attack(name="pgd", eps=0.0)), x)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_build_and_run(name):
+    spec = MODELS[name]
+    model = build_model(name, in_channels=spec.input_shape[0], num_classes=10)
+    out = model(torch.rand(2, *spec.input_shape))
+    assert out.shape == (2, 10)

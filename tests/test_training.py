@@ -1,0 +1,214 @@
+"""Single-process trainer: run directory, metrics, checkpoints, exact resume, staleness emulation."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from psadv import schedules
+from psadv.checkpoint import IncompatibleCheckpoint, load_checkpoint
+from psadv.config import Config, make_config, read_toml
+from psadv.errors import ConfigError, UsageError
+from psadv.models import build_model, flat_state
+from psadv.rundir import read_metrics
+from psadv.training import StaleRing, resolve_run, train_single
+
+SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=10, log_every=5,
+             threads=1)
+
+
+def run(tmp_path, mnist_dir, name="run", resume=None, overwrite=False, **options):
+    recipe = {} if resume else SMALL  # a resumed run takes its recipe from the checkpoint
+    overrides = {**recipe, "data_dir": str(mnist_dir), "run_dir": str(tmp_path / name), **options}
+    setup = resolve_run(overrides, resume=resume, overwrite=overwrite)
+    return train_single(setup, show_progress=False)
+
+
+def weights(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["model"][k][()] for k in f["model"]}
+
+
+def test_small_run_writes_config_metrics_checkpoint_summary(tmp_path, mnist_dir):
+    summary = run(tmp_path, mnist_dir, steps=20, eps_ramp=0.5)
+    run_dir = tmp_path / "run"
+    assert summary["version"] == 20 and summary["stop_reason"] == "version budget"
+    assert summary["examples_seen"] == 20 * 50
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["version"] == 20
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_name"] == "mnist-small" and config["config"]["steps"] == 20
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("train") == 4 and kinds.count("eval") == 2 and kinds[-1] == "end"
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert all(r["examples_per_s"] > 0 and "time" in r for r in train_rows)
+    assert train_rows[0]["eps"] < train_rows[-1]["eps"] == pytest.approx(0.3)  # the ε ramp
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000020.h5")
+    assert ckpt.state["version"] == 20 and ckpt.model_name == "mnist-small"
+    assert ckpt.config["attack_steps"] == 2
+
+
+def test_resume_continues_exactly(tmp_path, mnist_dir):
+    """Stopping at version 8 and resuming gives bit-identical weights at 16 to a straight run."""
+    recipe = dict(steps=16, lr_schedule="onecycle", optimizer="sgd", lr=0.05, eval_every=0)
+    run(tmp_path, mnist_dir, name="straight", checkpoint_every=0, **recipe)
+    run(tmp_path, mnist_dir, name="halves", checkpoint_every=8, keep_checkpoints=5, **recipe)
+    mid = tmp_path / "halves" / "checkpoints" / "ckpt-00000008.h5"
+    assert load_checkpoint(mid).state["version"] == 8
+    resumed = run(tmp_path, mnist_dir, name="resumed", resume=str(mid))
+    assert resumed["version"] == 16
+    a = weights(tmp_path / "straight" / "checkpoints" / "ckpt-00000016.h5")
+    b = weights(tmp_path / "resumed" / "checkpoints" / "ckpt-00000016.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_resume_from_run_dir_appends_and_keeps_counter(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, steps=10, checkpoint_every=0)
+    summary = run(tmp_path, mnist_dir, resume=str(tmp_path / "run"), steps=15)
+    assert summary["version"] == 15
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["kind"] for r in rows].count("end") == 2
+    versions = [r["version"] for r in rows if r["kind"] == "train"]
+    assert versions == sorted(versions) and versions[-1] == 15
+
+
+def test_emulated_staleness_resumes_exactly(tmp_path, mnist_dir):
+    common = dict(steps=12, emulate_staleness=4, eval_every=0, keep_checkpoints=5)
+    run(tmp_path, mnist_dir, name="straight", checkpoint_every=0, **common)
+    run(tmp_path, mnist_dir, name="halves", checkpoint_every=6, **common)
+    resumed = run(tmp_path, mnist_dir, name="resumed",
+                  resume=str(tmp_path / "halves" / "checkpoints" / "ckpt-00000006.h5"))
+    assert resumed["version"] == 12
+    a = weights(tmp_path / "straight" / "checkpoints" / "ckpt-00000012.h5")
+    b = weights(tmp_path / "resumed" / "checkpoints" / "ckpt-00000012.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    rows = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["staleness"] for r in rows] == [4, 4]  # min(version, S) at versions 5 and 10
+
+
+def test_evaluation_frequency_does_not_change_training(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, name="often", steps=10, eval_every=2)
+    run(tmp_path, mnist_dir, name="never", steps=10, eval_every=0)
+    a = weights(tmp_path / "often" / "checkpoints" / "ckpt-00000010.h5")
+    b = weights(tmp_path / "never" / "checkpoints" / "ckpt-00000010.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_emulated_staleness_changes_training(tmp_path, mnist_dir):
+    fresh = run(tmp_path, mnist_dir, name="fresh", steps=10, eval_every=0)
+    stale = run(tmp_path, mnist_dir, name="stale", steps=10, eval_every=0, emulate_staleness=8)
+    assert fresh["version"] == stale["version"] == 10
+    a = weights(tmp_path / "fresh" / "checkpoints" / "ckpt-00000010.h5")
+    b = weights(tmp_path / "stale" / "checkpoints" / "ckpt-00000010.h5")
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_stale_ring_returns_state_from_s_versions_ago():
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    ring = StaleRing(3)
+    snapshots = []
+    for v in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ring.push(model)
+        snapshots.append(flat_state(model))
+        assert ring.staleness() == min(v, 3)
+        assert torch.equal(ring.oldest(), snapshots[max(0, v - 3)])
+    restored = StaleRing(3)
+    restored.load_array(ring.to_array())
+    assert torch.equal(restored.oldest(), ring.oldest()) and restored.staleness() == 3
+
+
+def test_target_robust_accuracy_stops_early(tmp_path, mnist_dir):
+    summary = run(tmp_path, mnist_dir, steps=200, eval_every=5, target_robust_acc=0.05, eps=0.01)
+    assert summary["stop_reason"] == "robust-accuracy target"
+    assert summary["version"] < 200 and summary["time_to_target"] is not None
+
+
+def test_time_budget_stops(tmp_path, mnist_dir):
+    summary = run(tmp_path, mnist_dir, time_budget=2.0, eval_every=0)
+    assert summary["stop_reason"] == "time budget"
+    assert 0 < summary["version"] and summary["elapsed"] >= 2.0
+
+
+def test_existing_run_dir_is_not_clobbered(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, steps=5)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(UsageError, match="already holds a run"):
+        run(tmp_path, mnist_dir, steps=5)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    run(tmp_path, mnist_dir, steps=3, overwrite=True)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["version"] == 3
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.h5")] == ["ckpt-00000003.h5"]
+
+
+def test_resume_with_another_model_is_refused(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, steps=5)
+    with pytest.raises(IncompatibleCheckpoint, match="mnist-small"):
+        run(tmp_path, mnist_dir, resume=str(tmp_path / "run"), model="mnist-madry")
+
+
+# --- configuration and schedules ----------------------------------------------------------------
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('eps = 0.1\nattack-steps = 3\nmodel = "mnist-madry"\n')
+    values = read_toml(toml)
+    cfg = make_config(values, {"eps": 0.2})
+    assert (cfg.eps, cfg.attack_steps, cfg.model) == (0.2, 3, "mnist-madry")
+    toml.write_text("epsilon = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'epsilon'"):
+        read_toml(toml)
+    toml.write_text('eps = "big"\n')
+    with pytest.raises(ConfigError, match="eps"):
+        read_toml(toml)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_toml(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"eps": -0.1}, "--eps"), ({"eps": 1.5}, "--eps"), ({"steps": -1}, "--steps"),
+    ({"batch_size": 0}, "--batch-size"), ({"model": "resnet9000"}, "--model"),
+    ({"attack": "bim"}, "--attack"), ({"optimizer": "lbfgs"}, "--optimizer"),
+    ({"attack_steps_schedule": "5@0.2"}, "schedule"), ({"attack_steps_schedule": "1,5@0.6,10@0.3"}, "schedule"),
+    ({"device": "tpu"}, "--device"),
+])
+def test_config_validation(values, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(values)
+
+
+def test_schedules_are_pure_functions_of_progress():
+    cfg = Config(lr=1.0, lr_schedule="onecycle", eps=0.3, eps_ramp=0.5, attack_steps=10,
+                 attack_steps_schedule="2,5@0.3,10@0.6")
+    assert schedules.lr_at(0.0, cfg) == 0.0 and schedules.lr_at(0.4, cfg) == pytest.approx(1.0)
+    assert schedules.lr_at(1.0, cfg) == 0.0 and schedules.lr_at(0.7, cfg) == pytest.approx(0.5)
+    cfg.lr_schedule = "piecewise"
+    assert [schedules.lr_at(p, cfg) for p in (0.1, 0.6, 0.9)] == pytest.approx([1.0, 0.1, 0.01])
+    assert schedules.eps_at(0.25, cfg) == pytest.approx(0.15) and schedules.eps_at(0.9, cfg) == 0.3
+    assert [schedules.attack_steps_at(p, cfg) for p in (0.0, 0.3, 0.59, 0.6)] == [2, 5, 5, 10]
+    attack = schedules.training_attack(0.25, cfg)
+    assert attack.eps == pytest.approx(0.15) and attack.effective_steps == 2
+    assert attack.effective_step_size == pytest.approx(2.5 * 0.15 / 2)
+    cfg.attack_step_ratio = 0.1
+    assert schedules.training_attack(0.8, cfg).effective_step_size == pytest.approx(0.03)
+
+
+def test_budget_and_progress():
+    cfg = Config()
+    assert schedules.total_versions(cfg, 600) == 6000  # 10 epochs by default
+    cfg.steps, cfg.epochs = 500, 2
+    assert schedules.total_versions(cfg, 600) == 500
+    cfg.steps, cfg.epochs, cfg.time_budget = 0, 0, 60
+    assert schedules.total_versions(cfg, 600) == 0
+    assert schedules.progress(100, 30.0, 0, 60) == 0.5
+    assert schedules.progress(300, 30.0, 400, 60) == 0.75
+    assert schedules.progress(900, 90.0, 400, 60) == 1.0
