@@ -56,7 +56,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     base: dict = {}
     if resume:
         checkpoint = load_checkpoint(find_checkpoint(resume))
-        base = checkpoint.config
+        # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
+        base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
         for key in ("model", "dataset"):
             asked = {**file_values, **overrides}.get(key)
             if asked is not None and asked != base[key]:
@@ -74,6 +75,9 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     info = dataset_info(cfg.dataset)
     model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
     if prepare_dir:
+        # Data problems surface before anything is written (the loads are cached for the run).
+        for split in ("train", "test"):
+            load_dataset(cfg.dataset, split, cfg.data_dir or None)
         rundir.prepare(run_dir, resume=checkpoint is not None, overwrite=overwrite)
     return RunSetup(cfg, run_dir, model_args, checkpoint)
 

@@ -1,0 +1,173 @@
+"""The command line: happy paths and every kind of bad input (one line, exit code, nothing written)."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from psadv.cli import cli
+
+FAST = ["--steps", "6", "--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1",
+        "--threads", "1", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("psadv: error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_dir):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, *FAST)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "stopped (version budget) at version 6" in result.output
+    return run_dir
+
+
+def test_train_writes_a_run(trained_run):
+    assert (trained_run / "summary.json").exists()
+    assert json.loads((trained_run / "summary.json").read_text())["version"] == 6
+
+
+def test_inspect_json_and_text(trained_run):
+    result = invoke("inspect", trained_run, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.output)
+    assert info["model_name"] == "mnist-small" and info["version"] == 6
+    text = invoke("inspect", trained_run / "checkpoints" / "ckpt-00000006.h5")
+    assert text.exit_code == 0 and "mnist-small" in text.output
+
+
+def test_eval_json(trained_run, mnist_dir):
+    result = invoke("eval", trained_run, "--examples", 40, "--steps", 2, "--restarts", 2, "--json", "--data-dir", mnist_dir)
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.output)
+    assert out["examples"] == 40 and out["attack"] == "PGD-2x2 linf eps=0.3" and out["version"] == 6
+    assert 0 <= out["robust_acc"] <= out["clean_acc"] <= 1
+
+
+def test_eval_default_attack_is_strong(trained_run):
+    result = invoke("eval", "--help")
+    assert "default: 50" in result.output and "default: 10" in result.output
+
+
+def test_config_file_and_command_line_precedence(tmp_path, mnist_dir):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'data_dir = "{mnist_dir}"\nsteps = 3\nbatch-size = 50\nattack = "fgsm-rs"\n'
+                    'eval_examples = 50\neval_steps = 1\nthreads = 1\n')
+    result = invoke("train", "--config", toml, "--steps", 4, "--run-dir", tmp_path / "r", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert (config["steps"], config["attack"], config["batch_size"]) == (4, "fgsm-rs", 50)
+
+
+def test_resume_continues_version_counter(tmp_path, trained_run):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "checkpoints" / ".lock").unlink(missing_ok=True)
+    result = invoke("train", "--resume", run_dir, "--steps", 9, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["version"] == 9
+
+
+def test_help_for_every_command():
+    for command in ([], ["train"], ["eval"], ["inspect"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+    assert "--emulate-staleness" in invoke("train", "--help").output
+
+
+# --- bad input: one line, exit code, nothing written ----------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--eps", "-0.1"], "--eps"),
+    (["--eps", "1.5"], "--eps"),
+    (["--steps", "-1"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--model", "resnet9000"], "--model"),
+    (["--attack", "bim"], "--attack"),
+    (["--optimizer", "lbfgs"], "--optimizer"),
+    (["--attack-steps-schedule", "5@0.5"], "schedule"),
+    (["--bogus-option", "1"], "--bogus-option"),
+])
+def test_usage_errors(tmp_path, mnist_dir, args, fragment):
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", tmp_path / "r", *FAST, *args)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_config_key(tmp_path, mnist_dir):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("epsilon = 0.3\n")
+    result = invoke("train", "--config", toml, "--run-dir", tmp_path / "r", *FAST)
+    assert_one_line_error(result, 2, "unknown config key 'epsilon'", str(toml))
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_dir(tmp_path):
+    result = invoke("train", "--data-dir", tmp_path / "nowhere", "--run-dir", tmp_path / "r", *FAST)
+    assert result.exit_code != 0
+    assert_one_line_error(result, result.exit_code, "nowhere")
+    assert not (tmp_path / "r").exists()
+
+
+def test_md5_mismatch(tmp_path, mnist_dir):
+    bad = tmp_path / "data" / "mnist"
+    shutil.copytree(mnist_dir, bad)
+    with open(bad / "t10k-labels-idx1-ubyte.gz", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    result = invoke("train", "--data-dir", bad, "--run-dir", tmp_path / "r", *FAST)
+    assert result.exit_code == 1
+    assert_one_line_error(result, 1, "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_dir_not_clobbered(trained_run, mnist_dir):
+    before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", trained_run, *FAST)
+    assert_one_line_error(result, 2, "already holds a run", "--resume")
+    assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_another_model(tmp_path, trained_run):
+    before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    result = invoke("train", "--resume", trained_run, "--model", "mnist-madry", "--no-progress")
+    assert_one_line_error(result, 2, "mnist-small", "mnist-madry")
+    assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_and_overwrite_exclusive(trained_run):
+    result = invoke("train", "--resume", trained_run, "--overwrite")
+    assert_one_line_error(result, 2, "--resume", "--overwrite")
+
+
+@pytest.mark.parametrize("content", [b"", b"not an hdf5 file at all" * 10])
+def test_bad_checkpoint_files(tmp_path, content):
+    path = tmp_path / "ckpt.h5"
+    path.write_bytes(content)
+    for command in ("inspect", "eval"):
+        result = invoke(command, path)
+        assert result.exit_code == 1
+        assert_one_line_error(result, 1, str(path))
+
+
+def test_truncated_checkpoint(tmp_path, trained_run):
+    source = trained_run / "checkpoints" / "ckpt-00000006.h5"
+    path = tmp_path / "cut.h5"
+    path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    assert_one_line_error(invoke("eval", path), 1, str(path))
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(invoke("inspect", tmp_path / "nothing.h5"), 1, "nothing.h5")
