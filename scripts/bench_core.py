@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Benchmarks of the single-process core (numbers for the README; not a timed test).
+
+    python scripts/bench_core.py throughput --data-dir ../shared/data
+        examples/s of the attack (PGD-k for k = 1, 5, 10, 40, and FGSM) and of the training step
+
+    python scripts/bench_core.py robust --data-dir ../shared/data --run-dir runs/bench-robust
+        trains the README recipe (mnist-small, PGD adversarial training at ε=0.3), then evaluates
+        the final checkpoint with PGD-50 x 10 restarts on the full 10,000-image test set and
+        reports wall-clock minutes, clean and robust accuracy
+
+Each command prints one JSON object (and writes it with --out). Run on a quiet machine: a
+second busy process on the same cores distorts every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from psadv.attacks import Attack, perturb
+from psadv.data import load_dataset
+from psadv.devices import set_threads
+from psadv.models import build_model
+
+# The recipe behind the README's time-to-robustness number (flags of `psadv train`).
+RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--attack", "pgd", "--attack-steps", "10",
+          "--eps-ramp", "0.2", "--optimizer", "adam", "--lr", "5e-3", "--lr-schedule", "onecycle",
+          "--batch-size", "100", "--epochs", "15", "--eval-every", "1000", "--eval-examples", "1000"]
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def rate(fn, examples_per_call: int, seconds: float) -> float:
+    fn()  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return calls * examples_per_call / (time.perf_counter() - start)
+
+
+def throughput(args) -> dict:
+    set_threads(args.threads)
+    data = load_dataset("mnist", "train", args.data_dir)
+    x, y = torch.tensor(data.x[:args.batch_size]), torch.tensor(data.y[:args.batch_size])
+    model = build_model(args.model, in_channels=1, num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    out = {"model": args.model, "batch_size": args.batch_size, "machine": machine(),
+           "train_step_examples_per_s": round(rate(train_step, len(y), args.seconds), 1), "attack_examples_per_s": {}}
+    specs = [("fgsm-rs", Attack(name="fgsm-rs", eps=0.3))] + [
+        (f"pgd-{k}", Attack(name="pgd", eps=0.3, steps=k)) for k in (1, 5, 10, 40)]
+    for name, attack in specs:
+        out["attack_examples_per_s"][name] = round(rate(lambda: perturb(model, x, y, attack), len(y), args.seconds), 1)
+    # Adversarial training throughput = attack then step, per example.
+    out["adversarial_training_examples_per_s"] = {
+        name: round(1.0 / (1.0 / r + 1.0 / out["train_step_examples_per_s"]), 1)
+        for name, r in out["attack_examples_per_s"].items()}
+    return out
+
+
+def robust(args) -> dict:
+    run_dir = Path(args.run_dir)
+    cmd = ["psadv", "train", *RECIPE, "--data-dir", args.data_dir, "--run-dir", str(run_dir), "--threads",
+           str(args.threads), "--no-progress", *args.extra]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    train_wall = time.perf_counter() - start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    eval_cmd = ["psadv", "eval", str(run_dir), "--steps", "50", "--restarts", "10", "--json", "--no-progress",
+                "--data-dir", args.data_dir]
+    start = time.perf_counter()
+    result = json.loads(subprocess.run(eval_cmd, check=True, capture_output=True, text=True).stdout)
+    return {"command": " ".join(cmd), "eval_command": " ".join(eval_cmd), "machine": machine(),
+            "train_minutes": round(summary["elapsed"] / 60, 2), "train_wall_minutes": round(train_wall / 60, 2),
+            "eval_minutes": round((time.perf_counter() - start) / 60, 2), "versions": summary["version"],
+            "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"], "attack": result["attack"],
+            "test_examples": result["examples"], "target_met": result["robust_acc"] >= 0.89 and result["clean_acc"] >= 0.98}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name in ("throughput", "robust"):
+        p = sub.add_parser(name)
+        p.add_argument("--data-dir", default="../shared/data")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+        p.add_argument("--out", help="also write the JSON here")
+    sub.choices["throughput"].add_argument("--model", default="mnist-small")
+    sub.choices["throughput"].add_argument("--batch-size", type=int, default=100)
+    sub.choices["throughput"].add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
+    sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    result = throughput(args) if args.what == "throughput" else robust(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
