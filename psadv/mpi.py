@@ -124,7 +124,10 @@ class SignalFlag:
         self._previous.clear()
 
 
-# --- failures --------------------------------------------------------------------------------
+# --- failures ---------------------------------------------------------------------------------
+ABORT_GRACE = 1.0  # seconds
+
+
 def fail_job(w: World, exc: BaseException) -> None:
     """Report ``exc`` as one line naming this rank and host (with a traceback for bugs) and abort
     the whole job: MPI_Abort makes the launcher kill every rank, so nothing hangs."""
@@ -137,6 +140,9 @@ def fail_job(w: World, exc: BaseException) -> None:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"psadv: error: {w.where()}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    # Give the launcher's output forwarding a moment: MPI_Abort kills the job at once and lines
+    # still in the pipe could be lost.
+    time.sleep(ABORT_GRACE)
     w.comm.Abort(1)
 
 
