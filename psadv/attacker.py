@@ -26,6 +26,11 @@ from .mpi import Backoff, Fault, SignalFlag, World
 PUSHES_IN_FLIGHT = 2
 
 
+def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's floating-point buffers (BatchNorm statistics), in a fixed order."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
 class Attacker:
     def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag,
                  fault: Fault | None = None):
@@ -38,8 +43,11 @@ class Attacker:
         self.mode = cfg.push
         self.model = build_model(cfg.model, **setup.model_args).to(device)
         self.params = list(self.model.parameters())
+        self.buffers = float_buffers(self.model)
         self.n_state = flat_state(self.model).numel()
-        self.n_grad = sum(p.numel() for p in self.params)
+        # GRADIENTS payload: the parameter gradient, then the float buffers after the forward pass
+        # (BatchNorm running statistics, which only a forward pass on data updates).
+        self.n_grad = sum(p.numel() for p in self.params) + sum(b.numel() for b in self.buffers)
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
         self.layout = wire.ExampleLayout(train_set.x.shape[1:], cfg.batch_size, cfg.wire_dtype)
         push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
@@ -134,7 +142,7 @@ class Attacker:
             self.model.train()
             loss = F.cross_entropy(self.model(x_adv), y)
             grads = torch.autograd.grad(loss, self.params)
-            flat = torch.cat([g.reshape(-1) for g in grads]).float()
+            flat = torch.cat([g.reshape(-1) for g in grads] + [b.detach().reshape(-1) for b in self.buffers]).float()
             if poison:
                 flat[0] = float("inf")
             kind, dtype, nbytes = wire.GRADIENTS, wire.DTYPES["float32"], self.n_grad * 4

@@ -85,7 +85,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
         ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
         if w.rank == 0:
             click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
-                       f"attackers, push {cfg.push})", err=True)
+                       f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push})", err=True)
             world_row = [dict(zip(("host", "pid", "device", "threads"), text.split()), rank=i)
                          for i, text in enumerate(ranks)]
             role.trainer.metrics.write("world", size=w.size, ranks=world_row)

@@ -30,12 +30,13 @@ import torch
 from tqdm import tqdm
 
 from . import wire
-from .attacker import PUSHES_IN_FLIGHT
+from .attacker import float_buffers
 from .data import dataset_info
 from .models import flat_state
 from .mpi import Backoff, SignalFlag, World
 from .training import Trainer, _postfix
 
+HIST_BINS = 1024  # staleness histogram bins (τ = 0..1023, then one bin for larger τ)
 SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last batch after STOP
 
 
@@ -52,8 +53,9 @@ class Server:
         self.attackers = list(range(1, w.size))
         model = trainer.model
         self.params = list(model.parameters())
+        self.buffers = float_buffers(model)
         self.n_state = flat_state(model).numel()
-        self.n_grad = sum(p.numel() for p in self.params)
+        self.n_grad = sum(p.numel() for p in self.params) + sum(b.numel() for b in self.buffers)
         info = dataset_info(cfg.dataset)
         self.num_classes = info.num_classes
         self.layout = wire.ExampleLayout(info.shape, cfg.batch_size, cfg.wire_dtype)
@@ -76,9 +78,10 @@ class Server:
         self.sync_from: set[int] = set()
         self.sync_examples = 0
 
-        S = cfg.max_staleness
         # Counters that survive a resume (checkpoint state "mpi" and extra "staleness_hist").
-        self.hist = np.zeros(S + 2, dtype=np.int64)  # τ = 0..S, then "> S" (rejected)
+        # Histogram bins τ = 0..B-1, then "≥ B", with B = S + 1 (so the last bin counts rejections)
+        # capped at HIST_BINS.
+        self.hist = np.zeros(min(cfg.max_staleness + 1, HIST_BINS) + 1, dtype=np.int64)
         self.totals = {"pushes": 0, "applied": 0, "rejected_stale": 0, "rejected_invalid": 0, "drained": 0,
                        "staleness_sum": 0, "staleness_max": 0, "push_bytes": 0, "param_bytes": 0,
                        "examples_received": 0}
@@ -193,7 +196,7 @@ class Server:
         trainer, h = self.trainer, msg.header
         tau = trainer.version - int(h[wire.VERSION])
         S = self.cfg.max_staleness
-        self.hist[min(tau, S + 1)] += 1
+        self.hist[min(tau, len(self.hist) - 1)] += 1
         stale = tau != 0 if self.mode == "sync" else tau > S
         if stale:
             self.totals["rejected_stale"] += 1
@@ -232,10 +235,16 @@ class Server:
         return True
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The parameter gradients in a GRADIENTS payload; the buffers that follow them (BatchNorm
+        statistics from the attacker's forward pass) are copied into the model."""
         out, offset = [], 0
         for p in self.params:
             out.append(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+        with torch.no_grad():
+            for b in self.buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
         return out
 
     # --- metrics -------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class Server:
         seen = int(self.hist.sum())
         histogram = {str(tau): int(n) for tau, n in enumerate(self.hist[:-1]) if n}
         if self.hist[-1]:
-            histogram[f">{S}"] = int(self.hist[-1])
+            histogram[f">{len(self.hist) - 2}"] = int(self.hist[-1])
         elapsed = max(sum(self.time.values()), 1e-9)
         busy_wait = max(self.time["busy"] + self.time["wait"], 1e-9)
         consumed = max(self.trainer.state["examples_seen"], 1)
@@ -300,7 +309,8 @@ class Server:
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self):
         start = time.perf_counter()
-        n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size)
+        n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size *
+                      (len(self.attackers) if self.mode == "sync" else 1))
         mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals,
                      "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
         # data_stream lets the single-process trainer resume an MPI run (from the epoch start).
