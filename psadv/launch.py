@@ -70,7 +70,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             rundir.prepare(setup.run_dir, resume=setup.checkpoint is not None, overwrite=overwrite)
             train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
             trainer = Trainer(setup, device=device, train_size=train_size, role="server")
-            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint)
+            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
+                          fault=fault)
         else:
             from .attacker import Attacker
 

@@ -192,7 +192,8 @@ class Fault:
     """A fault the test suite injects through ``PSADV_FAULT`` (for tests only, never for users).
 
     ``PSADV_FAULT=KIND,rank=R,after=N``: on attacker rank R, at its N-th push (counting from 1),
-    ``raise`` raises RuntimeError and ``nan-push`` sends examples/gradients containing NaN (once).
+    ``raise`` raises RuntimeError and ``nan-push`` sends examples/gradients containing NaN (once);
+    ``raise,rank=0,after=N`` makes the server raise once the model reaches version N.
     """
 
     kind: str

@@ -33,7 +33,7 @@ from . import wire
 from .attacker import float_buffers
 from .data import dataset_info
 from .models import flat_state
-from .mpi import Backoff, SignalFlag, World
+from .mpi import Backoff, Fault, SignalFlag, World
 from .training import Trainer, _postfix
 
 HIST_BINS = 1024  # staleness histogram bins (τ = 0..1023, then one bin for larger τ)
@@ -42,7 +42,7 @@ SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last b
 
 class Server:
     def __init__(self, w: World, trainer: Trainer, signals: SignalFlag, *, show_progress: bool = True,
-                 checkpoint=None):
+                 checkpoint=None, fault: Fault | None = None):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -50,6 +50,7 @@ class Server:
         cfg = self.cfg = trainer.cfg
         self.mode = cfg.push
         self.show_progress = show_progress
+        self.fault = fault
         self.attackers = list(range(1, w.size))
         model = trainer.model
         self.params = list(model.parameters())
@@ -169,6 +170,7 @@ class Server:
             self.produced[src] += count
             self._window["produced"][src] += count
             self.compute_s[src] += int(h[wire.COMPUTE_US]) / 1e6
+            self._window["compute"][src] += int(h[wire.COMPUTE_US]) / 1e6
             self._max_compute = max(self._max_compute, int(h[wire.COMPUTE_US]) / 1e6)
             self.streams[src] = (int(h[wire.EPOCH]), int(h[wire.POSITION]))
             if accept:
@@ -250,7 +252,7 @@ class Server:
     # --- metrics -------------------------------------------------------------------------------
     def _window_start(self) -> dict:
         return {"t": time.perf_counter(), "examples": self.trainer.state["examples_seen"], "consumed": 0,
-                "produced": collections.Counter(), "tau": [], "stale": 0, "invalid": 0, "loss": 0.0, "acc": 0.0,
+                "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "stale": 0, "invalid": 0, "loss": 0.0, "acc": 0.0,
                 "steps": 0, "busy": self.time["busy"], "wait": self.time["wait"]}
 
     def _log(self, out_lr: float | None) -> float:
@@ -274,6 +276,10 @@ class Server:
         if win["steps"]:
             row.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
         trainer.metrics.write("train", **row)
+        for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed
+            trainer.metrics.write("attacker", version=trainer.version, time=row["time"], rank=r,
+                                  examples_per_s=round(win["produced"][r] / dt, 1),
+                                  busy=round(min(1.0, win["compute"][r] / dt), 4))
         self._window = self._window_start()
         return consumed / dt
 
@@ -355,6 +361,8 @@ class Server:
                 continue
             lr = self.trainer.optimizer.param_groups[0]["lr"]
             bar.update(1)
+            if self.fault is not None and self.fault.hits(0, trainer.version, "raise"):
+                raise RuntimeError(f"injected fault (PSADV_FAULT, tests only) at version {trainer.version}")
             if self.mode == "sync" or trainer.due(cfg.refresh_every):
                 self.refresh()
             if trainer.due(cfg.log_every):

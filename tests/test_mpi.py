@@ -217,13 +217,15 @@ def test_nan_push_is_rejected_and_never_reaches_the_model(tmp_path, mnist_dir):
 
 
 @needs_mpi
-def test_attacker_exception_ends_the_job_nonzero(tmp_path, mnist_dir):
+@pytest.mark.parametrize("rank", [2, 0])
+def test_an_exception_on_any_rank_ends_the_job_nonzero(tmp_path, mnist_dir, rank):
     run = tmp_path / "raise"
     start = time.monotonic()
-    res = run_job(3, mnist_dir, run, "--steps", "100000", *SMALL, timeout=60, PSADV_FAULT="raise,rank=2,after=3")
+    res = run_job(3, mnist_dir, run, "--steps", "100000", *SMALL, timeout=60,
+                  PSADV_FAULT=f"raise,rank={rank},after=3")
     assert time.monotonic() - start < 30
     assert res.returncode != 0
-    assert "psadv: error: rank 2 of 3 on " in res.stderr and "injected fault" in res.stderr
+    assert f"psadv: error: rank {rank} of 3 on " in res.stderr and "injected fault" in res.stderr
     assert "Traceback" in res.stderr  # a bug, not a user error: the traceback is shown
 
 
