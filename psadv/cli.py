@@ -170,6 +170,52 @@ def inspect(checkpoint, as_json):
         click.echo(f"{key:>16}: {value}")
 
 
+class TrailingArgsCommand(click.Command):
+    """A command whose arguments after ``--`` are kept apart (in ``ctx.meta["trailing"]``)."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            cut = args.index("--")
+            args, ctx.meta["trailing"] = args[:cut], args[cut + 1:]
+        return super().parse_args(ctx, args)
+
+
+@cli.command("scaling-report", cls=TrailingArgsCommand)
+@click.argument("run_dirs", nargs=-1, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="report directory (sweep runs go to OUT/runs)")
+@click.option("--target", type=click.FloatRange(0, 1), default=0.89, show_default=True,
+              help="robust accuracy for the time-to-target numbers")
+@click.option("--baseline", default=None, help="run name to compare every run's time to target with")
+@click.option("--overwrite", is_flag=True, help="replace the report in OUT (and, in a sweep, its runs)")
+@click.option("--workers", default=None, help="sweep: attacker counts, e.g. 1,2,4,8 (0 = one process, no MPI)")
+@click.option("--max-staleness", "max_staleness", default=None, help="sweep: --max-staleness values, e.g. 8,32")
+@click.option("--push", default=None, help="sweep: push modes, e.g. examples,gradients [default: examples]")
+@click.option("--launcher", default="mpiexec -n {n}", show_default=True,
+              help="sweep: launcher template; {n} = attackers + 1 processes")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="sweep: seconds per run")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="sweep: versions per run")
+@click.option("--data-dir", type=click.Path(), default=None, help="sweep: dataset directory")
+def scaling_report(run_dirs, out, target, baseline, overwrite, workers, max_staleness, push, launcher, time_budget,
+                   steps, data_dir):
+    """Report throughput, speedup, accuracy over time, staleness and the server bottleneck.
+
+    RUN_DIRS are run directories or directories of them. With --workers, first launch a sweep
+    (one run per push mode, max staleness and attacker count, one after another) into OUT/runs;
+    flags after `--` go to every `psadv train`. Writes OUT/report.md, report.html, report.json
+    and PNG plots.
+    """
+    from .report import scaling_report as run_report
+
+    trailing = click.get_current_context().meta.get("trailing", [])
+    result = run_report(list(run_dirs), out, target=target, baseline=baseline, overwrite=overwrite, workers=workers,
+                        max_staleness=max_staleness, push=push, launcher=launcher, time_budget=time_budget,
+                        steps=steps, data_dir=data_dir, train_args=trailing,
+                        echo=lambda line: click.echo(line, err=True))
+    incomplete = [r["name"] for r in result["runs"] if r["status"] != "complete"]
+    click.echo(f"psadv: report of {len(result['runs'])} runs in {out}/report.md"
+               + (f" ({len(incomplete)} not complete: {', '.join(incomplete)})" if incomplete else ""))
+
+
 def main():
     cli()
 

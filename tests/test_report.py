@@ -1,0 +1,301 @@
+"""``psadv scaling-report``: the numbers from handmade run directories, a sweep of real runs, bad input."""
+
+import json
+import shutil
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from psadv.cli import cli
+from psadv.config import Config
+from psadv.report import find_runs, load_run, scaling_report
+
+FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
+        "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("psadv: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_run(path, *, config=None, rows=(), summary=None):
+    """A run directory as psadv writes it, with chosen numbers."""
+    path.mkdir(parents=True)
+    cfg = {**Config().to_dict(), "run_dir": str(path), **(config or {})}
+    (path / "config.json").write_text(json.dumps({"config": cfg, "model_name": cfg["model"], "model_args": {}}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def train_rows(versions_per_s, batch=100, n=5):
+    return [{"kind": "train", "version": 10 * i, "time": 10 * i / versions_per_s, "examples_seen": 10 * i * batch}
+            for i in range(1, n + 1)]
+
+
+def mpi_summary(attackers, *, versions, busy, compute, batches, push="examples", hist=None):
+    per = batches // attackers
+    return {"push": push, "attackers": attackers, "version": versions, "examples_seen": versions * 100,
+            "elapsed": 100.0, "max_staleness": 32, "server_seconds": {"busy": busy, "wait": 1.0, "eval": 0, "checkpoint": 0},
+            "produced_examples": {str(r): per * 100 for r in range(1, attackers + 1)},
+            "attacker_compute_seconds": {str(r): compute / attackers for r in range(1, attackers + 1)},
+            "staleness_histogram": hist or {"0": 3, "1": 5}, "staleness_mean": 0.6, "staleness_max": 1,
+            "rejected_fraction": 0.1, "utilization": 0.9, "last_eval": None, "stop_reason": "version budget"}
+
+
+def evals(points, examples=1000, attack="PGD-50x10 linf eps=0.3"):
+    return [{"kind": "eval", "time": t, "version": v, "clean_acc": 0.99, "robust_acc": acc, "examples": examples,
+             "attack": attack} for t, v, acc in points]
+
+
+# --- the numbers, from handmade runs ---------------------------------------------------------------
+def test_bottleneck_model_speedup_and_time_to_target(tmp_path):
+    # 1 attacker: c_s = 10 s / 1000 versions = 0.01, c_a = 40 s / 1000 batches = 0.04 -> n* = 4
+    write_run(tmp_path / "runs" / "w1", rows=train_rows(25) + evals([(10, 250, 0.5), (20, 500, 0.9)]),
+              summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
+    write_run(tmp_path / "runs" / "w2", rows=train_rows(50) + evals([(5, 250, 0.6), (10, 500, 0.95)]),
+              summary=mpi_summary(2, versions=1000, busy=10.0, compute=80.0, batches=1000))
+    write_run(tmp_path / "runs" / "w8", rows=train_rows(95),
+              summary=mpi_summary(8, versions=1000, busy=10.0, compute=60.0, batches=1000))
+    write_run(tmp_path / "runs" / "one", rows=train_rows(30) + evals([(40, 250, 0.3)]),
+              summary={"version": 100, "examples_seen": 10000, "elapsed": 4.0, "last_eval": None})
+    out = tmp_path / "report"
+    report = scaling_report([str(tmp_path / "runs")], out, target=0.89, baseline="runs/w1")
+
+    (group,) = report["scaling"]
+    assert group["push"] == "examples" and group["baseline"] == "runs/w1"
+    model = group["model"]
+    assert model["c_s"] == {"value": 0.01, "kind": "measured", "from": model["c_s"]["from"]}
+    assert model["c_a"]["value"] == 0.04 and model["c_a"]["kind"] == "measured"
+    assert model["n_star"]["value"] == 4.0 and model["n_star"]["kind"] == "predicted"
+    points = {p["attackers"]: p for p in group["points"]}
+    assert points[2]["speedup"]["value"] == pytest.approx(2.0) and points[2]["speedup"]["kind"] == "measured"
+    assert points[8]["speedup"]["value"] == pytest.approx(3.8)
+    assert points[8]["efficiency"]["value"] == pytest.approx(3.8 / 8, abs=1e-3)
+    assert points[8]["predicted_speedup"] == {"value": 4.0, "kind": "predicted", "from": points[8]["predicted_speedup"]["from"]}
+    assert points[2]["predicted_speedup"]["value"] == 2.0
+    # batch 100 x min(n / 0.04, 1 / 0.01) examples/s
+    assert points[8]["predicted_examples_per_s"]["value"] == 10000.0
+    assert points[1]["predicted_examples_per_s"]["value"] == 2500.0
+    assert points[8]["costs"]["c_a"]["value"] == pytest.approx(0.06)  # measured on that run, for comparison
+    preds = {p["attackers"]: p["speedup"]["value"] for p in model["predictions"]}
+    assert preds[1] == 1 and preds[4] == 4 and preds[64] == 4
+    # the one-process run of the same recipe is the reference in the group
+    assert group["single_process"]["run"] == "runs/one"
+
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["runs/w1"]["time_to_target"]["seconds"]["value"] == 20
+    assert runs["runs/w2"]["time_to_target"]["seconds"]["value"] == 10
+    assert "1000 test examples, PGD-50x10" in runs["runs/w1"]["time_to_target"]["seconds"]["from"]
+    assert runs["runs/one"]["time_to_target"]["reached"] is False
+    assert runs["runs/w8"]["time_to_target"] is None and "no evaluation rows" in runs["runs/w8"]["problems"]
+    ratios = {r["run"]: r["ratio"]["value"] for r in report["time_to_target_ratio"]}
+    assert ratios == {"runs/w1": 1.0, "runs/w2": 2.0, "runs/w8": None, "runs/one": None}
+
+    md = (out / "report.md").read_text()
+    assert "n* = c_a / c_s = **4.0 attackers**" in md
+    assert "| runs/w8 | 8 | complete | 9,500 | 95.00 | 3.80 | 48% | 10,000 | 4.00 | 0.0100 | 0.0600 |" in md
+    assert "| runs/w2 | 20.0s | 2.00× |" not in md and "| runs/w2 | 2.00× |" in md
+    assert (out / "throughput.png").read_bytes().startswith(PNG)
+    assert "<table>" in (out / "report.html").read_text()
+    assert json.loads((out / "report.json").read_text())["scaling"][0]["model"]["n_star"]["value"] == 4.0
+
+
+def test_every_number_names_its_kind_and_source(tmp_path):
+    write_run(tmp_path / "a", rows=train_rows(25) + evals([(10, 250, 0.5)]),
+              summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
+    report = scaling_report([str(tmp_path / "a")], tmp_path / "out")
+    tagged = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if "kind" in obj and "value" in obj:
+                tagged.append(obj)
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                walk(value)
+
+    walk(report)
+    assert len(tagged) > 20
+    assert all(t["kind"] in ("measured", "predicted") and t["from"] for t in tagged)
+    assert {t["kind"] for t in tagged} == {"measured", "predicted"}
+
+
+def test_resumed_run_uses_the_last_session_for_server_cost(tmp_path):
+    # first session ended at version 600; the summary's busy seconds are the second session's only
+    rows = [{"kind": "world", "size": 2}, {"kind": "end", "version": 600},
+            {"kind": "world", "size": 2}] + train_rows(25)
+    write_run(tmp_path / "r", rows=rows, summary=mpi_summary(1, versions=1000, busy=8.0, compute=40.0, batches=1000))
+    report = scaling_report([str(tmp_path / "r")], tmp_path / "out")
+    assert report["scaling"][0]["model"]["c_s"]["value"] == pytest.approx(8.0 / 400)
+
+
+def test_partial_runs_are_reported_not_dropped(tmp_path):
+    # killed: no summary.json, a truncated last line
+    write_run(tmp_path / "runs" / "killed", rows=[{"kind": "world", "size": 3}] + train_rows(20)
+              + evals([(3, 30, 0.2)]))
+    with open(tmp_path / "runs" / "killed" / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "vers')
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    (tmp_path / "runs" / "empty" / "config.json").write_text("{not json")
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out")
+    runs = {r["name"]: r for r in report["runs"]}
+    assert set(runs) == {"runs/killed", "runs/empty"}
+    killed = runs["runs/killed"]
+    assert killed["status"] == "partial" and killed["attackers"] == 2
+    assert any("no summary.json" in p for p in killed["problems"])
+    assert killed["version"]["value"] == 50 and "partial" in killed["version"]["from"]
+    assert killed["throughput"]["versions_per_s"]["value"] == pytest.approx(20)
+    assert runs["runs/empty"]["status"] == "partial"
+    assert "config.json is unreadable" in " ".join(runs["runs/empty"]["problems"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Runs with missing or partial metrics" in md and "| runs/empty | partial |" in md
+
+
+def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
+    for S, acc in ((0, 0.9), (8, 0.85), (64, 0.2)):
+        write_run(tmp_path / "runs" / f"s{S}", config={"emulate_staleness": S}, rows=train_rows(10)
+                  + evals([(5, 50, acc)]), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0,
+                                                   "last_eval": {"clean_acc": 0.9, "robust_acc": acc, "examples": 50,
+                                                                 "attack": "PGD-1"}})
+    write_run(tmp_path / "runs" / "sync", config={"push": "sync"}, rows=train_rows(10),
+              summary=mpi_summary(2, versions=100, busy=1.0, compute=4.0, batches=200, push="sync"))
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out")
+    (group,) = report["scaling"]
+    assert group["model"] is None and "sync mode" in group["model_note"]
+    assert "staleness_accuracy.png" in report["plots"]
+    staleness = {r["name"]: r["staleness"] for r in report["runs"]}
+    assert staleness["runs/s64"] == {"kind": "emulated", "S": {"value": 64, "kind": "measured",
+                                                                "from": "config.json emulate_staleness"}}
+    assert staleness["runs/sync"]["staleness_histogram"]["value"] == {"0": 3, "1": 5}
+
+
+# --- real runs: a sweep launched by the report, then a report over existing directories -------------
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, mnist_dir):
+    if shutil.which("mpiexec") is None:
+        pytest.fail("mpiexec is not on PATH: the MPI part of the report cannot be tested")
+    out = tmp_path_factory.mktemp("sweep") / "report"
+    result = invoke("scaling-report", "--out", out, "--workers", "0,1,2", "--steps", "20", "--data-dir", mnist_dir,
+                    "--launcher", "mpiexec -n {n}", "--", *FAST)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, result
+
+
+def test_sweep_launches_every_run_and_renders(sweep):
+    out, result = sweep
+    assert f"psadv: report of 3 runs in {out}/report.md" in result.output
+    assert result.stderr.count("$ ") == 3 and "mpiexec -n 3 " in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert set(runs) == {"single", "examples-w1", "examples-w2"}
+    assert all(r["status"] == "complete" and not r["problems"] for r in runs.values())
+    assert runs["examples-w2"]["attackers"] == 2 and runs["examples-w2"]["mode"] == "mpi"
+    assert runs["single"]["mode"] == "single" and runs["single"]["version"]["value"] == 20
+    assert runs["examples-w1"]["launch"]["returncode"] == 0
+    (group,) = report["scaling"]
+    assert [p["attackers"] for p in group["points"]] == [1, 2] and group["baseline"] == "examples-w1"
+    assert group["points"][0]["speedup"]["value"] == 1.0 and group["single_process"]["run"] == "single"
+    model = group["model"]
+    assert model["c_s"]["value"] > 0 and model["c_a"]["value"] > 0 and model["n_star"]["kind"] == "predicted"
+    assert sorted(report["plots"]) == ["accuracy.png", "staleness.png", "throughput.png"]
+    for name in report["plots"]:
+        assert (out / name).read_bytes().startswith(PNG) and (out / name).stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    for section in ("## Runs", "## Throughput, speedup and the server bottleneck", "## Accuracy vs wall-clock time",
+                    "## Staleness", "![staleness histograms](staleness.png)"):
+        assert section in md
+    assert json.loads((out / "runs" / "sweep.json").read_text())[2]["cmd"][:3] == ["mpiexec", "-n", "3"]
+
+
+def test_report_on_existing_run_dirs_with_a_killed_run(sweep, tmp_path):
+    out, _ = sweep
+    killed = tmp_path / "killed"
+    shutil.copytree(out / "runs" / "examples-w2", killed)
+    (killed / "summary.json").unlink()
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(line for line in lines if '"kind": "end"' not in line) + "\n")
+    result = invoke("scaling-report", out / "runs", killed, "--out", tmp_path / "r", "--target", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "(1 not complete: killed)" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["killed"]["status"] == "partial" and runs["killed"]["throughput"]
+    # target 0: reached at the first evaluation
+    first_eval = runs["runs/single"]["accuracy_curve"][0]
+    assert runs["runs/single"]["time_to_target"]["seconds"]["value"] == round(first_eval["time"], 2)
+    assert runs["runs/single"]["time_to_target"]["version"]["value"] == first_eval["version"] == 10
+    assert "killed" in report["scaling"][0]["runs"]
+
+
+def test_failed_launch_is_reported_not_dropped(tmp_path, mnist_dir):
+    out = tmp_path / "rep"
+    result = invoke("scaling-report", "--out", out, "--workers", "1", "--steps", "5", "--data-dir", mnist_dir,
+                    "--launcher", f"{sys.executable} -c 'raise SystemExit(3)' {{n}}", "--", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "psadv: warning: examples-w1 exited with code 3" in result.stderr
+    assert "(1 not complete: examples-w1)" in result.output
+    (run,) = json.loads((out / "report.json").read_text())["runs"]
+    assert run["status"] == "failed" and run["problems"][0] == "launcher exited with code 3"
+    assert "| examples-w1 | failed | launcher exited with code 3; no run directory was created |" in \
+        (out / "report.md").read_text()
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------------
+@pytest.mark.parametrize("args, fragments", [
+    (["nowhere"], ["nowhere is not a directory"]),
+    (["{empty}"], ["is not a run directory", "holds none"]),
+    (["{run}", "--baseline", "other"], ["--baseline 'other' is not one of the runs: a"]),
+    (["{run}", "--push", "gradients"], ["--push only apply to a sweep; add --workers"]),
+    (["{run}", "--", "--steps", "3"], ["flags after -- only apply to a sweep"]),
+    ([], ["give run directories to report on, or --workers"]),
+    (["--workers", "1", "--steps", "5", "--launcher", "mpiexec -n 3"], ["must contain {n}"]),
+    (["--workers", "1", "--steps", "5", "--launcher", "mpiexec -n {n} {x}"], ["only {n} may appear in braces"]),
+    (["--workers", "1,x", "--steps", "5"], ["--workers must be a comma-separated list of integers"]),
+    (["--workers", "1", "--steps", "5", "--max-staleness", "-1"], ["--max-staleness values must be >= 0"]),
+    (["--workers", "1"], ["a sweep needs a budget per run"]),
+    (["--workers", "1", "--steps", "5", "--push", "examples,pull"], ["--push: unknown mode 'pull'"]),
+    (["--workers", "1", "--steps", "5", "--", "--run-dir", "x"], ["--run-dir is set by the sweep"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragments):
+    write_run(tmp_path / "a", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
+    (tmp_path / "empty").mkdir()
+    places = {"{run}": tmp_path / "a", "{empty}": tmp_path / "empty"}
+    out = tmp_path / "out"
+    result = invoke("scaling-report", "--out", out, *[places.get(a, a) for a in args])
+    assert_one_line_error(result, 2, *fragments)
+    assert not out.exists()
+
+
+def test_existing_report_is_not_overwritten_without_flag(tmp_path):
+    write_run(tmp_path / "a", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
+    out = tmp_path / "out"
+    assert invoke("scaling-report", tmp_path / "a", "--out", out).exit_code == 0
+    before = (out / "report.json").read_bytes()
+    result = invoke("scaling-report", tmp_path / "a", "--out", out, "--target", "0.5")
+    assert_one_line_error(result, 2, "already holds a report", "--overwrite")
+    assert (out / "report.json").read_bytes() == before
+    assert invoke("scaling-report", tmp_path / "a", "--out", out, "--target", "0.5", "--overwrite").exit_code == 0
+    assert json.loads((out / "report.json").read_text())["target_robust_acc"] == 0.5
+
+
+def test_duplicate_run_names_are_told_apart(tmp_path):
+    for parent in ("x", "y"):
+        write_run(tmp_path / parent / "run", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000,
+                                                                           "elapsed": 5.0})
+    names = [r.name for r in find_runs([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")])]
+    assert names == [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
+    assert load_run(tmp_path / "x" / "run").status == "complete"
