@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -59,7 +58,7 @@ class Attacker:
         self.stream = BatchStream(shard, cfg.batch_size, seed=cfg.seed + w.rank)
         self.version = -1  # no parameters yet
         self.progress = 0.0
-        self.pushed_version = -1
+        self.fresh = False  # a PARAMS message arrived since the last push (sync mode waits for one)
         self.pushes = 0
         self.stopping = False
         self.signal_sent = False
@@ -91,6 +90,7 @@ class Attacker:
         load_flat_state_(self.model, torch.from_numpy(wire.float_view(self.params_in, self.n_state)).to(self.device))
         self.version = version
         self.progress = wire.progress_of(h)
+        self.fresh = True
         if first and int(h[wire.EPOCH]) >= 0:  # a resumed run: continue the data stream
             self.stream.restore({"epoch": int(h[wire.EPOCH]), "position": int(h[wire.POSITION])})
 
@@ -104,7 +104,7 @@ class Attacker:
                 break
             self._forward_signal()
             slot = next((s for s in self.slots if not s.busy()), None)
-            waiting_sync = self.mode == "sync" and self.pushed_version >= self.version
+            waiting_sync = self.mode == "sync" and not self.fresh
             if slot is None or self.version < 0 or waiting_sync:
                 backoff.wait()
                 continue
@@ -152,7 +152,7 @@ class Attacker:
                         nbytes=nbytes, seq=self.pushes, epoch=state["epoch"], position=state["position"])
         slot.header[wire.COMPUTE_US] = int((time.perf_counter() - start) * 1e6)
         slot.request = self.comm.Issend([slot.buf[:slot.message_bytes()], self.MPI.BYTE], dest=0, tag=wire.TAG_PUSH)
-        self.pushed_version = self.version
+        self.fresh = False
 
     def finish(self) -> None:
         """After STOP: let every push in flight be matched (the server drains them), then DONE."""

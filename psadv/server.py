@@ -162,6 +162,8 @@ class Server:
                 print(f"psadv: warning: rank 0: rejected a push from rank {src}: {problem}", file=sys.stderr,
                       flush=True)
                 self.trainer.metrics.write("rejected", version=self.trainer.version, sender=src, reason=problem)
+                if self.mode == "sync" and accept:  # it waits for parameters before computing again
+                    self.send_params(src)
                 continue
             h = msg.header
             count = int(h[wire.COUNT])
@@ -286,7 +288,6 @@ class Server:
     def staleness_summary(self) -> dict:
         t = self.totals
         S = self.cfg.max_staleness
-        seen = int(self.hist.sum())
         histogram = {str(tau): int(n) for tau, n in enumerate(self.hist[:-1]) if n}
         if self.hist[-1]:
             histogram[f">{len(self.hist) - 2}"] = int(self.hist[-1])
@@ -300,8 +301,9 @@ class Server:
             "staleness_max": t["staleness_max"],
             "pushes": t["pushes"], "applied": t["applied"], "rejected_stale": t["rejected_stale"],
             "rejected_invalid": t["rejected_invalid"], "drained": t["drained"],
+            # of every push received (valid or not), the share that never reached the model as rejected
             "rejected_fraction": round((t["rejected_stale"] + t["rejected_invalid"]) /
-                                       max(1, t["pushes"] + t["rejected_invalid"]), 4) if seen or t["pushes"] else 0.0,
+                                       max(1, t["pushes"] + t["rejected_invalid"]), 4),
             "utilization": round(self.time["busy"] / busy_wait, 4),
             "server_seconds": {k: round(v, 3) for k, v in self.time.items()},
             "session_seconds": round(elapsed, 3),

@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=40.0, help="time budget of each throughput run")
     p.add_argument("--target", type=float, default=0.0, help="time-to-target mode: robust accuracy to reach")
     p.add_argument("--target-timeout", type=float, default=4 * 3600, help="time budget of each target run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process for every run (0 = psadv's automatic split of the cores)")
     p.add_argument("--confirm-examples", type=int, default=0, help="test examples for psadv eval (0 = all)")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -123,6 +125,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.pop("PSADV_FAULT", None)
     ranks = [int(r) for r in a.ranks.split(",")]
+    if a.threads:
+        recipe = (recipe or DEFAULT_RECIPE) + ["--threads", str(a.threads)]
     results = {"host": os.uname().nodename, "cores": os.cpu_count(), "recipe": recipe or DEFAULT_RECIPE, "runs": []}
 
     if a.target:
