@@ -51,7 +51,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
         train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         if w.rank == 0:  # the server evaluates on the test split: check it before writing anything
             load_dataset(cfg.dataset, "test", cfg.data_dir or None)
-        if w.rank > 0 and cfg.batch_size > len(train_set) // w.n_attackers:
+        if cfg.batch_size > len(train_set) // w.n_attackers:
             from .errors import ConfigError
 
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds an attacker's shard "

@@ -78,7 +78,8 @@ def run_one(ranks: int, run_dir: Path, data_dir: str, args: list[str], env: dict
     train = [r for r in rows if r["kind"] == "train"]
     out = {"ranks": ranks, "attackers": ranks - 1, "run_dir": str(run_dir), "wall_s": round(wall, 1),
            "version": summary["version"], "examples_seen": summary["examples_seen"],
-           "elapsed_s": summary["elapsed"], "examples_per_s": round(steady_rate(rows) or 0.0, 1),
+           "elapsed_s": summary["elapsed"],
+           "examples_per_s": round(steady_rate(rows) or summary["examples_seen"] / max(summary["elapsed"], 1e-9), 1),
            "time_to_target_s": summary.get("time_to_target"), "last_eval": summary.get("last_eval"),
            "stop_reason": summary["stop_reason"]}
     if ranks > 1:
