@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from . import schedules, wire
 from .attacks import perturb
 from .data import BatchStream, shard_indices
+from .errors import CheckpointError
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
 
@@ -41,6 +42,7 @@ class Attacker:
         cfg = self.cfg
         self.mode = cfg.push
         self.model = build_model(cfg.model, **setup.model_args).to(device)
+        torch.manual_seed(cfg.seed + w.rank)  # each attacker its own random starts
         self.params = list(self.model.parameters())
         self.buffers = float_buffers(self.model)
         self.n_state = flat_state(self.model).numel()
@@ -92,7 +94,10 @@ class Attacker:
         self.progress = wire.progress_of(h)
         self.fresh = True
         if first and int(h[wire.EPOCH]) >= 0:  # a resumed run: continue the data stream
-            self.stream.restore({"epoch": int(h[wire.EPOCH]), "position": int(h[wire.POSITION])})
+            try:
+                self.stream.restore({"epoch": int(h[wire.EPOCH]), "position": int(h[wire.POSITION])})
+            except CheckpointError:  # another batch size than before: start the shard afresh
+                pass
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
