@@ -340,13 +340,18 @@ def scaling_groups(runs: list[Run]) -> list[dict]:
             if c.get("n_star") and c["c_a"]["value"]:
                 model = {"fitted_on": base.name, "attackers": base.attackers, "c_s": c["c_s"], "c_a": c["c_a"],
                          "n_star": c["n_star"], "batch_size": base.batch_size}
+                # what the model leaves out (messages, waiting, ranks sharing cores), measured at the baseline
+                factor = throughput(base)["examples_per_s"]["value"] / model_rate(model, base.attackers)
+                model["overhead_factor"] = measured(round(factor, 3), f"measured ÷ predicted examples/s of {base.name}")
         for r in members:
             group["points"].append(scaling_point(r, base, model))
         if model:
             largest = max(r.attackers for r in members)
             model["predictions"] = [
                 {"attackers": n, "speedup": predicted(round(model_speedup(model, n), 3), "min(n, n*) / min(1, n*)"),
-                 "examples_per_s": predicted(round(model_rate(model, n), 1), "batch × min(n / c_a, 1 / c_s)")}
+                 "examples_per_s": predicted(round(model_rate(model, n), 1), "batch × min(n / c_a, 1 / c_s)"),
+                 "examples_per_s_with_overhead": predicted(round(model_rate(model, n) * model["overhead_factor"]["value"], 1),
+                                                           "batch × min(n / c_a, 1 / c_s) × overhead factor")}
                 for n in sorted(set(PREDICT_AT) | {largest})]
         elif push == "sync":
             group["model_note"] = "sync mode: every version waits for all attackers; the bottleneck model does not apply"
@@ -620,9 +625,12 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
                            f"{model['c_s']['value']:.4f} s per version, attacker c_a = {model['c_a']['value']:.4f} s "
                            f"per batch of {model['batch_size']}. Predicted: the server saturates at "
                            f"n* = c_a / c_s = **{model['n_star']['value']:.1f} attackers**."))
-            b.append(("table", ["attackers", "predicted speedup", "predicted examples/s"],
-                      [[str(p["attackers"]), f"{p['speedup']['value']:.2f}", f"{p['examples_per_s']['value']:,.0f}"]
-                       for p in model["predictions"]]))
+            b.append(("p", f"At the baseline the model predicts {model_rate(model, model['attackers']):,.0f} examples/s "
+                           f"and {model['overhead_factor']['value']:.0%} of that was measured (the overhead factor: "
+                           "messages, waiting and ranks sharing cores, which the model leaves out)."))
+            b.append(("table", ["attackers", "predicted speedup", "predicted examples/s", "× overhead factor"],
+                      [[str(p["attackers"]), f"{p['speedup']['value']:.2f}", f"{p['examples_per_s']['value']:,.0f}",
+                        f"{p['examples_per_s_with_overhead']['value']:,.0f}"] for p in model["predictions"]]))
         elif g.get("model_note"):
             b.append(("p", g["model_note"] + "."))
     b.append(("p", "**Model.** Per version the server is busy c_s seconds (server_seconds.busy ÷ versions applied; "
