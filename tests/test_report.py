@@ -89,6 +89,8 @@ def test_bottleneck_model_speedup_and_time_to_target(tmp_path):
     assert points[8]["predicted_examples_per_s"]["value"] == 10000.0
     assert points[1]["predicted_examples_per_s"]["value"] == 2500.0
     assert points[8]["costs"]["c_a"]["value"] == pytest.approx(0.06)  # measured on that run, for comparison
+    # measured 2,500 examples/s at the baseline, as the model predicts there
+    assert model["overhead_factor"]["value"] == 1.0 and model["overhead_factor"]["kind"] == "measured"
     preds = {p["attackers"]: p["speedup"]["value"] for p in model["predictions"]}
     assert preds[1] == 1 and preds[4] == 4 and preds[64] == 4
     # the one-process run of the same recipe is the reference in the group
@@ -132,6 +134,31 @@ def test_every_number_names_its_kind_and_source(tmp_path):
     assert len(tagged) > 20
     assert all(t["kind"] in ("measured", "predicted") and t["from"] for t in tagged)
     assert {t["kind"] for t in tagged} == {"measured", "predicted"}
+
+
+def test_time_to_target_without_evaluation_pauses(tmp_path):
+    def rows(final_eval_has_train_row):
+        out = []
+        for v, t_train, t_eval, acc in ((10, 1, 3, 0.2), (20, 4, 5, 0.5), (30, 6, 9, 0.95)):
+            if v < 30 or final_eval_has_train_row:
+                out.append({"kind": "train", "version": v, "time": t_train, "examples_seen": v * 100})
+            out += evals([(t_eval, v, acc)])
+        return out
+
+    summary = {"version": 30, "examples_seen": 3000, "elapsed": 9.0}
+    write_run(tmp_path / "runs" / "a", rows=rows(True), summary=summary)
+    write_run(tmp_path / "runs" / "b", rows=rows(False), summary=summary)
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.9, baseline="runs/a")
+    a, b = report["runs"]
+    # pauses of 2 s and 1 s before the third evaluation: 9 s of wall clock, 6 - 3 = 3 s of training
+    assert [p["train_time"] for p in a["accuracy_curve"]] == [1, 2, 3]
+    assert a["time_to_target"]["seconds"]["value"] == 9 and a["time_to_target"]["training_seconds"]["value"] == 3
+    # no train row at the third evaluation: its pause is unknown
+    assert [p["train_time"] for p in b["accuracy_curve"]] == [1, 2, None]
+    assert b["time_to_target"]["training_seconds"]["value"] is None
+    ratios = {r["run"]: r["ratio"] for r in report["time_to_target_ratio"]}
+    assert ratios["runs/a"]["value"] == 1.0 and "training seconds" in ratios["runs/a"]["from"]
+    assert ratios["runs/b"]["value"] == 1.0 and "wall-clock" in ratios["runs/b"]["from"]
 
 
 def test_resumed_run_uses_the_last_session_for_server_cost(tmp_path):
