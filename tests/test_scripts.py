@@ -135,3 +135,77 @@ def test_hostfiles_use_their_launchers_syntax(name, pattern):
     assert lines and all(re.fullmatch(pattern, line) for line in lines), lines
     launcher = "mpirun --hostfile" if "openmpi" in name else "mpiexec -f"
     assert f"{launcher} hostfiles/{name}" in (HOSTFILES / name).read_text()
+
+
+# --- the reproduction study driver --------------------------------------------------------------------
+STUDY = ROOT / "scripts" / "study.py"
+
+
+def study_plan(tmp_path, *args) -> list[str]:
+    res = subprocess.run([sys.executable, str(STUDY), "--dry-run", "--out", str(tmp_path / "study"), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "study" / "study.md").exists()  # a dry run runs and writes nothing
+    return [line[2:] for line in res.stdout.splitlines() if line.startswith("$ ")]
+
+
+def test_study_plans_the_four_parts(tmp_path):
+    plan = study_plan(tmp_path, "--data-dir", "DATA")
+    train = [cmd for cmd in plan if " train " in cmd]
+    part1 = [cmd for cmd in train if "part1-adversary" in cmd]
+    assert [re.search(r"runs/(\S+)", cmd).group(1) for cmd in part1] == [
+        "fgsm-rs", "pgd-1", "pgd-2", "pgd-5", "pgd-10", "pgd-40"]
+    assert all("--epochs 10" in cmd and "--eps 0.3" in cmd and "--model mnist-small" in cmd for cmd in part1)
+    part2 = [cmd for cmd in train if "part2-staleness" in cmd]
+    assert [int(re.search(r"--emulate-staleness (\d+)", cmd).group(1)) for cmd in part2[:5]] == [0, 8, 32, 64, 128]
+    assert all(cmd.startswith("mpiexec -n 3 psadv train") and "--max-staleness 1000" in cmd for cmd in part2[5:])
+    assert [int(re.search(r"--refresh-every (\d+)", cmd).group(1)) for cmd in part2[5:]] == [1, 8, 32, 64, 128]
+    # every trained model gets the strong final evaluation (PGD-50 x 10 restarts: psadv eval's default)
+    evals = [cmd for cmd in plan if " eval " in cmd]
+    assert len(evals) == len(train) and all(cmd.endswith("final_eval.json") for cmd in evals)
+    sweep = [cmd for cmd in plan if "--workers" in cmd]
+    assert len(sweep) == 1 and "--workers 0,1,2,3 --push examples,gradients --launcher 'mpiexec -n {n}'" in sweep[0]
+    part4 = [cmd for cmd in train if "part4-headline" in cmd]
+    assert "runs/madry-pgd40 " in part4[0] and "--attack-steps 40" in part4[0] and not part4[0].startswith("mpiexec")
+    assert all("--target-robust-acc 0.89" in cmd and "--eval-steps 50 --eval-restarts 10" in cmd for cmd in part4)
+    assert any(cmd.startswith("mpiexec -n 3") and "--attack-steps 5" in cmd for cmd in part4)
+    reports = [cmd for cmd in plan if "scaling-report" in cmd and "--workers" not in cmd]
+    assert len(reports) == 3 and reports[-1].endswith("--baseline runs/madry-pgd40")
+
+
+def test_study_quick_and_bad_arguments(tmp_path):
+    plan = study_plan(tmp_path, "--quick", "--parts", "1,3")
+    assert all("--steps 30" in cmd for cmd in plan if " train " in cmd)
+    assert not any("part2" in cmd or "part4" in cmd for cmd in plan)
+    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "5", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "parts are 1, 2, 3 and 4" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_study_summary_names_the_best_recipe(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    report_dir = tmp_path / "study" / "part4-headline" / "report"
+    report_dir.mkdir(parents=True)
+
+    def ttt(train, wall):
+        return {"training_seconds": {"value": train}, "seconds": {"value": wall}}
+
+    report = {"runs": [{"name": "runs/madry-pgd40", "time_to_target": ttt(260.0, 400.0)},
+                       {"name": "runs/single-pgd5", "time_to_target": ttt(65.0, 90.0)},
+                       {"name": "runs/psadv-pgd5-w2", "time_to_target": ttt(26.0, 50.0)},
+                       {"name": "runs/psadv-pgd10-w2", "time_to_target": None}],
+              "time_to_target_ratio": [{"run": "runs/madry-pgd40", "ratio": {"value": 1.0, "from": "x"}},
+                                       {"run": "runs/single-pgd5", "ratio": {"value": 4.0, "from": "x"}},
+                                       {"run": "runs/psadv-pgd5-w2", "ratio": {"value": 10.0, "from": "training"}},
+                                       {"run": "runs/psadv-pgd10-w2", "ratio": {"value": None, "from": "x"}}]}
+    (report_dir / "report.json").write_text(json.dumps(report))
+    s = study.Study(study.parse_args(["--out", str(tmp_path / "study")]))
+    summary = s.summarise()
+    assert summary["headline"]["best"]["run"] == "runs/psadv-pgd5-w2"
+    md = (tmp_path / "study" / "study.md").read_text()
+    assert "| runs/psadv-pgd5-w2 | 26.0 | 50.0 | 10.00× |" in md and "| runs/psadv-pgd10-w2 | – | – | – |" in md
+    assert "Best psadv recipe: runs/psadv-pgd5-w2, 10.00× faster (training)." in md

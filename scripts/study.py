@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""The reproduction study: the method's four findings at CPU scale (MNIST, ε = 0.3, mnist-small).
+
+    python scripts/study.py --data-dir ../shared/data --out runs/study            # the real study
+    python scripts/study.py --data-dir ../shared/data --out runs/study-quick --quick   # minutes
+
+1. adversary: how strong must the training adversary be? FGSM with a random start and PGD-k,
+   k = 1, 2, 5, 10, 40, each trained for the same epochs; robust accuracy under PGD-50×10
+   (``psadv eval``) and training time.
+2. staleness: robust accuracy after a fixed budget vs staleness, emulated in one process
+   (``--emulate-staleness S``, S = 0, 8, 32, 64, 128) and real under MPI (attackers refreshed
+   every R = 1, 8, 32, 64, 128 versions; the server measures the staleness τ it sees).
+3. scaling: ``psadv scaling-report`` sweeps the attacker count (and push mode) with a time budget
+   per run: measured speedup on this machine and the bottleneck model's prediction beyond it.
+4. headline: time to the target robust accuracy (PGD-50×10 on the evaluation slice, evaluation
+   pauses excluded) of the Madry-style baseline (PGD-40, one process) vs psadv recipes (fewer
+   steps, with and without asynchronous attackers), as a ratio.
+
+Each part writes run directories under OUT/<part>/runs and a report (report.md, report.json,
+PNGs) under OUT/<part>/report; OUT/study.md and OUT/study.json collect the headline numbers.
+Every command is printed before it runs. A finished run (summary.json present) is kept when the
+study is run again; a part whose report exists is skipped unless named in --redo.
+Needs a quiet machine: every number is a wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+PSADV = [sys.executable, "-m", "psadv.cli"]
+# The README recipe (scripts/bench_core.py) without its adversary and budget.
+RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--eps-ramp", "0.2", "--optimizer", "adam", "--lr", "5e-3",
+          "--lr-schedule", "onecycle", "--batch-size", "100", "--log-every", "50"]
+ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
+    (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (1, 2, 5, 10, 40)]
+STALENESS = (0, 8, 32, 64, 128)
+PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline"}
+
+
+def display(cmd: list[str]) -> str:
+    """The command as a user would type it (``psadv`` for ``python -m psadv.cli``)."""
+    text = shlex.join(cmd)
+    return text.replace(shlex.join(PSADV), "psadv")
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.quick = args.quick
+        self.failures: list[str] = []
+
+    # --- budgets and evaluation, full or quick ---------------------------------------------------
+    def budget(self, epochs: float) -> list[str]:
+        # quick: one thread per process, so a smoke run stays quick on a machine busy with other work
+        return ["--steps", str(self.args.quick_steps), "--threads", "1"] if self.quick else ["--epochs", str(epochs)]
+
+    def periodic_eval(self, strong: bool = False) -> list[str]:
+        """Periodic evaluation on a test slice; ``strong``: PGD-50×10, for time to target.
+        eval-every is a multiple of log-every so every evaluation's pause is measured."""
+        if self.quick:
+            flags = ["--eval-every", "10", "--log-every", "5", "--eval-examples", "100", "--eval-steps", "5"]
+            return flags + (["--eval-restarts", "2"] if strong else [])
+        flags = ["--eval-examples", str(self.args.eval_examples)]
+        if strong:
+            return flags + ["--eval-every", "300", "--eval-steps", "50", "--eval-restarts", "10"]
+        return flags + ["--eval-every", "600"]
+
+    def final_eval_flags(self) -> list[str]:
+        if self.quick:
+            return ["--examples", "100", "--steps", "5", "--restarts", "2"]
+        return ["--examples", str(self.args.final_examples)]  # psadv eval's default: PGD-50 x 10 restarts
+
+    def launcher(self, attackers: int) -> list[str]:
+        return shlex.split(self.args.launcher.format(n=attackers + 1)) if attackers else []
+
+    # --- running -----------------------------------------------------------------------------------
+    def run(self, cmd: list[str], stdout=None) -> int:
+        print("$ " + display(cmd) + (f" > {stdout}" if stdout else ""), flush=True)
+        if self.args.dry_run:
+            return 0
+        if stdout is None:
+            return subprocess.run(cmd).returncode
+        tmp = Path(f"{stdout}.tmp")
+        with open(tmp, "w") as fh:
+            rc = subprocess.run(cmd, stdout=fh).returncode
+        if rc == 0:
+            os.replace(tmp, stdout)
+        else:
+            tmp.unlink()
+        return rc
+
+    def train(self, run_dir: Path, flags: list[str], attackers: int = 0) -> None:
+        if (run_dir / "summary.json").exists():
+            print(f"# {run_dir}: finished earlier, kept", flush=True)
+            return
+        cmd = self.launcher(attackers) + PSADV + ["train", "--run-dir", str(run_dir), "--no-progress", *RECIPE,
+                                                  *self.data_dir(), *flags]
+        if run_dir.exists():
+            cmd.append("--overwrite")  # an unfinished run from an earlier attempt starts over
+        if self.run(cmd) != 0:
+            self.failures.append(str(run_dir))
+            print(f"# {run_dir}: training failed; the report shows it as partial", flush=True)
+
+    def final_eval(self, run_dir: Path) -> None:
+        target = run_dir / "final_eval.json"
+        if target.exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+            return
+        if self.run(PSADV + ["eval", str(run_dir), "--json", "--no-progress", *self.data_dir(),
+                             *self.final_eval_flags()], stdout=target) != 0:
+            self.failures.append(f"{run_dir} (psadv eval)")
+
+    def report(self, part_dir: Path, *extra: str) -> None:
+        cmd = PSADV + ["scaling-report", str(part_dir / "runs"), "--out", str(part_dir / "report"), "--overwrite",
+                       "--target", str(self.args.target), *extra]
+        if self.run(cmd) != 0:
+            self.failures.append(f"{part_dir} (report)")
+
+    def data_dir(self) -> list[str]:
+        return ["--data-dir", self.args.data_dir] if self.args.data_dir else []
+
+    # --- the four parts ------------------------------------------------------------------------------
+    def part1(self, part_dir: Path) -> None:
+        for name, flags in ADVERSARIES:
+            run_dir = part_dir / "runs" / name
+            self.train(run_dir, [*flags, *self.budget(self.args.epochs_adversary), *self.periodic_eval()])
+            self.final_eval(run_dir)
+        self.report(part_dir)
+
+    def part2(self, part_dir: Path) -> None:
+        flags = ["--attack", "pgd", "--attack-steps", str(self.args.staleness_steps),
+                 *self.budget(self.args.epochs_staleness), *self.periodic_eval()]
+        for S in STALENESS:
+            run_dir = part_dir / "runs" / f"emulated-S{S}"
+            self.train(run_dir, [*flags, "--emulate-staleness", str(S)])
+            self.final_eval(run_dir)
+        for S in STALENESS:
+            run_dir = part_dir / "runs" / f"mpi-refresh{max(1, S)}"
+            # nothing rejected: the staleness comes from refreshing the attackers every R versions
+            self.train(run_dir, [*flags, "--refresh-every", str(max(1, S)), "--max-staleness", "1000"],
+                       attackers=self.args.attackers)
+            self.final_eval(run_dir)
+        self.report(part_dir)
+
+    def part3(self, part_dir: Path) -> None:
+        seconds = self.args.quick_seconds if self.quick else self.args.seconds_scaling
+        cmd = PSADV + ["scaling-report", "--out", str(part_dir / "report"), "--overwrite",
+                       "--target", str(self.args.target), "--workers", self.args.workers,
+                       "--push", "examples,gradients", "--launcher", self.args.launcher,
+                       "--time-budget", str(seconds), *self.data_dir(), "--",
+                       *RECIPE, "--attack", "pgd", "--attack-steps", str(self.args.scaling_steps), "--eval-every", "0",
+                       *(["--eval-examples", "100", "--threads", "1"] if self.quick else
+                         ["--eval-examples", str(self.args.eval_examples)])]
+        if self.run(cmd) != 0:
+            self.failures.append(f"{part_dir} (sweep)")
+
+    def part4(self, part_dir: Path) -> None:
+        common = [*self.budget(self.args.epochs_headline), *self.periodic_eval(strong=True),
+                  "--target-robust-acc", str(self.args.target)]
+        runs = [("madry-pgd40", ["--attack", "pgd", "--attack-steps", "40"], 0)]
+        for k in self.args.psadv_steps:
+            runs.append((f"single-pgd{k}", ["--attack", "pgd", "--attack-steps", str(k)], 0))
+            runs.append((f"psadv-pgd{k}-w{self.args.attackers}", ["--attack", "pgd", "--attack-steps", str(k)],
+                         self.args.attackers))
+        for name, flags, attackers in runs:
+            run_dir = part_dir / "runs" / name
+            self.train(run_dir, [*flags, *common], attackers=attackers)
+            self.final_eval(run_dir)
+        self.report(part_dir, "--baseline", "runs/madry-pgd40")
+
+    # --- the summary ----------------------------------------------------------------------------------
+    def summarise(self) -> dict:
+        summary = {"quick": self.quick, "target": self.args.target, "parts": {}, "failures": self.failures}
+        for number, name in PARTS.items():
+            path = self.out / name / "report" / "report.json"
+            if path.exists():
+                summary["parts"][name] = str(path.relative_to(self.out))
+        headline = self.out / PARTS[4] / "report" / "report.json"
+        lines = ["# psadv reproduction study", "",
+                 f"{'Quick smoke version' if self.quick else 'Full study'}; target robust accuracy "
+                 f"{self.args.target:.0%}. Reports:", ""]
+        lines += [f"- [{name}]({name}/report/report.md)" for name in summary["parts"]]
+        if headline.exists():
+            report = json.loads(headline.read_text())
+            runs = {r["name"]: r for r in report["runs"]}
+            rows = []
+            for entry in report.get("time_to_target_ratio", []):
+                ttt = runs[entry["run"]]["time_to_target"] or {}
+                rows.append({"run": entry["run"], "ratio": entry["ratio"]["value"], "from": entry["ratio"]["from"],
+                             "training_seconds": ttt.get("training_seconds", {}).get("value"),
+                             "seconds": ttt.get("seconds", {}).get("value")})
+            best = max((r for r in rows if r["run"] != "runs/madry-pgd40" and r["ratio"]), key=lambda r: r["ratio"],
+                       default=None)
+            summary["headline"] = {"runs": rows, "best": best}
+            lines += ["", "## Headline: time to target vs the Madry-style baseline (PGD-40, one process)", "",
+                      "| run | training seconds to target | wall-clock seconds | speedup vs baseline |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['run']} | {_fmt(r['training_seconds'])} | {_fmt(r['seconds'])} | "
+                      f"{_fmt(r['ratio'], '{:.2f}×')} |" for r in rows]
+            lines += ["", f"Best psadv recipe: {best['run']}, {best['ratio']:.2f}× faster ({best['from']})."
+                      if best else "No psadv recipe reached the target (or the baseline did not)."]
+        (self.out / "study.md").write_text("\n".join(lines) + "\n")
+        (self.out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _fmt(value, fmt: str = "{:.1f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/study", help="study directory [runs/study]")
+    p.add_argument("--data-dir", default=None, help="dataset directory (passed to psadv)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a few-minute smoke version")
+    p.add_argument("--parts", default="1,2,3,4", help="which parts to run [1,2,3,4]")
+    p.add_argument("--redo", default="", help="parts to rerun although their report exists, e.g. 3,4")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--launcher", default="mpiexec -n {n}", help="MPI launcher, {n} = attackers + 1 [mpiexec -n {n}]")
+    p.add_argument("--attackers", type=int, default=2, help="attackers of the MPI runs in parts 2 and 4 [2]")
+    p.add_argument("--target", type=float, default=0.89, help="robust accuracy target [0.89]")
+    p.add_argument("--epochs-adversary", type=float, default=10, help="part 1: epochs per adversary [10]")
+    p.add_argument("--epochs-staleness", type=float, default=5, help="part 2: epochs per staleness [5]")
+    p.add_argument("--staleness-steps", type=int, default=5, help="part 2: PGD steps of the training attack [5]")
+    p.add_argument("--seconds-scaling", type=float, default=120, help="part 3: seconds per run [120]")
+    p.add_argument("--workers", default="0,1,2,3", help="part 3: attacker counts (0 = one process) [0,1,2,3]")
+    p.add_argument("--scaling-steps", type=int, default=10, help="part 3: PGD steps of the training attack [10]")
+    p.add_argument("--epochs-headline", type=float, default=15, help="part 4: epoch budget per run [15]")
+    p.add_argument("--psadv-steps", default="5,10", help="part 4: PGD steps of the psadv recipes [5,10]")
+    p.add_argument("--eval-examples", type=int, default=1000, help="periodic evaluation slice [1000]")
+    p.add_argument("--final-examples", type=int, default=1000,
+                   help="test examples of the final PGD-50x10 evaluation (10000 = the whole test set) [1000]")
+    p.add_argument("--quick-steps", type=int, default=30, help="--quick: versions per run [30]")
+    p.add_argument("--quick-seconds", type=float, default=3, help="--quick: seconds per scaling run [3]")
+    args = p.parse_args(argv)
+    try:
+        args.parts = sorted({int(x) for x in args.parts.split(",") if x.strip()})
+        args.redo = {int(x) for x in args.redo.split(",") if x.strip()}
+        args.psadv_steps = [int(x) for x in args.psadv_steps.split(",") if x.strip()]
+    except ValueError:
+        p.error("--parts, --redo and --psadv-steps take comma-separated integers")
+    if not set(args.parts) <= set(PARTS) or not args.redo <= set(PARTS):
+        p.error("parts are 1, 2, 3 and 4")
+    if "{n}" not in args.launcher:
+        p.error(f"--launcher must contain {{n}}, got {args.launcher!r}")
+    if args.attackers < 1:
+        p.error("--attackers must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    study = Study(args)
+    study.out.mkdir(parents=True, exist_ok=True)
+    for number in args.parts:
+        part_dir = study.out / PARTS[number]
+        if (part_dir / "report" / "report.json").exists() and number not in args.redo:
+            print(f"# part {number} ({PARTS[number]}): report exists, skipped (--redo {number} reruns it)", flush=True)
+            continue
+        print(f"# part {number}: {PARTS[number]}", flush=True)
+        getattr(study, f"part{number}")(part_dir)
+    if args.dry_run:
+        return 0
+    summary = study.summarise()
+    print(f"# study summary: {study.out / 'study.md'}")
+    if summary["failures"]:
+        print("# failed: " + ", ".join(summary["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
