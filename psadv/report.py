@@ -261,6 +261,10 @@ def costs(run: Run) -> dict:
         out["c_a"] = measured(_round(compute / batches, 6),
                               f"summary.json attacker_compute_seconds {compute:.3f}s / {batches:.0f} batches "
                               f"(all attackers)")
+    busy = [r["busy"] for r in run.of_kind("attacker") if r.get("busy") is not None]
+    if busy:
+        out["attacker_busy"] = measured(round(statistics.median(busy), 3),
+                                        f"median over {len(busy)} attacker rows of metrics.jsonl (share of time computing)")
     if "c_s" in out and "c_a" in out and out["c_s"]["value"]:
         out["n_star"] = predicted(_round(out["c_a"]["value"] / out["c_s"]["value"], 2),
                                   f"c_a / c_s of {run.name}")
@@ -307,6 +311,11 @@ def describe_run(run: Run, target: float) -> dict:
                               "robust_acc": measured(fe.get("robust_acc"), where)}
     if run.summary:
         info["elapsed"] = measured(run.summary.get("elapsed"), "summary.json elapsed")
+        curve = info["accuracy_curve"]
+        if curve and curve[-1]["train_time"] is not None and run.summary.get("elapsed") is not None:
+            paused = curve[-1]["time"] - curve[-1]["train_time"]
+            info["training_seconds"] = measured(round(run.summary["elapsed"] - paused, 2),
+                                                f"elapsed less {paused:.1f}s of evaluation pauses")
         info["version"] = measured(run.summary.get("version"), "summary.json version")
         info["stop_reason"] = run.summary.get("stop_reason")
     elif run.rows:
@@ -611,21 +620,23 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
         b.append(("table", ["run", "status", "problems"], [[d["name"], d["status"], "; ".join(d["problems"])] for d in bad]))
 
     b.append(("h", 2, "Runs"))
-    header = ["run", "mode", "attackers", "status", "versions", "seconds", "examples/s", "versions/s", "clean",
-              "robust", "robust measured with", f"time to {target:.0%}"]
+    header = ["run", "mode", "attackers", "status", "versions", "seconds", "training seconds", "examples/s",
+              "versions/s", "clean", "robust", "robust measured with", f"time to {target:.0%}"]
     rows = []
     for d in runs:
         tp, fin, ttt = d["throughput"], d.get("final", {}), d["time_to_target"]
         where = fin.get("robust_acc", {}).get("from", "").removeprefix("last evaluation (").removesuffix(")")
         rows.append([d["name"], d["mode"] + (f" ({d['push']})" if d["push"] else ""), str(d["attackers"]), d["status"],
                      _v(d.get("version", {})), _v(d.get("elapsed", {}), "{:.1f}"),
+                     _v(d.get("training_seconds", {}), "{:.1f}"),
                      _v(tp.get("examples_per_s", {}), "{:,.0f}"), _v(tp.get("versions_per_s", {}), "{:.2f}"),
                      _v(fin.get("clean_acc", {}), "{:.1%}"), _v(fin.get("robust_acc", {}), "{:.1%}"), where,
                      _ttt(ttt)])
     b.append(("table", header, rows))
     b.append(("p", "examples/s and versions/s are the median over the windows between consecutive train rows of "
                    "metrics.jsonl (start-up and evaluation pauses excluded); seconds are wall-clock training time "
-                   "including periodic evaluation. Clean and robust accuracy are the last evaluation, on the "
+                   "including periodic evaluation, training seconds the same without the evaluation pauses (where "
+                   "every evaluation follows a train row at its version). Clean and robust accuracy are the last evaluation, on the "
                    "evaluation slice named in the column."))
     finals = [d for d in runs if "final_eval" in d]
     if finals:
@@ -649,16 +660,17 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
         single = g.get("single_process")
         if single:
             rows.append([single["run"], "0 (one process)", "complete", _v(single["examples_per_s"], "{:,.0f}"),
-                         _v(single["versions_per_s"], "{:.2f}"), "", "", "", "", "", ""])
+                         _v(single["versions_per_s"], "{:.2f}"), "", "", "", "", "", "", ""])
         for p in g["points"]:
             c = p.get("costs", {})
             rows.append([p["run"], str(p["attackers"]), p["status"], _v(p.get("examples_per_s", {}), "{:,.0f}"),
                          _v(p.get("versions_per_s", {}), "{:.2f}"), _v(p.get("speedup", {}), "{:.2f}"),
                          _v(p.get("efficiency", {}), "{:.0%}"), _v(p.get("predicted_examples_per_s", {}), "{:,.0f}"),
                          _v(p.get("predicted_speedup", {}), "{:.2f}"), _v(c.get("c_s", {}), "{:.4f}"),
-                         _v(c.get("c_a", {}), "{:.4f}")])
+                         _v(c.get("c_a", {}), "{:.4f}"), _v(c.get("attacker_busy", {}), "{:.0%}")])
         b.append(("table", ["run", "attackers", "status", "examples/s", "versions/s", "speedup", "efficiency",
-                            "predicted examples/s", "predicted speedup", "c_s (s/version)", "c_a (s/batch)"], rows))
+                            "predicted examples/s", "predicted speedup", "c_s (s/version)", "c_a (s/batch)",
+                            "attacker busy"], rows))
         model = g.get("model")
         if model:
             b.append(("p", f"Measured on {model['fitted_on']} ({model['attackers']} attacker(s)): server c_s = "

@@ -62,7 +62,9 @@ def evals(points, examples=1000, attack="PGD-50x10 linf eps=0.3"):
 # --- the numbers, from handmade runs ---------------------------------------------------------------
 def test_bottleneck_model_speedup_and_time_to_target(tmp_path):
     # 1 attacker: c_s = 10 s / 1000 versions = 0.01, c_a = 40 s / 1000 batches = 0.04 -> n* = 4
-    write_run(tmp_path / "runs" / "w1", rows=train_rows(25) + evals([(10, 250, 0.5), (20, 500, 0.9)]),
+    attacker_rows = [{"kind": "attacker", "rank": 1, "version": v, "time": v / 25, "busy": b}
+                     for v, b in ((10, 0.5), (20, 0.9), (30, 0.7))]
+    write_run(tmp_path / "runs" / "w1", rows=train_rows(25) + attacker_rows + evals([(10, 250, 0.5), (20, 500, 0.9)]),
               summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
     write_run(tmp_path / "runs" / "w2", rows=train_rows(50) + evals([(5, 250, 0.6), (10, 500, 0.95)]),
               summary=mpi_summary(2, versions=1000, busy=10.0, compute=80.0, batches=1000))
@@ -89,6 +91,7 @@ def test_bottleneck_model_speedup_and_time_to_target(tmp_path):
     assert points[8]["predicted_examples_per_s"]["value"] == 10000.0
     assert points[1]["predicted_examples_per_s"]["value"] == 2500.0
     assert points[8]["costs"]["c_a"]["value"] == pytest.approx(0.06)  # measured on that run, for comparison
+    assert points[1]["costs"]["attacker_busy"]["value"] == 0.7 and "attacker_busy" not in points[8]["costs"]
     # measured 2,500 examples/s at the baseline, as the model predicts there
     assert model["overhead_factor"]["value"] == 1.0 and model["overhead_factor"]["kind"] == "measured"
     preds = {p["attackers"]: p["speedup"]["value"] for p in model["predictions"]}
@@ -107,7 +110,7 @@ def test_bottleneck_model_speedup_and_time_to_target(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "n* = c_a / c_s = **4.0 attackers**" in md
-    assert "| runs/w8 | 8 | complete | 9,500 | 95.00 | 3.80 | 48% | 10,000 | 4.00 | 0.0100 | 0.0600 |" in md
+    assert "| runs/w8 | 8 | complete | 9,500 | 95.00 | 3.80 | 48% | 10,000 | 4.00 | 0.0100 | 0.0600 | – |" in md
     assert "| runs/w2 | 20.0s | 2.00× |" not in md and "| runs/w2 | 2.00× |" in md
     assert (out / "throughput.png").read_bytes().startswith(PNG)
     assert "<table>" in (out / "report.html").read_text()
@@ -153,6 +156,7 @@ def test_time_to_target_without_evaluation_pauses(tmp_path):
     # pauses of 2 s and 1 s before the third evaluation: 9 s of wall clock, 6 - 3 = 3 s of training
     assert [p["train_time"] for p in a["accuracy_curve"]] == [1, 2, 3]
     assert a["time_to_target"]["seconds"]["value"] == 9 and a["time_to_target"]["training_seconds"]["value"] == 3
+    assert a["training_seconds"]["value"] == 3 and "training_seconds" not in b
     # no train row at the third evaluation: its pause is unknown
     assert [p["train_time"] for p in b["accuracy_curve"]] == [1, 2, None]
     assert b["time_to_target"]["training_seconds"]["value"] is None
