@@ -195,8 +195,9 @@ class TrailingArgsCommand(click.Command):
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="sweep: seconds per run")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="sweep: versions per run")
 @click.option("--data-dir", type=click.Path(), default=None, help="sweep: dataset directory")
+@click.option("--title", default="psadv scaling report", show_default=True, help="the report's heading")
 def scaling_report(run_dirs, out, target, baseline, overwrite, workers, max_staleness, push, launcher, time_budget,
-                   steps, data_dir):
+                   steps, data_dir, title):
     """Report throughput, speedup, accuracy over time, staleness and the server bottleneck.
 
     RUN_DIRS are run directories or directories of them. With --workers, first launch a sweep
@@ -209,7 +210,7 @@ def scaling_report(run_dirs, out, target, baseline, overwrite, workers, max_stal
     trailing = click.get_current_context().meta.get("trailing", [])
     result = run_report(list(run_dirs), out, target=target, baseline=baseline, overwrite=overwrite, workers=workers,
                         max_staleness=max_staleness, push=push, launcher=launcher, time_budget=time_budget,
-                        steps=steps, data_dir=data_dir, train_args=trailing,
+                        steps=steps, data_dir=data_dir, train_args=trailing, title=title,
                         echo=lambda line: click.echo(line, err=True))
     incomplete = [r["name"] for r in result["runs"] if r["status"] != "complete"]
     click.echo(f"psadv: report of {len(result['runs'])} runs in {out}/report.md"

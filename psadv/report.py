@@ -28,6 +28,7 @@ import html
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -41,8 +42,8 @@ from . import __version__
 from .errors import PsadvError, UsageError
 from .rundir import read_metrics, write_json
 
-REPORT_FILES = ("report.md", "report.html", "report.json", "throughput.png", "accuracy.png", "staleness.png",
-                "staleness_accuracy.png")
+REPORT_FILES = ("report.md", "report.html", "report.json", "throughput.png", "accuracy.png", "robust_vs_time.png",
+                "staleness.png", "staleness_accuracy.png")
 # Config fields that do not change what a run measures: runs differing only in these are one recipe.
 IDENTITY_FIELDS = {"run_dir", "data_dir", "device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
                    "steps", "epochs", "time_budget", "target_robust_acc", "eval_every", "seed"}
@@ -141,6 +142,11 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
     return run
 
 
+def natural_key(path: Path) -> list:
+    """pgd-2 before pgd-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "metrics.jsonl").exists()
 
@@ -155,7 +161,7 @@ def find_runs(paths: list[str]) -> list[Run]:
         if is_run_dir(path):
             runs.append(load_run(path))
             continue
-        inner = sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
+        inner = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=natural_key)
         if not inner:
             raise UsageError(f"{path} is not a run directory (no config.json or metrics.jsonl) and holds none")
         runs.extend(load_run(p, f"{path.name}/{p.name}") for p in inner)
@@ -427,13 +433,14 @@ def model_rate(model: dict, n: int) -> float:
 
 
 # --- the report ------------------------------------------------------------------------------------
-def build_report(runs: list[Run], *, target: float, baseline: str | None = None) -> dict:
+def build_report(runs: list[Run], *, target: float, baseline: str | None = None,
+                 title: str = "psadv scaling report") -> dict:
     if not runs:
         raise UsageError("no runs to report")
     if baseline is not None and baseline not in [r.name for r in runs]:
         raise UsageError(f"--baseline {baseline!r} is not one of the runs: {', '.join(r.name for r in runs)}")
     described = [describe_run(r, target) for r in runs]
-    report = {"psadv_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    report = {"title": title, "psadv_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "target_robust_acc": target, "machine": {"cpu_count": os.cpu_count()},
               "runs": described, "scaling": scaling_groups(runs), "baseline": baseline,
               "not_in_scaling": [r.name for r in runs if r.is_mpi and not r.config]}
@@ -531,6 +538,27 @@ def make_plots(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         made.append("accuracy.png")
 
+    points = [(d, robust_and_time(d)) for d in runs]
+    points = [(d, rt) for d, rt in points if rt is not None]
+    if len(points) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, (d, (robust, seconds, _)) in enumerate(points):
+            marker = "s" if d["mode"] == "mpi" else "o"
+            ax.plot([seconds], [robust], marker, color=f"C{i % 10}", ms=7)
+            ax.annotate(d["name"], (seconds, robust), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axhline(report["target_robust_acc"], color="k", lw=0.8, ls="--")
+        where = {rt[2] for _, rt in points}
+        ax.set(xlabel="training seconds (evaluation pauses excluded where measurable)",
+               ylabel="robust accuracy (" + ("final_eval.json" if where == {"final_eval"} else
+                                              "final_eval.json, else last eval") + ")",
+               title="Robust accuracy vs training time (circles: one process, squares: MPI)", ylim=(0, 1.02))
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "robust_vs_time.png", dpi=110)
+        plt.close(fig)
+        made.append("robust_vs_time.png")
+
     hists = [d for d in runs if d["staleness"].get("staleness_histogram")]
     if hists:
         cols = min(3, len(hists))
@@ -577,6 +605,15 @@ def make_plots(report: dict, out: Path) -> list[str]:
     return made
 
 
+def robust_and_time(d: dict) -> tuple | None:
+    """(robust accuracy, training seconds, source) of a described run: the strong final evaluation
+    when there is one, and training seconds without evaluation pauses when measurable."""
+    source = "final_eval" if "final_eval" in d else "final"
+    robust = d.get(source, {}).get("robust_acc", {}).get("value")
+    seconds = d.get("training_seconds", d.get("elapsed", {})).get("value")
+    return None if robust is None or seconds is None else (robust, seconds, source)
+
+
 def staleness_series(runs: list[dict]) -> dict:
     """Robust accuracy vs staleness, when runs differ in it: emulated S (one process), and measured
     mean τ of MPI runs that differ in --max-staleness or --refresh-every."""
@@ -609,7 +646,7 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
     """The report as blocks, rendered to Markdown and HTML: ("h", level, text), ("p", text),
     ("table", header, rows), ("img", file, alt), ("pre", text)."""
     runs, target = report["runs"], report["target_robust_acc"]
-    b: list[tuple] = [("h", 1, "psadv scaling report")]
+    b: list[tuple] = [("h", 1, report["title"])]
     b.append(("p", f"{len(runs)} runs; psadv {report['psadv_version']}; made {report['created']} on a machine with "
                    f"{report['machine']['cpu_count']} CPU cores. Every number comes from the run directories "
                    "(*measured*) unless marked *predicted* (the bottleneck model below); report.json holds each "
@@ -640,6 +677,8 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
                    "evaluation slice named in the column."))
     finals = [d for d in runs if "final_eval" in d]
     if finals:
+        b.append(("p", "Final models under the strong attack (`psadv eval RUN --json`, saved as final_eval.json in "
+                       "the run directory):"))
         b.append(("table", ["run", "clean", "robust", "measured with"],
                   [[d["name"], _v(d["final_eval"]["clean_acc"], "{:.2%}"), _v(d["final_eval"]["robust_acc"], "{:.2%}"),
                     d["final_eval"]["robust_acc"]["from"]] for d in finals]))
@@ -700,6 +739,8 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
     b.append(("h", 2, "Accuracy vs wall-clock time"))
     if "accuracy.png" in plots:
         b.append(("img", "accuracy.png", "robust and clean accuracy vs time"))
+    if "robust_vs_time.png" in plots:
+        b.append(("img", "robust_vs_time.png", "final robust accuracy vs training time"))
     rows = []
     for d in runs:
         ttt = d["time_to_target"] or {}
@@ -770,7 +811,7 @@ def _inline_html(text: str) -> str:
     return "".join(f"<i>{p}</i>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def render_html(blocks: list[tuple]) -> str:
+def render_html(blocks: list[tuple], title: str) -> str:
     body = []
     for block in blocks:
         kind = block[0]
@@ -787,7 +828,7 @@ def render_html(blocks: list[tuple]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px}"
              "th{background:#f2f2f2}img{max-width:100%}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>psadv scaling report</title>"
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -805,13 +846,14 @@ def prepare_out(out: Path, overwrite: bool) -> None:
             (out / name).unlink()
 
 
-def write_report(runs: list[Run], out: Path, *, target: float, baseline: str | None = None) -> dict:
-    report = build_report(runs, target=target, baseline=baseline)
+def write_report(runs: list[Run], out: Path, *, target: float, baseline: str | None = None,
+                 title: str = "psadv scaling report") -> dict:
+    report = build_report(runs, target=target, baseline=baseline, title=title)
     plots = make_plots(report, out)
     report["plots"] = plots
     blocks = _blocks(report, plots)
     (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks))
+    (out / "report.html").write_text(render_html(blocks, report["title"]))
     write_json(out / "report.json", report)
     return report
 
@@ -923,7 +965,7 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
                    overwrite: bool = False, workers: str | None = None, max_staleness: str | None = None,
                    push: str | None = None, launcher: str = "mpiexec -n {n}", time_budget: float | None = None,
                    steps: int | None = None, data_dir: str | None = None, train_args: list[str] = (),
-                   echo=print) -> dict:
+                   title: str = "psadv scaling report", echo=print) -> dict:
     """The ``psadv scaling-report`` command: check every input, then (sweep) launch, then report."""
     from .config import choices_of
 
@@ -955,4 +997,4 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
     prepare_out(out, overwrite)
     if sweep:
         runs += run_sweep(sweep, out, overwrite=overwrite, echo=echo)
-    return write_report(runs, out, target=target, baseline=baseline)
+    return write_report(runs, out, target=target, baseline=baseline, title=title)

@@ -41,6 +41,10 @@ ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (1, 2, 5, 10, 40)]
 STALENESS = (0, 8, 32, 64, 128)
 PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline"}
+TITLES = {1: "Study part 1: how strong must the training adversary be?",
+          2: "Study part 2: robust accuracy vs staleness",
+          3: "Study part 3: speedup vs attackers",
+          4: "Study part 4: time to target, Madry-style baseline vs psadv"}
 
 
 def display(cmd: list[str]) -> str:
@@ -116,9 +120,10 @@ class Study:
                              *self.final_eval_flags()], stdout=target) != 0:
             self.failures.append(f"{run_dir} (psadv eval)")
 
-    def report(self, part_dir: Path, *extra: str) -> None:
+    def report(self, number: int, *extra: str) -> None:
+        part_dir = self.out / PARTS[number]
         cmd = PSADV + ["scaling-report", str(part_dir / "runs"), "--out", str(part_dir / "report"), "--overwrite",
-                       "--target", str(self.args.target), *extra]
+                       "--target", str(self.args.target), "--title", TITLES[number], *extra]
         if self.run(cmd) != 0:
             self.failures.append(f"{part_dir} (report)")
 
@@ -131,7 +136,7 @@ class Study:
             run_dir = part_dir / "runs" / name
             self.train(run_dir, [*flags, *self.budget(self.args.epochs_adversary), *self.periodic_eval()])
             self.final_eval(run_dir)
-        self.report(part_dir)
+        self.report(1)
 
     def part2(self, part_dir: Path) -> None:
         flags = ["--attack", "pgd", "--attack-steps", str(self.args.staleness_steps),
@@ -146,11 +151,11 @@ class Study:
             self.train(run_dir, [*flags, "--refresh-every", str(max(1, S)), "--max-staleness", "1000"],
                        attackers=self.args.attackers)
             self.final_eval(run_dir)
-        self.report(part_dir)
+        self.report(2)
 
     def part3(self, part_dir: Path) -> None:
         seconds = self.args.quick_seconds if self.quick else self.args.seconds_scaling
-        cmd = PSADV + ["scaling-report", "--out", str(part_dir / "report"), "--overwrite",
+        cmd = PSADV + ["scaling-report", "--out", str(part_dir / "report"), "--overwrite", "--title", TITLES[3],
                        "--target", str(self.args.target), "--workers", self.args.workers,
                        "--push", "examples,gradients", "--launcher", self.args.launcher,
                        "--time-budget", str(seconds), *self.data_dir(), "--",
@@ -172,7 +177,7 @@ class Study:
             run_dir = part_dir / "runs" / name
             self.train(run_dir, [*flags, *common], attackers=attackers)
             self.final_eval(run_dir)
-        self.report(part_dir, "--baseline", "runs/madry-pgd40")
+        self.report(4, "--baseline", "runs/madry-pgd40")
 
     # --- the summary ----------------------------------------------------------------------------------
     def summarise(self) -> dict:

@@ -208,6 +208,7 @@ def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
     (group,) = report["scaling"]
     assert group["model"] is None and "sync mode" in group["model_note"]
     assert "staleness_accuracy.png" in report["plots"]
+    assert [r["name"] for r in report["runs"]] == ["runs/s0", "runs/s8", "runs/s64", "runs/sync"]  # natural order
     staleness = {r["name"]: r["staleness"] for r in report["runs"]}
     assert staleness["runs/s64"] == {"kind": "emulated", "S": {"value": 64, "kind": "measured",
                                                                 "from": "config.json emulate_staleness"}}
@@ -242,7 +243,7 @@ def test_sweep_launches_every_run_and_renders(sweep):
     assert group["points"][0]["speedup"]["value"] == 1.0 and group["single_process"]["run"] == "single"
     model = group["model"]
     assert model["c_s"]["value"] > 0 and model["c_a"]["value"] > 0 and model["n_star"]["kind"] == "predicted"
-    assert sorted(report["plots"]) == ["accuracy.png", "staleness.png", "throughput.png"]
+    assert sorted(report["plots"]) == ["accuracy.png", "robust_vs_time.png", "staleness.png", "throughput.png"]
     for name in report["plots"]:
         assert (out / name).read_bytes().startswith(PNG) and (out / name).stat().st_size > 10_000
     md = (out / "report.md").read_text()
