@@ -311,10 +311,13 @@ def _postfix(trainer: Trainer, rate: float | None) -> str:
 
 
 def summary_line(summary: dict) -> str:
-    last = summary.get("last_eval") or {}
-    text = (f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s; "
-            f"clean {last.get('clean_acc', float('nan')):.2%}, robust {last.get('robust_acc', float('nan')):.2%} "
-            f"({last.get('attack', '?')}, {last.get('examples', 0)} test examples)")
+    text = f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s"
+    last = summary.get("last_eval")
+    if last:
+        text += (f"; clean {last['clean_acc']:.2%}, robust {last['robust_acc']:.2%} "
+                 f"({last['attack']}, {last['examples']} test examples)")
+    else:
+        text += "; not evaluated"
     if summary.get("time_to_target") is not None:
         text += f"; reached target {summary['target_robust_acc']:.0%} after {summary['time_to_target']:.0f}s"
     return text
