@@ -49,6 +49,8 @@ IDENTITY_FIELDS = {"run_dir", "data_dir", "device", "threads", "log_every", "che
                    "steps", "epochs", "time_budget", "target_robust_acc", "eval_every", "seed"}
 SWEEP_FLAGS = ("--run-dir", "--push", "--max-staleness", "--resume", "--overwrite")
 PREDICT_AT = (1, 2, 4, 8, 16, 32, 64)
+ROW_FIELDS = {"train": ("version", "time", "examples_seen"), "eval": ("version", "time", "clean_acc", "robust_acc"),
+              "world": ("size",), "end": ("version",)}
 
 
 def measured(value, source: str) -> dict:
@@ -70,7 +72,7 @@ class Run:
 
     name: str
     path: Path
-    status: str = "complete"  # complete | partial | failed
+    status: str = "complete"  # complete | stopped (by a signal, resumable) | partial | failed
     problems: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     summary: dict | None = None
@@ -86,7 +88,7 @@ class Run:
     def attackers(self) -> int:
         if self.summary and "attackers" in self.summary:
             return int(self.summary["attackers"])
-        worlds = [r for r in self.rows if r.get("kind") == "world"]
+        worlds = self.of_kind("world")
         if worlds:
             return int(worlds[-1]["size"]) - 1
         if self.launch is not None:
@@ -104,7 +106,9 @@ class Run:
         return self.config.get("batch_size")
 
     def of_kind(self, kind: str) -> list[dict]:
-        return [r for r in self.rows if r.get("kind") == kind]
+        """Rows of one kind that carry the fields the report reads (others are counted as problems)."""
+        need = ROW_FIELDS.get(kind, ())
+        return [r for r in self.rows if r.get("kind") == kind and all(r.get(f) is not None for f in need)]
 
 
 def _read_json(path: Path, problems: list[str]):
@@ -134,6 +138,13 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
     if run.summary is None:
         run.status = "partial"
         run.problems.append("no summary.json: the run did not finish (killed, failed or still running)")
+    elif str(run.summary.get("stop_reason", "")).startswith("signal"):
+        run.status = "stopped"
+        run.problems.append(f"stopped by a {run.summary['stop_reason']} before its budget; psadv train --resume "
+                            "continues it")
+    unusable = sum(1 for r in run.rows if r.get("kind") in ROW_FIELDS) - sum(len(run.of_kind(k)) for k in ROW_FIELDS)
+    if unusable:
+        run.problems.append(f"{unusable} metrics rows lack fields the report needs and were left out")
     if launch is not None and launch.get("returncode") != 0:
         run.status = "failed"
         run.problems.insert(0, f"launcher exited with code {launch.get('returncode')}")
@@ -177,8 +188,8 @@ def _session_start_version(run: Run) -> int:
     """The version the last session started from: that of the ``end`` row before the last ``world`` row."""
     start = last_end = 0
     for row in run.rows:
-        if row.get("kind") == "end":
-            last_end = int(row.get("version", 0))
+        if row.get("kind") == "end" and row.get("version") is not None:
+            last_end = int(row["version"])
         elif row.get("kind") == "world":
             start = last_end
     return start
@@ -215,10 +226,11 @@ def accuracy_curve(run: Run) -> list[dict]:
     unknown and train_time is None from there on.
     """
     curve, train_at, paused, known = [], {}, 0.0, True
-    for r in run.rows:
-        if r.get("kind") == "train":
+    usable = {id(r) for kind in ("train", "eval") for r in run.of_kind(kind)}
+    for r in (r for r in run.rows if id(r) in usable):
+        if r["kind"] == "train":
             train_at[r["version"]] = r["time"]
-        elif r.get("kind") == "eval":
+        else:
             start = train_at.get(r["version"])
             known = known and start is not None and start <= r["time"]
             curve.append({"time": r["time"], "train_time": round(start - paused, 3) if known else None,

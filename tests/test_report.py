@@ -179,7 +179,8 @@ def test_partial_runs_are_reported_not_dropped(tmp_path):
     write_run(tmp_path / "runs" / "killed", rows=[{"kind": "world", "size": 3}] + train_rows(20)
               + evals([(3, 30, 0.2)]))
     with open(tmp_path / "runs" / "killed" / "metrics.jsonl", "a") as fh:
-        fh.write('{"kind": "train", "vers')
+        fh.write('{"kind": "eval", "version": 60}\n')  # a row without the fields the report reads
+        fh.write('{"kind": "train", "vers')  # cut off mid-line
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     (tmp_path / "runs" / "empty" / "config.json").write_text("{not json")
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out")
@@ -188,12 +189,20 @@ def test_partial_runs_are_reported_not_dropped(tmp_path):
     killed = runs["runs/killed"]
     assert killed["status"] == "partial" and killed["attackers"] == 2
     assert any("no summary.json" in p for p in killed["problems"])
+    assert "1 metrics rows lack fields the report needs and were left out" in killed["problems"]
     assert killed["version"]["value"] == 50 and "partial" in killed["version"]["from"]
     assert killed["throughput"]["versions_per_s"]["value"] == pytest.approx(20)
     assert runs["runs/empty"]["status"] == "partial"
     assert "config.json is unreadable" in " ".join(runs["runs/empty"]["problems"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Runs with missing or partial metrics" in md and "| runs/empty | partial |" in md
+
+
+def test_run_stopped_by_a_signal_is_marked_resumable(tmp_path):
+    summary = {**mpi_summary(2, versions=40, busy=1.0, compute=4.0, batches=40), "stop_reason": "signal SIGUSR1"}
+    write_run(tmp_path / "r", rows=train_rows(10), summary=summary)
+    (run,) = scaling_report([str(tmp_path / "r")], tmp_path / "out")["runs"]
+    assert run["status"] == "stopped" and "stopped by a signal SIGUSR1" in run["problems"][0]
 
 
 def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
