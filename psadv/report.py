@@ -492,7 +492,8 @@ def make_plots(report: dict, out: Path) -> list[str]:
 
     made = []
     runs = report["runs"]
-    groups = [g for g in report["scaling"] if any("speedup" in p for p in g["points"])]
+    # a scaling plot needs two attacker counts; single-count groups stay in the tables
+    groups = [g for g in report["scaling"] if len({p["attackers"] for p in g["points"] if "speedup" in p}) > 1]
     if groups:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
         largest = max(p["attackers"] for g in groups for p in g["points"])
@@ -557,7 +558,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
         for i, (d, (robust, seconds, _)) in enumerate(points):
             marker = "s" if d["mode"] == "mpi" else "o"
             ax.plot([seconds], [robust], marker, color=f"C{i % 10}", ms=7)
-            ax.annotate(d["name"], (seconds, robust), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(short(d["name"]), (seconds, robust), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.axhline(report["target_robust_acc"], color="k", lw=0.8, ls="--")
         where = {rt[2] for _, rt in points}
         ax.set(xlabel="training seconds (evaluation pauses excluded where measurable)",
@@ -605,7 +606,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", label=label)
             for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(short(name), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="staleness (versions)", ylabel="robust accuracy (final_eval.json, else last eval)",
                title="Robust accuracy after the budget vs staleness", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
@@ -615,6 +616,11 @@ def make_plots(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         made.append("staleness_accuracy.png")
     return made
+
+
+def short(name: str) -> str:
+    """A run's name without its parent directory, for labels inside plots."""
+    return name.rsplit("/", 1)[-1]
 
 
 def robust_and_time(d: dict) -> tuple | None:
