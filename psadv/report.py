@@ -488,19 +488,22 @@ def make_plots(report: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     made = []
     runs = report["runs"]
     # a scaling plot needs two attacker counts; single-count groups stay in the tables
     groups = [g for g in report["scaling"] if len({p["attackers"] for p in g["points"] if "speedup" in p}) > 1]
     if groups:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
         largest = max(p["attackers"] for g in groups for p in g["points"])
         n_stars = [g["model"]["n_star"]["value"] for g in groups if g.get("model")]
-        # x axis: the measured counts, and far enough to show where the predicted curve bends
+        # log-log axes: ideal scaling is a straight line; x reaches far enough to show where the
+        # predicted curve bends (at most 64 attackers)
         xmax = min(64, max([largest, 2] + [math.ceil(1.5 * n) for n in n_stars]))
-        grid = list(range(1, xmax + 1))
+        grid = sorted({2 ** (i / 16) for i in range(16 * int(math.log2(xmax)) + 1)} | {float(xmax)}
+                      | {n for n in n_stars if 1 < n < xmax})
+        singles = set()
         for i, g in enumerate(groups):
             color = f"C{i}"
             pts = [p for p in g["points"] if "speedup" in p]
@@ -516,17 +519,22 @@ def make_plots(report: dict, out: Path) -> list[str]:
                 ax1.plot(grid, [model_rate(model, n) for n in grid], "--", color=color, alpha=0.8, label=label)
                 ax2.plot(grid, [model_speedup(model, n) for n in grid], "--", color=color, alpha=0.8, label=label)
             single = g.get("single_process")
-            if single:
-                ax1.axhline(single["examples_per_s"]["value"], color=color, lw=0.8, ls="-.",
-                            label=f"one process ({single['run']})")
+            if single and single["run"] not in singles:
+                singles.add(single["run"])
+                ax1.axhline(single["examples_per_s"]["value"], color="k", lw=0.8, ls="-.",
+                            label=f"one process ({short(single['run'])})")
         ax2.plot([1, xmax], [1, xmax], "k:", alpha=0.6, label="ideal linear")
         ax1.set(xlabel="attackers", ylabel="examples/s into the optimizer", title="Throughput vs attackers")
         ax2.set(xlabel="attackers", ylabel="speedup vs the baseline run", title="Speedup vs attackers")
+        ticks = sorted({2 ** i for i in range(int(math.log2(xmax)) + 1)} | {p["attackers"] for g in groups
+                                                                             for p in g["points"]})
         for ax in (ax1, ax2):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlim(0.5, xmax + 0.5)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xlim(0.85, xmax * 1.15)
+            ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=110)
@@ -750,7 +758,10 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
                    "server limits throughput (n* < 1: one attacker already saturates the server). c_s and c_a are measured on the group's baseline run; everything in the "
                    "*predicted* columns follows from those two numbers. Where attackers and the server share fewer "
                    "cores than ranks, measured c_a grows with n (the c_a column) and measured speedup falls below "
-                   "the prediction."))
+                   "the prediction: the prediction assumes a core or GPU per attacker (this report was made on a "
+                   f"machine with {report['machine']['cpu_count']} cores; report.json lists each run's ranks per "
+                   "host). Attacker busy is the median share of time an attacker spent computing; well below 100% "
+                   "means attackers wait for the server."))
     if "throughput.png" in plots:
         b.append(("img", "throughput.png", "throughput and speedup vs attackers"))
 

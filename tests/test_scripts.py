@@ -116,7 +116,7 @@ def test_sweep_script_runs_each_count_with_a_hostfile_then_reports_and_skips_fin
     assert summary(sweep / "runs" / "w1")["attackers"] == 1
     report = json.loads((sweep / "report" / "report.json").read_text())
     assert sorted(r["name"] for r in report["runs"]) == ["runs/w0", "runs/w1"]
-    assert "throughput.png" in report["plots"]
+    assert [p["run"] for p in report["scaling"][0]["points"]] == ["runs/w1"] and "staleness.png" in report["plots"]
 
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
