@@ -594,12 +594,14 @@ def make_plots(report: dict, out: Path) -> list[str]:
                 x = int(k[1:]) + 1
                 ax.bar([x], [v], width=0.9, color="C3", label=f"rejected (τ{k})")
             st = d["staleness"]
-            ax.set_title(f"{d['name']}\nmean τ {st.get('staleness_mean', {}).get('value')}, "
+            ax.set_title(f"{d['name']}\nmean τ {_v(st.get('staleness_mean', {}), '{:.2f}')}, "
                          f"rejected {st.get('rejected_fraction', {}).get('value', 0):.1%}", fontsize=8)
             ax.set_xlabel("staleness τ (versions)", fontsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("pushes", fontsize=8)
-            ax.legend(fontsize=7)
+            if over:
+                ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(hists):]:
             ax.axis("off")
         fig.tight_layout()
