@@ -193,7 +193,9 @@ class Fault:
 
     ``PSADV_FAULT=KIND,rank=R,after=N``: on attacker rank R, at its N-th push (counting from 1),
     ``raise`` raises RuntimeError and ``nan-push`` sends examples/gradients containing NaN (once);
-    ``raise,rank=0,after=N`` makes the server raise once the model reaches version N.
+    ``raise,rank=0,after=N`` makes the server raise once the model reaches version N, and
+    ``stall,rank=0,after=N`` makes it stop working for a minute there (a server too slow for its
+    attackers, which then have to wait).
     """
 
     kind: str
@@ -211,6 +213,6 @@ def fault_from_env() -> Fault | None:
         return None
     kind, *rest = text.split(",")
     fields = dict(part.split("=", 1) for part in rest if "=" in part)
-    if kind not in ("raise", "nan-push"):
-        raise ConfigError(f"PSADV_FAULT: unknown fault {kind!r} (test-only: raise, nan-push)")
+    if kind not in ("raise", "nan-push", "stall"):
+        raise ConfigError(f"PSADV_FAULT: unknown fault {kind!r} (test-only: raise, nan-push, stall)")
     return Fault(kind, int(fields.get("rank", 1)), int(fields.get("after", 1)))

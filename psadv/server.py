@@ -14,6 +14,9 @@ single-process trainer). Its loop is small pieces, like mpi4py.futures' manager:
   every attacker with ``Isend``; at most one parameter message per attacker is in flight.
 * nothing to do: sleep with exponential back-off (counted as waiting in the utilization).
 
+Periodic evaluation runs on a snapshot of the model, one small piece between training steps (or
+whenever the queue is empty), so the attackers never wait for it.
+
 On stop (version/time budget, robust-accuracy target, or a signal) the server lets its parameter
 sends complete, sends STOP, drains pushes until every attacker says DONE, then evaluates, writes
 the final checkpoint and the summary.
@@ -32,10 +35,12 @@ from tqdm import tqdm
 from . import wire
 from .attacker import float_buffers
 from .data import dataset_info
-from .models import flat_state
+from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
 from .training import Trainer, _postfix
 
+STALL_SECONDS = 60.0  # how long the test-only "stall" fault stops the server
+EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
 HIST_BINS = 1024  # staleness histogram bins (τ = 0..1023, then one bin for larger τ)
 SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last batch after STOP
 
@@ -94,6 +99,8 @@ class Server:
         self.time = {"busy": 0.0, "wait": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self._window = self._window_start()
         self._max_compute = 0.0
+        self.eval_model: torch.nn.Module | None = None
+        self.eval_job = None  # (Evaluation, version, time at that version, examples seen)
 
     # --- resume --------------------------------------------------------------------------------
     def _restore(self, ckpt) -> None:
@@ -314,6 +321,30 @@ class Server:
             "wire_dtype": self.cfg.wire_dtype,
         }
 
+    # --- evaluation without stalling the attackers ------------------------------------------------
+    def start_evaluation(self) -> None:
+        """Evaluate a snapshot of the current model in small pieces between training steps, so the
+        server keeps consuming pushes (and the attackers keep producing) while it evaluates."""
+        while self.eval_job is not None:  # the previous one is still running: finish it first
+            self.eval_step()
+        trainer = self.trainer
+        if self.eval_model is None:
+            self.eval_model = build_model(self.cfg.model, **trainer.model_args).to(trainer.device)
+        load_flat_state_(self.eval_model, flat_state(trainer.model))
+        self.eval_job = (trainer.evaluation(self.eval_model, batch_size=EVAL_PIECE), trainer.version,
+                         trainer.elapsed(), trainer.state["examples_seen"])
+
+    def eval_step(self) -> bool:
+        """Evaluate one piece of the running evaluation; True when it finished (and was logged)."""
+        start = time.perf_counter()
+        job, version, at, examples = self.eval_job
+        job.step()
+        if job.done:
+            self.trainer.record_evaluation(job.result(), version, at, examples)
+            self.eval_job = None
+        self.time["eval"] += time.perf_counter() - start
+        return self.eval_job is None
+
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self):
         start = time.perf_counter()
@@ -349,6 +380,10 @@ class Server:
             t0 = time.perf_counter()
             got = self.poll()
             if not self.queue:
+                if self.eval_job is not None:  # nothing to train on: get on with the evaluation
+                    self.eval_step()
+                    reason = self.stop_reason()
+                    continue
                 if not got:
                     backoff.wait()
                 self.time["wait"] += time.perf_counter() - t0
@@ -370,17 +405,19 @@ class Server:
             if trainer.due(cfg.log_every):
                 rate = self._log(lr)
                 bar.set_postfix_str(_postfix(trainer, rate))
-            reason = self.stop_reason()
-            if trainer.due(cfg.eval_every) and reason is None:
-                t1 = time.perf_counter()
-                trainer.evaluate()
-                self.time["eval"] += time.perf_counter() - t1
+            if self.fault is not None and self.fault.hits(0, trainer.version, "stall"):
+                time.sleep(STALL_SECONDS)
+            if trainer.due(cfg.eval_every):
+                self.start_evaluation()
+            if self.eval_job is not None and self.eval_step():
                 bar.set_postfix_str(_postfix(trainer, None))
-                reason = self.stop_reason()
+            reason = self.stop_reason()
             if trainer.due(cfg.checkpoint_every) and reason is None:
                 self.save()
         bar.close()
         self.shutdown()
+        while self.eval_job is not None and not reason.startswith("signal"):
+            self.eval_step()
         if not reason.startswith("signal"):
             last = trainer.state["last_eval"]
             if last is None or last["version"] != trainer.version:

@@ -24,7 +24,7 @@ from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, 
 from .config import Config, make_config
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
-from .evaluate import evaluate
+from .evaluate import Evaluation
 from .models import build_model, flat_state, load_flat_state_, model_args_for
 
 
@@ -169,25 +169,39 @@ class Trainer:
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
-    def evaluate(self, progress: bool = False) -> dict:
-        attack = schedules.eval_attack(self.cfg)
-        # Evaluation draws its random starts from its own generator: how often a run evaluates
-        # never changes its training, and every evaluation attacks from the same starts.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 1)
-            result = evaluate(self.model, self.eval_x, self.eval_y, attack, device=self.device, progress=progress,
-                              desc=f"eval v{self.version}")
-        elapsed = self.elapsed()
-        self.state["last_eval"] = {**result, "version": self.version, "time": elapsed}
+    def evaluation(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> Evaluation:
+        """A periodic evaluation of ``model`` (default: the live model) on the held-out slice.
+
+        Its random starts come from its own seeded generator: how often a run evaluates never
+        changes its training, and every evaluation attacks from the same starts.
+        """
+        return Evaluation(model or self.model, self.eval_x, self.eval_y, schedules.eval_attack(self.cfg),
+                          batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1)
+
+    def record_evaluation(self, result: dict, version: int, time_at_version: float,
+                          examples_at_version: int | None = None) -> dict:
+        """Log an evaluation of the model of ``version``, reached ``time_at_version`` seconds in."""
+        self.state["last_eval"] = {**result, "version": version, "time": time_at_version}
         best = self.state["best_robust_acc"]
         self.state["best_robust_acc"] = result["robust_acc"] if best is None else max(best, result["robust_acc"])
         target = self.cfg.target_robust_acc
         if target and self.state["time_to_target"] is None and result["robust_acc"] >= target:
-            self.state["time_to_target"] = elapsed
-        self.metrics.write("eval", version=self.version, time=round(elapsed, 3),
-                           examples_seen=self.state["examples_seen"], **result)
+            self.state["time_to_target"] = time_at_version
+        self.metrics.write("eval", version=version, time=round(time_at_version, 3),
+                           eval_seconds=round(self.elapsed() - time_at_version, 3),
+                           examples_seen=self.state["examples_seen"] if examples_at_version is None
+                           else examples_at_version, **result)
         return result
+
+    def evaluate(self, progress: bool = False) -> dict:
+        """Evaluate the live model now, to the end."""
+        version, started = self.version, self.elapsed()
+        job = self.evaluation()
+        with tqdm(total=len(self.eval_y), desc=f"eval v{version}", unit="ex", disable=not progress,
+                  leave=False) as bar:
+            while not job.done:
+                bar.update(job.step())
+        return self.record_evaluation(job.result(), version, started)
 
     def due(self, every: int) -> bool:
         return every > 0 and self.version % every == 0
