@@ -994,7 +994,7 @@ def run_sweep(sweep: Sweep, out: Path, *, overwrite: bool, echo=print) -> list[R
 
 def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89, baseline: str | None = None,
                    overwrite: bool = False, workers: str | None = None, max_staleness: str | None = None,
-                   push: str | None = None, launcher: str = "mpiexec -n {n}", time_budget: float | None = None,
+                   push: str | None = None, launcher: str | None = None, time_budget: float | None = None,
                    steps: int | None = None, data_dir: str | None = None, train_args: list[str] = (),
                    title: str = "psadv scaling report", echo=print) -> dict:
     """The ``psadv scaling-report`` command: check every input, then (sweep) launch, then report."""
@@ -1003,8 +1003,9 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
     out = Path(out)
     sweep = None
     if workers is None:
-        sweep_only = {"--max-staleness": max_staleness, "--push": push, "--time-budget": time_budget,
-                      "--steps": steps, "--data-dir": data_dir, "flags after --": list(train_args) or None}
+        sweep_only = {"--max-staleness": max_staleness, "--push": push, "--launcher": launcher,
+                      "--time-budget": time_budget, "--steps": steps, "--data-dir": data_dir,
+                      "flags after --": list(train_args) or None}
         given = [name for name, value in sweep_only.items() if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} only apply to a sweep; add --workers")
@@ -1017,7 +1018,8 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
             raise UsageError(f"--push: unknown mode {unknown[0]!r}; choose from {', '.join(choices_of('push'))}")
         sweep = Sweep(workers=parse_int_list(workers, "--workers"),
                       max_staleness=parse_int_list(max_staleness, "--max-staleness") if max_staleness else [None],
-                      push=pushes, launcher=launcher, time_budget=time_budget, steps=steps, data_dir=data_dir,
+                      push=pushes, launcher=launcher or "mpiexec -n {n}", time_budget=time_budget, steps=steps,
+                      data_dir=data_dir,
                       train_args=list(train_args))
     runs = find_runs(run_dirs)
     names = [r.name for r in runs]

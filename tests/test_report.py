@@ -302,6 +302,7 @@ def test_failed_launch_is_reported_not_dropped(tmp_path, mnist_dir):
     (["{run}", "--baseline", "other"], ["--baseline 'other' is not one of the runs: a"]),
     (["{run}", "--push", "gradients"], ["--push only apply to a sweep; add --workers"]),
     (["{run}", "--", "--steps", "3"], ["flags after -- only apply to a sweep"]),
+    (["{run}", "--launcher", "srun -n {n}"], ["--launcher only apply to a sweep"]),
     ([], ["give run directories to report on, or --workers"]),
     (["--workers", "1", "--steps", "5", "--launcher", "mpiexec -n 3"], ["must contain {n}"]),
     (["--workers", "1", "--steps", "5", "--launcher", "mpiexec -n {n} {x}"], ["only {n} may appear in braces"]),
