@@ -113,11 +113,13 @@ def train(config_file, resume, overwrite, progress, **options):
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="dataset directory (default: the checkpoint's)")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch threads (0 = all cores)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random starts")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examples, batch_size, data_dir, device,
-          seed, as_json, progress):
+          threads, seed, as_json, progress):
     """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
 
     The default attack is strong: PGD-50 with 10 random restarts at the checkpoint's ε.
@@ -135,7 +137,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     cfg = ckpt.config
     spec = Attack(name=attack, eps=cfg["eps"] if eps is None else eps, steps=steps, restarts=restarts,
                   step_size=step_size, norm=norm or cfg["norm"], loss=loss)
-    set_threads(0)
+    set_threads(threads)
     dev = pick_device(device)
     model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
     model.load_state_dict(ckpt.model_state)
