@@ -217,28 +217,42 @@ def throughput(run: Run) -> dict:
     return {}
 
 
-def accuracy_curve(run: Run) -> list[dict]:
-    """Eval rows, each with ``train_time``: its time less every evaluation pause so far.
+def evaluation_pauses(run: Run) -> tuple[list[dict], float | None]:
+    """Eval rows, each with ``train_time`` (its time less the evaluation pauses before it), and the
+    run's total evaluation pause (None when not measurable).
 
-    Both trainers write the train row of a version before evaluating at that version, so an
-    evaluation's pause is its row's time less that train row's. Where an evaluation has no train
-    row at its version (eval-every not a multiple of log-every, the final evaluation), its pause is
-    unknown and train_time is None from there on.
+    Eval rows with ``eval_seconds`` carry the time the evaluated version was reached and how long
+    the evaluation took: the single-process trainer stops training for it (a pause), the MPI server
+    evaluates between training steps (no pause). Older rows carry the time the evaluation ended, and
+    the train row of that version, written just before evaluating, gives its start; where an
+    evaluation has no train row at its version its pause is unknown, and so is every train_time
+    from there on.
     """
+    evals = run.of_kind("eval")
+    concurrent = run.is_mpi and bool(evals) and all("eval_seconds" in r for r in evals)
     curve, train_at, paused, known = [], {}, 0.0, True
-    usable = {id(r) for kind in ("train", "eval") for r in run.of_kind(kind)}
+    usable = {id(r) for r in evals} | {id(r) for r in run.of_kind("train")}
     for r in (r for r in run.rows if id(r) in usable):
         if r["kind"] == "train":
             train_at[r["version"]] = r["time"]
+            continue
+        if concurrent:
+            start, pause = r["time"], 0.0
+        elif "eval_seconds" in r:
+            start, pause = r["time"], r["eval_seconds"]
         else:
             start = train_at.get(r["version"])
             known = known and start is not None and start <= r["time"]
-            curve.append({"time": r["time"], "train_time": round(start - paused, 3) if known else None,
-                          "version": r["version"], "clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"],
-                          "examples": r.get("examples"), "attack": r.get("attack")})
-            if known:
-                paused += r["time"] - start
-    return curve
+            pause = r["time"] - start if known else 0.0
+        curve.append({"time": r["time"], "train_time": round(start - paused, 3) if known else None,
+                      "version": r["version"], "clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"],
+                      "examples": r.get("examples"), "attack": r.get("attack")})
+        paused += pause
+    return curve, (round(paused, 3) if known else None)
+
+
+def accuracy_curve(run: Run) -> list[dict]:
+    return evaluation_pauses(run)[0]
 
 
 def time_to_target(run: Run, target: float) -> dict | None:
@@ -250,7 +264,7 @@ def time_to_target(run: Run, target: float) -> dict | None:
     for point in curve:
         if point["robust_acc"] >= target:
             train = point["train_time"]
-            return {"seconds": measured(round(point["time"], 2), slice_ + "; wall-clock, evaluations included"),
+            return {"seconds": measured(round(point["time"], 2), slice_ + "; wall-clock, evaluation pauses included"),
                     "training_seconds": measured(None if train is None else round(train, 2),
                                                  slice_ + ("; evaluation pauses excluded" if train is not None else
                                                            "; evaluation pauses not measurable (no train row at an "
@@ -329,9 +343,8 @@ def describe_run(run: Run, target: float) -> dict:
                               "robust_acc": measured(fe.get("robust_acc"), where)}
     if run.summary:
         info["elapsed"] = measured(run.summary.get("elapsed"), "summary.json elapsed")
-        curve = info["accuracy_curve"]
-        if curve and curve[-1]["train_time"] is not None and run.summary.get("elapsed") is not None:
-            paused = curve[-1]["time"] - curve[-1]["train_time"]
+        paused = evaluation_pauses(run)[1]
+        if paused is not None and run.summary.get("elapsed") is not None:
             info["training_seconds"] = measured(round(run.summary["elapsed"] - paused, 2),
                                                 f"elapsed less {paused:.1f}s of evaluation pauses")
         info["version"] = measured(run.summary.get("version"), "summary.json version")
@@ -700,8 +713,9 @@ def _blocks(report: dict, plots: list[str]) -> list[tuple]:
     b.append(("table", header, rows))
     b.append(("p", "examples/s and versions/s are the median over the windows between consecutive train rows of "
                    "metrics.jsonl (start-up and evaluation pauses excluded); seconds are wall-clock training time "
-                   "including periodic evaluation, training seconds the same without the evaluation pauses (where "
-                   "every evaluation follows a train row at its version). Clean and robust accuracy are the last evaluation, on the "
+                   "including periodic evaluation, training seconds the same without the evaluation pauses (the "
+                   "single-process trainer stops for each evaluation; the MPI server evaluates between training "
+                   "steps and does not pause). Clean and robust accuracy are the last evaluation, on the "
                    "evaluation slice named in the column."))
     finals = [d for d in runs if "final_eval" in d]
     if finals:

@@ -165,6 +165,31 @@ def test_time_to_target_without_evaluation_pauses(tmp_path):
     assert ratios["runs/b"]["value"] == 1.0 and "wall-clock" in ratios["runs/b"]["from"]
 
 
+def test_evaluation_seconds_pause_one_process_but_not_the_server(tmp_path):
+    # rows as psadv writes them now: time = when the version was reached, eval_seconds = how long
+    # the evaluation took (one process: training stopped; the server: it kept training)
+    def rows():
+        out = []
+        for v, t, pause, acc in ((10, 1.0, 2.0, 0.2), (20, 4.0, 1.0, 0.5), (30, 6.0, 3.0, 0.95)):
+            out.append({"kind": "train", "version": v, "time": t, "examples_seen": v * 100})
+            out += [{**e, "eval_seconds": pause} for e in evals([(t, v, acc)])]
+        return out
+
+    write_run(tmp_path / "runs" / "one", rows=rows(), summary={"version": 30, "examples_seen": 3000, "elapsed": 9.0})
+    write_run(tmp_path / "runs" / "mpi", rows=rows(),
+              summary={**mpi_summary(2, versions=30, busy=1.0, compute=4.0, batches=40), "elapsed": 9.0})
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.9, baseline="runs/one")
+    runs = {r["name"]: r for r in report["runs"]}
+    one, mpi = runs["runs/one"], runs["runs/mpi"]
+    assert [p["train_time"] for p in one["accuracy_curve"]] == [1.0, 2.0, 3.0]
+    assert one["training_seconds"]["value"] == 3.0  # 9 s less 2 + 1 + 3 s of evaluation
+    assert [p["train_time"] for p in mpi["accuracy_curve"]] == [1.0, 4.0, 6.0]
+    assert mpi["training_seconds"]["value"] == 9.0
+    assert one["time_to_target"]["seconds"]["value"] == 6.0 and one["time_to_target"]["training_seconds"]["value"] == 3.0
+    ratios = {r["run"]: r["ratio"]["value"] for r in report["time_to_target_ratio"]}
+    assert ratios == {"runs/mpi": 0.5, "runs/one": 1.0}
+
+
 def test_resumed_run_uses_the_last_session_for_server_cost(tmp_path):
     # first session ended at version 600; the summary's busy seconds are the second session's only
     rows = [{"kind": "world", "size": 2}, {"kind": "end", "version": 600},
