@@ -159,7 +159,8 @@ def natural_key(path: Path) -> list:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").exists() or (path / "metrics.jsonl").exists()
+    """Anything psadv train writes marks a run directory (checkpoints/ comes first)."""
+    return any((path / name).exists() for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints"))
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -174,7 +175,8 @@ def find_runs(paths: list[str]) -> list[Run]:
             continue
         inner = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=natural_key)
         if not inner:
-            raise UsageError(f"{path} is not a run directory (no config.json or metrics.jsonl) and holds none")
+            raise UsageError(f"{path} is not a run directory (no config.json, metrics.jsonl or checkpoints/) "
+                             "and holds none")
         runs.extend(load_run(p, f"{path.name}/{p.name}") for p in inner)
     names = [r.name for r in runs]
     for r in runs:  # two inputs with the same name: use the full path to tell them apart

@@ -208,9 +208,13 @@ def test_partial_runs_are_reported_not_dropped(tmp_path):
         fh.write('{"kind": "train", "vers')  # cut off mid-line
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     (tmp_path / "runs" / "empty" / "config.json").write_text("{not json")
+    (tmp_path / "runs" / "started" / "checkpoints").mkdir(parents=True)  # killed right after it began
+    (tmp_path / "runs" / "notes").mkdir()  # not a run
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out")
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"runs/killed", "runs/empty"}
+    assert set(runs) == {"runs/killed", "runs/empty", "runs/started"}
+    assert runs["runs/started"]["status"] == "partial"
+    assert runs["runs/started"]["problems"][:2] == ["no config.json", "no metrics.jsonl"]
     killed = runs["runs/killed"]
     assert killed["status"] == "partial" and killed["attackers"] == 2
     assert any("no summary.json" in p for p in killed["problems"])
