@@ -4,25 +4,11 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from psadv.cli import cli
+from cli_helpers import assert_one_line_error, invoke
 
 FAST = ["--steps", "6", "--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1",
         "--threads", "1", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("psadv: error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

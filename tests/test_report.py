@@ -5,27 +5,14 @@ import shutil
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from psadv.cli import cli
+from cli_helpers import assert_one_line_error, invoke
 from psadv.config import Config
 from psadv.report import find_runs, load_run, scaling_report
 
 FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("psadv: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def write_run(path, *, config=None, rows=(), summary=None):
