@@ -506,6 +506,13 @@ def make_plots(report: dict, out: Path) -> list[str]:
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
     runs = report["runs"]
     # a scaling plot needs two attacker counts; single-count groups stay in the tables
     groups = [g for g in report["scaling"] if len({p["attackers"] for p in g["points"] if "speedup" in p}) > 1]
@@ -551,10 +558,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
             ax.set_xlim(0.85, xmax * 1.15)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=110)
-        plt.close(fig)
-        made.append("throughput.png")
+        save(fig, "throughput.png")
 
     curves = [d for d in runs if d["accuracy_curve"]]
     if curves:
@@ -569,10 +573,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
                title="Robust (solid) and clean (dotted) accuracy vs time", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1, loc="best")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy.png", dpi=110)
-        plt.close(fig)
-        made.append("accuracy.png")
+        save(fig, "accuracy.png")
 
     points = [(d, robust_and_time(d)) for d in runs]
     points = [(d, rt) for d, rt in points if rt is not None]
@@ -590,10 +591,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
                title="Robust accuracy vs training time (circles: one process, squares: MPI)", ylim=(0, 1.02))
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "robust_vs_time.png", dpi=110)
-        plt.close(fig)
-        made.append("robust_vs_time.png")
+        save(fig, "robust_vs_time.png")
 
     hists = [d for d in runs if d["staleness"].get("staleness_histogram")]
     if hists:
@@ -619,10 +617,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(hists):]:
             ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / "staleness.png", dpi=110)
-        plt.close(fig)
-        made.append("staleness.png")
+        save(fig, "staleness.png")
 
     series = staleness_series(runs)
     if series:
@@ -636,10 +631,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
                title="Robust accuracy after the budget vs staleness", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "staleness_accuracy.png", dpi=110)
-        plt.close(fig)
-        made.append("staleness_accuracy.png")
+        save(fig, "staleness_accuracy.png")
     return made
 
 
