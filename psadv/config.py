@@ -48,11 +48,13 @@ class Config:
     attack_restarts: int = opt(1, "random restarts of the training attack", min=1)
 
     # --- optimisation ------------------------------------------------------------------------
+    # Adam with a one-cycle peak of 5e-3 is the measured recipe (README, "Measured"): 15 epochs of
+    # PGD-10 reach 91.5% PGD-50x10 robust accuracy on MNIST.
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
-    lr: float = opt(1e-3, "(peak) learning rate", min=0.0)
+    lr: float = opt(5e-3, "(peak) learning rate", min=0.0)
     # onecycle: up to lr at 40% of training, then down to 0 (fast adversarial training's cyclic
     # schedule); piecewise: ×0.1 at 50% and again at 75%.
-    lr_schedule: str = opt("constant", "learning-rate schedule", choices=("constant", "piecewise", "onecycle"))
+    lr_schedule: str = opt("onecycle", "learning-rate schedule", choices=("constant", "piecewise", "onecycle"))
     momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "weight decay", min=0.0)
     batch_size: int = opt(100, "examples per optimizer step (and per attacker push)", min=1)
