@@ -3,7 +3,7 @@
 An attacker holds a copy of the model at some version, draws batches from its shard of the
 training set, attacks them with :func:`psadv.attacks.perturb` under the server's schedule
 (progress travels in the PARAMS header), and pushes the result to the server with ``Issend``.
-At most :data:`PUSHES_IN_FLIGHT` pushes are outstanding; an ``Issend`` completes only once the
+At most ``--max-in-flight`` pushes are outstanding; an ``Issend`` completes only once the
 server has matched it, so an attacker can never run ahead of the server's bounded queue.
 Between batches it picks up the newest parameters and looks for STOP. Waiting is ``Iprobe`` plus
 an exponential back-off sleep, never a spin.
@@ -22,8 +22,6 @@ from .data import BatchStream, shard_indices
 from .errors import CheckpointError
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
-
-PUSHES_IN_FLIGHT = 2
 
 
 def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -52,7 +50,7 @@ class Attacker:
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
         self.layout = wire.ExampleLayout(train_set.x.shape[1:], cfg.batch_size, cfg.wire_dtype)
         push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
-        self.slots = [wire.Message(push_bytes) for _ in range(PUSHES_IN_FLIGHT)]
+        self.slots = [wire.Message(push_bytes) for _ in range(cfg.max_in_flight)]
         self.params_in = wire.Message(self.n_state * 4)
         self.control_in = wire.Message(0)
         self.control_out = wire.Message(0)

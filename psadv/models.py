@@ -119,7 +119,9 @@ def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: in
     if tuple(input_shape) != spec.input_shape:
         want = "x".join(map(str, spec.input_shape))
         got = "x".join(map(str, input_shape))
-        raise ConfigError(f"model {name} expects {want} inputs, but the dataset has {got}")
+        fitting = [n for n, m in MODELS.items() if m.input_shape == tuple(input_shape)]
+        hint = f"; models for {got} inputs: {', '.join(fitting)}" if fitting else ""
+        raise ConfigError(f"model {name} expects {want} inputs, but the dataset has {got}{hint}")
     return {"in_channels": int(input_shape[0]), "num_classes": int(num_classes)}
 
 
