@@ -188,7 +188,8 @@ class Study:
                 summary["parts"][name] = str(path.relative_to(self.out))
         headline = self.out / PARTS[4] / "report" / "report.json"
         lines = ["# psadv reproduction study", "",
-                 f"{'Quick smoke version' if self.quick else 'Full study'}; target robust accuracy "
+                 f"{'Quick smoke version' if self.quick else 'Study'}, run as `python {shlex.join(sys.argv)}` "
+                 f"(budgets: the defaults of scripts/study.py unless given there); target robust accuracy "
                  f"{self.args.target:.0%}. Reports:", ""]
         lines += [f"- [{name}]({name}/report/report.md)" for name in summary["parts"]]
         if headline.exists():
