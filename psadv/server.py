@@ -37,7 +37,7 @@ from .attacker import float_buffers
 from .data import dataset_info
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
-from .training import Trainer, _postfix
+from .training import Trainer, progress_postfix
 
 STALL_SECONDS = 60.0  # how long the test-only "stall" fault stops the server
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
@@ -404,13 +404,13 @@ class Server:
                 self.refresh()
             if trainer.due(cfg.log_every):
                 rate = self._log(lr)
-                bar.set_postfix_str(_postfix(trainer, rate))
+                bar.set_postfix_str(progress_postfix(trainer, rate))
             if self.fault is not None and self.fault.hits(0, trainer.version, "stall"):
                 time.sleep(STALL_SECONDS)
             if trainer.due(cfg.eval_every):
                 self.start_evaluation()
             if self.eval_job is not None and self.eval_step():
-                bar.set_postfix_str(_postfix(trainer, None))
+                bar.set_postfix_str(progress_postfix(trainer, None))
             reason = self.stop_reason()
             if trainer.due(cfg.checkpoint_every) and reason is None:
                 self.save()

@@ -295,12 +295,12 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
                                   loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
                                   examples_per_s=round(rate, 1),
                                   staleness=ring.staleness() if ring else 0)
-            bar.set_postfix_str(_postfix(trainer, rate))
+            bar.set_postfix_str(progress_postfix(trainer, rate))
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
         reason = trainer.stop_reason()
         if trainer.due(cfg.eval_every) and reason is None:
             trainer.evaluate()
-            bar.set_postfix_str(_postfix(trainer, None))
+            bar.set_postfix_str(progress_postfix(trainer, None))
             reason = trainer.stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
             _save_single(trainer, stream, ring)
@@ -316,7 +316,7 @@ def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) 
     return trainer.save(extra=extra, extra_state={"data_stream": stream.state()})
 
 
-def _postfix(trainer: Trainer, rate: float | None) -> str:
+def progress_postfix(trainer: Trainer, rate: float | None) -> str:
     last = trainer.state["last_eval"]
     parts = [f"{rate:,.0f} ex/s"] if rate else []
     if last:
