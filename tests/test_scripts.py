@@ -168,7 +168,10 @@ def test_study_plans_the_four_parts(tmp_path):
     part4 = [cmd for cmd in train if "part4-headline" in cmd]
     assert "runs/madry-pgd40 " in part4[0] and "--attack-steps 40" in part4[0] and not part4[0].startswith("mpiexec")
     assert all("--target-robust-acc 0.89" in cmd and "--eval-steps 50 --eval-restarts 10" in cmd for cmd in part4)
-    assert any(cmd.startswith("mpiexec -n 3") and "--attack-steps 5" in cmd for cmd in part4)
+    async_runs = [cmd for cmd in part4 if cmd.startswith("mpiexec -n 3")]
+    assert any("--attack-steps 5" in cmd for cmd in async_runs)
+    assert all("--max-in-flight 1 --refresh-every 1" in cmd for cmd in async_runs)
+    assert not any("--max-in-flight" in cmd for cmd in part4 if cmd not in async_runs)
     reports = [cmd for cmd in plan if "scaling-report" in cmd and "--workers" not in cmd]
     assert len(reports) == 3 and reports[-1].endswith("--baseline runs/madry-pgd40")
 
