@@ -579,10 +579,13 @@ def make_plots(report: dict, out: Path) -> list[str]:
     points = [(d, rt) for d, rt in points if rt is not None]
     if len(points) > 1:
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        # labels alternate above and below in order of time, so neighbouring points stay readable
+        order = {id(d): k for k, (d, _) in enumerate(sorted(points, key=lambda p: p[1][1]))}
         for i, (d, (robust, seconds, _)) in enumerate(points):
             marker = "s" if d["mode"] == "mpi" else "o"
             ax.plot([seconds], [robust], marker, color=f"C{i % 10}", ms=7)
-            ax.annotate(short(d["name"]), (seconds, robust), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(short(d["name"]), (seconds, robust), fontsize=7, textcoords="offset points",
+                        xytext=(4, 5) if order[id(d)] % 2 == 0 else (4, -11))
         ax.axhline(report["target_robust_acc"], color="k", lw=0.8, ls="--")
         where = {rt[2] for _, rt in points}
         ax.set(xlabel="training seconds (evaluation pauses excluded where measurable)",

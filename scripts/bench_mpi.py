@@ -112,7 +112,7 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", default="bench-runs", help="directory for the run directories and results.json")
+    p.add_argument("--out", default="runs/bench-mpi", help="directory for the run directories and results.json [runs/bench-mpi]")
     p.add_argument("--ranks", default="1,2,3", help="world sizes to run (1 = single-process trainer)")
     p.add_argument("--seconds", type=float, default=40.0, help="time budget of each throughput run")
     p.add_argument("--target", type=float, default=0.0, help="time-to-target mode: robust accuracy to reach")
