@@ -11,7 +11,7 @@ from psadv import schedules
 from psadv.checkpoint import IncompatibleCheckpoint, load_checkpoint
 from psadv.config import Config, make_config, read_toml
 from psadv.errors import ConfigError, UsageError
-from psadv.models import build_model, flat_state
+from psadv.models import build_model, flat_state, model_args_for
 from psadv.rundir import read_metrics
 from psadv.training import StaleRing, resolve_run, train_single
 
@@ -184,6 +184,15 @@ def test_config_layers_and_unknown_keys(tmp_path):
 def test_config_validation(values, message):
     with pytest.raises(ConfigError, match=message):
         make_config(values)
+
+
+def test_model_and_dataset_shapes_must_fit_and_the_error_names_models_that_do():
+    assert model_args_for("mnist-small", (1, 28, 28), 10) == {"in_channels": 1, "num_classes": 10}
+    with pytest.raises(ConfigError, match=r"model preact-resnet18 expects 3x32x32 inputs, but the dataset has "
+                                          r"1x28x28; models for 1x28x28 inputs: mnist-small, mnist-madry$"):
+        model_args_for("preact-resnet18", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match=r"has 3x28x28$"):  # no model fits: no hint
+        model_args_for("mnist-small", (3, 28, 28), 10)
 
 
 def test_schedules_are_pure_functions_of_progress():
