@@ -20,13 +20,8 @@ from . import schedules, wire
 from .attacks import perturb
 from .data import BatchStream, shard_indices
 from .errors import CheckpointError
-from .models import build_model, flat_state, load_flat_state_
+from .models import build_model, flat_state, float_buffers, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
-
-
-def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The model's floating-point buffers (BatchNorm statistics), in a fixed order."""
-    return [b for b in model.buffers() if b.is_floating_point()]
 
 
 class Attacker:
@@ -44,13 +39,10 @@ class Attacker:
         self.params = list(self.model.parameters())
         self.buffers = float_buffers(self.model)
         self.n_state = flat_state(self.model).numel()
-        # GRADIENTS payload: the parameter gradient, then the float buffers after the forward pass
-        # (BatchNorm running statistics, which only a forward pass on data updates).
-        self.n_grad = sum(p.numel() for p in self.params) + sum(b.numel() for b in self.buffers)
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
-        self.layout = wire.ExampleLayout(train_set.x.shape[1:], cfg.batch_size, cfg.wire_dtype)
-        push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
-        self.slots = [wire.Message(push_bytes) for _ in range(cfg.max_in_flight)]
+        self.layout = wire.push_layout(self.mode, shape=train_set.x.shape[1:], batch_size=cfg.batch_size,
+                                       wire_dtype=cfg.wire_dtype, model=self.model)
+        self.slots = [wire.Message(self.layout.max_bytes) for _ in range(cfg.max_in_flight)]
         self.params_in = wire.Message(self.n_state * 4)
         self.control_in = wire.Message(0)
         self.control_out = wire.Message(0)
@@ -138,21 +130,19 @@ class Attacker:
             if poison:
                 x_adv = x_adv.clone()
                 x_adv.view(-1)[0] = float("nan")
-            kind, dtype = wire.EXAMPLES, self.layout.dtype_code
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
                                       y.cpu().numpy())
         else:
             self.model.train()
             loss = F.cross_entropy(self.model(x_adv), y)
             grads = torch.autograd.grad(loss, self.params)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [b.detach().reshape(-1) for b in self.buffers]).float()
+            nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
+                                      [b.detach().float().cpu().numpy() for b in self.buffers])
             if poison:
-                flat[0] = float("inf")
-            kind, dtype, nbytes = wire.GRADIENTS, wire.DTYPES["float32"], self.n_grad * 4
-            wire.float_view(slot, self.n_grad)[:] = flat.cpu().numpy()
+                self.layout.values(slot)[0] = float("inf")
         state = self.stream.state()
-        slot.set_header(kind, self.version, count=len(y), sender=self.w.rank, progress=self.progress, dtype=dtype,
-                        nbytes=nbytes, seq=self.pushes, epoch=state["epoch"], position=state["position"])
+        slot.set_header(self.layout.kind, self.version, count=len(y), sender=self.w.rank, progress=self.progress,
+                        dtype=self.layout.dtype_code, nbytes=nbytes, epoch=state["epoch"], position=state["position"])
         slot.header[wire.COMPUTE_US] = int((time.perf_counter() - start) * 1e6)
         slot.request = self.comm.Issend([slot.buf[:slot.message_bytes()], self.MPI.BYTE], dest=0, tag=wire.TAG_PUSH)
         self.fresh = False
@@ -164,5 +154,5 @@ class Attacker:
             self.poll()
             backoff.wait()
         self.poll()
-        self.control_out.set_header(wire.DONE, self.version, sender=self.w.rank, seq=self.pushes)
+        self.control_out.set_header(wire.DONE, self.version, sender=self.w.rank)
         self.comm.Send([self.control_out.buf, self.MPI.BYTE], dest=0, tag=wire.TAG_CONTROL)

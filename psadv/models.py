@@ -145,6 +145,11 @@ def float_state(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict().values() if t.is_floating_point()]
 
 
+def float_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The model's floating-point buffers (BatchNorm statistics), in a fixed order."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
 def flat_state(model: nn.Module) -> torch.Tensor:
     """:func:`float_state` concatenated into one detached float32 vector."""
     return torch.cat([t.detach().reshape(-1).float() for t in float_state(model)])

@@ -6,10 +6,11 @@ single-process trainer). Its loop is small pieces, like mpi4py.futures' manager:
 * **poll**: while a receive buffer of the bounded queue is free, ``Iprobe`` for a push, ``Recv``
   it, validate it (size, dtype, finite values, ranges); take in control messages; start the
   parameter sends that were waiting for their buffer.
-* **use** the oldest queued push: staleness τ = current version − the push's version; τ > S is
-  rejected (counted, and the attacker gets fresh parameters); otherwise one optimizer step on the
-  examples (``examples``) or with the gradient (``gradients``, lr × 1/max(1, τ) with
-  ``--lr-damping``); ``sync`` averages one gradient per attacker at the same version, then steps.
+* **use** the oldest queued push as :class:`psadv.staleness.StalenessPolicy` says: a rejected
+  push is counted and its attacker gets fresh parameters; otherwise one optimizer step on the
+  examples (``examples``) or with the gradient (``gradients``, with the policy's lr scale);
+  ``sync`` steps with the policy's average once every attacker's gradient has arrived. Payloads
+  are packed and unpacked by :mod:`psadv.wire`'s layouts.
 * **refresh**: every ``--refresh-every`` versions (every version in sync mode) the parameters go to
   every attacker with ``Isend``; at most one parameter message per attacker is in flight.
 * nothing to do: sleep with exponential back-off (counted as waiting in the utilization).
@@ -33,15 +34,14 @@ import torch
 from tqdm import tqdm
 
 from . import wire
-from .attacker import float_buffers
 from .data import dataset_info
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, Fault, SignalFlag, World
+from .staleness import StalenessPolicy
 from .training import Trainer, progress_postfix
 
 STALL_SECONDS = 60.0  # how long the test-only "stall" fault stops the server
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
-HIST_BINS = 1024  # staleness histogram bins (τ = 0..1023, then one bin for larger τ)
 SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last batch after STOP
 
 
@@ -57,20 +57,15 @@ class Server:
         self.show_progress = show_progress
         self.fault = fault
         self.attackers = list(range(1, w.size))
-        model = trainer.model
-        self.params = list(model.parameters())
-        self.buffers = float_buffers(model)
-        self.n_state = flat_state(model).numel()
-        self.n_grad = sum(p.numel() for p in self.params) + sum(b.numel() for b in self.buffers)
+        self.n_state = flat_state(trainer.model).numel()
         info = dataset_info(cfg.dataset)
         self.num_classes = info.num_classes
-        self.layout = wire.ExampleLayout(info.shape, cfg.batch_size, cfg.wire_dtype)
-        self.push_kind = wire.EXAMPLES if self.mode == "examples" else wire.GRADIENTS
-        push_bytes = self.layout.max_bytes if self.mode == "examples" else self.n_grad * 4
+        self.layout = wire.push_layout(self.mode, shape=info.shape, batch_size=cfg.batch_size,
+                                       wire_dtype=cfg.wire_dtype, model=trainer.model)
         # The bounded queue: a fixed pool of receive buffers. When none is free the server stops
         # matching pushes, the attackers' Issends stay incomplete and they wait (back-pressure).
         self.queue_size = max(2, len(self.attackers))
-        self.free = [wire.Message(push_bytes) for _ in range(self.queue_size)]
+        self.free = [wire.Message(self.layout.max_bytes) for _ in range(self.queue_size)]
         self.queue: collections.deque[tuple[wire.Message, int]] = collections.deque()
         self.params_out = {r: wire.Message(self.n_state * 4) for r in self.attackers}
         self.control_in = wire.Message(0)
@@ -80,16 +75,9 @@ class Server:
         self._flat_cache: tuple[int, np.ndarray] | None = None
         self.remote_signal: int | None = None
         self.done: set[int] = set()
-        self.sync_sum = torch.zeros(self.n_grad) if self.mode == "sync" else None
-        self.sync_from: set[int] = set()
-        self.sync_examples = 0
-
-        # Counters that survive a resume (checkpoint state "mpi" and extra "staleness_hist").
-        # Histogram bins τ = 0..B-1, then "≥ B", with B = S + 1 (so the last bin counts rejections)
-        # capped at HIST_BINS.
-        self.hist = np.zeros(min(cfg.max_staleness + 1, HIST_BINS) + 1, dtype=np.int64)
-        self.totals = {"pushes": 0, "applied": 0, "rejected_stale": 0, "rejected_invalid": 0, "drained": 0,
-                       "staleness_sum": 0, "staleness_max": 0, "push_bytes": 0, "param_bytes": 0,
+        self.policy = StalenessPolicy(self.mode, cfg.max_staleness, len(self.attackers), lr_damping=cfg.lr_damping)
+        # Counters that survive a resume (checkpoint state "mpi", with the policy's totals).
+        self.totals = {"pushes": 0, "rejected_invalid": 0, "drained": 0, "push_bytes": 0, "param_bytes": 0,
                        "examples_received": 0}
         self.streams = {r: (-1, -1) for r in self.attackers}
         if checkpoint is not None:
@@ -108,11 +96,7 @@ class Server:
         for key in self.totals:
             if key in saved:
                 self.totals[key] = int(saved[key])
-        hist = ckpt.extra.get("staleness_hist")
-        if hist is not None:
-            n = min(len(hist) - 1, len(self.hist) - 1)
-            self.hist[:n] = hist[:n]
-            self.hist[-1] += int(np.sum(hist[n:]))
+        self.policy.restore(saved, ckpt.extra.get("staleness_hist"))
         streams = saved.get("attacker_streams")
         if streams and len(streams) == len(self.attackers) and saved.get("push") == self.mode:
             self.streams = {r: tuple(streams[i]) for i, r in enumerate(self.attackers)}
@@ -160,12 +144,11 @@ class Server:
             got = True
             self.totals["push_bytes"] += nbytes
             problem = "larger than any valid push" if buf is not msg.buf else wire.validate_push(
-                msg, nbytes, src, expected_kind=self.push_kind, batch_size=self.cfg.batch_size,
-                version=self.trainer.version, layout=self.layout, n_grad=self.n_grad, num_classes=self.num_classes)
+                msg, nbytes, src, layout=self.layout, batch_size=self.cfg.batch_size, version=self.trainer.version,
+                num_classes=self.num_classes)
             if problem is not None:
                 self.free.append(msg)
                 self.totals["rejected_invalid"] += 1
-                self._window["invalid"] += 1
                 print(f"psadv: warning: rank 0: rejected a push from rank {src}: {problem}", file=sys.stderr,
                       flush=True)
                 self.trainer.metrics.write("rejected", version=self.trainer.version, sender=src, reason=problem)
@@ -203,21 +186,13 @@ class Server:
 
     # --- using a push --------------------------------------------------------------------------
     def use(self, msg: wire.Message, src: int) -> bool:
-        """Train on one queued push; True when the model version advanced."""
+        """Train on one queued push, as the staleness policy says; True when the model version advanced."""
         trainer, h = self.trainer, msg.header
-        tau = trainer.version - int(h[wire.VERSION])
-        S = self.cfg.max_staleness
-        self.hist[min(tau, len(self.hist) - 1)] += 1
-        stale = tau != 0 if self.mode == "sync" else tau > S
-        if stale:
-            self.totals["rejected_stale"] += 1
-            self._window["stale"] += 1
+        verdict = self.policy.judge(trainer.version, int(h[wire.VERSION]))
+        if not verdict.accepted:
             self.refresh([src])
             return False
-        self.totals["applied"] += 1
-        self.totals["staleness_sum"] += tau
-        self.totals["staleness_max"] = max(self.totals["staleness_max"], tau)
-        self._window["tau"].append(tau)
+        self._window["tau"].append(verdict.tau)
         count = int(h[wire.COUNT])
         if self.mode == "examples":
             x, y = self.layout.views(msg, count)
@@ -227,41 +202,20 @@ class Server:
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]
             self._window["steps"] += 1
-        else:
-            flat = torch.from_numpy(wire.float_view(msg, self.n_grad))
-            if self.mode == "gradients":
-                scale = 1.0 / max(1, tau) if self.cfg.lr_damping else 1.0
-                trainer.apply_gradients(self._split(flat), count, lr_scale=scale)
-            else:
-                self.sync_sum += flat
-                self.sync_from.add(src)
-                self.sync_examples += count
-                if len(self.sync_from) < len(self.attackers):
-                    return False
-                trainer.apply_gradients(self._split(self.sync_sum / len(self.attackers)), self.sync_examples)
-                self.sync_sum.zero_()
-                self.sync_from.clear()
-                self.sync_examples = 0
-        self._window["consumed"] += count if self.mode != "sync" else 0
+        elif self.mode == "gradients":
+            trainer.apply_gradients(*self.layout.split(torch.from_numpy(self.layout.values(msg))), count,
+                                    lr_scale=verdict.lr_scale)
+        else:  # the receive buffer goes back to the pool: the policy keeps a copy until the round is complete
+            step = self.policy.add_sync(src, torch.from_numpy(self.layout.values(msg)).clone(), count)
+            if step is None:
+                return False
+            trainer.apply_gradients(*self.layout.split(step.gradient), step.examples)
         return True
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The parameter gradients in a GRADIENTS payload; the buffers that follow them (BatchNorm
-        statistics from the attacker's forward pass) are copied into the model."""
-        out, offset = [], 0
-        for p in self.params:
-            out.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        with torch.no_grad():
-            for b in self.buffers:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-        return out
 
     # --- metrics -------------------------------------------------------------------------------
     def _window_start(self) -> dict:
-        return {"t": time.perf_counter(), "examples": self.trainer.state["examples_seen"], "consumed": 0,
-                "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "stale": 0, "invalid": 0, "loss": 0.0, "acc": 0.0,
+        return {"t": time.perf_counter(), "examples": self.trainer.state["examples_seen"],
+                "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "loss": 0.0, "acc": 0.0,
                 "steps": 0, "busy": self.time["busy"], "wait": self.time["wait"]}
 
     def _log(self, out_lr: float | None) -> float:
@@ -280,7 +234,7 @@ class Server:
                    utilization=round(busy / max(busy + wait, 1e-9), 4),
                    staleness_mean=round(float(np.mean(taus)), 3) if taus else None,
                    staleness_max=int(max(taus)) if taus else None,
-                   rejected_stale=self.totals["rejected_stale"], rejected_invalid=self.totals["rejected_invalid"],
+                   rejected_stale=self.policy.rejected_stale, rejected_invalid=self.totals["rejected_invalid"],
                    queue=len(self.queue))
         if win["steps"]:
             row.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
@@ -294,22 +248,14 @@ class Server:
 
     def staleness_summary(self) -> dict:
         t = self.totals
-        S = self.cfg.max_staleness
-        histogram = {str(tau): int(n) for tau, n in enumerate(self.hist[:-1]) if n}
-        if self.hist[-1]:
-            histogram[f">{len(self.hist) - 2}"] = int(self.hist[-1])
         elapsed = max(sum(self.time.values()), 1e-9)
         busy_wait = max(self.time["busy"] + self.time["wait"], 1e-9)
         consumed = max(self.trainer.state["examples_seen"], 1)
         return {
-            "push": self.mode, "attackers": len(self.attackers), "max_staleness": S,
-            "staleness_histogram": histogram,
-            "staleness_mean": round(t["staleness_sum"] / t["applied"], 4) if t["applied"] else None,
-            "staleness_max": t["staleness_max"],
-            "pushes": t["pushes"], "applied": t["applied"], "rejected_stale": t["rejected_stale"],
-            "rejected_invalid": t["rejected_invalid"], "drained": t["drained"],
+            "push": self.mode, "attackers": len(self.attackers), **self.policy.summary(),
+            "pushes": t["pushes"], "rejected_invalid": t["rejected_invalid"], "drained": t["drained"],
             # of every push received (valid or not), the share that never reached the model as rejected
-            "rejected_fraction": round((t["rejected_stale"] + t["rejected_invalid"]) /
+            "rejected_fraction": round((self.policy.rejected_stale + t["rejected_invalid"]) /
                                        max(1, t["pushes"] + t["rejected_invalid"]), 4),
             "utilization": round(self.time["busy"] / busy_wait, 4),
             "server_seconds": {k: round(v, 3) for k, v in self.time.items()},
@@ -350,11 +296,11 @@ class Server:
         start = time.perf_counter()
         n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size *
                       (len(self.attackers) if self.mode == "sync" else 1))
-        mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals,
+        mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals, **self.policy.state(),
                      "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
         # data_stream lets the single-process trainer resume an MPI run (from the epoch start).
         epoch = int(self.trainer.state["examples_seen"] // n_train)
-        path = self.trainer.save(extra={"staleness_hist": self.hist},
+        path = self.trainer.save(extra={"staleness_hist": self.policy.hist},
                                  extra_state={"mpi": mpi_state, "data_stream": {"epoch": epoch, "position": 0}})
         self.time["checkpoint"] += time.perf_counter() - start
         return path

@@ -25,7 +25,7 @@ from .config import Config, make_config
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
 from .evaluate import Evaluation
-from .models import build_model, flat_state, load_flat_state_, model_args_for
+from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -155,8 +155,13 @@ class Trainer:
         self.optimizer.step()
         return self._advance(len(y), lr, loss.item(), (logits.argmax(1) == y).float().mean().item())
 
-    def apply_gradients(self, grads: list[torch.Tensor], examples: int, lr_scale: float = 1.0) -> dict:
-        """One optimizer step with gradients computed elsewhere (asynchronous SGD)."""
+    def apply_gradients(self, grads: list[torch.Tensor], buffers: list[torch.Tensor], examples: int,
+                        lr_scale: float = 1.0) -> dict:
+        """One optimizer step with gradients computed elsewhere (asynchronous SGD); ``buffers`` are the
+        float buffers (BatchNorm statistics) of the forward pass behind them, copied into the model."""
+        with torch.no_grad():
+            for b, value in zip(float_buffers(self.model), buffers):
+                b.copy_(value.view_as(b))
         lr = self._set_lr(lr_scale)
         for p, g in zip(self.model.parameters(), grads):
             p.grad = g.to(p.device).view_as(p).clone()

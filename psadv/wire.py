@@ -10,7 +10,9 @@ message            tag         payload after the header
 ``PARAMS``         TAG_PARAMS  the model's float state (:func:`psadv.models.flat_state`), float32
 ``EXAMPLES``       TAG_PUSH    ``count`` adversarial examples (float32 or float16, see ``DTYPE``),
                                then ``count`` int32 labels
-``GRADIENTS``      TAG_PUSH    the flat parameter gradient (float32), for ``count`` examples
+``GRADIENTS``      TAG_PUSH    float32: the gradient of every parameter (``model.parameters()``
+                               order), then every floating-point buffer after the attacker's
+                               forward pass (BatchNorm running statistics), for ``count`` examples
 ``STOP``           TAG_CONTROL none (server -> attacker: finish the batch, drain, send DONE)
 ``DONE``           TAG_CONTROL none (attacker -> server: nothing of mine is in flight any more)
 ``SIGNAL``         TAG_CONTROL none (attacker -> server: I caught SIGTERM/SIGUSR1/SIGINT;
@@ -21,12 +23,17 @@ Header fields (indices into the int64 header): ``KIND``, ``VERSION`` (the model 
 parameters are / the push was computed with), ``COUNT`` (examples), ``SENDER`` (rank),
 ``PROGRESS`` (training progress in [0, 1] as a fixed-point integer, so attackers follow the
 server's ε ramp and attack-steps schedule), ``DTYPE`` (0 float32, 1 float16), ``NBYTES`` (payload
-bytes), ``SEQ`` (the sender's message counter), ``EPOCH``/``POSITION`` (the sender's data stream
+bytes), ``EPOCH``/``POSITION`` (the sender's data stream
 position after this batch; in the first PARAMS message: where a resumed attacker continues,
--1 = from the start).
+-1 = from the start), ``COMPUTE_US`` (a push: the attacker's microseconds computing it).
+
+The push payloads are laid out by :class:`ExampleLayout` and :class:`GradientLayout`, which both
+sides use to pack, unpack, size and validate them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +50,7 @@ KIND_NAMES = {PARAMS: "params", EXAMPLES: "examples", GRADIENTS: "gradients", ST
 # --- header layout ---------------------------------------------------------------------------
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
-KIND, VERSION, COUNT, SENDER, PROGRESS, DTYPE, NBYTES, SEQ, EPOCH, POSITION, COMPUTE_US = range(11)
+KIND, VERSION, COUNT, SENDER, PROGRESS, DTYPE, NBYTES, EPOCH, POSITION, COMPUTE_US = range(10)
 PROGRESS_SCALE = 1 << 40
 
 DTYPES = {"float32": 0, "float16": 1}
@@ -69,12 +76,12 @@ class Message:
         return self.buf[HEADER_BYTES:end]
 
     def set_header(self, kind: int, version: int = 0, count: int = 0, sender: int = 0, progress: float = 0.0,
-                   dtype: int = 0, nbytes: int = 0, seq: int = 0, epoch: int = -1, position: int = -1) -> None:
+                   dtype: int = 0, nbytes: int = 0, epoch: int = -1, position: int = -1) -> None:
         h = self.header
         h[:] = 0
         h[KIND], h[VERSION], h[COUNT], h[SENDER] = kind, version, count, sender
         h[PROGRESS] = int(round(min(max(progress, 0.0), 1.0) * PROGRESS_SCALE))
-        h[DTYPE], h[NBYTES], h[SEQ], h[EPOCH], h[POSITION] = dtype, nbytes, seq, epoch, position
+        h[DTYPE], h[NBYTES], h[EPOCH], h[POSITION] = dtype, nbytes, epoch, position
 
     def message_bytes(self) -> int:
         """Bytes to send: the header plus the payload the header announces."""
@@ -97,6 +104,8 @@ def progress_of(header: np.ndarray) -> float:
 # --- layouts of the payloads -------------------------------------------------------------------
 class ExampleLayout:
     """Where ``count`` examples of ``shape`` and their labels sit in an EXAMPLES payload."""
+
+    kind = EXAMPLES
 
     def __init__(self, shape: tuple[int, ...], batch_size: int, wire_dtype: str):
         self.shape = tuple(shape)
@@ -128,14 +137,91 @@ class ExampleLayout:
         y = payload[xb:xb + count * 4].view(LABEL_DTYPE)
         return x, y
 
+    def dtype_problem(self, code: int) -> str | None:
+        return None if code == self.dtype_code else f"dtype code {code}, expected {self.dtype_code} ({self.dtype})"
+
+    def values_problem(self, msg: Message, count: int, num_classes: int) -> str | None:
+        x, y = self.views(msg, count)
+        if not np.isfinite(x).all():
+            return "non-finite values in the examples"
+        if x.min() < 0.0 or x.max() > 1.0:
+            return f"pixels outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})"
+        if y.min() < 0 or y.max() >= num_classes:
+            return f"labels outside 0..{num_classes - 1}"
+        return None
+
+
+class GradientLayout:
+    """A GRADIENTS payload, float32: the gradient of every parameter, then every floating-point
+    buffer. The buffers travel because only a forward pass on data updates them (BatchNorm running
+    statistics): the server copies the attacker's into its model."""
+
+    kind = GRADIENTS
+    dtype_code = DTYPES["float32"]
+
+    def __init__(self, param_shapes: Sequence[tuple[int, ...]], buffer_shapes: Sequence[tuple[int, ...]]):
+        self.param_shapes = [tuple(s) for s in param_shapes]
+        self.buffer_shapes = [tuple(s) for s in buffer_shapes]
+        self.size = sum(int(np.prod(s)) for s in self.param_shapes + self.buffer_shapes)
+        self.max_bytes = self.size * 4
+
+    @classmethod
+    def of(cls, model) -> GradientLayout:
+        """The layout of ``model``'s gradients and buffers (the same on both sides of the wire)."""
+        from .models import float_buffers  # torch only where a model is at hand
+
+        return cls([p.shape for p in model.parameters()], [b.shape for b in float_buffers(model)])
+
+    def nbytes(self, count: int) -> int:
+        return self.max_bytes  # one gradient, whatever the number of examples behind it
+
+    def values(self, msg: Message) -> np.ndarray:
+        """The whole payload as one float32 vector (a view into ``msg``)."""
+        return float_view(msg, self.size)
+
+    def pack(self, msg: Message, gradients: Sequence[np.ndarray], buffers: Sequence[np.ndarray]) -> int:
+        flat = self.values(msg)
+        offset = 0
+        for a in (*gradients, *buffers):
+            flat[offset:offset + a.size] = a.reshape(-1)
+            offset += a.size
+        if offset != self.size:
+            raise ValueError(f"{offset} gradient and buffer values for a payload of {self.size}")
+        return self.max_bytes
+
+    def split(self, flat):
+        """(gradients, buffers) as views of a flat vector laid out like the payload (numpy or torch)."""
+        out, offset = [], 0
+        for shape in self.param_shapes + self.buffer_shapes:
+            n = int(np.prod(shape))
+            out.append(flat[offset:offset + n].reshape(shape))
+            offset += n
+        return out[:len(self.param_shapes)], out[len(self.param_shapes):]
+
+    def dtype_problem(self, code: int) -> str | None:
+        return None if code == self.dtype_code else f"gradient dtype code {code}, expected float32"
+
+    def values_problem(self, msg: Message, count: int, num_classes: int) -> str | None:
+        return None if np.isfinite(self.values(msg)).all() else "non-finite values in the gradient"
+
+
+PushLayout = ExampleLayout | GradientLayout
+
+
+def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtype: str, model) -> PushLayout:
+    """The payload of a push in ``--push`` ``mode``: examples of ``shape``, or ``model``'s gradients."""
+    if mode == "examples":
+        return ExampleLayout(shape, batch_size, wire_dtype)
+    return GradientLayout.of(model)
+
 
 def float_view(msg: Message, n: int) -> np.ndarray:
     """The first ``n`` float32 values of the payload (PARAMS and GRADIENTS)."""
     return msg.payload(n * 4).view(np.float32)
 
 
-def validate_push(msg: Message, nbytes_received: int, source: int, *, expected_kind: int, batch_size: int,
-                  version: int, layout: ExampleLayout | None, n_grad: int, num_classes: int) -> str | None:
+def validate_push(msg: Message, nbytes_received: int, source: int, *, layout: PushLayout, batch_size: int,
+                  version: int, num_classes: int) -> str | None:
     """Why a received push is malformed (shape, dtype, size, values), or None if it is fine.
 
     NaN/Inf anywhere, pixels outside [0, 1] or labels out of range are rejected here, so a bad push
@@ -145,32 +231,18 @@ def validate_push(msg: Message, nbytes_received: int, source: int, *, expected_k
     if nbytes_received < HEADER_BYTES:
         return f"message of {nbytes_received} bytes is shorter than the header"
     kind, count = int(h[KIND]), int(h[COUNT])
-    if kind != expected_kind:
-        return f"kind {KIND_NAMES.get(kind, kind)} where {KIND_NAMES[expected_kind]} was expected"
+    if kind != layout.kind:
+        return f"kind {KIND_NAMES.get(kind, kind)} where {KIND_NAMES[layout.kind]} was expected"
     if int(h[SENDER]) != source:
         return f"header names sender {int(h[SENDER])} but it came from rank {source}"
     if not 1 <= count <= batch_size:
         return f"count {count} outside 1..{batch_size}"
     if not 0 <= int(h[VERSION]) <= version:
         return f"version {int(h[VERSION])} outside 0..{version}"
-    if kind == EXAMPLES:
-        if int(h[DTYPE]) != layout.dtype_code:
-            return f"dtype code {int(h[DTYPE])}, expected {layout.dtype_code} ({layout.dtype})"
-        expected = layout.nbytes(count)
-    else:
-        if int(h[DTYPE]) != DTYPES["float32"]:
-            return f"gradient dtype code {int(h[DTYPE])}, expected float32"
-        expected = n_grad * 4
+    problem = layout.dtype_problem(int(h[DTYPE]))
+    if problem is not None:
+        return problem
+    expected = layout.nbytes(count)
     if int(h[NBYTES]) != expected or nbytes_received != HEADER_BYTES + expected:
         return f"{nbytes_received - HEADER_BYTES} payload bytes (header says {int(h[NBYTES])}), expected {expected}"
-    if kind == EXAMPLES:
-        x, y = layout.views(msg, count)
-        if not np.isfinite(x).all():
-            return "non-finite values in the examples"
-        if x.min() < 0.0 or x.max() > 1.0:
-            return f"pixels outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})"
-        if y.min() < 0 or y.max() >= num_classes:
-            return f"labels outside 0..{num_classes - 1}"
-    elif not np.isfinite(float_view(msg, n_grad)).all():
-        return "non-finite values in the gradient"
-    return None
+    return layout.values_problem(msg, count, num_classes)

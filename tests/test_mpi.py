@@ -93,7 +93,7 @@ def test_examples_roundtrip_and_validation(dtype):
     nbytes = layout.pack(msg, x.astype(layout.dtype), y)
     msg.set_header(wire.EXAMPLES, version=3, count=5, sender=2, progress=0.25, dtype=layout.dtype_code, nbytes=nbytes)
     assert wire.progress_of(msg.header) == pytest.approx(0.25)
-    check = dict(expected_kind=wire.EXAMPLES, batch_size=8, version=7, layout=layout, n_grad=0, num_classes=10)
+    check = dict(batch_size=8, version=7, layout=layout, num_classes=10)
     assert wire.validate_push(msg, msg.message_bytes(), 2, **check) is None
     xs, ys = layout.views(msg, 5)
     np.testing.assert_allclose(xs.astype(np.float32), x, atol=1e-3 if dtype == "float16" else 0)
@@ -113,14 +113,37 @@ def test_examples_roundtrip_and_validation(dtype):
 
 
 def test_gradient_validation():
-    msg = wire.Message(40)
-    wire.float_view(msg, 10)[:] = 1.0
-    msg.set_header(wire.GRADIENTS, version=0, count=4, sender=1, nbytes=40)
-    check = dict(expected_kind=wire.GRADIENTS, batch_size=4, version=0, layout=None, n_grad=10, num_classes=10)
+    layout = wire.GradientLayout([(2, 3)], [(4,)])
+    msg = wire.Message(layout.max_bytes)
+    nbytes = layout.pack(msg, [np.ones((2, 3), np.float32)], [np.ones(4, np.float32)])
+    assert nbytes == 40
+    msg.set_header(wire.GRADIENTS, version=0, count=4, sender=1, nbytes=nbytes)
+    check = dict(batch_size=4, version=0, layout=layout, num_classes=10)
     assert wire.validate_push(msg, msg.message_bytes(), 1, **check) is None
-    wire.float_view(msg, 10)[3] = np.inf
+    layout.values(msg)[3] = np.inf
     assert "non-finite" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
-    assert "kind" in wire.validate_push(msg, msg.message_bytes(), 1, **{**check, "expected_kind": wire.EXAMPLES})
+    examples = wire.ExampleLayout((1, 28, 28), batch_size=4, wire_dtype="float32")
+    assert "kind" in wire.validate_push(msg, msg.message_bytes(), 1, **{**check, "layout": examples})
+
+
+def test_gradient_payload_is_parameter_gradients_then_float_buffers():
+    import torch
+
+    from psadv.models import build_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    layout = wire.GradientLayout.of(model)
+    assert layout.size == 6 + 2 + 2 + 2 + 2 + 2  # weight, bias, BN weight, bias; then BN mean and var
+    grads = [np.full(p.shape, i, np.float32) for i, p in enumerate(model.parameters())]
+    buffers = [np.full(2, 10 + i, np.float32) for i in range(2)]
+    msg = wire.Message(layout.max_bytes)
+    assert layout.pack(msg, grads, buffers) == layout.max_bytes == 16 * 4
+    got_grads, got_buffers = layout.split(torch.from_numpy(layout.values(msg)))
+    for want, got in zip(grads + buffers, got_grads + got_buffers):
+        np.testing.assert_array_equal(got.numpy(), want)
+    assert [tuple(g.shape) for g in got_grads] == [(2, 3), (2,), (2,), (2,)]
+    small = build_model("mnist-small", in_channels=1, num_classes=10)
+    assert wire.GradientLayout.of(small).size == sum(p.numel() for p in small.parameters())  # no buffers
 
 
 def test_backoff_doubles_to_cap_and_resets():
