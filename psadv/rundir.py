@@ -3,7 +3,7 @@
 Layout::
 
     RUN_DIR/config.json       the resolved configuration (plus model name and arguments)
-    RUN_DIR/metrics.jsonl     one JSON object per line: kind "train", "eval", "attacker", "end"
+    RUN_DIR/metrics.jsonl     one JSON object per line, its kinds and fields in psadv.metrics.SCHEMA
     RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
     RUN_DIR/summary.json      final numbers, written when the run ends
 
@@ -50,22 +50,6 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-class MetricsLog:
-    """Append-only JSON-lines log; each row is flushed so a crash loses at most one row."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._file = open(self.path, "a", buffering=1)
-
-    def write(self, kind: str, **row) -> dict:
-        row = {"kind": kind, "wall": round(time.time(), 3), **row}
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
-        return row
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

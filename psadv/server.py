@@ -214,7 +214,7 @@ class Server:
 
     # --- metrics -------------------------------------------------------------------------------
     def _window_start(self) -> dict:
-        return {"t": time.perf_counter(), "examples": self.trainer.state["examples_seen"],
+        return {"t": time.perf_counter(), "examples": self.trainer.state.examples_seen,
                 "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "loss": 0.0, "acc": 0.0,
                 "steps": 0, "busy": self.time["busy"], "wait": self.time["wait"]}
 
@@ -222,11 +222,11 @@ class Server:
         trainer, win = self.trainer, self._window
         now = time.perf_counter()
         dt = max(now - win["t"], 1e-9)
-        consumed = trainer.state["examples_seen"] - win["examples"]
+        consumed = trainer.state.examples_seen - win["examples"]
         busy, wait = self.time["busy"] - win["busy"], self.time["wait"] - win["wait"]
         attack = trainer.attack()
         taus = win["tau"]
-        row = dict(version=trainer.version, time=round(trainer.elapsed(), 3), examples_seen=trainer.state["examples_seen"],
+        row = dict(version=trainer.version, time=round(trainer.elapsed(), 3), examples_seen=trainer.state.examples_seen,
                    progress=round(trainer.progress(), 5), lr=out_lr, eps=attack.eps, attack=attack.describe(),
                    attack_steps=attack.effective_steps, push=self.mode,
                    examples_per_s=round(consumed / dt, 1),
@@ -250,7 +250,7 @@ class Server:
         t = self.totals
         elapsed = max(sum(self.time.values()), 1e-9)
         busy_wait = max(self.time["busy"] + self.time["wait"], 1e-9)
-        consumed = max(self.trainer.state["examples_seen"], 1)
+        consumed = max(self.trainer.state.examples_seen, 1)
         return {
             "push": self.mode, "attackers": len(self.attackers), **self.policy.summary(),
             "pushes": t["pushes"], "rejected_invalid": t["rejected_invalid"], "drained": t["drained"],
@@ -278,7 +278,7 @@ class Server:
             self.eval_model = build_model(self.cfg.model, **trainer.model_args).to(trainer.device)
         load_flat_state_(self.eval_model, flat_state(trainer.model))
         self.eval_job = (trainer.evaluation(self.eval_model, batch_size=EVAL_PIECE), trainer.version,
-                         trainer.elapsed(), trainer.state["examples_seen"])
+                         trainer.elapsed(), trainer.state.examples_seen)
 
     def eval_step(self) -> bool:
         """Evaluate one piece of the running evaluation; True when it finished (and was logged)."""
@@ -299,7 +299,7 @@ class Server:
         mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals, **self.policy.state(),
                      "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
         # data_stream lets the single-process trainer resume an MPI run (from the epoch start).
-        epoch = int(self.trainer.state["examples_seen"] // n_train)
+        epoch = int(self.trainer.state.examples_seen // n_train)
         path = self.trainer.save(extra={"staleness_hist": self.policy.hist},
                                  extra_state={"mpi": mpi_state, "data_stream": {"epoch": epoch, "position": 0}})
         self.time["checkpoint"] += time.perf_counter() - start
@@ -365,7 +365,7 @@ class Server:
         while self.eval_job is not None and not reason.startswith("signal"):
             self.eval_step()
         if not reason.startswith("signal"):
-            last = trainer.state["last_eval"]
+            last = trainer.state.last_eval
             if last is None or last["version"] != trainer.version:
                 t1 = time.perf_counter()
                 trainer.evaluate()

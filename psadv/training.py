@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from .config import Config, make_config
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
 from .evaluate import Evaluation
+from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
 
 
@@ -82,6 +83,28 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     return RunSetup(cfg, run_dir, model_args, checkpoint)
 
 
+@dataclass
+class TrainerState:
+    """A run's progress: the checkpoint's ``state`` JSON holds these keys (with the loops' own)."""
+
+    version: int = 0
+    examples_seen: int = 0
+    elapsed: float = 0.0  # seconds of training before this session started
+    time_to_target: float | None = None  # when periodic evaluation first reached --target-robust-acc
+    last_eval: dict | None = None
+    best_robust_acc: float | None = None
+    role: str = "single"
+
+    @classmethod
+    def resumed(cls, saved: dict, role: str) -> TrainerState:
+        """The progress a checkpoint's state recorded, continued in ``role`` (this session's)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name != "role" and f.name in saved}, role=role)
+
+    def saved(self, elapsed: float) -> dict:
+        """The checkpoint's state, with the elapsed time at saving."""
+        return {**asdict(self), "elapsed": elapsed}
+
+
 class Trainer:
     """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
 
@@ -99,16 +122,15 @@ class Trainer:
         n_eval = min(cfg.eval_examples, len(test))
         self.eval_x = torch.tensor(test.x[:n_eval])
         self.eval_y = torch.tensor(test.y[:n_eval])
-        self.state = {"version": 0, "examples_seen": 0, "elapsed": 0.0, "time_to_target": None,
-                      "last_eval": None, "best_robust_acc": None, "role": role}
+        self.state = TrainerState(role=role)
         if setup.checkpoint is not None:
             ckpt = setup.checkpoint
             self.model.load_state_dict(ckpt.model_state)
             if ckpt.optimizer_state is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
-            self.state.update({k: ckpt.state[k] for k in self.state if k in ckpt.state and k != "role"})
+            self.state = TrainerState.resumed(ckpt.state, role)
         self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = rundir.MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
                                                          "model_args": self.model_args, "psadv_version": __version__})
         self._clock = time.perf_counter()
@@ -116,11 +138,11 @@ class Trainer:
     # --- counters and schedules -------------------------------------------------------------
     @property
     def version(self) -> int:
-        return self.state["version"]
+        return self.state.version
 
     def elapsed(self) -> float:
         """Wall-clock seconds of training so far, across resumes."""
-        return self.state["elapsed"] + time.perf_counter() - self._clock
+        return self.state.elapsed + time.perf_counter() - self._clock
 
     def progress(self) -> float:
         return schedules.progress(self.version, self.elapsed(), self.total_versions, self.cfg.time_budget)
@@ -133,7 +155,7 @@ class Trainer:
             return "version budget"
         if self.cfg.time_budget and self.elapsed() >= self.cfg.time_budget:
             return "time budget"
-        if self.cfg.target_robust_acc and self.state["time_to_target"] is not None:
+        if self.cfg.target_robust_acc and self.state.time_to_target is not None:
             return "robust-accuracy target"
         return None
 
@@ -169,8 +191,8 @@ class Trainer:
         return self._advance(examples, lr, None, None)
 
     def _advance(self, examples: int, lr: float, loss, acc) -> dict:
-        self.state["version"] += 1
-        self.state["examples_seen"] += examples
+        self.state.version += 1
+        self.state.examples_seen += examples
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
@@ -186,15 +208,15 @@ class Trainer:
     def record_evaluation(self, result: dict, version: int, time_at_version: float,
                           examples_at_version: int | None = None) -> dict:
         """Log an evaluation of the model of ``version``, reached ``time_at_version`` seconds in."""
-        self.state["last_eval"] = {**result, "version": version, "time": time_at_version}
-        best = self.state["best_robust_acc"]
-        self.state["best_robust_acc"] = result["robust_acc"] if best is None else max(best, result["robust_acc"])
+        self.state.last_eval = {**result, "version": version, "time": time_at_version}
+        best = self.state.best_robust_acc
+        self.state.best_robust_acc = result["robust_acc"] if best is None else max(best, result["robust_acc"])
         target = self.cfg.target_robust_acc
-        if target and self.state["time_to_target"] is None and result["robust_acc"] >= target:
-            self.state["time_to_target"] = time_at_version
+        if target and self.state.time_to_target is None and result["robust_acc"] >= target:
+            self.state.time_to_target = time_at_version
         self.metrics.write("eval", version=version, time=round(time_at_version, 3),
                            eval_seconds=round(self.elapsed() - time_at_version, 3),
-                           examples_seen=self.state["examples_seen"] if examples_at_version is None
+                           examples_seen=self.state.examples_seen if examples_at_version is None
                            else examples_at_version, **result)
         return result
 
@@ -212,16 +234,16 @@ class Trainer:
         return every > 0 and self.version % every == 0
 
     def save(self, extra: dict | None = None, extra_state: dict | None = None) -> Path:
-        state = {**self.state, "elapsed": self.elapsed(), **(extra_state or {})}
+        state = {**self.state.saved(self.elapsed()), **(extra_state or {})}
         return self.manager.save(self.version, model_name=self.cfg.model, model_args=self.model_args,
                                  config=self.cfg.to_dict(), state=state, model=self.model,
                                  optimizer=self.optimizer, rng=capture_rng_state(), extra=extra)
 
     def finish(self, reason: str, extra_summary: dict | None = None) -> dict:
-        summary = {"stop_reason": reason, "version": self.version, "examples_seen": self.state["examples_seen"],
-                   "elapsed": round(self.elapsed(), 3), "time_to_target": self.state["time_to_target"],
-                   "target_robust_acc": self.cfg.target_robust_acc or None, "last_eval": self.state["last_eval"],
-                   "best_robust_acc": self.state["best_robust_acc"], **(extra_summary or {})}
+        summary = {"stop_reason": reason, "version": self.version, "examples_seen": self.state.examples_seen,
+                   "elapsed": round(self.elapsed(), 3), "time_to_target": self.state.time_to_target,
+                   "target_robust_acc": self.cfg.target_robust_acc or None, "last_eval": self.state.last_eval,
+                   "best_robust_acc": self.state.best_robust_acc, **(extra_summary or {})}
         self.metrics.write("end", **summary)
         rundir.write_json(self.run_dir / "summary.json", summary)
         self.metrics.close()
@@ -294,7 +316,7 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
             now = time.perf_counter()
             rate = window["examples"] / max(now - window["t"], 1e-9)
             trainer.metrics.write("train", version=trainer.version, time=round(trainer.elapsed(), 3),
-                                  examples_seen=trainer.state["examples_seen"], epoch=stream.epoch,
+                                  examples_seen=trainer.state.examples_seen, epoch=stream.epoch,
                                   progress=round(trainer.progress(), 5), lr=out["lr"], eps=attack.eps,
                                   attack=attack.describe(), attack_steps=attack.effective_steps,
                                   loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
@@ -310,7 +332,7 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
         if trainer.due(cfg.checkpoint_every) and reason is None:
             _save_single(trainer, stream, ring)
     bar.close()
-    if trainer.state["last_eval"] is None or trainer.state["last_eval"]["version"] != trainer.version:
+    if trainer.state.last_eval is None or trainer.state.last_eval["version"] != trainer.version:
         trainer.evaluate()
     _save_single(trainer, stream, ring)
     return trainer.finish(reason)
@@ -322,7 +344,7 @@ def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) 
 
 
 def progress_postfix(trainer: Trainer, rate: float | None) -> str:
-    last = trainer.state["last_eval"]
+    last = trainer.state.last_eval
     parts = [f"{rate:,.0f} ex/s"] if rate else []
     if last:
         parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")

@@ -20,6 +20,7 @@ import pytest
 
 from psadv import wire
 from psadv.checkpoint import find_checkpoint, load_checkpoint
+from psadv.metrics import row_problems
 from psadv.mpi import Backoff, Fault, fault_from_env, launched_by_mpi
 
 MPIEXEC = shutil.which("mpiexec")
@@ -198,6 +199,7 @@ def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(t
     assert all({"examples_per_s", "produced_per_s", "utilization", "staleness_mean"} <= set(r) for r in train)
     assert {r["rank"] for r in rows(run, "attacker")} == {1, 2}
     assert rows(run, "world")[0]["size"] == 3
+    assert [row_problems(r) for r in rows(run)] == [[]] * len(rows(run))  # every row as psadv.metrics declares
     assert "stopped (version budget) at version 30" in res.stdout
 
 

@@ -1,0 +1,84 @@
+"""``metrics.jsonl``: the one declaration of its row kinds and fields, and the log that writes them.
+
+Every row has ``kind`` and ``wall`` (Unix time of writing). :class:`MetricsLog` refuses a row that
+does not match :data:`SCHEMA`, so the writers (the single-process loop in :mod:`psadv.training`,
+the server in :mod:`psadv.server`) and the readers (``psadv scaling-report``) agree on one list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RowKind:
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, required: str, optional: str = "") -> RowKind:
+        return cls(frozenset(required.split()), frozenset(optional.split()))
+
+
+COMMON = frozenset({"kind", "wall"})
+
+# What the server adds to the end row and summary.json (its staleness policy, wire and clocks).
+SERVER_SUMMARY = ("push attackers max_staleness staleness_histogram staleness_mean staleness_max pushes applied "
+                  "rejected_stale rejected_invalid drained rejected_fraction utilization server_seconds "
+                  "session_seconds produced_examples attacker_compute_seconds push_bytes_per_example "
+                  "wire_bytes_per_example wire_dtype")
+
+SCHEMA: dict[str, RowKind] = {
+    # under MPI, once at the start: every rank's host, pid, device and threads
+    "world": RowKind.of("size ranks"),
+    # every --log-every versions; loss and adv_acc are means over the window's optimizer steps on
+    # examples (a server in a gradients mode has none)
+    "train": RowKind.of(
+        "version time examples_seen progress lr eps attack attack_steps examples_per_s",
+        "loss adv_acc "
+        "epoch staleness "  # the single process: data epoch, emulated staleness
+        "push produced_per_s utilization staleness_mean staleness_max rejected_stale rejected_invalid queue"),  # server
+    # the server, after each train row: what one attacker produced in the window
+    "attacker": RowKind.of("version time rank examples_per_s busy"),
+    # a periodic or final evaluation of the model of ``version``, reached at ``time``
+    "eval": RowKind.of("version time eval_seconds examples_seen examples clean_acc robust_acc attack"),
+    # the server refused a malformed push
+    "rejected": RowKind.of("version sender reason"),
+    # the run's summary (also summary.json)
+    "end": RowKind.of("stop_reason version examples_seen elapsed time_to_target target_robust_acc last_eval "
+                      "best_robust_acc", SERVER_SUMMARY),
+}
+
+
+def row_problems(row: dict) -> list[str]:
+    """What is wrong with a metrics row (unknown kind, missing or unknown fields); [] if nothing."""
+    kind = row.get("kind")
+    if kind not in SCHEMA:
+        return [f"unknown row kind {kind!r}"]
+    spec = SCHEMA[kind]
+    missing = spec.required - row.keys()
+    unknown = row.keys() - spec.required - spec.optional - COMMON
+    return ([f"{kind} row lacks {', '.join(sorted(missing))}"] if missing else []) + \
+        ([f"{kind} row has undeclared {', '.join(sorted(unknown))}"] if unknown else [])
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; each row is flushed so a crash loses at most one row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, kind: str, **fields) -> dict:
+        row = {"kind": kind, "wall": round(time.time(), 3), **fields}
+        problems = row_problems(row)
+        if problems:
+            raise ValueError(f"metrics row does not match psadv.metrics.SCHEMA: {'; '.join(problems)}")
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        return row
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,30 @@
+"""metrics.jsonl rows: one schema (psadv.metrics.SCHEMA) for every writer."""
+
+import pytest
+
+from psadv.metrics import SCHEMA, MetricsLog, row_problems
+from psadv.rundir import read_metrics
+from psadv.training import resolve_run, train_single
+
+
+def test_rows_of_a_real_single_process_run_match_the_schema(tmp_path, mnist_dir):
+    overrides = dict(data_dir=str(mnist_dir), run_dir=str(tmp_path / "run"), steps=6, batch_size=50, attack_steps=1,
+                     eval_examples=50, eval_steps=1, eval_every=3, log_every=2, threads=1, emulate_staleness=1)
+    train_single(resolve_run(overrides), show_progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {r["kind"] for r in rows} == {"train", "eval", "end"}
+    assert [row_problems(r) for r in rows] == [[]] * len(rows)
+
+
+def test_the_log_refuses_rows_outside_the_schema(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    with pytest.raises(ValueError, match="unknown row kind 'trian'"):
+        log.write("trian", version=1)
+    with pytest.raises(ValueError, match="lacks reason"):
+        log.write("rejected", version=1, sender=2)
+    with pytest.raises(ValueError, match="undeclared colour"):
+        log.write("rejected", version=1, sender=2, reason="NaN", colour="red")
+    log.write("rejected", version=1, sender=2, reason="NaN")
+    log.close()
+    assert [r["kind"] for r in read_metrics(tmp_path / "m.jsonl")] == ["rejected"]
+    assert set(SCHEMA) == {"world", "train", "attacker", "eval", "rejected", "end"}
