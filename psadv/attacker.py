@@ -34,8 +34,8 @@ class Attacker:
         self.device, self.signals, self.fault = device, signals, fault
         cfg = self.cfg
         self.mode = cfg.push
-        self.model = build_model(cfg.model, **setup.model_args).to(device)
-        torch.manual_seed(cfg.seed + w.rank)  # each attacker its own random starts
+        self.model = build_model(cfg.model, **setup.model_args).to(device)  # its weights come from the server
+        self.seed = cfg.seed + w.rank  # each attacker its own random starts, seeded as its loop starts
         self.params = list(self.model.parameters())
         self.buffers = float_buffers(self.model)
         self.n_state = flat_state(self.model).numel()
@@ -91,6 +91,7 @@ class Attacker:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        torch.manual_seed(self.seed)  # the attack's random starts draw from torch's global generator
         backoff = Backoff()
         while True:
             if self.poll():

@@ -21,8 +21,8 @@ Root attributes:
 ``psadv_version``   the psadv version that wrote the file.
 
 Every dataset holding a tensor carries the string attribute ``torch_dtype`` (e.g. ``"float32"``).
-Tensors whose dtype numpy lacks (``bfloat16``, the float8 types) are stored as a same-width
-integer view of their bytes and viewed back on load.
+``bfloat16`` tensors, a dtype numpy lacks, are stored as an int16 view of their bytes and viewed
+back on load.
 
 Group ``model/`` (required): one dataset per entry of ``model.state_dict()`` (parameters and
 buffers), named by the exact state-dict key (dots included) and kept in state-dict order. Each has
@@ -44,8 +44,6 @@ Group ``rng/`` (optional): random generator states, see :func:`capture_rng_state
 
 * dataset ``torch``: uint8 array from ``torch.get_rng_state()``.
 * datasets ``cuda_<i>``: uint8 array of CUDA device *i*'s generator, when CUDA was available.
-* attribute ``numpy``: JSON of ``np.random.Generator.bit_generator.state`` (when a generator was
-  given; PCG64's 128-bit integers are plain JSON integers).
 * attribute ``numpy_global``: JSON of ``np.random.get_state()`` (the legacy global generator).
 * attribute ``python``: JSON of ``random.getstate()``.
 
@@ -87,7 +85,7 @@ FORMAT_VERSION = 1
 
 _ROOT_JSON_ATTRS = ("model_args", "config", "state")
 _ROOT_STR_ATTRS = ("model_name", "created", "psadv_version")
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_RNG_JSON = ("numpy_global", "python")  # the rng/ attributes
 _LOCK_NAME = ".lock"
 # What h5py, json and numpy raise when a file's metadata or contents are damaged
 # (h5py gives None for links that no longer resolve, hence AttributeError).
@@ -198,9 +196,10 @@ def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor, path: Path
         raise CheckpointError(f"cannot save checkpoint {path}: tensor {name!r} has unsupported layout {tensor.layout}")
     t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
     try:
-        array = t.numpy()
-    except TypeError:  # a dtype numpy lacks (bfloat16, float8): store the raw bits
-        array = t.view(_INT_VIEW[t.element_size()]).numpy()
+        array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
+    except TypeError:
+        raise CheckpointError(f"cannot save checkpoint {path}: tensor {name!r} has dtype {t.dtype}, "
+                              "which psadv checkpoints cannot hold") from None
     ds = group.create_dataset(name, data=array)
     ds.attrs["torch_dtype"] = str(t.dtype).removeprefix("torch.")
     return ds
@@ -265,12 +264,11 @@ def _read_value(ds: h5py.Dataset) -> Any:
 # random number generators
 
 
-def capture_rng_state(np_generator: np.random.Generator | None = None) -> dict:
+def capture_rng_state() -> dict:
     """Snapshot every random generator a training run draws from.
 
     Returns a dict with ``torch`` (uint8 tensor), ``cuda`` (list of uint8 tensors, only when CUDA
-    is available), ``numpy`` (``np_generator.bit_generator.state``, only when a generator is
-    given), ``numpy_global`` (``np.random.get_state()``) and ``python`` (``random.getstate()``).
+    is available), ``numpy_global`` (``np.random.get_state()``) and ``python`` (``random.getstate()``).
     Pass it as ``rng=`` to :func:`save_checkpoint`; ``Checkpoint.rng`` has the same shape.
     """
     rng: dict[str, Any] = {
@@ -280,16 +278,13 @@ def capture_rng_state(np_generator: np.random.Generator | None = None) -> dict:
     }
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    if np_generator is not None:
-        rng["numpy"] = np_generator.bit_generator.state
     return rng
 
 
-def restore_rng_state(d: dict, np_generator: np.random.Generator | None = None) -> None:
+def restore_rng_state(d: dict) -> None:
     """Put back generator states captured by :func:`capture_rng_state` (or loaded from a checkpoint).
 
     CUDA states are restored for as many devices as both the snapshot and this machine have.
-    When ``np_generator`` is given its state is restored from ``d["numpy"]``.
     """
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():
@@ -297,16 +292,6 @@ def restore_rng_state(d: dict, np_generator: np.random.Generator | None = None) 
             torch.cuda.set_rng_state(state, index)
     np.random.set_state(d["numpy_global"])
     random.setstate(d["python"])
-    if np_generator is not None:
-        if "numpy" not in d:
-            raise CheckpointError("the saved random state holds no numpy Generator state to restore")
-        saved_kind = d["numpy"].get("bit_generator")
-        own_kind = type(np_generator.bit_generator).__name__
-        if saved_kind != own_kind:
-            raise CheckpointError(
-                f"the saved numpy random state is for {saved_kind}, but the generator uses {own_kind}"
-            )
-        np_generator.bit_generator.state = d["numpy"]
 
 
 def _write_rng(f: h5py.File, rng: dict, path: Path) -> None:
@@ -314,9 +299,8 @@ def _write_rng(f: h5py.File, rng: dict, path: Path) -> None:
     _write_tensor(group, "torch", rng["torch"], path)
     for index, state in enumerate(rng.get("cuda", [])):
         _write_tensor(group, f"cuda_{index}", state, path)
-    for key in ("numpy", "numpy_global", "python"):
-        if key in rng:
-            group.attrs[key] = _tagged_json(rng[key], f"rng[{key!r}]", path)
+    for key in _RNG_JSON:
+        group.attrs[key] = _tagged_json(rng[key], f"rng[{key!r}]", path)
 
 
 def _read_rng(group: h5py.Group) -> dict:
@@ -324,7 +308,7 @@ def _read_rng(group: h5py.Group) -> dict:
     cuda_names = sorted((n for n in group if n.startswith("cuda_")), key=lambda n: int(n.removeprefix("cuda_")))
     if cuda_names:
         rng["cuda"] = [_read_tensor(group[n]) for n in cuda_names]
-    for key in ("numpy", "numpy_global", "python"):
+    for key in _RNG_JSON:
         if key in group.attrs:
             rng[key] = _decode(json.loads(_attr_str(group.attrs[key])))
     return rng
@@ -640,22 +624,6 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
             "psadv_version": _attr_str(f.attrs["psadv_version"]),
             "file_size": reader.path.stat().st_size,
         }
-
-
-def check_model_compatible(ckpt: Checkpoint, model_name: str, model_args: dict | None = None) -> None:
-    """Raise :class:`IncompatibleCheckpoint` unless ``ckpt`` holds ``model_name``.
-
-    When ``model_args`` is given, the checkpoint's model must also have been built with exactly
-    those arguments (compared after a JSON round trip, so tuples match lists).
-    """
-    if ckpt.model_name != model_name:
-        raise IncompatibleCheckpoint(f"checkpoint {ckpt.path} holds model {ckpt.model_name!r}, not {model_name!r}")
-    if model_args is not None:
-        wanted = json.loads(json.dumps(model_args))
-        differing = sorted(k for k in set(wanted) | set(ckpt.model_args) if wanted.get(k) != ckpt.model_args.get(k))
-        if differing:
-            details = ", ".join(f"{k}={ckpt.model_args.get(k)!r} (wanted {wanted.get(k)!r})" for k in differing)
-            raise IncompatibleCheckpoint(f"checkpoint {ckpt.path} holds model {model_name!r} built with {details}")
 
 
 # --------------------------------------------------------------------------------------------

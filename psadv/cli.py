@@ -130,7 +130,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     from .checkpoint import find_checkpoint, load_checkpoint
     from .data import load_dataset
     from .devices import pick_device, set_threads
-    from .evaluate import evaluate
+    from .evaluate import measure_accuracy
     from .models import build_model
 
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
@@ -145,7 +145,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     n = min(examples or len(test), len(test))
     torch.manual_seed(seed)
     start = time.perf_counter()
-    result = evaluate(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
+    result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
                       batch_size=batch_size, device=dev, progress=progress and not as_json)
     result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
     if as_json:

@@ -142,6 +142,30 @@ def _coerce(name: str, value, source: str):
     return value
 
 
+# Here, not in schedules.py: validation parses the option, and schedules.py (which imports this
+# module) evaluates it.
+def parse_steps_schedule(text: str) -> list[tuple[float, int]]:
+    """'2,5@0.3,10@0.6' -> [(0.0, 2), (0.3, 5), (0.6, 10)]; '' -> []."""
+    if not text.strip():
+        return []
+    points = []
+    for i, part in enumerate(text.split(",")):
+        steps_text, _, at_text = part.strip().partition("@")
+        try:
+            steps = int(steps_text)
+            at = float(at_text) if at_text else 0.0
+        except ValueError:
+            raise ConfigError(f"--attack-steps-schedule: cannot read {part.strip()!r} (want K or K@PROGRESS)") from None
+        if (i == 0) != (at_text == "") or steps < 0 or not 0.0 <= at <= 1.0:
+            raise ConfigError(
+                f"--attack-steps-schedule: bad entry {part.strip()!r}: the first entry is K, "
+                "later ones K@P with 0 <= P <= 1 in increasing order, K >= 0")
+        if points and at <= points[-1][0]:
+            raise ConfigError(f"--attack-steps-schedule: progress points must increase, got {text!r}")
+        points.append((at, steps))
+    return points
+
+
 def validate(cfg: Config) -> Config:
     """Check every value against its field's choices and range; ConfigError on the first bad one."""
     for name, f in FIELDS.items():
@@ -157,8 +181,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{option} must be >= {lo}, got {value}")
         if hi is not None and value > hi:
             raise ConfigError(f"{option} must be <= {hi}, got {value}")
-    from .schedules import parse_steps_schedule
-
     parse_steps_schedule(cfg.attack_steps_schedule)
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -1,8 +1,8 @@
 """Clean and robust accuracy of a model, batched, with the shared attack module.
 
-:class:`Evaluation` works in pieces (one batch per :meth:`Evaluation.step`), so the parameter
+:class:`AccuracyJob` works in pieces (one batch per :meth:`AccuracyJob.step`), so the parameter
 server can interleave an evaluation with training and keep consuming the attackers' pushes;
-:func:`evaluate` runs one to the end.
+:func:`measure_accuracy` runs one to the end.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(1) == y
 
 
-class Evaluation:
+class AccuracyJob:
     """Clean and robust accuracy of ``model`` on ``(x, y)`` under ``attack``, one batch at a time.
 
     An example counts as robust only if every restart fails to flip it. Restarts after the first
@@ -78,11 +78,11 @@ class Evaluation:
                 "attack": self.attack.describe()}
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, *, batch_size: int = 500,
+def measure_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, *, batch_size: int = 500,
              device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval",
              seed: int | None = None) -> dict:
-    """Run an :class:`Evaluation` to the end (with a progress bar on request)."""
-    job = Evaluation(model, x, y, attack, batch_size=batch_size, device=device, seed=seed)
+    """Clean and robust accuracy: an :class:`AccuracyJob` run to the end (with a progress bar on request)."""
+    job = AccuracyJob(model, x, y, attack, batch_size=batch_size, device=device, seed=seed)
     with tqdm(total=len(y), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         while not job.done:
             bar.update(job.step())

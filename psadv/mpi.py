@@ -78,14 +78,12 @@ class Backoff:
     def __init__(self, start: float = 50e-6, cap: float = 0.01):
         self.start, self.cap = start, cap
         self.delay = start
-        self.slept = 0.0
 
     def reset(self) -> None:
         self.delay = self.start
 
     def wait(self) -> None:
         time.sleep(self.delay)
-        self.slept += self.delay
         self.delay = min(self.delay * 2, self.cap)
 
 

@@ -7,8 +7,7 @@ elapsed/time budget, so the same recipe stretches to any budget and resumes exac
 from __future__ import annotations
 
 from .attacks import Attack
-from .config import Config
-from .errors import ConfigError
+from .config import Config, parse_steps_schedule
 
 
 def total_versions(cfg: Config, batches_per_epoch: int) -> int:
@@ -46,28 +45,6 @@ def eps_at(p: float, cfg: Config) -> float:
     if cfg.eps_ramp <= 0 or p >= cfg.eps_ramp:
         return cfg.eps
     return cfg.eps * p / cfg.eps_ramp
-
-
-def parse_steps_schedule(text: str) -> list[tuple[float, int]]:
-    """'2,5@0.3,10@0.6' -> [(0.0, 2), (0.3, 5), (0.6, 10)]; '' -> []."""
-    if not text.strip():
-        return []
-    points = []
-    for i, part in enumerate(text.split(",")):
-        steps_text, _, at_text = part.strip().partition("@")
-        try:
-            steps = int(steps_text)
-            at = float(at_text) if at_text else 0.0
-        except ValueError:
-            raise ConfigError(f"--attack-steps-schedule: cannot read {part.strip()!r} (want K or K@PROGRESS)") from None
-        if (i == 0) != (at_text == "") or steps < 0 or not 0.0 <= at <= 1.0:
-            raise ConfigError(
-                f"--attack-steps-schedule: bad entry {part.strip()!r}: the first entry is K, "
-                "later ones K@P with 0 <= P <= 1 in increasing order, K >= 0")
-        if points and at <= points[-1][0]:
-            raise ConfigError(f"--attack-steps-schedule: progress points must increase, got {text!r}")
-        points.append((at, steps))
-    return points
 
 
 def attack_steps_at(p: float, cfg: Config) -> int:

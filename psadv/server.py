@@ -88,7 +88,7 @@ class Server:
         self._window = self._window_start()
         self._max_compute = 0.0
         self.eval_model: torch.nn.Module | None = None
-        self.eval_job = None  # (Evaluation, version, time at that version, examples seen)
+        self.eval_job = None  # (AccuracyJob, version, time at that version, examples seen)
 
     # --- resume --------------------------------------------------------------------------------
     def _restore(self, ckpt) -> None:
@@ -277,7 +277,7 @@ class Server:
         if self.eval_model is None:
             self.eval_model = build_model(self.cfg.model, **trainer.model_args).to(trainer.device)
         load_flat_state_(self.eval_model, flat_state(trainer.model))
-        self.eval_job = (trainer.evaluation(self.eval_model, batch_size=EVAL_PIECE), trainer.version,
+        self.eval_job = (trainer.slice_accuracy_job(self.eval_model, batch_size=EVAL_PIECE), trainer.version,
                          trainer.elapsed(), trainer.state.examples_seen)
 
     def eval_step(self) -> bool:
@@ -286,7 +286,7 @@ class Server:
         job, version, at, examples = self.eval_job
         job.step()
         if job.done:
-            self.trainer.record_evaluation(job.result(), version, at, examples)
+            self.trainer.record_eval(job.result(), version, at, examples)
             self.eval_job = None
         self.time["eval"] += time.perf_counter() - start
         return self.eval_job is None
@@ -368,7 +368,7 @@ class Server:
             last = trainer.state.last_eval
             if last is None or last["version"] != trainer.version:
                 t1 = time.perf_counter()
-                trainer.evaluate()
+                trainer.measure_now()
                 self.time["eval"] += time.perf_counter() - t1
         self.save()
         return trainer.finish(reason, extra_summary=self.staleness_summary())

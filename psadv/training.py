@@ -24,7 +24,7 @@ from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, 
 from .config import Config, make_config
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
-from .evaluate import Evaluation
+from .evaluate import AccuracyJob
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
 
@@ -105,6 +105,17 @@ class TrainerState:
         return {**asdict(self), "elapsed": elapsed}
 
 
+def initial_model(cfg: Config, model_args: dict, device: torch.device) -> torch.nn.Module:
+    """The run's model before training, from a freshly seeded global generator.
+
+    Seeding here is what makes a run repeatable: the initial weights come from torch's global
+    generator seeded with ``cfg.seed``, and the single-process loop's attack random starts continue
+    that same stream (its checkpoints save the stream, and a resumed run restores it).
+    """
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, **model_args).to(device)
+
+
 class Trainer:
     """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
 
@@ -113,8 +124,7 @@ class Trainer:
         self.run_dir = setup.run_dir
         self.device = device
         self.model_args = setup.model_args
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, **setup.model_args).to(device)
+        self.model = initial_model(cfg, setup.model_args, device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.batches_per_epoch = max(1, train_size // cfg.batch_size)
         self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
@@ -196,18 +206,18 @@ class Trainer:
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
-    def evaluation(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> Evaluation:
-        """A periodic evaluation of ``model`` (default: the live model) on the held-out slice.
+    def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> AccuracyJob:
+        """Measuring ``model`` (default: the live model) on the held-out evaluation slice, in pieces.
 
         Its random starts come from its own seeded generator: how often a run evaluates never
         changes its training, and every evaluation attacks from the same starts.
         """
-        return Evaluation(model or self.model, self.eval_x, self.eval_y, schedules.eval_attack(self.cfg),
+        return AccuracyJob(model or self.model, self.eval_x, self.eval_y, schedules.eval_attack(self.cfg),
                           batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1)
 
-    def record_evaluation(self, result: dict, version: int, time_at_version: float,
+    def record_eval(self, result: dict, version: int, time_at_version: float,
                           examples_at_version: int | None = None) -> dict:
-        """Log an evaluation of the model of ``version``, reached ``time_at_version`` seconds in."""
+        """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in."""
         self.state.last_eval = {**result, "version": version, "time": time_at_version}
         best = self.state.best_robust_acc
         self.state.best_robust_acc = result["robust_acc"] if best is None else max(best, result["robust_acc"])
@@ -220,15 +230,15 @@ class Trainer:
                            else examples_at_version, **result)
         return result
 
-    def evaluate(self, progress: bool = False) -> dict:
-        """Evaluate the live model now, to the end."""
+    def measure_now(self, progress: bool = False) -> dict:
+        """Measure the live model on the evaluation slice now, to the end, and record it."""
         version, started = self.version, self.elapsed()
-        job = self.evaluation()
+        job = self.slice_accuracy_job()
         with tqdm(total=len(self.eval_y), desc=f"eval v{version}", unit="ex", disable=not progress,
                   leave=False) as bar:
             while not job.done:
                 bar.update(job.step())
-        return self.record_evaluation(job.result(), version, started)
+        return self.record_eval(job.result(), version, started)
 
     def due(self, every: int) -> bool:
         return every > 0 and self.version % every == 0
@@ -326,14 +336,14 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
         reason = trainer.stop_reason()
         if trainer.due(cfg.eval_every) and reason is None:
-            trainer.evaluate()
+            trainer.measure_now()
             bar.set_postfix_str(progress_postfix(trainer, None))
             reason = trainer.stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
             _save_single(trainer, stream, ring)
     bar.close()
     if trainer.state.last_eval is None or trainer.state.last_eval["version"] != trainer.version:
-        trainer.evaluate()
+        trainer.measure_now()
     _save_single(trainer, stream, ring)
     return trainer.finish(reason)
 

@@ -5,7 +5,7 @@ import torch
 
 from psadv.attacks import ATTACKS, Attack, L2Threat, LinfThreat, margin_loss, perturb
 from psadv.errors import ConfigError
-from psadv.evaluate import evaluate
+from psadv.evaluate import measure_accuracy
 from psadv.models import MODELS, build_model
 
 
@@ -124,21 +124,21 @@ def mnist_model(mnist_dir):
 def test_pgd_stronger_than_fgsm_and_restarts_never_hurt(mnist_model):
     model, x, y = mnist_model
     eps = 0.1
-    clean = evaluate(model, x, y, Attack(name="none", eps=eps))["robust_acc"]
-    fgsm = evaluate(model, x, y, Attack(name="fgsm", eps=eps))["robust_acc"]
+    clean = measure_accuracy(model, x, y, Attack(name="none", eps=eps))["robust_acc"]
+    fgsm = measure_accuracy(model, x, y, Attack(name="fgsm", eps=eps))["robust_acc"]
     torch.manual_seed(3)
-    pgd = evaluate(model, x, y, Attack(name="pgd", eps=eps, steps=10))["robust_acc"]
+    pgd = measure_accuracy(model, x, y, Attack(name="pgd", eps=eps, steps=10))["robust_acc"]
     torch.manual_seed(3)
-    pgd_restarts = evaluate(model, x, y, Attack(name="pgd", eps=eps, steps=10, restarts=3))["robust_acc"]
+    pgd_restarts = measure_accuracy(model, x, y, Attack(name="pgd", eps=eps, steps=10, restarts=3))["robust_acc"]
     assert clean > 0.85
     assert pgd < fgsm < clean
     assert pgd_restarts <= pgd
 
 
-def test_evaluate_counts_match_a_direct_computation(mnist_model):
+def test_measure_accuracy_counts_match_a_direct_computation(mnist_model):
     model, x, y = mnist_model
     attack = Attack(name="fgsm", eps=0.1)
-    result = evaluate(model, x, y, attack, batch_size=128)
+    result = measure_accuracy(model, x, y, attack, batch_size=128)
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
         robust = (model(perturb(model, x, y, attack)).argmax(1) == y).float().mean().item()

@@ -22,9 +22,7 @@ from psadv.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointManager,
-    IncompatibleCheckpoint,
     capture_rng_state,
-    check_model_compatible,
     describe_checkpoint,
     find_checkpoint,
     load_checkpoint,
@@ -176,6 +174,14 @@ def test_unusual_dtypes_and_names_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], value), name
 
 
+def test_a_dtype_numpy_lacks_other_than_bfloat16_is_a_one_line_error(tmp_path: Path) -> None:
+    model = nn.Module()
+    model.register_buffer("tiny", torch.zeros(3).to(torch.float8_e4m3fn))
+    with pytest.raises(CheckpointError, match="tensor 'tiny' has dtype torch.float8_e4m3fn"):
+        save_checkpoint(tmp_path / "c.h5", **SAVE_ARGS, state={}, model=model)
+    assert not list(tmp_path.iterdir())
+
+
 def test_extra_arrays_and_large_state(tmp_path: Path) -> None:
     extra = {"staleness": np.array([0, 1, 1, 3, 2], dtype=np.int64), "histogram": np.linspace(0, 1, 7)}
     state = {"version": 9, "data": {"permutation": list(range(60_000)), "epoch": 2}, "counter": np.int64(4)}
@@ -190,43 +196,23 @@ def test_extra_arrays_and_large_state(tmp_path: Path) -> None:
 
 
 def test_rng_capture_restore(tmp_path: Path) -> None:
-    gen = np.random.default_rng(1234)
-    gen.random(3)
-    rng = capture_rng_state(gen)
+    rng = capture_rng_state()
 
     def draws() -> tuple:
-        return (torch.rand(4).tolist(), gen.random(4).tolist(), np.random.rand(2).tolist(), random.random())
+        return (torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random())
 
     expected = draws()
     path = save_checkpoint(tmp_path / "c.h5", **SAVE_ARGS, state={}, model=make_model(0), rng=rng)
     draws()  # move every generator on
     loaded = load_checkpoint(path).rng
-    assert isinstance(loaded["numpy"]["state"]["state"], int) and loaded["numpy"]["state"]["state"] >= 2**64
     assert loaded["python"] == rng["python"] and isinstance(loaded["python"], tuple)
-    restore_rng_state(loaded, gen)
+    restore_rng_state(loaded)
     assert draws() == expected
-
-    other = np.random.default_rng(5)
-    restore_rng_state(capture_rng_state(), None)  # no generator: fine
-    with pytest.raises(CheckpointError, match="no numpy Generator state"):
-        restore_rng_state(capture_rng_state(), other)
-    with pytest.raises(CheckpointError, match="PCG64"):
-        restore_rng_state(capture_rng_state(np.random.Generator(np.random.MT19937(1))), other)
-
-
-def test_rng_with_array_state_bit_generator(tmp_path: Path) -> None:
-    gen = np.random.Generator(np.random.MT19937(7))
-    rng = capture_rng_state(gen)
-    expected = gen.random(5)
-    path = save_checkpoint(tmp_path / "c.h5", **SAVE_ARGS, state={}, model=make_model(0), rng=rng)
-    gen.random(10)
-    restore_rng_state(load_checkpoint(path).rng, gen)
-    np.testing.assert_array_equal(gen.random(5), expected)
 
 
 def test_file_holds_only_plain_datasets_and_json_attrs(tmp_path: Path) -> None:
     model, optimizer = save_trained(
-        tmp_path / "c.h5", "sgd-momentum", rng=capture_rng_state(np.random.default_rng(0)), extra={"h": np.ones(3)}
+        tmp_path / "c.h5", "sgd-momentum", rng=capture_rng_state(), extra={"h": np.ones(3)}
     )
     seen = []
 
@@ -235,7 +221,7 @@ def test_file_holds_only_plain_datasets_and_json_attrs(tmp_path: Path) -> None:
             dtype = obj.attrs.get_id(name).dtype
             if h5py.check_string_dtype(dtype) is not None:
                 value = obj.attrs[name]
-                if name in ("model_args", "config", "state", "param_groups", "numpy", "numpy_global", "python"):
+                if name in ("model_args", "config", "state", "param_groups", "numpy_global", "python"):
                     json.loads(value)
             else:
                 assert dtype.kind in "iu", (obj.name, name, dtype)
@@ -421,20 +407,6 @@ def test_describe_checkpoint(tmp_path: Path) -> None:
     assert info["state"] == {"version": 3, "examples_seen": 18}
     assert info["file_size"] == path.stat().st_size
     assert info["path"] == str(path) and info["created"] and info["psadv_version"]
-
-
-def test_check_model_compatible(tmp_path: Path) -> None:
-    path = tmp_path / "c.h5"
-    save_trained(path)
-    ckpt = load_checkpoint(path)
-    check_model_compatible(ckpt, "tiny-net")
-    check_model_compatible(ckpt, "tiny-net", {"width": 4})
-    expected = rf"checkpoint {path} holds model 'tiny-net', not 'resnet18'"
-    with pytest.raises(IncompatibleCheckpoint, match=expected) as info:
-        check_model_compatible(ckpt, "resnet18")
-    assert info.value.exit_code == 2 and isinstance(info.value, CheckpointError)
-    with pytest.raises(IncompatibleCheckpoint, match="width=4 \\(wanted 8\\)"):
-        check_model_compatible(ckpt, "tiny-net", {"width": 8})
 
 
 def test_find_checkpoint(tmp_path: Path) -> None:
