@@ -21,7 +21,7 @@ from .attacks import perturb
 from .data import BatchStream, shard_indices
 from .errors import CheckpointError
 from .models import build_model, flat_state, load_flat_state_
-from .mpi import Backoff, Fault, SignalFlag, World
+from .mpi import Backoff, SignalFlag, World
 
 
 def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -30,13 +30,12 @@ def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 class Attacker:
-    def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag,
-                 fault: Fault | None = None):
+    def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag):
         from mpi4py import MPI
 
         self.MPI = MPI
         self.w, self.comm, self.cfg = w, w.comm, setup.cfg
-        self.device, self.signals, self.fault = device, signals, fault
+        self.device, self.signals = device, signals
         cfg = self.cfg
         self.mode = cfg.push
         self.model = build_model(cfg.model, **setup.model_args).to(device)
@@ -131,13 +130,7 @@ class Attacker:
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
         attack = schedules.training_attack(self.progress, cfg)
         x_adv = perturb(self.model, x, y, attack)
-        poison = self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "nan-push")
-        if self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "raise"):
-            raise RuntimeError(f"injected fault (PSADV_FAULT, tests only) at push {self.pushes}")
         if self.mode == "examples":
-            if poison:
-                x_adv = x_adv.clone()
-                x_adv.view(-1)[0] = float("nan")
             kind, dtype = wire.EXAMPLES, self.layout.dtype_code
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
                                       y.cpu().numpy())
@@ -146,8 +139,6 @@ class Attacker:
             loss = F.cross_entropy(self.model(x_adv), y)
             grads = torch.autograd.grad(loss, self.params)
             flat = torch.cat([g.reshape(-1) for g in grads] + [b.detach().reshape(-1) for b in self.buffers]).float()
-            if poison:
-                flat[0] = float("inf")
             kind, dtype, nbytes = wire.GRADIENTS, wire.DTYPES["float32"], self.n_grad * 4
             wire.float_view(slot, self.n_grad)[:] = flat.cpu().numpy()
         state = self.stream.state()
