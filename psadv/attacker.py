@@ -21,17 +21,16 @@ from .attacks import perturb
 from .data import BatchStream, shard_indices
 from .errors import CheckpointError
 from .models import build_model, flat_state, float_buffers, load_flat_state_
-from .mpi import Backoff, Fault, SignalFlag, World
+from .mpi import Backoff, SignalFlag, World
 
 
 class Attacker:
-    def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag,
-                 fault: Fault | None = None):
+    def __init__(self, w: World, setup, train_set, device: torch.device, signals: SignalFlag):
         from mpi4py import MPI
 
         self.MPI = MPI
         self.w, self.comm, self.cfg = w, w.comm, setup.cfg
-        self.device, self.signals, self.fault = device, signals, fault
+        self.device, self.signals = device, signals
         cfg = self.cfg
         self.mode = cfg.push
         self.model = build_model(cfg.model, **setup.model_args).to(device)  # its weights come from the server
@@ -124,13 +123,7 @@ class Attacker:
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
         attack = schedules.training_attack(self.progress, cfg)
         x_adv = perturb(self.model, x, y, attack)
-        poison = self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "nan-push")
-        if self.fault is not None and self.fault.hits(self.w.rank, self.pushes, "raise"):
-            raise RuntimeError(f"injected fault (PSADV_FAULT, tests only) at push {self.pushes}")
         if self.mode == "examples":
-            if poison:
-                x_adv = x_adv.clone()
-                x_adv.view(-1)[0] = float("nan")
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
                                       y.cpu().numpy())
         else:
@@ -139,8 +132,6 @@ class Attacker:
             grads = torch.autograd.grad(loss, self.params)
             nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
                                       [b.detach().float().cpu().numpy() for b in self.buffers])
-            if poison:
-                self.layout.values(slot)[0] = float("inf")
         state = self.stream.state()
         slot.set_header(self.layout.kind, self.version, count=len(y), sender=self.w.rank, progress=self.progress,
                         dtype=self.layout.dtype_code, nbytes=nbytes, epoch=state["epoch"], position=state["position"])

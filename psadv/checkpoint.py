@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from psadv import __version__
-from psadv.errors import CheckpointError
+from psadv.errors import CheckpointError, io_error_text
 
 FORMAT = "psadv-checkpoint"
 FORMAT_VERSION = 1
@@ -449,8 +449,10 @@ def save_checkpoint(
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot save checkpoint {path}: {_one_line(exc)}") from None
+        # h5py reports a failed write (disk full, file too large) as OSError or, when it fails
+        # while closing the file, as a RuntimeError that carries the system's errno.
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "errno = " in str(exc)):
+            raise CheckpointError(f"cannot save checkpoint {path}: {io_error_text(exc)}") from None
         raise
     try:
         _fsync_dir(path.parent)
@@ -630,13 +632,19 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
 # checkpoint directories
 
 
-def _list_checkpoints(directory: Path, prefix: str) -> list[Path]:
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)\.h5$")
+def checkpoint_version(path: Path, prefix: str = "ckpt") -> int | None:
+    """The version in a checkpoint's file name (``ckpt-00000150.h5`` -> 150), or None."""
+    match = re.match(rf"^{re.escape(prefix)}-(\d+)\.h5$", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(directory: Path, prefix: str = "ckpt") -> list[Path]:
+    """Checkpoint files directly in ``directory``, oldest to newest by the version in their names."""
     found = []
     for candidate in directory.glob(f"{prefix}-*.h5"):
-        match = pattern.match(candidate.name)
-        if match and candidate.is_file():
-            found.append((int(match.group(1)), candidate))
+        version = checkpoint_version(candidate, prefix)
+        if version is not None and candidate.is_file():
+            found.append((version, candidate))
     return [p for _, p in sorted(found)]
 
 
@@ -711,7 +719,7 @@ class CheckpointManager:
 
     def list(self) -> list[Path]:
         """Checkpoints in the directory, oldest to newest by the version in their names."""
-        return _list_checkpoints(self.directory, self.prefix)
+        return list_checkpoints(self.directory, self.prefix)
 
 
 def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
@@ -725,7 +733,7 @@ def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     for directory in (path / "checkpoints", path):
-        found = _list_checkpoints(directory, prefix) if directory.is_dir() else []
+        found = list_checkpoints(directory, prefix) if directory.is_dir() else []
         if found:
             return found[-1]
     raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}")

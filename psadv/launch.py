@@ -17,7 +17,7 @@ import os
 import click
 
 from .errors import PsadvError
-from .training import resolve_run, summary_line, train_single
+from .training import check_batch_size, open_run_dir, resolve_run, summary_line, train_single
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool) -> None:
@@ -35,10 +35,9 @@ def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite:
 
 def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool,
                 show_progress: bool) -> None:
-    from . import rundir
     from .data import load_dataset
     from .devices import pick_device, set_threads
-    from .mpi import SignalFlag, agree_on_errors, fail_job, fault_from_env, gather_strings
+    from .mpi import SignalFlag, agree_on_errors, fail_job, gather_strings
 
     signals = SignalFlag().install()
     error = None
@@ -51,12 +50,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
         train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         if w.rank == 0:  # the server evaluates on the test split: check it before writing anything
             load_dataset(cfg.dataset, "test", cfg.data_dir or None)
-        if cfg.batch_size > len(train_set) // w.n_attackers:
-            from .errors import ConfigError
-
-            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds an attacker's shard "
-                              f"({len(train_set) // w.n_attackers} examples with {w.n_attackers} attackers)")
-        fault = fault_from_env()
+        check_batch_size(cfg.batch_size, len(train_set) // w.n_attackers,
+                         f"an attacker's shard with {w.n_attackers} attackers")
     except PsadvError as exc:
         error = exc
     except BaseException as exc:  # noqa: BLE001 - any bug ends the job, never a hang
@@ -69,20 +64,20 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             from .server import Server
             from .training import Trainer
 
-            rundir.prepare(setup.run_dir, resume=setup.checkpoint is not None, overwrite=overwrite)
+            open_run_dir(setup, overwrite=overwrite)
             train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
             trainer = Trainer(setup, device=device, train_size=train_size, role="server")
-            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
-                          fault=fault)
+            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint)
         else:
             from .attacker import Attacker
 
-            role = Attacker(w, setup, train_set, device, signals, fault)
+            role = Attacker(w, setup, train_set, device, signals)
     except PsadvError as exc:
         error = exc
     except BaseException as exc:  # noqa: BLE001
         fail_job(w, exc)
-    agree_on_errors(w, error)
+    # A user error on any rank: the run directory rank 0 has just made goes away again.
+    agree_on_errors(w, error, cleanup=setup.lock.abandon if setup.lock is not None else None)
 
     try:
         ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StorageError, io_error_text
+from .rundir import finite_json
+
 
 @dataclass(frozen=True)
 class RowKind:
@@ -29,7 +32,8 @@ COMMON = frozenset({"kind", "wall"})
 SERVER_SUMMARY = ("push attackers max_staleness staleness_histogram staleness_mean staleness_max pushes applied "
                   "rejected_stale rejected_invalid drained rejected_fraction utilization server_seconds "
                   "session_seconds produced_examples attacker_compute_seconds push_bytes_per_example "
-                  "wire_bytes_per_example wire_dtype")
+                  "wire_bytes_per_example wire_dtype "
+                  "unfinished_attackers")  # attackers that never said DONE after STOP
 
 SCHEMA: dict[str, RowKind] = {
     # under MPI, once at the start: every rank's host, pid, device and threads
@@ -77,7 +81,10 @@ class MetricsLog:
         problems = row_problems(row)
         if problems:
             raise ValueError(f"metrics row does not match psadv.metrics.SCHEMA: {'; '.join(problems)}")
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        try:
+            self._file.write(json.dumps(finite_json(row), sort_keys=True, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {io_error_text(exc)}") from None
         return row
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""MPI plumbing: is this an MPI job, who am I, back-off, signals, failures, test-only faults.
+"""MPI plumbing: is this an MPI job, who am I, back-off, signals, failures.
 
 ``mpi4py`` is imported only when the environment says the process was started by an MPI launcher
 (``mpiexec``/``mpirun``/``srun``), so a plain ``psadv train`` never initialises MPI.
@@ -95,11 +95,13 @@ class SignalFlag:
     """Catches SIGTERM/SIGUSR1/SIGINT (what SLURM and mpiexec send) and remembers the first one.
 
     The roles poll :attr:`signum` between batches: the server checkpoints and stops the job cleanly.
-    A second SIGINT interrupts at once.
+    A second SIGINT interrupts at once. The server also records a signal an attacker caught and
+    forwarded (:attr:`forwarded`), apart from its own: only a second SIGINT *here* interrupts.
     """
 
     def __init__(self):
         self.signum: int | None = None
+        self.forwarded: int | None = None
         self._previous = {}
 
     def install(self) -> SignalFlag:
@@ -114,7 +116,9 @@ class SignalFlag:
             self.signum = signum
 
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
+        """The signal that stops this rank (caught here, else forwarded), or "" if none."""
+        signum = self.signum or self.forwarded
+        return signal.Signals(signum).name if signum else ""
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -144,18 +148,21 @@ def fail_job(w: World, exc: BaseException) -> None:
     w.comm.Abort(1)
 
 
-def agree_on_errors(w: World, error: PsadvError | None) -> None:
+def agree_on_errors(w: World, error: PsadvError | None, cleanup=None) -> None:
     """A collective check after a setup phase: when any rank hit a user error, every rank leaves.
 
     Rank 0 re-raises its own error (the CLI prints it once, without rank); if only other ranks
     failed, the lowest of them prints its message with its rank and host. Every rank then exits
-    with the same code, and no rank is left waiting for a peer that is gone.
+    with the same code, and no rank is left waiting for a peer that is gone. ``cleanup`` runs
+    first on every rank that has to leave.
     """
     code = np.array([error.exit_code if error is not None else 0], dtype=np.int64)
     worst = np.zeros(1, dtype=np.int64)
     w.comm.Allreduce(code, worst, op=_op("MAX"))
     if worst[0] == 0:
         return
+    if cleanup is not None:
+        cleanup()
     mine = np.array([w.rank if error is not None else w.size], dtype=np.int64)
     first = np.zeros(1, dtype=np.int64)
     w.comm.Allreduce(mine, first, op=_op("MIN"))
@@ -182,35 +189,3 @@ def gather_strings(w: World, text: str, width: int = 96) -> list[str] | None:
     if w.rank != 0:
         return None
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in recv]
-
-
-# --- test-only fault injection -----------------------------------------------------------------
-@dataclass
-class Fault:
-    """A fault the test suite injects through ``PSADV_FAULT`` (for tests only, never for users).
-
-    ``PSADV_FAULT=KIND,rank=R,after=N``: on attacker rank R, at its N-th push (counting from 1),
-    ``raise`` raises RuntimeError and ``nan-push`` sends examples/gradients containing NaN (once);
-    ``raise,rank=0,after=N`` makes the server raise once the model reaches version N, and
-    ``stall,rank=0,after=N`` makes it stop working for a minute there (a server too slow for its
-    attackers, which then have to wait).
-    """
-
-    kind: str
-    rank: int
-    after: int
-
-    def hits(self, rank: int, push: int, kind: str) -> bool:
-        return self.kind == kind and self.rank == rank and push == self.after
-
-
-def fault_from_env() -> Fault | None:
-    """The one place that reads ``PSADV_FAULT``."""
-    text = os.environ.get("PSADV_FAULT", "").strip()
-    if not text:
-        return None
-    kind, *rest = text.split(",")
-    fields = dict(part.split("=", 1) for part in rest if "=" in part)
-    if kind not in ("raise", "nan-push", "stall"):
-        raise ConfigError(f"PSADV_FAULT: unknown fault {kind!r} (test-only: raise, nan-push, stall)")
-    return Fault(kind, int(fields.get("rank", 1)), int(fields.get("after", 1)))

@@ -6,50 +6,139 @@ Layout::
     RUN_DIR/metrics.jsonl     one JSON object per line, its kinds and fields in psadv.metrics.SCHEMA
     RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
     RUN_DIR/summary.json      final numbers, written when the run ends
+    RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run
 
 An existing run directory is never clobbered: starting a run there is an error unless the user
-resumes it (``--resume``) or asks for ``--overwrite``, which removes only the files above.
+resumes it (``--resume``) or asks for ``--overwrite``, which removes only the files above. The
+lock is taken *before* anything is checked or removed, so ``--overwrite`` or ``--resume`` of a run
+that is still training is refused instead of racing it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import StorageError, UsageError, io_error_text
 
 OWNED = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+LOCK_NAME = ".lock"
 
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def prepare(path: Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make ``path`` ready for a run; refuse to touch an existing run unless asked."""
+def holds_run(path: Path) -> bool:
+    """Does ``path`` hold (part of) a run?"""
+    return any((Path(path) / name).exists() for name in OWNED)
+
+
+class RunDir:
+    """A prepared run directory and the lock that makes this process its only writer.
+
+    ``fresh`` says that no run was there before (or ``--overwrite`` removed it): a run that fails
+    while starting up can then :meth:`abandon` the directory without losing anything.
+    """
+
+    def __init__(self, path: Path, fd: int, *, fresh: bool, created: bool):
+        self.path, self._fd, self.fresh, self.created = path, fd, fresh, created
+
+    def release(self) -> None:
+        """Give up the lock (idempotent); closing the descriptor releases the flock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def abandon(self) -> None:
+        """Undo :func:`prepare` for a run that never started: remove what it created, release."""
+        if self.fresh and not any((self.path / "checkpoints").glob("*.h5")):
+            for name in (*OWNED, LOCK_NAME):
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                elif target.exists():
+                    target.unlink(missing_ok=True)
+            if self.created:
+                try:
+                    self.path.rmdir()
+                except OSError:  # something else appeared there meanwhile: leave it
+                    pass
+        self.release()
+
+
+def _lock(path: Path) -> int:
+    lock_path = path / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"run directory {path} is in use by another psadv process (pid {holder}); "
+                         "wait for it to finish or stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def prepare(path: Path, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+    """Make ``path`` ready for a run and lock it; refuse to touch an existing run unless asked."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"run directory {path} exists and is not a directory")
-    existing = [name for name in OWNED if (path / name).exists()]
-    if existing and not (resume or overwrite):
-        raise UsageError(f"run directory {path} already holds a run; pass --resume {path} to continue it, "
-                         "--overwrite to replace it, or choose another --run-dir")
-    if overwrite and not resume:
-        for name in existing:
-            target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return path
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path)
+    except OSError as exc:
+        raise UsageError(f"cannot use run directory {path}: {exc.strerror or exc}") from None
+    run = RunDir(path, fd, fresh=False, created=created)
+    try:
+        existing = [name for name in OWNED if (path / name).exists()]
+        if existing and not (resume or overwrite):
+            raise UsageError(f"run directory {path} already holds a run; pass --resume {path} to continue it, "
+                             "--overwrite to replace it, or choose another --run-dir")
+        if overwrite and not resume:
+            for name in existing:
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        run.fresh = not resume
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        run.release()
+        raise UsageError(f"cannot prepare run directory {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        run.release()
+        raise
+    return run
 
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file + rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {io_error_text(exc)}") from None
+
+
+def finite_json(value):
+    """``value`` with every NaN or infinity replaced by None: bare ``NaN`` is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -18,9 +18,10 @@ single-process trainer). Its loop is small pieces, like mpi4py.futures' manager:
 Periodic evaluation runs on a snapshot of the model, one small piece between training steps (or
 whenever the queue is empty), so the attackers never wait for it.
 
-On stop (version/time budget, robust-accuracy target, or a signal) the server lets its parameter
-sends complete, sends STOP, drains pushes until every attacker says DONE, then evaluates, writes
-the final checkpoint and the summary.
+On stop (version/time budget, robust-accuracy target, or a signal) the server sends STOP, runs the
+final evaluation (not after a signal), writes the final checkpoint *first*, then drains pushes
+until every attacker says DONE and writes the summary. An attacker that does not answer within
+``WIND_DOWN_SECONDS`` (hung, stopped) ends the job with a one-line error; the checkpoint is saved.
 """
 
 from __future__ import annotations
@@ -36,18 +37,21 @@ from tqdm import tqdm
 from . import wire
 from .data import dataset_info
 from .models import build_model, flat_state, load_flat_state_
-from .mpi import Backoff, Fault, SignalFlag, World
+from .errors import PsadvError
+from .mpi import Backoff, SignalFlag, World
 from .staleness import StalenessPolicy
 from .training import Trainer, progress_postfix
 
-STALL_SECONDS = 60.0  # how long the test-only "stall" fault stops the server
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
-SHUTDOWN_TIMEOUT = 120.0  # seconds to wait for attackers to finish their last batch after STOP
+# After STOP an attacker finishes its batch, waits for its last pushes to be taken, and says DONE:
+# well under a second plus one batch. The checkpoint is written before this wait, so a generous
+# limit costs nothing but the time to notice a hung attacker.
+WIND_DOWN_SECONDS = 10.0
 
 
 class Server:
     def __init__(self, w: World, trainer: Trainer, signals: SignalFlag, *, show_progress: bool = True,
-                 checkpoint=None, fault: Fault | None = None):
+                 checkpoint=None):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -55,7 +59,6 @@ class Server:
         cfg = self.cfg = trainer.cfg
         self.mode = cfg.push
         self.show_progress = show_progress
-        self.fault = fault
         self.attackers = list(range(1, w.size))
         self.n_state = flat_state(trainer.model).numel()
         info = dataset_info(cfg.dataset)
@@ -73,7 +76,6 @@ class Server:
         self.waiting_send: set[int] = set()
         self.sent_version = {r: -1 for r in self.attackers}
         self._flat_cache: tuple[int, np.ndarray] | None = None
-        self.remote_signal: int | None = None
         self.done: set[int] = set()
         self.policy = StalenessPolicy(self.mode, cfg.max_staleness, len(self.attackers), lr_damping=cfg.lr_damping)
         # Counters that survive a resume (checkpoint state "mpi", with the policy's totals).
@@ -174,8 +176,8 @@ class Server:
             src = status.Get_source()
             comm.Recv([self.control_in.buf, MPI.BYTE], source=src, tag=wire.TAG_CONTROL)
             kind = int(self.control_in.header[wire.KIND])
-            if kind == wire.SIGNAL and self.remote_signal is None:
-                self.remote_signal = int(self.control_in.header[wire.COUNT])
+            if kind == wire.SIGNAL and self.signals.forwarded is None:
+                self.signals.forwarded = int(self.control_in.header[wire.COUNT])
             elif kind == wire.DONE:
                 self.done.add(src)
             got = True
@@ -238,6 +240,7 @@ class Server:
                    queue=len(self.queue))
         if win["steps"]:
             row.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
+        trainer.check_finite()  # gradients and sync mode have no loss here to watch
         trainer.metrics.write("train", **row)
         for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed
             trainer.metrics.write("attacker", version=trainer.version, time=row["time"], rank=r,
@@ -307,12 +310,8 @@ class Server:
 
     # --- the loop ------------------------------------------------------------------------------
     def stop_reason(self) -> str | None:
-        signum = self.signals.signum or self.remote_signal
-        if signum:
-            import signal as _signal
-
-            return f"signal {_signal.Signals(signum).name}"
-        return self.trainer.stop_reason()
+        name = self.signals.name()
+        return f"signal {name}" if name else self.trainer.stop_reason()
 
     def run(self) -> dict:
         trainer, cfg = self.trainer, self.cfg
@@ -340,64 +339,82 @@ class Server:
             advanced = self.use(msg, src)
             self.free.append(msg)
             self.time["busy"] += time.perf_counter() - t0
-            if not advanced:
-                continue
-            lr = self.trainer.optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            if self.fault is not None and self.fault.hits(0, trainer.version, "raise"):
-                raise RuntimeError(f"injected fault (PSADV_FAULT, tests only) at version {trainer.version}")
-            if self.mode == "sync" or trainer.due(cfg.refresh_every):
-                self.refresh()
-            if trainer.due(cfg.log_every):
-                rate = self._log(lr)
-                bar.set_postfix_str(progress_postfix(trainer, rate))
-            if self.fault is not None and self.fault.hits(0, trainer.version, "stall"):
-                time.sleep(STALL_SECONDS)
-            if trainer.due(cfg.eval_every):
-                self.start_evaluation()
-            if self.eval_job is not None and self.eval_step():
-                bar.set_postfix_str(progress_postfix(trainer, None))
+            if advanced:
+                lr = self.trainer.optimizer.param_groups[0]["lr"]
+                bar.update(1)
+                if self.mode == "sync" or trainer.due(cfg.refresh_every):
+                    self.refresh()
+                if trainer.due(cfg.log_every):
+                    rate = self._log(lr)
+                    bar.set_postfix_str(progress_postfix(trainer, rate))
+                if trainer.due(cfg.eval_every):
+                    self.start_evaluation()
+                if self.eval_job is not None and self.eval_step():
+                    bar.set_postfix_str(progress_postfix(trainer, None))
+            # after every push, applied or not: under steady rejection a signal must not wait
             reason = self.stop_reason()
-            if trainer.due(cfg.checkpoint_every) and reason is None:
+            if advanced and trainer.due(cfg.checkpoint_every) and reason is None:
                 self.save()
         bar.close()
-        self.shutdown()
-        while self.eval_job is not None and not reason.startswith("signal"):
-            self.eval_step()
+        stop_requests = self.send_stop()
         if not reason.startswith("signal"):
+            while self.eval_job is not None:
+                self.eval_step()
             last = trainer.state.last_eval
             if last is None or last["version"] != trainer.version:
                 t1 = time.perf_counter()
-                trainer.measure_now()
+                trainer.measure_now(interrupted=lambda: self.signals.signum is not None)
                 self.time["eval"] += time.perf_counter() - t1
-        self.save()
+        # The server owns the model: it checkpoints before it waits on any attacker.
+        checkpoint = self.save()
+        try:
+            self.wind_down(stop_requests)
+        except AttackersUnresponsive as exc:
+            trainer.finish(reason, extra_summary={**self.staleness_summary(), "unfinished_attackers": exc.ranks})
+            raise AttackersUnresponsive(exc.ranks, f"{exc}; checkpoint {checkpoint} is saved, "
+                                        f"--resume {trainer.run_dir} continues the run") from None
         return trainer.finish(reason, extra_summary=self.staleness_summary())
 
-    def shutdown(self) -> None:
-        """STOP every attacker and drain what is in flight, so every rank can finalize."""
-        MPI = self.MPI
-        deadline = time.perf_counter() + SHUTDOWN_TIMEOUT + 20 * self._max_compute
-        backoff = Backoff()
+    def send_stop(self) -> list:
+        """Stop taking pushes and send STOP to every attacker (without waiting)."""
         self.waiting_send.clear()
         for msg, _ in self.queue:  # queued but never used: in-flight examples are lost
             self.totals["drained"] += 1
             self.free.append(msg)
         self.queue.clear()
-
-        def wait_until(condition, what):
-            while not condition():
-                if not self.poll(accept=False):
-                    backoff.wait()
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"attackers did not finish within {SHUTDOWN_TIMEOUT:.0f}s after STOP ({what})")
-
-        # Parameters in flight first: attackers keep receiving them while they work or wait.
-        wait_until(lambda: not any(self.params_out[r].busy() for r in self.attackers), "parameter sends")
         requests = []
         for r in self.attackers:
             msg = self.control_out[r]
             msg.set_header(wire.STOP, self.trainer.version, sender=0)
-            requests.append(self.comm.Isend([msg.buf[:wire.HEADER_BYTES], MPI.BYTE], dest=r, tag=wire.TAG_CONTROL))
-        wait_until(lambda: len(self.done) == len(self.attackers), "DONE messages")
-        wait_until(lambda: all(req.Test() for req in requests), "STOP sends")
+            requests.append(self.comm.Isend([msg.buf[:wire.HEADER_BYTES], self.MPI.BYTE], dest=r, tag=wire.TAG_CONTROL))
+        return requests
+
+    def wind_down(self, stop_requests: list) -> None:
+        """Drain what is in flight until every attacker has said DONE, so every rank can finalize;
+        an attacker that does not answer in time (hung, stopped) ends the wait."""
+        limit = WIND_DOWN_SECONDS + 5 * self._max_compute
+        deadline = time.perf_counter() + limit
+        backoff = Backoff()
+
+        def settled() -> bool:
+            return (len(self.done) == len(self.attackers) and all(req.Test() for req in stop_requests)
+                    and not any(self.params_out[r].busy() for r in self.attackers))
+
+        while not settled():
+            if not self.poll(accept=False):
+                backoff.wait()
+            if time.perf_counter() > deadline:
+                missing = sorted(set(self.attackers) - self.done)
+                raise AttackersUnresponsive(missing or self.attackers,
+                                            f"attacker{'s' if len(missing) != 1 else ''} "
+                                            f"{', '.join(map(str, missing)) or '(parameter sends)'} did not "
+                                            f"finish within {limit:.0f}s after STOP")
         self.poll(accept=False)
+
+
+class AttackersUnresponsive(PsadvError):
+    """Attackers did not answer STOP in time; the job must be ended from rank 0."""
+
+    def __init__(self, ranks: list[int], message: str):
+        super().__init__(message)
+        self.ranks = ranks

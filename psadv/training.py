@@ -8,6 +8,9 @@ drive it: one code path for configuration, checkpoints and metrics.
 from __future__ import annotations
 
 import collections
+import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,13 +23,15 @@ from tqdm import tqdm
 from . import __version__, rundir, schedules
 from .attacks import perturb
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
-                         find_checkpoint, load_checkpoint, restore_rng_state)
+                         checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
 from .config import Config, make_config
+from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
 from .evaluate import AccuracyJob
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
+from .mpi import SignalFlag
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -43,6 +48,28 @@ class RunSetup:
     run_dir: Path
     model_args: dict
     checkpoint: Checkpoint | None
+    # True when the run continues in its checkpoint's own directory; False for a new run, and
+    # for a branch (``--resume A --run-dir B``: a new run in B that starts from A's checkpoint).
+    in_place: bool = False
+    lock: rundir.RunDir | None = None  # set by open_run_dir; held until the run ends
+
+
+def _load_resume_checkpoint(resume: str) -> Checkpoint:
+    """The checkpoint ``--resume`` names; for a run directory its newest one, and if that one is
+    unreadable, an error that names the newest older checkpoint to resume from instead."""
+    path = find_checkpoint(resume)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        older = [c for c in list_checkpoints(path.parent) if c != path][-1:] if Path(resume).is_dir() else []
+        if older:
+            raise CheckpointError(f"{exc}; resume from the previous checkpoint with --resume {older[0]}") from None
+        raise
+
+
+def run_dir_of(checkpoint: Checkpoint) -> Path:
+    parent = checkpoint.path.parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
@@ -50,13 +77,14 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
-    dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers).
+    dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers,
+    and the server until every rank has checked its inputs: it calls :func:`open_run_dir` then).
     """
     file_values = file_values or {}
     checkpoint = None
     base: dict = {}
     if resume:
-        checkpoint = load_checkpoint(find_checkpoint(resume))
+        checkpoint = _load_resume_checkpoint(resume)
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
         base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
         for key in ("model", "dataset"):
@@ -65,22 +93,52 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
                 raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a {base[key]} run "
                                              f"({key} {base[key]!r}), not {key} {asked!r}")
     cfg = make_config(base, file_values, overrides)
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-    elif checkpoint is not None:
-        parent = checkpoint.path.parent
-        run_dir = parent.parent if parent.name == "checkpoints" else parent
-    else:
-        run_dir = rundir.default_run_dir()
+    home = run_dir_of(checkpoint) if checkpoint is not None else None
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
+    in_place = home is not None and run_dir.resolve() == home.resolve()
     info = dataset_info(cfg.dataset)
     model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
+    setup = RunSetup(cfg, run_dir, model_args, checkpoint, in_place=in_place)
     if prepare_dir:
         # Data problems surface before anything is written (the loads are cached for the run).
-        for split in ("train", "test"):
-            load_dataset(cfg.dataset, split, cfg.data_dir or None)
-        rundir.prepare(run_dir, resume=checkpoint is not None, overwrite=overwrite)
-    return RunSetup(cfg, run_dir, model_args, checkpoint)
+        train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
+        load_dataset(cfg.dataset, "test", cfg.data_dir or None)
+        check_batch_size(cfg.batch_size, len(train))
+        open_run_dir(setup, overwrite=overwrite)
+    return setup
+
+
+def check_batch_size(batch_size: int, available: int, where: str = "the training set") -> None:
+    if batch_size > available:
+        raise ConfigError(f"--batch-size {batch_size} exceeds {where} ({available} examples)")
+
+
+def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
+    """Lock and prepare the run directory (:func:`psadv.rundir.prepare`).
+
+    A branch must go to a directory that holds no run. Resuming a run in place from a checkpoint
+    older than its newest truncates the run's future: the newer checkpoints are moved (never
+    deleted) into ``checkpoints/superseded-<time>/``, so "latest" is always on the line being trained
+    and the keep-K rotation only ever deletes checkpoints of that line.
+    """
+    if setup.checkpoint is not None and not setup.in_place and rundir.holds_run(setup.run_dir):
+        raise UsageError(f"--run-dir {setup.run_dir} already holds a run; --resume {setup.checkpoint.path} "
+                         f"with another --run-dir starts a new run there from that checkpoint (a branch), so "
+                         f"choose an empty --run-dir, or leave --run-dir out to continue in "
+                         f"{run_dir_of(setup.checkpoint)}")
+    setup.lock = rundir.prepare(setup.run_dir, resume=setup.in_place, overwrite=overwrite)
+    if setup.in_place:
+        resumed = setup.checkpoint.state.get("version", 0)
+        directory = setup.run_dir / "checkpoints"
+        newer = [c for c in list_checkpoints(directory) if (checkpoint_version(c) or 0) > resumed]
+        if newer:
+            aside = directory / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(exist_ok=True)
+            for path in newer:
+                os.replace(path, aside / path.name)
+            print(f"psadv: resuming from version {resumed}: moved {len(newer)} newer checkpoint"
+                  f"{'s' if len(newer) > 1 else ''} to {aside}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -122,6 +180,7 @@ class Trainer:
     def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single"):
         cfg = self.cfg = setup.cfg
         self.run_dir = setup.run_dir
+        self.lock = setup.lock
         self.device = device
         self.model_args = setup.model_args
         self.model = initial_model(cfg, setup.model_args, device)
@@ -182,10 +241,13 @@ class Trainer:
         self.model.train()
         logits = self.model(x_adv)
         loss = F.cross_entropy(logits, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # before the step: the model stays as it was
+            raise self.diverged(f"the training loss is {loss_value} (learning rate {lr:g})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return self._advance(len(y), lr, loss.item(), (logits.argmax(1) == y).float().mean().item())
+        return self._advance(len(y), lr, loss_value, (logits.argmax(1) == y).float().mean().item())
 
     def apply_gradients(self, grads: list[torch.Tensor], buffers: list[torch.Tensor], examples: int,
                         lr_scale: float = 1.0) -> dict:
@@ -199,6 +261,18 @@ class Trainer:
             p.grad = g.to(p.device).view_as(p).clone()
         self.optimizer.step()
         return self._advance(examples, lr, None, None)
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        latest = self.manager.latest()
+        kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written"
+        return TrainingDiverged(f"training diverged at version {self.version}: {what}; {kept}; "
+                                "lower --lr (or check the data) and train again")
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if any parameter or buffer is NaN or infinite."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise self.diverged(f"model tensor {name!r} holds NaN or infinite values")
 
     def _advance(self, examples: int, lr: float, loss, acc) -> dict:
         self.state.version += 1
@@ -230,13 +304,16 @@ class Trainer:
                            else examples_at_version, **result)
         return result
 
-    def measure_now(self, progress: bool = False) -> dict:
-        """Measure the live model on the evaluation slice now, to the end, and record it."""
+    def measure_now(self, progress: bool = False, interrupted=lambda: False) -> dict | None:
+        """Measure the live model on the evaluation slice now, to the end, and record it; None (nothing
+        recorded) if ``interrupted()`` turns true on the way, so a signal never waits for a long one."""
         version, started = self.version, self.elapsed()
         job = self.slice_accuracy_job()
         with tqdm(total=len(self.eval_y), desc=f"eval v{version}", unit="ex", disable=not progress,
                   leave=False) as bar:
             while not job.done:
+                if interrupted():
+                    return None
                 bar.update(job.step())
         return self.record_eval(job.result(), version, started)
 
@@ -244,6 +321,8 @@ class Trainer:
         return every > 0 and self.version % every == 0
 
     def save(self, extra: dict | None = None, extra_state: dict | None = None) -> Path:
+        # A NaN model never replaces a good checkpoint (nor makes the rotation delete one).
+        self.check_finite()
         state = {**self.state.saved(self.elapsed()), **(extra_state or {})}
         return self.manager.save(self.version, model_name=self.cfg.model, model_args=self.model_args,
                                  config=self.cfg.to_dict(), state=state, model=self.model,
@@ -258,6 +337,8 @@ class Trainer:
         rundir.write_json(self.run_dir / "summary.json", summary)
         self.metrics.close()
         self.manager.close()
+        if self.lock is not None:
+            self.lock.release()
         return summary
 
 
@@ -285,28 +366,48 @@ class StaleRing:
 
 
 def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
-    """The classic loop: attack the batch with the current (or an S-versions-old) model, step."""
+    """The classic loop: attack the batch with the current (or an S-versions-old) model, step.
+
+    SIGTERM, SIGUSR1 and SIGINT stop it as they stop the parameter server: a checkpoint, the
+    summary, exit 0, and ``--resume`` continues the run.
+    """
+    signals = SignalFlag().install()
+    try:
+        return _train_single(setup, signals, show_progress)
+    finally:
+        signals.restore()
+
+
+def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> dict:
     cfg = setup.cfg
-    set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
-    x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
-    trainer = Trainer(setup, device=device, train_size=len(train_set))
-    stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
-    ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
-    attack_model = build_model(cfg.model, **setup.model_args).to(device) if ring else trainer.model
-    if setup.checkpoint is not None:
-        ckpt = setup.checkpoint
-        stream.restore(ckpt.state["data_stream"])
-        if ckpt.rng:
-            restore_rng_state(ckpt.rng)
-        if ring and "stale_ring" in ckpt.extra:
-            ring.load_array(ckpt.extra["stale_ring"])
+    try:  # start-up: a failure here leaves no half-made run directory behind
+        set_threads(cfg.threads)
+        device = pick_device(cfg.device)
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
+        x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
+        trainer = Trainer(setup, device=device, train_size=len(train_set))
+        stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
+        ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
+        attack_model = build_model(cfg.model, **setup.model_args).to(device) if ring else trainer.model
+        if setup.checkpoint is not None:
+            ckpt = setup.checkpoint
+            stream.restore(ckpt.state["data_stream"])
+            if ckpt.rng:
+                restore_rng_state(ckpt.rng)
+            if ring and "stale_ring" in ckpt.extra:
+                ring.load_array(ckpt.extra["stale_ring"])
+    except BaseException:
+        if setup.lock is not None:
+            setup.lock.abandon()
+        raise
+
+    def stop_reason() -> str | None:
+        return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
 
     window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
     bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc="train",
                disable=not show_progress, dynamic_ncols=True)
-    reason = trainer.stop_reason()
+    reason = stop_reason()
     while reason is None:
         idx = torch.from_numpy(stream.next())
         x, y = x_train[idx].to(device), y_train[idx].to(device)
@@ -334,15 +435,16 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
                                   staleness=ring.staleness() if ring else 0)
             bar.set_postfix_str(progress_postfix(trainer, rate))
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
-        reason = trainer.stop_reason()
+        reason = stop_reason()
         if trainer.due(cfg.eval_every) and reason is None:
-            trainer.measure_now()
+            trainer.measure_now(interrupted=lambda: signals.signum is not None)
             bar.set_postfix_str(progress_postfix(trainer, None))
-            reason = trainer.stop_reason()
+            reason = stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
             _save_single(trainer, stream, ring)
     bar.close()
-    if trainer.state.last_eval is None or trainer.state.last_eval["version"] != trainer.version:
+    last = trainer.state.last_eval
+    if not reason.startswith("signal") and (last is None or last["version"] != trainer.version):
         trainer.measure_now()
     _save_single(trainer, stream, ring)
     return trainer.finish(reason)

@@ -285,6 +285,22 @@ def test_atomic_write_keeps_old_file_when_saving_fails(tmp_path: Path, monkeypat
     monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
     with pytest.raises(CheckpointError, match=r"ckpt-00000010\.h5.*No space left"):
         save_trained(path, "sgd-momentum")
+
+    # What h5py really raises when the disk fills up or the file-size limit is hit: one line of
+    # psadv's, with the system's reason, not HDF5's multi-line report cut after its first line.
+    hdf5_enospc = OSError(28, "Can't close file (file write failed: time = Wed Nov 25 22:42:23 2026\n, filename = "
+                              "'x', file descriptor = 7, errno = 28, error message = 'No space left on device', "
+                              "buf = 0x5, total write size = 18, bytes this sub-write = 18, offset = 0)")
+    hdf5_efbig = RuntimeError("Can't decrement id ref count (unable to extend file properly, errno = 27, "
+                              "error message = 'File too large')")
+    for exc, reason in ((hdf5_enospc, "No space left on device (errno 28)"), (hdf5_efbig, "File too large (errno 27)")):
+        def failing(self, *args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+        with pytest.raises(CheckpointError) as info:
+            save_trained(path, "sgd-momentum")
+        assert str(info.value) == f"cannot save checkpoint {path}: {reason}"
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]
     monkeypatch.undo()

@@ -21,7 +21,7 @@ import pytest
 from psadv import wire
 from psadv.checkpoint import find_checkpoint, load_checkpoint
 from psadv.metrics import row_problems
-from psadv.mpi import Backoff, Fault, fault_from_env, launched_by_mpi
+from psadv.mpi import Backoff, launched_by_mpi
 
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
@@ -30,20 +30,26 @@ SMALL = ["--eval-every", "0", "--eval-examples", "100", "--eval-steps", "2", "--
          "--attack-steps", "2", "--log-every", "10", "--no-progress"]
 
 
+FAULT_ENTRY = Path(__file__).with_name("fault_entry.py")
+
+
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PSADV_FAULT"}
+    env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def _cmd(n: int, mnist_dir: Path, run_dir: Path, *args: str) -> list[str]:
-    return [MPIEXEC, "-n", str(n), sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir),
+def _cmd(n: int, mnist_dir: Path, run_dir: Path, *args: str, fault: str | None = None) -> list[str]:
+    """``mpiexec -n N psadv train …``; with ``fault``, through the test-only fault entry point."""
+    program = [str(FAULT_ENTRY), fault] if fault else ["-m", "psadv.cli"]
+    return [MPIEXEC, "-n", str(n), sys.executable, *program, "train", "--data-dir", str(mnist_dir),
             "--run-dir", str(run_dir), *args]
 
 
-def run_job(n: int, mnist_dir: Path, run_dir: Path, *args: str, timeout: float = 90, **env):
-    return subprocess.run(_cmd(n, mnist_dir, run_dir, *args), capture_output=True, text=True, timeout=timeout,
-                          env=_env(**env))
+def run_job(n: int, mnist_dir: Path, run_dir: Path, *args: str, timeout: float = 90, fault: str | None = None,
+            **env):
+    return subprocess.run(_cmd(n, mnist_dir, run_dir, *args, fault=fault), capture_output=True, text=True,
+                          timeout=timeout, env=_env(**env))
 
 
 def rows(run_dir: Path, kind: str | None = None) -> list[dict]:
@@ -156,11 +162,11 @@ def test_backoff_doubles_to_cap_and_resets():
     assert b.delay == 1e-5
 
 
-def test_fault_injection_is_read_from_env_only(monkeypatch):
-    monkeypatch.delenv("PSADV_FAULT", raising=False)
-    assert fault_from_env() is None
-    monkeypatch.setenv("PSADV_FAULT", "nan-push,rank=2,after=3")
-    assert fault_from_env() == Fault("nan-push", 2, 3)
+def test_fault_injection_lives_in_the_tests_only():
+    root = Path(__file__).resolve().parents[1] / "psadv"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "PSADV_FAULT" not in text and "fault_entry" not in text and "injected fault" not in text, path
 
 
 def test_plain_process_is_not_mpi(monkeypatch):
@@ -175,7 +181,7 @@ def test_plain_process_is_not_mpi(monkeypatch):
 def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(tmp_path, mnist_dir):
     run = tmp_path / "run"
     res = run_job(3, mnist_dir, run, "--steps", "30", "--max-staleness", "1000", "--wire-dtype", "float16", *SMALL,
-                  PSADV_FAULT="nan-push,rank=1,after=2")
+                  fault="nan-push,rank=1,after=2")
     assert res.returncode == 0, res.stderr
     s = summary(run)
     assert s["stop_reason"] == "version budget" and s["version"] == 30 and s["examples_seen"] == 1500
@@ -208,7 +214,7 @@ def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(t
 def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push):
     run = tmp_path / push
     res = run_job(3, mnist_dir, run, "--steps", "20", "--push", push, "--lr-damping", *SMALL,
-                  PSADV_FAULT="nan-push,rank=2,after=2")
+                  fault="nan-push,rank=2,after=2")
     assert res.returncode == 0, res.stderr
     s = summary(run)
     assert s["version"] == 20 and s["push"] == push
@@ -254,7 +260,7 @@ def test_an_exception_on_any_rank_ends_the_job_nonzero(tmp_path, mnist_dir, rank
     run = tmp_path / "raise"
     start = time.monotonic()
     res = run_job(3, mnist_dir, run, "--steps", "100000", *SMALL, timeout=60,
-                  PSADV_FAULT=f"raise,rank={rank},after=3")
+                  fault=f"raise,rank={rank},after=3")
     assert time.monotonic() - start < 30
     assert res.returncode != 0
     assert f"psadv: error: rank {rank} of 3 on " in res.stderr and "injected fault" in res.stderr
@@ -281,8 +287,8 @@ def test_idle_attackers_sleep_while_the_server_stalls_and_kill_9_ends_the_job(tm
     # in-flight slots and the server queue, then wait (Iprobe + back-off).
     args = ["--steps", "100000", "--eval-every", "0", "--batch-size", "50", "--attack-steps", "2",
             "--log-every", "20", "--no-progress"]
-    proc = subprocess.Popen(_cmd(3, mnist_dir, run, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(PSADV_FAULT="stall,rank=0,after=20"))
+    proc = subprocess.Popen(_cmd(3, mnist_dir, run, *args, fault="stall,rank=0,after=20"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
     try:
         world = wait_for(lambda: rows(run, "world"), 60, proc, "the world row")[0]
         pids = {r["rank"]: int(r["pid"]) for r in world["ranks"]}

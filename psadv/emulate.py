@@ -1,0 +1,93 @@
+"""N asynchronous attackers emulated in one process: whose push comes next, made with which version.
+
+The MPI parameter server's staleness comes from two rules (see :mod:`psadv.server` and
+:mod:`psadv.attacker`): an attacker computes each batch with the newest parameters it holds when it
+starts the batch, and the server sends parameters to every attacker every ``refresh_every``
+versions, and to one attacker right after rejecting its push. :class:`VirtualAttackers` replays
+those rules for N equally fast attackers in their steady-state order (round robin: while the
+server keeps up, each push is taken as soon as it is made, so one attacker's pushes are N pushes
+apart), deterministically and without MPI, clocks or torch.
+
+Timeline of one push, as on the real system: attacker ``a`` pushes the batch it started with
+version ``p``; its send completes when the server takes the push, and before the server has
+trained on it the attacker starts its next batch with the newest version it holds; then the server
+judges the push (τ = V − p) and, if it applies it and V + 1 is due for a refresh, sends V + 1 to
+every attacker. With one attacker and ``refresh_every`` r this gives τ = 1 + (V mod r), a mean of
+1 + (r − 1)/2 — 2.5 for the default r = 4, as measured on the real server (README).
+
+In this regime (the server keeps up, N below the bottleneck model's n*) pushes never wait in the
+server's queue, so ``--max-in-flight`` adds no staleness; where the server falls behind, queued
+pushes age further, which the emulation does not model.
+
+:class:`SnapshotStore` keeps the parameters of just the versions some attacker still holds or
+computes with, each once however many attackers share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Push:
+    attacker: int
+    version: int  # the model version the push was computed with
+
+
+class VirtualAttackers:
+    """The order and model versions of N equally fast attackers' pushes."""
+
+    def __init__(self, n: int, refresh_every: int):
+        if n < 1 or refresh_every < 1:
+            raise ValueError(f"need n >= 1 and refresh_every >= 1, not {n} and {refresh_every}")
+        self.n, self.refresh_every = n, refresh_every
+        self.turn = 0  # pushes made so far
+        self.held = [0] * n  # the newest version each attacker has received
+        self.computing = [0] * n  # the version each attacker's batch in progress uses
+
+    def next_push(self) -> Push:
+        """The next push; its attacker starts its next batch with what it holds now."""
+        a = self.turn % self.n
+        push = Push(a, self.computing[a])
+        self.computing[a] = self.held[a]
+        self.turn += 1
+        return push
+
+    def judged(self, push: Push, version_after: int, applied: bool) -> None:
+        """The server applied the push (and is now at ``version_after``) or rejected it."""
+        if applied and version_after % self.refresh_every == 0:
+            self.held = [version_after] * self.n
+        elif not applied:  # the server sends its current parameters to the rejected attacker
+            self.held[push.attacker] = version_after
+
+    def versions_in_use(self) -> set[int]:
+        return set(self.held) | set(self.computing)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"n": self.n, "refresh_every": self.refresh_every, "turn": self.turn, "held": list(self.held),
+                "computing": list(self.computing)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state` of a run with the same N (another N starts afresh)."""
+        if state.get("n") == self.n:
+            self.turn = int(state["turn"])
+            self.held = [int(v) for v in state["held"]]
+            self.computing = [int(v) for v in state["computing"]]
+
+
+class SnapshotStore:
+    """Parameter snapshots by version: taken when a version is sent, dropped when unused."""
+
+    def __init__(self):
+        self.snapshots: dict[int, object] = {}
+
+    def take(self, version: int, flat) -> None:
+        self.snapshots.setdefault(version, flat)
+
+    def get(self, version: int):
+        return self.snapshots[version]
+
+    def keep_only(self, versions: set[int]) -> None:
+        for v in [v for v in self.snapshots if v not in versions]:
+            del self.snapshots[v]

@@ -1,0 +1,98 @@
+"""``psadv`` with one injected fault: a test-only entry point, never part of the product.
+
+The MPI tests run ``mpiexec -n N python tests/fault_entry.py FAULT train …``; every rank wraps the
+roles' real methods, then runs the ordinary CLI. ``FAULT`` is ``KIND,rank=R,after=N``:
+
+* ``nan-push``: attacker R's N-th batch (counting from 1) is NaN, so it pushes NaN examples or a
+  NaN gradient, which the server must reject;
+* ``raise``: attacker R raises at its N-th batch, or (R = 0) the server raises once the model
+  reaches version N;
+* ``stall``: the server (R = 0) stops working for a minute at version N, so its attackers fill
+  the bounded queue and must wait without spinning;
+* ``reject``: the server (R = 0) rejects every push, slowly, so its queue never empties;
+* ``fail-setup``: attacker R fails at start-up with a user error (after rank 0 made the run
+  directory).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+STALL_SECONDS = 60.0
+
+
+def parse(text: str) -> tuple[str, int, int]:
+    kind, *rest = text.split(",")
+    fields = dict(part.split("=", 1) for part in rest)
+    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup"):
+        raise SystemExit(f"fault_entry: unknown fault {kind!r}")
+    return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
+
+
+def install(kind: str, rank: int, after: int) -> None:
+    from psadv import attacker, server
+
+    me = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    if me != rank:
+        return
+    if kind == "fail-setup":
+        from psadv.errors import UsageError
+
+        def failing_init(self, *args, **kwargs):
+            raise UsageError("injected start-up error (tests/fault_entry.py)")
+
+        attacker.Attacker.__init__ = failing_init
+        return
+    if rank > 0:
+        import torch
+
+        real_perturb, calls = attacker.perturb, [0]
+
+        def perturb(model, x, y, attack):
+            calls[0] += 1
+            x_adv = real_perturb(model, x, y, attack)
+            if calls[0] == after and kind == "raise":
+                raise RuntimeError(f"injected fault (tests/fault_entry.py) at push {after}")
+            if calls[0] == after and kind == "nan-push":
+                return torch.full_like(x_adv, float("nan"))
+            return x_adv
+
+        attacker.perturb = perturb
+        return
+    if kind == "reject":
+        def reject(self, msg, src):
+            time.sleep(0.05)
+            self.policy.rejected_stale += 1
+            return False
+
+        server.Server.use = reject
+    elif kind == "stall":  # after the train row of version N, so the test sees where it stalled
+        real_log = server.Server._log
+
+        def log(self, lr):
+            rate = real_log(self, lr)
+            if self.trainer.version == after:
+                time.sleep(STALL_SECONDS)
+            return rate
+
+        server.Server._log = log
+    else:
+        real_use = server.Server.use
+
+        def use(self, msg, src):
+            advanced = real_use(self, msg, src)
+            if advanced and self.trainer.version == after:
+                raise RuntimeError(f"injected fault (tests/fault_entry.py) at version {after}")
+            return advanced
+
+        server.Server.use = use
+
+
+if __name__ == "__main__":
+    install(*parse(sys.argv[1]))
+    from psadv.cli import main
+
+    sys.argv = ["psadv", *sys.argv[2:]]
+    main()

@@ -1,0 +1,80 @@
+"""The N-attacker emulation: push order, versions and refresh rules, without torch or MPI."""
+
+import numpy as np
+import pytest
+
+from psadv.emulate import SnapshotStore, VirtualAttackers
+
+
+def taus(n, refresh, pushes, reject_above=None):
+    emu, version, out = VirtualAttackers(n, refresh), 0, []
+    for _ in range(pushes):
+        push = emu.next_push()
+        tau = version - push.version
+        applied = reject_above is None or tau <= reject_above
+        if applied:
+            version += 1
+            out.append(tau)
+        emu.judged(push, version, applied)
+    return out
+
+
+def test_one_attacker_fresh_every_version_is_one_version_behind():
+    assert taus(1, 1, 10) == [0] + [1] * 9
+
+
+@pytest.mark.parametrize("n,refresh", [(1, 4), (2, 4), (8, 1), (8, 4), (64, 4), (3, 7)])
+def test_steady_state_staleness_is_n_plus_the_refresh_lag(n, refresh):
+    """τ = N + (V mod r) at pick-up: mean N + (r - 1)/2, support N .. N + r - 1."""
+    steady = taus(n, refresh, 40 * n * refresh)[4 * n * refresh:]
+    assert min(steady) == n and max(steady) == n + refresh - 1
+    assert np.mean(steady) == pytest.approx(n + (refresh - 1) / 2, abs=0.05)
+
+
+def test_the_first_round_uses_the_initial_parameters():
+    assert taus(4, 1, 4) == [0, 1, 2, 3]
+
+
+def test_a_rejected_attacker_gets_fresh_parameters():
+    emu = VirtualAttackers(2, 100)
+    # at version 5 attacker 0 still holds and computes with version 0: its push is rejected
+    emu.held, emu.computing = [0, 5], [0, 5]
+    push = emu.next_push()
+    assert (push.attacker, push.version) == (0, 0)
+    emu.judged(push, 5, applied=False)
+    assert emu.held == [5, 5]
+    # its batch in progress was started before the refresh; the one after uses version 5
+    assert [(p.attacker, p.version) for p in (emu.next_push() for _ in range(3))] == [(1, 5), (0, 0), (1, 5)]
+    assert emu.next_push().version == 5
+
+
+def test_a_staleness_limit_below_n_rejects_and_still_makes_progress():
+    applied = taus(8, 1, 400, reject_above=4)
+    assert applied and max(applied) <= 4
+
+
+def test_state_round_trip_continues_identically():
+    a = VirtualAttackers(5, 3)
+    for v in range(17):
+        a.judged(a.next_push(), v + 1, True)
+    b = VirtualAttackers(5, 3)
+    b.restore(a.state())
+    assert [a.next_push() for _ in range(12)] == [b.next_push() for _ in range(12)]
+    c = VirtualAttackers(4, 3)
+    c.restore(a.state())  # another N starts afresh
+    assert c.turn == 0
+
+
+def test_snapshots_are_shared_and_dropped_when_unused():
+    emu, store, version = VirtualAttackers(16, 4), SnapshotStore(), 0
+    store.take(0, object())
+    for _ in range(500):
+        push = emu.next_push()
+        assert push.version in store.snapshots
+        version += 1
+        emu.judged(push, version, True)
+        if version % 4 == 0:
+            store.take(version, object())
+        store.keep_only(emu.versions_in_use())
+        # at most two refresh generations are alive, however many attackers share them
+        assert len(store.snapshots) <= 16 // 4 + 2

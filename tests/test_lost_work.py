@@ -1,0 +1,284 @@
+"""Nothing lost, whatever happens: locks, signals, divergence, resume rules, error paths.
+
+Each test reproduces a way work used to be lost (real processes and signals where the bug is
+about them); the MPI ones run ``mpiexec`` jobs with hard timeouts, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from psadv.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
+from psadv.errors import CheckpointError, TrainingDiverged, UsageError
+from psadv.metrics import MetricsLog
+from psadv.training import resolve_run, train_single
+from test_mpi import MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, summary, wait_for
+
+from cli_helpers import assert_one_line_error, invoke
+
+SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=0, log_every=5, threads=1)
+CLI_SMALL = ["--batch-size", "50", "--attack-steps", "2", "--eval-examples", "100", "--eval-steps", "2",
+             "--eval-every", "0", "--log-every", "5", "--threads", "1", "--no-progress"]
+
+
+def run(tmp_path, mnist_dir, name="run", resume=None, **options):
+    overrides = {**({} if resume else SMALL), "data_dir": str(mnist_dir), "run_dir": str(tmp_path / name), **options}
+    return train_single(resolve_run(overrides, resume=resume), show_progress=False)
+
+
+def psadv_train(mnist_dir, run_dir, *args) -> list[str]:
+    return [sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir), "--run-dir", str(run_dir),
+            *CLI_SMALL, *args]
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Every line parses as strict JSON (no bare NaN) and is an object."""
+    def no_constants(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    out = [json.loads(line, parse_constant=no_constants) for line in path.read_text().splitlines()]
+    assert all(isinstance(row, dict) for row in out)
+    return out
+
+
+# --- run directories and the lock -----------------------------------------------------------
+def test_overwrite_of_a_live_run_is_refused(tmp_path, mnist_dir):
+    run_dir = tmp_path / "live"
+    proc = subprocess.Popen(psadv_train(mnist_dir, run_dir, "--steps", "100000", "--checkpoint-every", "20"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        wait_for(lambda: rows(run_dir, "train"), 60, proc, "the first train row")
+        second = subprocess.run(psadv_train(mnist_dir, run_dir, "--steps", "10", "--overwrite"),
+                                capture_output=True, text=True, timeout=60, env=_env())
+        assert second.returncode == 2, second.stderr
+        assert f"run directory {run_dir} is in use by another psadv process (pid {proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        resumed = subprocess.run([sys.executable, "-m", "psadv.cli", "train", "--resume", str(run_dir), "--no-progress"],
+                                 capture_output=True, text=True, timeout=60, env=_env())
+        assert resumed.returncode == 2 and "in use by another psadv process" in resumed.stderr
+        assert proc.poll() is None, "the live run must keep training"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert summary(run_dir)["stop_reason"] == "signal SIGTERM"
+    assert json.loads((run_dir / "config.json").read_text())["config"]["steps"] == 100000  # never replaced
+
+
+def test_run_directory_that_cannot_be_made_is_one_line(tmp_path, mnist_dir):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for where in ("/proc/psadv-x", afile / "sub"):
+        result = invoke("train", "--data-dir", mnist_dir, "--run-dir", where, "--steps", "1", "--no-progress")
+        assert_one_line_error(result, 2, f"run directory {where}")
+
+
+def test_a_start_up_error_leaves_no_run_directory(tmp_path, mnist_dir):
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", tmp_path / "big", "--batch-size", "1000000",
+                    "--no-progress")
+    assert_one_line_error(result, 2, "--batch-size 1000000 exceeds the training set (60000 examples)")
+    assert not (tmp_path / "big").exists()
+    # a failure after the directory was made (no such device) removes what it made, lock included
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", tmp_path / "dev", "--device", "cuda:7",
+                    "--no-progress")
+    assert result.exit_code == 2 and "CUDA" in result.stderr
+    assert not (tmp_path / "dev").exists()
+    # ... and an existing, empty directory the user made is kept, empty
+    (tmp_path / "mine").mkdir()
+    invoke("train", "--data-dir", mnist_dir, "--run-dir", tmp_path / "mine", "--device", "cuda:7", "--no-progress")
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
+def test_checkpoint_write_failure_is_one_line(tmp_path, mnist_dir):
+    """``ulimit -f``: the file-size limit makes HDF5 fail while closing the file (EFBIG)."""
+    run_dir = tmp_path / "efbig"
+    cmd = " ".join(f"'{a}'" for a in psadv_train(mnist_dir, run_dir, "--steps", "10", "--checkpoint-every", "5"))
+    res = subprocess.run(["bash", "-c", f"ulimit -f 400; exec {cmd}"], capture_output=True, text=True, timeout=120,
+                         env=_env())
+    assert res.returncode == 1, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("psadv: error:")]
+    assert lines == [f"psadv: error: cannot save checkpoint {run_dir}/checkpoints/ckpt-00000005.h5: "
+                     "File too large (errno 27)"], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not list((run_dir / "checkpoints").glob("*.h5")) and not list((run_dir / "checkpoints").glob(".*tmp*"))
+
+
+# --- resume rules ---------------------------------------------------------------------------
+def test_resume_into_another_run_is_refused_and_an_empty_one_is_a_branch(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, name="a", steps=10)
+    run(tmp_path, mnist_dir, name="b", steps=5)
+    b_before = (tmp_path / "b" / "metrics.jsonl").read_text()
+    with pytest.raises(UsageError, match="already holds a run.*branch"):
+        run(tmp_path, mnist_dir, name="b", resume=str(tmp_path / "a"), steps=20)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == b_before
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["ckpt-00000005.h5"]
+    # an empty --run-dir: a new run that starts from a's checkpoint; a stays as it was
+    a_files = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    s = run(tmp_path, mnist_dir, name="c", resume=str(tmp_path / "a"), steps=15)
+    assert s["version"] == 15
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == a_files
+    assert load_checkpoint(find_checkpoint(tmp_path / "c")).state["version"] == 15
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, mnist_dir, capsys):
+    run(tmp_path, mnist_dir, name="r", steps=20, checkpoint_every=5, keep_checkpoints=4)
+    ckpts = tmp_path / "r" / "checkpoints"
+    names = [p.name for p in list_checkpoints(ckpts)]
+    assert names == [f"ckpt-{v:08d}.h5" for v in (5, 10, 15, 20)]
+    (ckpts / names[-1]).write_bytes((ckpts / names[-1]).read_bytes()[:3000])  # the newest is damaged
+    with pytest.raises(CheckpointError, match=f"--resume {ckpts / names[-2]}"):
+        resolve_run({}, resume=str(tmp_path / "r"))
+    s = run(tmp_path, mnist_dir, name="r", resume=str(ckpts / names[1]), steps=25, checkpoint_every=5)
+    assert s["version"] == 25
+    assert "moved 2 newer checkpoints" in capsys.readouterr().err
+    aside = [d for d in ckpts.iterdir() if d.is_dir()]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == names[2:]
+    # the line being trained is the only one "latest" and the rotation see
+    assert [p.name for p in list_checkpoints(ckpts)] == [f"ckpt-{v:08d}.h5" for v in (10, 15, 20, 25)]
+    assert load_checkpoint(find_checkpoint(tmp_path / "r")).state["version"] == 25
+    assert run(tmp_path, mnist_dir, name="r", resume=str(tmp_path / "r"), steps=30)["version"] == 30
+
+
+# --- divergence -------------------------------------------------------------------------------
+def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, mnist_dir):
+    run(tmp_path, mnist_dir, name="d", steps=10, checkpoint_every=5, keep_checkpoints=2)
+    good = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "d" / "checkpoints")}
+    with pytest.raises(TrainingDiverged, match=r"training diverged at version 1[0-9]: .*ckpt-00000010\.h5.* kept"):
+        run(tmp_path, mnist_dir, name="d", resume=str(tmp_path / "d"), steps=40, lr=1e30, lr_schedule="constant",
+            checkpoint_every=2)
+    after = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path / "d" / "checkpoints")}
+    assert after == good  # nothing NaN written, nothing good rotated away
+    assert all(np.isfinite(t.numpy()).all() for t in load_checkpoint(find_checkpoint(tmp_path / "d")).model_state.values())
+    strict_json_lines(tmp_path / "d" / "metrics.jsonl")
+
+
+def test_metrics_rows_are_strict_json(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    end = dict(stop_reason="x", version=1, examples_seen=0, time_to_target=None, target_robust_acc=None,
+               best_robust_acc=None)
+    log.write("end", **end, elapsed=float("nan"), last_eval={"x": [float("inf"), 1.5]})
+    log.close()
+    assert strict_json_lines(tmp_path / "m.jsonl")[0] | {"wall": 0} == {"kind": "end", "wall": 0, **end, "elapsed": None,
+                                                                         "last_eval": {"x": [None, 1.5]}}
+
+
+def test_divergence_from_the_command_line_is_one_line(tmp_path, mnist_dir):
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", tmp_path / "x", "--steps", "30", "--lr", "1e30",
+                    "--lr-schedule", "constant", *CLI_SMALL)
+    assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("psadv: error:")]
+    assert len(errors) == 1 and "training diverged at version 1: the training loss is nan" in errors[0]
+    assert "no checkpoint had been written" in errors[0]
+    assert not list((tmp_path / "x" / "checkpoints").glob("*.h5"))
+
+
+# --- signals in one process ---------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_single_process_checkpoints_on_a_signal_and_resumes(tmp_path, mnist_dir, sig):
+    run_dir = tmp_path / "sig"
+    proc = subprocess.Popen(psadv_train(mnist_dir, run_dir, "--steps", "100000", "--checkpoint-every", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        wait_for(lambda: [r for r in rows(run_dir, "train") if r["version"] >= 10], 60, proc, "version 10")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    s = summary(run_dir)
+    assert s["stop_reason"] == f"signal {sig.name}" and f"stopped (signal {sig.name})" in out
+    stopped = s["version"]
+    assert load_checkpoint(find_checkpoint(run_dir)).state["version"] == stopped >= 10
+    if sig == signal.SIGTERM:
+        res = subprocess.run([sys.executable, "-m", "psadv.cli", "train", "--resume", str(run_dir),
+                              "--steps", str(stopped + 5), "--no-progress"], capture_output=True, text=True,
+                             timeout=90, env=_env())
+        assert res.returncode == 0, res.stderr
+        assert summary(run_dir)["version"] == stopped + 5
+
+
+# --- under MPI -----------------------------------------------------------------------------------
+MPI_SMALL = ["--eval-every", "0", "--eval-examples", "100", "--eval-steps", "2", "--batch-size", "50",
+             "--attack-steps", "2", "--log-every", "10", "--no-progress"]
+
+
+@needs_mpi
+def test_signal_with_a_hung_attacker_checkpoints_first_and_ends_in_bounded_time(tmp_path, mnist_dir):
+    run_dir = tmp_path / "hung"
+    proc = subprocess.Popen(_cmd(3, mnist_dir, run_dir, "--steps", "100000", "--checkpoint-every", "0", *MPI_SMALL),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    pids = {}
+    try:
+        pids = {r["rank"]: int(r["pid"]) for r in wait_for(lambda: rows(run_dir, "world"), 60, proc, "world")[0]["ranks"]}
+        wait_for(lambda: [r for r in rows(run_dir, "train") if r["version"] >= 20], 60, proc, "version 20")
+        os.kill(pids[2], signal.SIGSTOP)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and took < 30, (took, err)
+    errors = [line for line in err.splitlines() if line.startswith("psadv: error:")]
+    assert len(errors) == 1 and "rank 0 of 3" in errors[0] and "attacker 2 did not finish" in errors[0], err
+    assert "is saved" in errors[0] and "Traceback" not in err
+    s = summary(run_dir)
+    assert s["stop_reason"] == "signal SIGTERM" and s["unfinished_attackers"] == [2]
+    ckpt = load_checkpoint(find_checkpoint(run_dir))
+    assert ckpt.state["version"] == s["version"] >= 20
+    res = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "-m", "psadv.cli", "train", "--resume", str(run_dir),
+                          "--steps", str(s["version"] + 5), "--no-progress"], capture_output=True, text=True,
+                         timeout=90, env=_env())
+    assert res.returncode == 0, res.stderr
+    assert summary(run_dir)["version"] == s["version"] + 5
+
+
+@needs_mpi
+def test_stop_is_checked_after_pushes_that_do_not_advance_the_model(tmp_path, mnist_dir):
+    """The server rejects every push (test-only fault) while its queue never empties; the time
+    budget must still end the run."""
+    run_dir = tmp_path / "reject"
+    start = time.monotonic()
+    res = run_job(3, mnist_dir, run_dir, "--steps", "100000", "--time-budget", "6", *MPI_SMALL, timeout=90,
+                  fault="reject,rank=0")
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start < 60
+    s = summary(run_dir)
+    assert s["stop_reason"] == "time budget" and s["version"] == 0
+
+
+@needs_mpi
+def test_mpi_run_directory_that_cannot_be_made_is_one_line(tmp_path, mnist_dir):
+    res = run_job(3, mnist_dir, Path("/proc/psadv-x"), "--steps", "5", *MPI_SMALL, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.count("psadv: error:") == 1 and "run directory /proc/psadv-x" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@needs_mpi
+def test_mpi_start_up_error_on_an_attacker_removes_the_new_run_directory(tmp_path, mnist_dir):
+    run_dir = tmp_path / "gone"
+    res = run_job(3, mnist_dir, run_dir, "--steps", "5", *MPI_SMALL, timeout=60, fault="fail-setup,rank=2")
+    assert res.returncode == 2 and res.stderr.count("psadv: error:") == 1, res.stderr
+    assert not run_dir.exists()
