@@ -32,15 +32,13 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from . import wire
 from .data import dataset_info
 from .models import build_model, flat_state, load_flat_state_
 from .errors import PsadvError
 from .mpi import Backoff, SignalFlag, World
 from .staleness import StalenessPolicy
-from .training import Trainer, progress_postfix
+from .training import ProgressBar, Trainer
 
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
 # After STOP an attacker finishes its batch, waits for its last pushes to be taken, and says DONE:
@@ -226,22 +224,17 @@ class Server:
         dt = max(now - win["t"], 1e-9)
         consumed = trainer.state.examples_seen - win["examples"]
         busy, wait = self.time["busy"] - win["busy"], self.time["wait"] - win["wait"]
-        attack = trainer.attack()
         taus = win["tau"]
-        row = dict(version=trainer.version, time=round(trainer.elapsed(), 3), examples_seen=trainer.state.examples_seen,
-                   progress=round(trainer.progress(), 5), lr=out_lr, eps=attack.eps, attack=attack.describe(),
-                   attack_steps=attack.effective_steps, push=self.mode,
-                   examples_per_s=round(consumed / dt, 1),
-                   produced_per_s={str(r): round(win["produced"][r] / dt, 1) for r in self.attackers},
+        own = dict(push=self.mode, produced_per_s={str(r): round(win["produced"][r] / dt, 1) for r in self.attackers},
                    utilization=round(busy / max(busy + wait, 1e-9), 4),
                    staleness_mean=round(float(np.mean(taus)), 3) if taus else None,
                    staleness_max=int(max(taus)) if taus else None,
                    rejected_stale=self.policy.rejected_stale, rejected_invalid=self.totals["rejected_invalid"],
                    queue=len(self.queue))
         if win["steps"]:
-            row.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
+            own.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
         trainer.check_finite()  # gradients and sync mode have no loss here to watch
-        trainer.metrics.write("train", **row)
+        row = trainer.log_train(lr=out_lr, attack=trainer.attack(), rate=consumed / dt, **own)
         for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed
             trainer.metrics.write("attacker", version=trainer.version, time=row["time"], rank=r,
                                   examples_per_s=round(win["produced"][r] / dt, 1),
@@ -294,6 +287,12 @@ class Server:
         self.time["eval"] += time.perf_counter() - start
         return self.eval_job is None
 
+    def measure_final(self) -> None:
+        """Measure the live model to the end (the run's last measurement), unless a signal comes."""
+        start = time.perf_counter()
+        self.trainer.measure_now(interrupted=lambda: self.signals.signum is not None)
+        self.time["eval"] += time.perf_counter() - start
+
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self):
         start = time.perf_counter()
@@ -315,8 +314,7 @@ class Server:
 
     def run(self) -> dict:
         trainer, cfg = self.trainer, self.cfg
-        bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc="server",
-                   disable=not self.show_progress, dynamic_ncols=True)
+        bar = ProgressBar(trainer, "server", self.show_progress)
         self.refresh()
         backoff = Backoff()
         reason = self.stop_reason()
@@ -341,39 +339,36 @@ class Server:
             self.time["busy"] += time.perf_counter() - t0
             if advanced:
                 lr = self.trainer.optimizer.param_groups[0]["lr"]
-                bar.update(1)
+                bar.advanced()
                 if self.mode == "sync" or trainer.due(cfg.refresh_every):
                     self.refresh()
                 if trainer.due(cfg.log_every):
-                    rate = self._log(lr)
-                    bar.set_postfix_str(progress_postfix(trainer, rate))
+                    bar.show(self._log(lr))
                 if trainer.due(cfg.eval_every):
                     self.start_evaluation()
                 if self.eval_job is not None and self.eval_step():
-                    bar.set_postfix_str(progress_postfix(trainer, None))
+                    bar.show()
             # after every push, applied or not: under steady rejection a signal must not wait
             reason = self.stop_reason()
             if advanced and trainer.due(cfg.checkpoint_every) and reason is None:
                 self.save()
         bar.close()
         stop_requests = self.send_stop()
-        if not reason.startswith("signal"):
-            while self.eval_job is not None:
-                self.eval_step()
-            last = trainer.state.last_eval
-            if last is None or last["version"] != trainer.version:
-                t1 = time.perf_counter()
-                trainer.measure_now(interrupted=lambda: self.signals.signum is not None)
-                self.time["eval"] += time.perf_counter() - t1
-        # The server owns the model: it checkpoints before it waits on any attacker.
-        checkpoint = self.save()
-        try:
-            self.wind_down(stop_requests)
-        except AttackersUnresponsive as exc:
-            trainer.finish(reason, extra_summary={**self.staleness_summary(), "unfinished_attackers": exc.ranks})
-            raise AttackersUnresponsive(exc.ranks, f"{exc}; checkpoint {checkpoint} is saved, "
-                                        f"--resume {trainer.run_dir} continues the run") from None
-        return trainer.finish(reason, extra_summary=self.staleness_summary())
+        while self.eval_job is not None and not reason.startswith("signal"):
+            self.eval_step()
+
+        def save_then_wind_down() -> None:
+            # The server owns the model: it checkpoints before it waits on any attacker.
+            checkpoint = self.save()
+            try:
+                self.wind_down(stop_requests)
+            except AttackersUnresponsive as exc:
+                trainer.finish(reason, extra_summary={**self.staleness_summary(), "unfinished_attackers": exc.ranks})
+                raise AttackersUnresponsive(exc.ranks, f"{exc}; checkpoint {checkpoint} is saved, "
+                                            f"--resume {trainer.run_dir} continues the run") from None
+
+        return trainer.end_run(reason, save=save_then_wind_down, measure=self.measure_final,
+                               summary=self.staleness_summary)
 
     def send_stop(self) -> list:
         """Stop taking pushes and send STOP to every attacker (without waiting)."""

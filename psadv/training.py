@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,25 @@ class Trainer:
     def due(self, every: int) -> bool:
         return every > 0 and self.version % every == 0
 
+    def log_train(self, *, lr: float | None, attack, rate: float, **fields) -> dict:
+        """A train row: the fields both loops share (``attack`` is the adversary the window trained
+        against, ``rate`` its examples/s), then the loop's own ``fields``."""
+        return self.metrics.write("train", version=self.version, time=round(self.elapsed(), 3),
+                                  examples_seen=self.state.examples_seen, progress=round(self.progress(), 5), lr=lr,
+                                  eps=attack.eps, attack=attack.describe(), attack_steps=attack.effective_steps,
+                                  examples_per_s=round(rate, 1), **fields)
+
+    def end_run(self, reason: str, save: Callable[[], object], *, measure: Callable[[], object] | None = None,
+                summary: Callable[[], dict] | None = None) -> dict:
+        """How every run ends: measure the final model on the evaluation slice (``measure``, default
+        :meth:`measure_now`) unless it already was or a signal asked for a quick stop, ``save`` the
+        last checkpoint, then write the summary, with the loop's own ``summary()`` fields."""
+        last = self.state.last_eval
+        if not reason.startswith("signal") and (last is None or last["version"] != self.version):
+            (measure or self.measure_now)()
+        save()
+        return self.finish(reason, extra_summary=summary() if summary else None)
+
     def save(self, extra: dict | None = None, extra_state: dict | None = None) -> Path:
         # A NaN model never replaces a good checkpoint (nor makes the rotation delete one).
         self.check_finite()
@@ -405,8 +425,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
 
     window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
-    bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc="train",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = ProgressBar(trainer, "train", show_progress)
     reason = stop_reason()
     while reason is None:
         idx = torch.from_numpy(stream.next())
@@ -421,33 +440,25 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         window["loss"] += out["loss"]
         window["acc"] += out["acc"]
         window["n"] += 1
-        bar.update(1)
+        bar.advanced()
 
         if trainer.due(cfg.log_every):
             now = time.perf_counter()
             rate = window["examples"] / max(now - window["t"], 1e-9)
-            trainer.metrics.write("train", version=trainer.version, time=round(trainer.elapsed(), 3),
-                                  examples_seen=trainer.state.examples_seen, epoch=stream.epoch,
-                                  progress=round(trainer.progress(), 5), lr=out["lr"], eps=attack.eps,
-                                  attack=attack.describe(), attack_steps=attack.effective_steps,
-                                  loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
-                                  examples_per_s=round(rate, 1),
-                                  staleness=ring.staleness() if ring else 0)
-            bar.set_postfix_str(progress_postfix(trainer, rate))
+            trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
+                              loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
+                              staleness=ring.staleness() if ring else 0)
+            bar.show(rate)
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
         reason = stop_reason()
         if trainer.due(cfg.eval_every) and reason is None:
             trainer.measure_now(interrupted=lambda: signals.signum is not None)
-            bar.set_postfix_str(progress_postfix(trainer, None))
+            bar.show()
             reason = stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
             _save_single(trainer, stream, ring)
     bar.close()
-    last = trainer.state.last_eval
-    if not reason.startswith("signal") and (last is None or last["version"] != trainer.version):
-        trainer.measure_now()
-    _save_single(trainer, stream, ring)
-    return trainer.finish(reason)
+    return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring))
 
 
 def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) -> Path:
@@ -455,12 +466,27 @@ def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) 
     return trainer.save(extra=extra, extra_state={"data_stream": stream.state()})
 
 
-def progress_postfix(trainer: Trainer, rate: float | None) -> str:
-    last = trainer.state.last_eval
-    parts = [f"{rate:,.0f} ex/s"] if rate else []
-    if last:
-        parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")
-    return " ".join(parts)
+class ProgressBar:
+    """The progress bar of both loops: versions, with examples/s and the last robust accuracy."""
+
+    def __init__(self, trainer: Trainer, desc: str, show: bool):
+        self.trainer = trainer
+        self.bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc=desc,
+                        disable=not show, dynamic_ncols=True)
+
+    def advanced(self) -> None:
+        self.bar.update(1)
+
+    def show(self, rate: float | None = None) -> None:
+        """Refresh the text: ``rate`` examples/s (after a train row), the last robust accuracy."""
+        last = self.trainer.state.last_eval
+        parts = [f"{rate:,.0f} ex/s"] if rate else []
+        if last:
+            parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")
+        self.bar.set_postfix_str(" ".join(parts))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def summary_line(summary: dict) -> str:
