@@ -78,6 +78,10 @@ class Config:
     # --- staleness -----------------------------------------------------------------------------
     emulate_staleness: int = opt(0, "single process: attack each batch with the model from S versions ago",
                                  min=0)
+    # What N attackers would do to robustness, measured on one machine before anyone buys them:
+    # their staleness under the server's own rules (--refresh-every, --max-staleness, rejections).
+    emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers "
+                                 "(0 = off)", min=0)
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
     push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))
@@ -160,6 +164,8 @@ def validate(cfg: Config) -> Config:
     from .schedules import parse_steps_schedule
 
     parse_steps_schedule(cfg.attack_steps_schedule)
+    if cfg.emulate_attackers and cfg.emulate_staleness:
+        raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg

@@ -28,6 +28,7 @@ from .config import Config, make_config
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
+from .emulate import Emulation
 from .evaluate import Evaluation
 from .models import build_model, flat_state, load_flat_state_, model_args_for
 from .mpi import SignalFlag
@@ -351,7 +352,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         trainer = Trainer(setup, device=device, train_size=len(train_set))
         stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
-        attack_model = build_model(cfg.model, **setup.model_args).to(device) if ring else trainer.model
+        separate = ring is not None or cfg.emulate_attackers > 0
+        attack_model = build_model(cfg.model, **setup.model_args).to(device) if separate else trainer.model
+        emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
+                     else None)
         if setup.checkpoint is not None:
             ckpt = setup.checkpoint
             stream.restore(ckpt.state["data_stream"])
@@ -359,6 +363,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 restore_rng_state(ckpt.rng)
             if ring and "stale_ring" in ckpt.extra:
                 ring.load_array(ckpt.extra["stale_ring"])
+            if emulation:
+                emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
     except BaseException:
         if setup.lock is not None:
             setup.lock.abandon()
@@ -378,8 +384,12 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         if ring:
             ring.push(trainer.model)
             load_flat_state_(attack_model, ring.oldest())
+        if emulation:
+            emulation.attack_model_for_next_batch(trainer.version)
         x_adv = perturb(attack_model, x, y, attack)
         out = trainer.step(x_adv, y)
+        if emulation:
+            emulation.applied(trainer.version)
         window["examples"] += len(y)
         window["loss"] += out["loss"]
         window["acc"] += out["acc"]
@@ -395,7 +405,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                                   attack=attack.describe(), attack_steps=attack.effective_steps,
                                   loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
                                   examples_per_s=round(rate, 1),
-                                  staleness=ring.staleness() if ring else 0)
+                                  **(emulation.window_row() if emulation else
+                                     {"staleness": ring.staleness() if ring else 0}))
             bar.set_postfix_str(progress_postfix(trainer, rate))
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
         reason = stop_reason()
@@ -404,18 +415,20 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             bar.set_postfix_str(progress_postfix(trainer, None))
             reason = stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
-            _save_single(trainer, stream, ring)
+            _save_single(trainer, stream, ring, emulation)
     bar.close()
     last = trainer.state["last_eval"]
     if not reason.startswith("signal") and (last is None or last["version"] != trainer.version):
         trainer.evaluate()
-    _save_single(trainer, stream, ring)
-    return trainer.finish(reason)
+    _save_single(trainer, stream, ring, emulation)
+    return trainer.finish(reason, extra_summary=emulation.summary() if emulation else None)
 
 
-def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) -> Path:
-    extra = {"stale_ring": ring.to_array()} if ring else None
-    return trainer.save(extra=extra, extra_state={"data_stream": stream.state()})
+def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,
+                 emulation: Emulation | None) -> Path:
+    extra = {"stale_ring": ring.to_array()} if ring else emulation.extra() if emulation else None
+    state = {"data_stream": stream.state(), **({"emulation": emulation.state()} if emulation else {})}
+    return trainer.save(extra=extra, extra_state=state)
 
 
 def progress_postfix(trainer: Trainer, rate: float | None) -> str:

@@ -188,7 +188,9 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
     result.update(resume_exit_code=res.returncode, resume_version=final,
                   resume_ok=res.returncode == 0 and final == steps)
     if not result["resume_ok"]:
-        result["resume_error"] = res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else ""
+        (out / "runs" / f"{i:03d}-{kind}.resume.stderr").write_text(res.stderr)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("psadv: error:")]
+        result["resume_error"] = (errors or res.stderr.strip().splitlines() or [""])[-1][:200]
     return result
 
 

@@ -1,0 +1,116 @@
+"""The parameter server's staleness policy: which pushes reach the model, and what it counted.
+
+A push computed with model version ``v`` and used when the server is at version ``V`` has
+staleness τ = V − v. The policy decides, one push at a time, with plain method calls and no MPI,
+clock or file, so the MPI server and a single-process emulator of N attackers can drive the same
+object:
+
+* ``examples`` and ``gradients``: a push with τ > S (``--max-staleness``) is rejected;
+  ``gradients`` with ``--lr-damping`` scales the learning rate by 1/max(1, τ).
+* ``sync``: every attacker computes on the same version, so only τ = 0 is accepted; one gradient
+  per attacker is summed and, once all have arrived, averaged into one step.
+
+It keeps the staleness histogram and the totals that survive a resume: the checkpoint's ``mpi``
+state (``applied``, ``rejected_stale``, ``staleness_sum``, ``staleness_max``) and its
+``staleness_hist`` extra array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HIST_BINS = 1024  # histogram bins for τ = 0..1023 at the most, then one bin for larger τ
+TOTALS = ("applied", "rejected_stale", "staleness_sum", "staleness_max")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one push."""
+
+    tau: int
+    accepted: bool
+    lr_scale: float = 1.0  # gradients mode with --lr-damping: 1/max(1, τ)
+
+
+@dataclass(frozen=True)
+class SyncStep:
+    """A complete synchronous round: the averaged gradient and the examples behind it."""
+
+    gradient: object  # whatever array type the pushes came as
+    examples: int
+
+
+class StalenessPolicy:
+    def __init__(self, mode: str, max_staleness: int, attackers: int, *, lr_damping: bool = False):
+        if mode not in ("examples", "gradients", "sync"):
+            raise ValueError(f"unknown push mode {mode!r}")
+        self.mode, self.max_staleness, self.attackers, self.lr_damping = mode, max_staleness, attackers, lr_damping
+        # In sync mode anything but τ = 0 is rejected: the limit the histogram is cut at is 0.
+        limit = 0 if mode == "sync" else max_staleness
+        # Bins τ = 0..B-1, then the last bin for τ ≥ B, with B = limit + 1 (so the last bin counts
+        # the rejections) capped at HIST_BINS (then it also counts accepted τ ≥ HIST_BINS).
+        self.hist = np.zeros(min(limit + 1, HIST_BINS) + 1, dtype=np.int64)
+        self.applied = self.rejected_stale = self.staleness_sum = self.staleness_max = 0
+        self._sync_sum = None
+        self._sync_from: set[int] = set()
+        self._sync_examples = 0
+
+    # --- decisions ---------------------------------------------------------------------------
+    def judge(self, version: int, push_version: int) -> Verdict:
+        """Accept or reject a push of ``push_version`` at server ``version``, and count it."""
+        tau = version - push_version
+        accepted = tau == 0 if self.mode == "sync" else tau <= self.max_staleness
+        # A rejection always lands in the last bin, so the numbered bins hold only applied pushes.
+        self.hist[min(tau, len(self.hist) - 1) if accepted else -1] += 1
+        if not accepted:
+            self.rejected_stale += 1
+            return Verdict(tau, False)
+        self.applied += 1
+        self.staleness_sum += tau
+        self.staleness_max = max(self.staleness_max, tau)
+        damped = self.mode == "gradients" and self.lr_damping
+        return Verdict(tau, True, 1.0 / max(1, tau) if damped else 1.0)
+
+    def add_sync(self, sender: int, gradient, examples: int) -> SyncStep | None:
+        """Add an accepted sync-mode gradient; the averaged step once every attacker's has arrived.
+
+        The policy keeps ``gradient`` until the round completes: pass an array nobody reuses.
+        """
+        self._sync_sum = gradient if self._sync_sum is None else self._sync_sum + gradient
+        self._sync_from.add(sender)
+        self._sync_examples += examples
+        if len(self._sync_from) < self.attackers:
+            return None
+        step = SyncStep(self._sync_sum / self.attackers, self._sync_examples)
+        self._sync_sum, self._sync_examples = None, 0
+        self._sync_from.clear()
+        return step
+
+    # --- checkpoints and summary ----------------------------------------------------------------
+    def state(self) -> dict:
+        """The totals, as they go into the checkpoint's ``mpi`` state (the histogram is ``hist``)."""
+        return {key: int(getattr(self, key)) for key in TOTALS}
+
+    def restore(self, saved: dict, hist: np.ndarray | None) -> None:
+        """Continue from a checkpoint's ``mpi`` state and ``staleness_hist`` array.
+
+        A saved histogram with more bins (a larger S then, or a sync run written before
+        rejections had their own bin) folds its extra bins into the last one.
+        """
+        for key in TOTALS:
+            if key in saved:
+                setattr(self, key, int(saved[key]))
+        if hist is not None:
+            n = min(len(hist) - 1, len(self.hist) - 1)
+            self.hist[:n] = hist[:n]
+            self.hist[-1] += int(np.sum(hist[n:]))
+
+    def summary(self) -> dict:
+        histogram = {str(tau): int(n) for tau, n in enumerate(self.hist[:-1]) if n}
+        if self.hist[-1]:
+            histogram[f">{len(self.hist) - 2}"] = int(self.hist[-1])
+        return {"max_staleness": self.max_staleness, "staleness_histogram": histogram,
+                "staleness_mean": round(self.staleness_sum / self.applied, 4) if self.applied else None,
+                "staleness_max": self.staleness_max, "applied": self.applied, "rejected_stale": self.rejected_stale}
