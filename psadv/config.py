@@ -82,6 +82,11 @@ class Config:
     # their staleness under the server's own rules (--refresh-every, --max-staleness, rejections).
     emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers "
                                  "(0 = off)", min=0)
+    # A stale push's examples were adversarial for an older model; a few PGD steps against the
+    # current one, continuing from them, make them adversarial again (server-side work: it lowers
+    # the number of attackers one server keeps up with).
+    refine_steps: int = opt(0, "PGD steps the trainer adds to each stale push against the current model, "
+                            "continuing from its examples (0 = off)", min=0)
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
     push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))

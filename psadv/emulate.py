@@ -116,6 +116,7 @@ class Emulation:
         self.store.take(version, flat_state(model))
         self.loaded: int | None = None
         self.push: Push | None = None
+        self.push_tau = 0
         self.window: list[int] = []  # τ of the pushes applied since the last metrics row
         self.rejected_window = 0
 
@@ -129,7 +130,7 @@ class Emulation:
             self.rejected_window += 1
             self.schedule.judged(push, version, applied=False)
             self.store.take(version, flat_state(self.model))
-        self.push = push
+        self.push, self.push_tau = push, verdict.tau
         self.window.append(verdict.tau)
         if self.loaded != push.version:
             load_flat_state_(self.attack_model, self.store.get(push.version))

@@ -387,6 +387,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         if emulation:
             emulation.attack_model_for_next_batch(trainer.version)
         x_adv = perturb(attack_model, x, y, attack)
+        if emulation and cfg.refine_steps and emulation.push_tau > 0:
+            x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
         out = trainer.step(x_adv, y)
         if emulation:
             emulation.applied(trainer.version)

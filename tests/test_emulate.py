@@ -127,3 +127,41 @@ def test_emulations_exclude_each_other():
 
     with pytest.raises(ConfigError, match="exclude each other"):
         make_config({"emulate_attackers": 2, "emulate_staleness": 3})
+
+
+def test_stale_pushes_are_refined_against_the_current_model(tmp_path, mnist_dir, monkeypatch):
+    from psadv import training
+
+    calls = []
+    real = training.perturb
+
+    def counting(model, x, y, attack, start=None):
+        calls.append((start is not None, attack.name, attack.effective_steps))
+        return real(model, x, y, attack, start=start)
+
+    monkeypatch.setattr(training, "perturb", counting)
+    s = emulated_run(tmp_path, mnist_dir, "refine", steps=12, emulate_attackers=3, refresh_every=1, refine_steps=2)
+    stale = sum(int(n) for tau, n in s["staleness_histogram"].items() if tau != "0")
+    assert stale == 11  # the first round's τ are 0, 1, 2, then every push is 3 versions old
+    refines = [c for c in calls if c[0]]
+    assert len(refines) == stale and all(c[1:] == ("pgd", 2) for c in refines)
+    assert len(calls) - len(refines) == 12  # one attack per applied batch
+
+
+def test_a_warm_started_attack_stays_in_the_ball():
+    import torch
+
+    from psadv.attacks import Attack, perturb
+    from psadv.models import build_model
+    from psadv.schedules import refine_attack
+
+    torch.manual_seed(0)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    attack = Attack(name="fgsm-rs", eps=0.3)
+    start = perturb(model, x, y, attack)
+    refine = refine_attack(attack, 3)
+    assert (refine.name, refine.effective_steps, refine.effective_step_size) == ("pgd", 3, attack.effective_step_size)
+    out = perturb(model, x, y, refine, start=start)
+    assert (out - x).abs().max() <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(perturb(model, x, y, Attack(steps=0), start=start), start)
