@@ -87,6 +87,37 @@ def test_9gpu_script_checkpoints_on_usr1_requeues_and_the_requeued_job_resumes(t
     assert second["applied"] > first["applied"]  # the server's counters continued from the checkpoint
 
 
+@pytest.mark.parametrize("summary_written", [True, False])
+def test_9gpu_script_requeues_after_usr1_when_psadv_checkpointed_but_exited_nonzero(tmp_path, summary_written):
+    """An attacker that hangs makes psadv exit non-zero after it wrote the signal checkpoint and its
+    summary: the job is requeued all the same; without that summary it is not."""
+    run_dir = tmp_path / "run"
+    fake = tmp_path / "fake-psadv"
+    write = (f"  mkdir -p {run_dir}\n  printf '%s\\n' '{{\"stop_reason\": \"signal SIGUSR1\"}}' > {run_dir}/summary.json\n"
+             if summary_written else "")
+    fake.write_text(f"#!/usr/bin/env bash\non_usr1() {{\n{write}  exit 1\n}}\ntrap on_usr1 USR1\n"
+                    f"touch {tmp_path}/started\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    env = {**slurm_env(tmp_path, PSADV_LAUNCHER="", PSADV_RUN_DIR=str(run_dir)), "PSADV": str(fake)}
+    proc = subprocess.Popen(["bash", str(SLURM / "psadv-9gpu.sbatch")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if summary_written:
+        assert proc.returncode == 1 and "fake-scontrol requeue 4242" in out.splitlines(), (out, err)
+    else:
+        assert proc.returncode == 1 and "not requeueing" in err and "fake-scontrol" not in out
+
+
 def test_9gpu_script_without_a_checkpoint_starts_over_and_needs_slurm(tmp_path, mnist_dir):
     script = SLURM / "psadv-9gpu.sbatch"
     run_dir = tmp_path / "run"
