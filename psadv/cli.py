@@ -229,7 +229,7 @@ def scaling_report(run_dirs, out, target, baseline, overwrite, resume, workers, 
                         echo=lambda line: click.echo(line, err=True))
     if "stopped_by" in result:
         click.echo(f"psadv: sweep stopped by {result['stopped_by']} after {result['launched']} of {result['planned']} "
-                   f"runs, no report written; the same command with --resume continues it")
+                   "runs, no report written; the same command with --resume continues it")
         return
     incomplete = [r["name"] for r in result["runs"] if r["status"] != "complete"]
     click.echo(f"psadv: report of {len(result['runs'])} runs in {out}/report.md"
