@@ -117,7 +117,8 @@ def train(config_file, resume, overwrite, progress, **options):
               help="torch threads (0 = all cores)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random starts")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-@click.option("--save", is_flag=True, help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
+@click.option("--save", is_flag=True,
+              help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examples, batch_size, data_dir, device,
           threads, seed, as_json, save, progress):
@@ -133,7 +134,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     from .devices import pick_device, set_threads
     from .evaluate import evaluate
     from .models import build_model
-    from .report.runs import FINAL_EVAL
+    from .report import FINAL_EVAL
     from .rundir import write_json
 
     ckpt = load_checkpoint(find_checkpoint(checkpoint))

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from psadv.errors import PsadvError
-from psadv.report.sweep import Sweep, run_sweep
+from psadv.report import Sweep, run_sweep
 from psadv.rundir import read_metrics
 
 DEFAULT_RECIPE = ["--batch-size", "100", "--attack-steps", "10", "--eval-every", "0", "--eval-examples", "200",

@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from psadv.report.runs import FINAL_EVAL
+from psadv.report import FINAL_EVAL
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The README recipe (scripts/bench_core.py) without its adversary and budget.

@@ -225,7 +225,8 @@ def test_metrics_lines_that_are_not_json_objects_are_skipped_and_counted(tmp_pat
     (run / "summary.json").write_text("[1, 2]")  # valid JSON, not an object
     (described,) = scaling_report([str(run)], tmp_path / "out", target=0.9)["runs"]
     assert described["metrics_lines_skipped"] == 5
-    assert "5 metrics.jsonl lines are not JSON objects (cut off, or not UTF-8) and were skipped" in described["problems"]
+    skipped = "5 metrics.jsonl lines are not JSON objects (cut off, or not UTF-8) and were skipped"
+    assert skipped in described["problems"]
     assert "summary.json is not a JSON object" in described["problems"] and described["status"] == "partial"
     assert [p["version"] for p in described["accuracy_curve"]] == [50, 60]  # the rows around the bad lines count
     assert "| r | partial | " in (tmp_path / "out" / "report.md").read_text()

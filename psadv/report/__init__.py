@@ -19,10 +19,11 @@ from ..errors import UsageError
 from ..rundir import write_json
 from .analysis import build_report
 from .render import report_blocks, make_plots, prepare_out, render_html, render_markdown
-from .runs import Run, find_runs, load_run
+from .runs import FINAL_EVAL, Run, find_runs, load_run
 from .sweep import Sweep, SweepResult, parse_int_list, plan, run_sweep
 
-__all__ = ["Run", "Sweep", "SweepResult", "find_runs", "load_run", "run_sweep", "scaling_report", "write_report"]
+__all__ = ["FINAL_EVAL", "Run", "Sweep", "SweepResult", "find_runs", "load_run", "run_sweep", "scaling_report",
+           "write_report"]
 
 
 def write_report(runs: list[Run], out: Path, *, target: float, baseline: str | None = None,

@@ -126,7 +126,8 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
             for n in sweep.workers:
                 if n == 0 and (push != sweep.push[0] or S != sweep.max_staleness[0]):
                     continue  # one single-process reference is enough
-                name = "single" if n == 0 else (f"{push}-w{n}" if push else f"w{n}") + (f"-S{S}" if S is not None else "")
+                name = ("single" if n == 0 else (f"{push}-w{n}" if push else f"w{n}")
+                        + (f"-S{S}" if S is not None else ""))
                 run_dir = runs_dir / name
                 start = start_flags(run_dir, overwrite=overwrite, resume=resume)
                 cmd = None
