@@ -117,7 +117,8 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
             a.split("=")[0] in ("--time-budget", "--steps", "--epochs") for a in sweep.train_args):
         raise UsageError("a sweep needs a budget per run: --time-budget SECONDS or --steps VERSIONS")
     launcher_prefix(sweep.launcher, 2)
-    budget = ((["--time-budget", str(sweep.time_budget)] if sweep.time_budget is not None else [])
+    # the same budget and data for every run
+    common = ((["--time-budget", str(sweep.time_budget)] if sweep.time_budget is not None else [])
               + (["--steps", str(sweep.steps)] if sweep.steps is not None else [])
               + (["--data-dir", sweep.data_dir] if sweep.data_dir else []))
     jobs = []
@@ -136,7 +137,7 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
-                    cmd += budget + list(sweep.train_args)
+                    cmd += common + list(sweep.train_args)
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
     return jobs
