@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from psadv.report import FINAL_EVAL
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The README recipe (scripts/bench_core.py) without its adversary and budget.
@@ -86,20 +87,11 @@ class Study:
         return shlex.split(self.args.launcher.format(n=attackers + 1)) if attackers else []
 
     # --- running -----------------------------------------------------------------------------------
-    def run(self, cmd: list[str], stdout=None) -> int:
-        print("$ " + display(cmd) + (f" > {stdout}" if stdout else ""), flush=True)
+    def run(self, cmd: list[str]) -> int:
+        print("$ " + display(cmd), flush=True)
         if self.args.dry_run:
             return 0
-        if stdout is None:
-            return subprocess.run(cmd).returncode
-        tmp = Path(f"{stdout}.tmp")
-        with open(tmp, "w") as fh:
-            rc = subprocess.run(cmd, stdout=fh).returncode
-        if rc == 0:
-            os.replace(tmp, stdout)
-        else:
-            tmp.unlink()
-        return rc
+        return subprocess.run(cmd).returncode
 
     def train(self, run_dir: Path, flags: list[str], attackers: int = 0) -> None:
         if (run_dir / "summary.json").exists():
@@ -114,11 +106,11 @@ class Study:
             print(f"# {run_dir}: training failed; the report shows it as partial", flush=True)
 
     def final_eval(self, run_dir: Path) -> None:
-        target = run_dir / "final_eval.json"
-        if target.exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+        """``psadv eval --save``: the strong evaluation of the final model, in RUN/final_eval.json."""
+        if (run_dir / FINAL_EVAL).exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
             return
-        if self.run(PSADV + ["eval", str(run_dir), "--json", "--no-progress", *self.data_dir(),
-                             *self.final_eval_flags()], stdout=target) != 0:
+        if self.run(PSADV + ["eval", str(run_dir), "--save", "--no-progress", *self.data_dir(),
+                             *self.final_eval_flags()]) != 0:
             self.failures.append(f"{run_dir} (psadv eval)")
 
     def report(self, number: int, *extra: str) -> None:
