@@ -416,3 +416,37 @@ def test_duplicate_run_names_are_told_apart(tmp_path):
     names = [r.name for r in find_runs([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")])]
     assert names == [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
     assert load_run(tmp_path / "x" / "run").status == "complete"
+
+
+def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_path):
+    # c_s = 0.01 s, c_a = 0.04 s per batch with k = 10 attack steps (measured on w1): n* = 4
+    write_run(tmp_path / "runs" / "w1", rows=train_rows(25),
+              summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
+    emulated = {(1, 0, 0): 1000, (1, 0, 1): 1200, (8, 0, 0): 1500, (8, 0, 1): 1400, (8, 1, 0): 1100, (32, 0, 0): None}
+    for (n, k, seed), version in emulated.items():
+        points = [(1, 500, 0.5)] + ([(2, version, 0.9)] if version else [(2, 2000, 0.8)])
+        write_run(tmp_path / "runs" / f"n{n}-k{k}-s{seed}",
+                  config={"emulate_attackers": n, "refine_steps": k, "attack_steps": 10, "seed": seed},
+                  rows=train_rows(30) + evals(points),
+                  summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "last_eval": None,
+                           "emulated_attackers": n, "staleness_mean": n + 1.5, "staleness_max": n + 3,
+                           "staleness_histogram": {str(n): 10}, "rejected_stale": 0, "applied": 2000})
+    write_run(tmp_path / "runs" / "single", rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
+              summary={"version": 2000, "examples_seen": 200000, "elapsed": 90.0, "last_eval": None})
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.89)
+    buy = report["attackers_buy"]
+    assert buy["model_from"] == "runs/w1" and buy["single_process"]["run"] == "runs/single"
+    rows = {(r["attackers"], r["refine_steps"]): r for r in buy["rows"]}
+    one, eight, refined = rows[(1, 0)], rows[(8, 0)], rows[(8, 1)]
+    assert one["versions_to_target"]["value"] == 1200 and one["versions_to_target"]["kind"] == "measured"
+    # 1 attacker: max(0.04 / 1, 0.01) = 0.04 s per version; 8: the server's 0.01 s
+    assert one["time_to_target"] == {"value": 48.0, "kind": "predicted", "from": one["time_to_target"]["from"]}
+    assert eight["versions_to_target"]["value"] == 1500 and eight["time_to_target"]["value"] == 15.0
+    assert eight["speedup_over_one_attacker"]["value"] == 3.2 and eight["n_star"]["value"] == 4.0
+    # one refinement step costs the server c_a / k = 0.004 s more per version: n* = 0.04 / 0.014
+    assert refined["seconds_per_version"]["value"] == pytest.approx(0.014)
+    assert refined["n_star"]["value"] == pytest.approx(2.86) and refined["time_to_target"]["value"] == 15.4
+    assert eight["speedup_over_single_process"]["value"] == 4.0  # measured 60 s ÷ predicted 15 s
+    assert rows[(32, 0)]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, 0)]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## What N attackers buy" in text and "3.20×" in text

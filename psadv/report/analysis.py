@@ -165,12 +165,14 @@ def costs(run: Run) -> dict:
 
 
 def staleness_of(run: Run) -> dict:
-    """Staleness numbers: emulated S of a single-process run, or what the server measured."""
-    if not run.is_mpi:
+    """Staleness numbers: emulated S of a single-process run, or what the server measured (or the
+    emulation of N attackers recorded)."""
+    if not run.is_mpi and not run.config.get("emulate_attackers"):
         S = int(run.config.get("emulate_staleness", 0) or 0)
         return {"kind": "emulated", "S": measured(S, "config.json emulate_staleness")}
     s = run.summary or {}
-    out = {"kind": "real", "max_staleness": measured(run.config.get("max_staleness"), "config.json"),
+    out = {"kind": "real" if run.is_mpi else f"{run.config['emulate_attackers']} emulated attackers",
+           "max_staleness": measured(run.config.get("max_staleness"), "config.json"),
            "refresh_every": measured(run.config.get("refresh_every"), "config.json")}
     for key in ("staleness_histogram", "staleness_mean", "staleness_max", "rejected_fraction", "utilization",
                 "rejected_stale", "rejected_invalid", "applied", "pushes"):
@@ -319,6 +321,65 @@ def model_rate(model: dict, n: int) -> float:
     return model["batch_size"] * min(n / model["c_a"]["value"], 1 / model["c_s"]["value"])
 
 
+# --- what N attackers buy -------------------------------------------------------------------------
+def versions_to_target(run: Run, target: float) -> int | None:
+    """The version of the first periodic evaluation at or above ``target`` (None: never reached)."""
+    return next((r["version"] for r in run.of_kind("eval") if r.get("robust_acc", -1) >= target), None)
+
+
+def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | None:
+    """Predicted time to ``target`` for N attackers: the versions emulated runs of N attackers took
+    (the slowest seed: every seed must get there) × the bottleneck model's seconds per version,
+    max(c_a / N, c_s + K·c_a / k) — the server's own work per version plus K refinement steps
+    of an attack step's cost, c_a / k — with c_s and c_a measured on an MPI run of the report."""
+    emulated = [r for r in runs if not r.is_mpi and r.config.get("emulate_attackers")]
+    if not emulated:
+        return None
+    model = next((g["model"] for g in groups if g.get("model") and g["push"] == "examples"), None)
+    plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
+             and not r.config.get("emulate_staleness")]
+    single = None
+    for r in plain:
+        ttt = time_to_target(r, target) or {}
+        seconds = next((ttt[k] for k in ("training_seconds", "seconds") if ttt.get(k, {}).get("value")), None)
+        if seconds:
+            single = {"run": r.name, "seconds": seconds}
+            break
+    rows = []
+    for key in sorted({(int(r.config["emulate_attackers"]), int(r.config.get("refine_steps", 0) or 0))
+                       for r in emulated}):
+        n, refine = key
+        members = sorted((r for r in emulated if (int(r.config["emulate_attackers"]),
+                                                   int(r.config.get("refine_steps", 0) or 0)) == key),
+                         key=lambda r: r.name)
+        per_seed = [versions_to_target(r, target) for r in members]
+        reached = None if any(v is None for v in per_seed) else max(per_seed)
+        row = {"attackers": n, "refine_steps": refine, "runs": [r.name for r in members],
+               "versions_to_target": measured(reached, f"first periodic evaluation ≥ {target:.0%}, slowest of "
+                                                       f"{len(members)} run(s): {per_seed}")}
+        if model is not None and reached is not None:
+            c_s, c_a = model["c_s"]["value"], model["c_a"]["value"]
+            steps = max(1, int(members[0].config.get("attack_steps") or 1))
+            server = c_s + refine * c_a / steps
+            per_version = max(c_a / n, server)
+            row["seconds_per_version"] = predicted(_round(per_version, 6),
+                                                   f"max(c_a / N, c_s + K·c_a / k) with c_s, c_a of {model['fitted_on']}")
+            row["n_star"] = predicted(_round(c_a / server, 2), "c_a / (c_s + K·c_a / k)")
+            row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
+        rows.append(row)
+    for row in rows:
+        base = next((r for r in rows if r["attackers"] == 1 and r["refine_steps"] == row["refine_steps"]), None)
+        t = row.get("time_to_target", {}).get("value")
+        if base and t and base.get("time_to_target"):
+            row["speedup_over_one_attacker"] = predicted(round(base["time_to_target"]["value"] / t, 2),
+                                                         "time to target of 1 attacker ÷ of N")
+        if single and t:
+            row["speedup_over_single_process"] = predicted(round(single["seconds"]["value"] / t, 2),
+                                                           f"measured time to target of {single['run']} ÷ predicted of N")
+    return {"target": target, "model_from": model["fitted_on"] if model else None, "single_process": single,
+            "rows": rows}
+
+
 # --- the report as one object ---------------------------------------------------------------------
 def build_report(runs: list[Run], *, target: float, baseline: str | None = None, title: str = "psadv scaling report",
                  created: str, cpu_count: int | None) -> dict:
@@ -328,9 +389,11 @@ def build_report(runs: list[Run], *, target: float, baseline: str | None = None,
     if baseline is not None and baseline not in [r.name for r in runs]:
         raise UsageError(f"--baseline {baseline!r} is not one of the runs: {', '.join(r.name for r in runs)}")
     described = [describe_run(r, target) for r in runs]
+    groups = scaling_groups(runs)
     report = {"title": title, "psadv_version": __version__, "created": created,
               "target_robust_acc": target, "machine": {"cpu_count": cpu_count},
-              "runs": described, "scaling": scaling_groups(runs), "baseline": baseline,
+              "runs": described, "scaling": groups, "baseline": baseline,
+              "attackers_buy": attackers_buy(runs, groups, target),
               "not_in_scaling": [r.name for r in runs if r.is_mpi and not r.config]}
     if baseline is not None:
         report["time_to_target_ratio"] = time_ratios(described, baseline)
@@ -376,15 +439,21 @@ def staleness_series(runs: list[dict]) -> dict:
         return d.get("final_eval", d.get("final", {})).get("robust_acc", {}).get("value")
 
     emulated = [(d["staleness"]["S"]["value"], robust(d), d["name"])
-                for d in runs if d["mode"] == "single" and robust(d) is not None]
-    real = [(d["staleness"]["staleness_mean"]["value"], robust(d), d["name"])
-            for d in runs if d["mode"] == "mpi" and robust(d) is not None
-            and (d["staleness"].get("staleness_mean") or {}).get("value") is not None]
+                for d in runs if d["staleness"]["kind"] == "emulated" and robust(d) is not None]
+
+    def mean_tau(mode):
+        return [(d["staleness"]["staleness_mean"]["value"], robust(d), d["name"])
+                for d in runs if d["mode"] == mode and d["staleness"]["kind"] != "emulated" and robust(d) is not None
+                and (d["staleness"].get("staleness_mean") or {}).get("value") is not None]
+
+    real, attackers = mean_tau("mpi"), mean_tau("single")
     knobs = {(d["config"].get("max_staleness"), d["config"].get("refresh_every")) for d in runs if d["mode"] == "mpi"}
     series = {}
     if len({p[0] for p in emulated}) > 1:
         series["one process, emulated staleness S"] = emulated
     if len(real) > 1 and len(knobs) > 1:
         series["MPI, measured mean staleness τ"] = real
+    if len({p[0] for p in attackers}) > 1:
+        series["one process, N emulated attackers (mean τ)"] = attackers
     return series
 

@@ -293,13 +293,31 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
         if st["kind"] == "emulated":
             rows.append([d["name"], "emulated", _v(st["S"]), "–", "–", "–", "–"])
         else:
-            rows.append([d["name"], "real", _v(st.get("max_staleness", {})), _v(st.get("staleness_mean", {}), "{:.2f}"),
+            rows.append([d["name"], st["kind"], _v(st.get("max_staleness", {})), _v(st.get("staleness_mean", {}), "{:.2f}"),
                          _v(st.get("staleness_max", {})), _v(st.get("rejected_fraction", {}), "{:.1%}"),
                          _v(st.get("utilization", {}), "{:.1%}")])
     b.append(("table", ["run", "staleness", "S (emulated) or --max-staleness", "mean τ", "max τ", "rejected",
                         "server utilization"], rows))
     b.append(("p", "Server utilization = busy ÷ (busy + waiting) in the server loop. Rejected = pushes staler than "
                    "--max-staleness (or invalid) ÷ pushes received."))
+    buy = report.get("attackers_buy")
+    if buy:
+        b.append(("h", 2, "What N attackers buy"))
+        b.append(("p", f"Versions to {buy['target']:.0%} robust accuracy are *measured* on runs that emulate N "
+                       "attackers in one process (`--emulate-attackers N`, the slowest seed); seconds per version and "
+                       "time to target are *predicted* by the bottleneck model, max(c_a / N, c_s + K·c_a / k), with "
+                       "one core or GPU per attacker"
+                       + (f" and c_s, c_a measured on {buy['model_from']}" if buy["model_from"] else
+                          " — no MPI run with server and attacker timings is in this report, so no prediction")
+                       + ". K is --refine-steps (server-side work), k the attack's steps."
+                       + (f" The single process is {buy['single_process']['run']} (measured)." if buy["single_process"]
+                          else "")))
+        b.append(("table", ["attackers", "refine steps", "versions to target", "n*", "s per version",
+                            "time to target", "speedup vs 1 attacker", "vs single process"],
+                  [[str(r["attackers"]), str(r["refine_steps"]), _v(r["versions_to_target"], "{:,}"),
+                    _v(r.get("n_star", {}), "{:.1f}"), _v(r.get("seconds_per_version", {}), "{:.4f}"),
+                    _v(r.get("time_to_target", {}), "{:,.0f}s"), _v(r.get("speedup_over_one_attacker", {}), "{:.2f}×"),
+                    _v(r.get("speedup_over_single_process", {}), "{:.2f}×")] for r in buy["rows"]]))
     if "staleness.png" in plots:
         b.append(("img", "staleness.png", "staleness histograms"))
     if "staleness_accuracy.png" in plots:
