@@ -218,7 +218,7 @@ def study_plan(tmp_path, *args) -> list[str]:
 
 
 def test_study_plans_the_four_parts(tmp_path):
-    plan = study_plan(tmp_path, "--data-dir", "DATA")
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "1,2,3,4")
     train = [cmd for cmd in plan if " train " in cmd]
     part1 = [cmd for cmd in train if "part1-adversary" in cmd]
     assert [re.search(r"runs/(\S+)", cmd).group(1) for cmd in part1] == [
@@ -244,13 +244,26 @@ def test_study_plans_the_four_parts(tmp_path):
     assert len(reports) == 3 and reports[-1].endswith("--baseline runs/madry-pgd40")
 
 
+def test_study_plans_part_5_emulated_attackers(tmp_path):
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "5", "--emulated", "1,8", "--refine", "0,1")
+    train = [cmd for cmd in plan if " train " in cmd]
+    emulated = [re.search(r"--emulate-attackers (\d+) --refine-steps (\d+) --seed (\d+)", cmd).groups()
+                for cmd in train[:-1]]
+    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in "01"]
+    assert all("--epochs 5" in cmd and "--eval-every 300" in cmd and cmd.count("--eval-every") == 1
+               for cmd in train[:-1])
+    assert train[-1].startswith("mpiexec -n 2 psadv train") and "--time-budget 120" in train[-1]
+    assert len([cmd for cmd in plan if " eval " in cmd]) == 8
+    assert plan[-1].startswith("psadv scaling-report") and "part5-attackers/runs" in plan[-1]
+
+
 def test_study_quick_and_bad_arguments(tmp_path):
     plan = study_plan(tmp_path, "--quick", "--parts", "1,3")
     assert all("--steps 30" in cmd for cmd in plan if " train " in cmd)
     assert not any("part2" in cmd or "part4" in cmd for cmd in plan)
-    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "5", "--out", str(tmp_path / "x")],
+    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "6", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "parts are 1, 2, 3 and 4" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "parts are 1, 2, 3, 4 and 5" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_study_summary_names_the_best_recipe(tmp_path):
