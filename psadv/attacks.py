@@ -183,8 +183,12 @@ class Attack:
         return f"{label} {self.norm} eps={self.eps:g}" + (" margin" if self.loss == "margin" else "")
 
 
-def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, loss_fn) -> torch.Tensor:
-    x_adv = threat.random_perturb(x) if attack.kind.random_start else x.clone()
+def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, loss_fn,
+                start: torch.Tensor | None = None) -> torch.Tensor:
+    if start is not None:
+        x_adv = threat.project(start.detach(), x)
+    else:
+        x_adv = threat.random_perturb(x) if attack.kind.random_start else x.clone()
     step_size = attack.effective_step_size
     for _ in range(attack.effective_steps):
         # A fresh leaf each step: the gradient is computed anew, never accumulated.
@@ -196,16 +200,21 @@ def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, los
     return x_adv.detach()
 
 
-def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack) -> torch.Tensor:
-    """Adversarial examples for ``(x, y)`` under ``attack``; see the module docstring."""
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+            start: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial examples for ``(x, y)`` under ``attack``; see the module docstring.
+
+    ``start`` (examples in the ε-ball around ``x``) replaces the first run's random start: the
+    attack continues from earlier adversarial examples, e.g. ones made against a stale model.
+    """
     if attack.name == "none" or attack.eps == 0 or attack.effective_steps == 0:
-        return x.detach().clone()
+        return x.detach().clone() if start is None else start.detach().clone()
     threat = THREATS[attack.norm](attack.eps)
     loss_fn = LOSSES[attack.loss]
     was_training = model.training
     model.eval()
     try:
-        best = _single_run(model, x, y, attack, threat, loss_fn)
+        best = _single_run(model, x, y, attack, threat, loss_fn, start)
         if attack.restarts > 1:
             with torch.no_grad():
                 best_wrong, best_loss = _score(model, best, y, loss_fn)

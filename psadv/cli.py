@@ -117,9 +117,11 @@ def train(config_file, resume, overwrite, progress, **options):
               help="torch threads (0 = all cores)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random starts")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--save", is_flag=True,
+              help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examples, batch_size, data_dir, device,
-          threads, seed, as_json, progress):
+          threads, seed, as_json, save, progress):
     """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
 
     The default attack is strong: PGD-50 with 10 random restarts at the checkpoint's ε.
@@ -132,8 +134,15 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     from .devices import pick_device, set_threads
     from .evaluate import measure_accuracy
     from .models import build_model
+    from .report import FINAL_EVAL
+    from .rundir import write_json
 
     ckpt = load_checkpoint(find_checkpoint(checkpoint))
+    # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
+    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
+    if save and run_dir is None:
+        raise click.UsageError(f"--save writes into the run directory, and {ckpt.path} is not in one "
+                               "(RUN_DIR/checkpoints/)")
     cfg = ckpt.config
     spec = Attack(name=attack, eps=cfg["eps"] if eps is None else eps, steps=steps, restarts=restarts,
                   step_size=step_size, norm=norm or cfg["norm"], loss=loss)
@@ -148,6 +157,8 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
     result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
                       batch_size=batch_size, device=dev, progress=progress and not as_json)
     result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
+    if save:
+        write_json(run_dir / FINAL_EVAL, result)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:
@@ -189,6 +200,8 @@ class TrailingArgsCommand(click.Command):
               help="robust accuracy for the time-to-target numbers")
 @click.option("--baseline", default=None, help="run name to compare every run's time to target with")
 @click.option("--overwrite", is_flag=True, help="replace the report in OUT (and, in a sweep, its runs)")
+@click.option("--resume", is_flag=True,
+              help="sweep: continue the sweep in OUT (keep finished runs, resume stopped ones) and replace its report")
 @click.option("--workers", default=None, help="sweep: attacker counts, e.g. 1,2,4,8 (0 = one process, no MPI)")
 @click.option("--max-staleness", "max_staleness", default=None, help="sweep: --max-staleness values, e.g. 8,32")
 @click.option("--push", default=None, help="sweep: push modes, e.g. examples,gradients [default: examples]")
@@ -198,22 +211,27 @@ class TrailingArgsCommand(click.Command):
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="sweep: versions per run")
 @click.option("--data-dir", type=click.Path(), default=None, help="sweep: dataset directory")
 @click.option("--title", default="psadv scaling report", show_default=True, help="the report's heading")
-def scaling_report(run_dirs, out, target, baseline, overwrite, workers, max_staleness, push, launcher, time_budget,
-                   steps, data_dir, title):
+def scaling_report(run_dirs, out, target, baseline, overwrite, resume, workers, max_staleness, push, launcher,
+                   time_budget, steps, data_dir, title):
     """Report throughput, speedup, accuracy over time, staleness and the server bottleneck.
 
     RUN_DIRS are run directories or directories of them. With --workers, first launch a sweep
     (one run per push mode, max staleness and attacker count, one after another) into OUT/runs;
     flags after `--` go to every `psadv train`. Writes OUT/report.md, report.html, report.json
-    and PNG plots.
+    and PNG plots. SIGUSR1 or SIGTERM during a sweep checkpoints the running job and stops the
+    sweep without a report; the same command with --resume continues it.
     """
     from .report import scaling_report as run_report
 
     trailing = click.get_current_context().meta.get("trailing", [])
-    result = run_report(list(run_dirs), out, target=target, baseline=baseline, overwrite=overwrite, workers=workers,
-                        max_staleness=max_staleness, push=push, launcher=launcher, time_budget=time_budget,
-                        steps=steps, data_dir=data_dir, train_args=trailing, title=title,
+    result = run_report(list(run_dirs), out, target=target, baseline=baseline, overwrite=overwrite, resume=resume,
+                        workers=workers, max_staleness=max_staleness, push=push, launcher=launcher,
+                        time_budget=time_budget, steps=steps, data_dir=data_dir, train_args=trailing, title=title,
                         echo=lambda line: click.echo(line, err=True))
+    if "stopped_by" in result:
+        click.echo(f"psadv: sweep stopped by {result['stopped_by']} after {result['launched']} of {result['planned']} "
+                   "runs, no report written; the same command with --resume continues it")
+        return
     incomplete = [r["name"] for r in result["runs"] if r["status"] != "complete"]
     click.echo(f"psadv: report of {len(result['runs'])} runs in {out}/report.md"
                + (f" ({len(incomplete)} not complete: {', '.join(incomplete)})" if incomplete else ""))

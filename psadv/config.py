@@ -78,6 +78,15 @@ class Config:
     # --- staleness -----------------------------------------------------------------------------
     emulate_staleness: int = opt(0, "single process: attack each batch with the model from S versions ago",
                                  min=0)
+    # What N attackers would do to robustness, measured on one machine before anyone buys them:
+    # their staleness under the server's own rules (--refresh-every, --max-staleness, rejections).
+    emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers "
+                                 "(0 = off)", min=0)
+    # A stale push's examples were adversarial for an older model; a few PGD steps against the
+    # current one, continuing from them, make them adversarial again (server-side work: it lowers
+    # the number of attackers one server keeps up with).
+    refine_steps: int = opt(0, "PGD steps the trainer adds to each stale push against the current model, "
+                            "continuing from its examples (0 = off)", min=0)
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
     push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))
@@ -182,6 +191,8 @@ def validate(cfg: Config) -> Config:
         if hi is not None and value > hi:
             raise ConfigError(f"{option} must be <= {hi}, got {value}")
     parse_steps_schedule(cfg.attack_steps_schedule)
+    if cfg.emulate_attackers and cfg.emulate_staleness:
+        raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg

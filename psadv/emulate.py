@@ -6,7 +6,7 @@ starts the batch, and the server sends parameters to every attacker every ``refr
 versions, and to one attacker right after rejecting its push. :class:`VirtualAttackers` replays
 those rules for N equally fast attackers in their steady-state order (round robin: while the
 server keeps up, each push is taken as soon as it is made, so one attacker's pushes are N pushes
-apart), deterministically and without MPI, clocks or torch.
+apart), deterministically and without MPI or clocks.
 
 Timeline of one push, as on the real system: attacker ``a`` pushes the batch it started with
 version ``p``; its send completes when the server takes the push, and before the server has
@@ -27,6 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
+from .models import flat_state, load_flat_state_
+from .staleness import StalenessPolicy
+
 
 @dataclass(frozen=True)
 class Push:
@@ -35,7 +41,7 @@ class Push:
 
 
 class VirtualAttackers:
-    """The order and model versions of N equally fast attackers' pushes."""
+    """The order and model versions of N equally fast attackers' pushes (pure: no torch)."""
 
     def __init__(self, n: int, refresh_every: int):
         if n < 1 or refresh_every < 1:
@@ -91,3 +97,82 @@ class SnapshotStore:
     def keep_only(self, versions: set[int]) -> None:
         for v in [v for v in self.snapshots if v not in versions]:
             del self.snapshots[v]
+
+
+class Emulation:
+    """``--emulate-attackers N`` in the single-process trainer.
+
+    Each batch is attacked with the snapshot of the version its virtual attacker computes with,
+    judged by the MPI server's own :class:`~psadv.staleness.StalenessPolicy` (examples mode), and
+    trained on when applied. A rejected push costs no attack here (nothing would use it), so an
+    emulated run costs one attack per applied batch, like a plain single-process run.
+    """
+
+    def __init__(self, cfg, model: torch.nn.Module, attack_model: torch.nn.Module, version: int):
+        self.schedule = VirtualAttackers(cfg.emulate_attackers, cfg.refresh_every)
+        self.policy = StalenessPolicy("examples", cfg.max_staleness, cfg.emulate_attackers)
+        self.model, self.attack_model = model, attack_model
+        self.store = SnapshotStore()
+        self.store.take(version, flat_state(model))
+        self.loaded: int | None = None
+        self.push: Push | None = None
+        self.push_tau = 0
+        self.window: list[int] = []  # τ of the pushes applied since the last metrics row
+        self.rejected_window = 0
+
+    def attack_model_for_next_batch(self, version: int) -> torch.nn.Module:
+        """The model the next applied push was computed with (pushes judged stale are skipped)."""
+        while True:
+            push = self.schedule.next_push()
+            verdict = self.policy.judge(version, push.version)
+            if verdict.accepted:
+                break
+            self.rejected_window += 1
+            self.schedule.judged(push, version, applied=False)
+            self.store.take(version, flat_state(self.model))
+        self.push, self.push_tau = push, verdict.tau
+        self.window.append(verdict.tau)
+        if self.loaded != push.version:
+            load_flat_state_(self.attack_model, self.store.get(push.version))
+            self.loaded = push.version
+        return self.attack_model
+
+    def applied(self, version: int) -> None:
+        """The trainer stepped on the push: version ``version`` now exists."""
+        self.schedule.judged(self.push, version, applied=True)
+        if version % self.schedule.refresh_every == 0:
+            self.store.take(version, flat_state(self.model))
+        self.store.keep_only(self.schedule.versions_in_use())
+
+    def window_row(self) -> dict:
+        """Staleness since the last call, for a metrics row."""
+        taus, rejected = self.window, self.rejected_window
+        self.window, self.rejected_window = [], 0
+        return {"staleness_mean": round(float(np.mean(taus)), 3) if taus else None,
+                "staleness_max": int(max(taus)) if taus else None, "rejected_stale": self.policy.rejected_stale,
+                "rejected_in_window": rejected}
+
+    def summary(self) -> dict:
+        return {"emulated_attackers": self.schedule.n, **self.policy.summary()}
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"schedule": self.schedule.state(), "policy": self.policy.state()}
+
+    def extra(self) -> dict[str, np.ndarray]:
+        versions = sorted(self.store.snapshots)
+        return {"emulation_versions": np.array(versions, dtype=np.int64),
+                "emulation_snapshots": torch.stack([self.store.get(v) for v in versions]).cpu().numpy(),
+                "staleness_hist": self.policy.hist}
+
+    def restore(self, state: dict | None, extra: dict) -> None:
+        """Continue an emulation from a checkpoint of a run with the same N (else start afresh)."""
+        if not state or "emulation_versions" not in extra:
+            return
+        self.schedule.restore(state["schedule"])
+        if self.schedule.turn == 0:
+            return
+        self.policy.restore(state["policy"], extra.get("staleness_hist"))
+        self.store.snapshots.clear()
+        for v, flat in zip(extra["emulation_versions"], extra["emulation_snapshots"]):
+            self.store.take(int(v), torch.from_numpy(np.ascontiguousarray(flat)))

@@ -52,6 +52,11 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train_set) // w.n_attackers,
                          f"an attacker's shard with {w.n_attackers} attackers")
+        if cfg.emulate_attackers or cfg.emulate_staleness:
+            from .errors import ConfigError
+
+            raise ConfigError("--emulate-attackers and --emulate-staleness are for one process; under MPI "
+                              "the attackers are real")
     except PsadvError as exc:
         error = exc
     except BaseException as exc:  # noqa: BLE001 - any bug ends the job, never a hang

@@ -28,7 +28,8 @@ class RowKind:
 
 COMMON = frozenset({"kind", "wall"})
 
-# What the server adds to the end row and summary.json (its staleness policy, wire and clocks).
+# What the server adds to the end row and summary.json (its staleness policy, wire and clocks); an
+# emulation of N attackers adds the policy's part and ``emulated_attackers``.
 SERVER_SUMMARY = ("push attackers max_staleness staleness_histogram staleness_mean staleness_max pushes applied "
                   "rejected_stale rejected_invalid drained rejected_fraction utilization server_seconds "
                   "session_seconds produced_examples attacker_compute_seconds push_bytes_per_example "
@@ -43,7 +44,7 @@ SCHEMA: dict[str, RowKind] = {
     "train": RowKind.of(
         "version time examples_seen progress lr eps attack attack_steps examples_per_s",
         "loss adv_acc "
-        "epoch staleness "  # the single process: data epoch, emulated staleness
+        "epoch staleness rejected_in_window "  # the single process: data epoch, emulated staleness or attackers
         "push produced_per_s utilization staleness_mean staleness_max rejected_stale rejected_invalid queue"),  # server
     # the server, after each train row: what one attacker produced in the window
     "attacker": RowKind.of("version time rank examples_per_s busy"),
@@ -53,7 +54,7 @@ SCHEMA: dict[str, RowKind] = {
     "rejected": RowKind.of("version sender reason"),
     # the run's summary (also summary.json)
     "end": RowKind.of("stop_reason version examples_seen elapsed time_to_target target_robust_acc last_eval "
-                      "best_robust_acc", SERVER_SUMMARY),
+                      "best_robust_acc", SERVER_SUMMARY + " emulated_attackers"),  # --emulate-attackers: the policy's
 }
 
 

@@ -6,6 +6,7 @@ Layout::
     RUN_DIR/metrics.jsonl     one JSON object per line, its kinds and fields in psadv.metrics.SCHEMA
     RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
     RUN_DIR/summary.json      final numbers, written when the run ends
+    RUN_DIR/final_eval.json   the strong final evaluation, written by ``psadv eval RUN --save``
     RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run
 
 An existing run directory is never clobbered: starting a run there is an error unless the user
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .errors import StorageError, UsageError, io_error_text
 
-OWNED = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+OWNED = ("config.json", "metrics.jsonl", "summary.json", "final_eval.json", "checkpoints")
 LOCK_NAME = ".lock"
 
 
@@ -141,12 +142,19 @@ def finite_json(value):
     return value
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a truncated last line (a killed run) is skipped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
+def read_metrics(path: Path, *, count_skipped: bool = False):
+    """Rows of a metrics.jsonl. A line that is not a JSON object (the truncated last line of a killed
+    run, bytes that are not UTF-8, a stray value) is skipped; with ``count_skipped`` the result is
+    ``(rows, number of lines skipped)``, so a reader can say how much it left out."""
+    rows, skipped = [], 0
+    # bytes, split on ASCII line ends only: one bad line must not make the whole file unreadable
+    for line in Path(path).read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped += 1
+    return (rows, skipped) if count_skipped else rows

@@ -6,6 +6,8 @@ elapsed/time budget, so the same recipe stretches to any budget and resumes exac
 
 from __future__ import annotations
 
+import dataclasses
+
 from .attacks import Attack
 from .config import Config, parse_steps_schedule
 
@@ -67,3 +69,8 @@ def eval_attack(cfg: Config, eps: float | None = None) -> Attack:
     """The adversary of periodic evaluation: the run's full ε (no ramp)."""
     return Attack(name=cfg.eval_attack, eps=cfg.eps if eps is None else eps, steps=cfg.eval_steps,
                   restarts=cfg.eval_restarts, norm=cfg.norm)
+
+
+def refine_attack(attack, steps: int):
+    """``steps`` more steps of the training attack, at its step size, for a stale push's examples."""
+    return dataclasses.replace(attack, name="pgd", steps=steps, step_size=attack.effective_step_size, restarts=1)

@@ -29,6 +29,7 @@ from .config import Config, make_config
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import BatchStream, dataset_info, load_dataset
 from .devices import pick_device, set_threads
+from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
@@ -408,7 +409,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         trainer = Trainer(setup, device=device, train_size=len(train_set))
         stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
-        attack_model = build_model(cfg.model, **setup.model_args).to(device) if ring else trainer.model
+        separate = ring is not None or cfg.emulate_attackers > 0
+        attack_model = build_model(cfg.model, **setup.model_args).to(device) if separate else trainer.model
+        emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
+                     else None)
         if setup.checkpoint is not None:
             ckpt = setup.checkpoint
             stream.restore(ckpt.state["data_stream"])
@@ -416,6 +420,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 restore_rng_state(ckpt.rng)
             if ring and "stale_ring" in ckpt.extra:
                 ring.load_array(ckpt.extra["stale_ring"])
+            if emulation:
+                emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
     except BaseException:
         if setup.lock is not None:
             setup.lock.abandon()
@@ -434,8 +440,14 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         if ring:
             ring.push(trainer.model)
             load_flat_state_(attack_model, ring.oldest())
+        if emulation:
+            emulation.attack_model_for_next_batch(trainer.version)
         x_adv = perturb(attack_model, x, y, attack)
+        if emulation and cfg.refine_steps and emulation.push_tau > 0:
+            x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
         out = trainer.step(x_adv, y)
+        if emulation:
+            emulation.applied(trainer.version)
         window["examples"] += len(y)
         window["loss"] += out["loss"]
         window["acc"] += out["acc"]
@@ -447,7 +459,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             rate = window["examples"] / max(now - window["t"], 1e-9)
             trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
                               loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
-                              staleness=ring.staleness() if ring else 0)
+                              **(emulation.window_row() if emulation else
+                                 {"staleness": ring.staleness() if ring else 0}))
             bar.show(rate)
             window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
         reason = stop_reason()
@@ -456,14 +469,17 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             bar.show()
             reason = stop_reason()
         if trainer.due(cfg.checkpoint_every) and reason is None:
-            _save_single(trainer, stream, ring)
+            _save_single(trainer, stream, ring, emulation)
     bar.close()
-    return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring))
+    return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation),
+                           summary=emulation.summary if emulation else None)
 
 
-def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None) -> Path:
-    extra = {"stale_ring": ring.to_array()} if ring else None
-    return trainer.save(extra=extra, extra_state={"data_stream": stream.state()})
+def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,
+                 emulation: Emulation | None) -> Path:
+    extra = {"stale_ring": ring.to_array()} if ring else emulation.extra() if emulation else None
+    state = {"data_stream": stream.state(), **({"emulation": emulation.state()} if emulation else {})}
+    return trainer.save(extra=extra, extra_state=state)
 
 
 class ProgressBar:

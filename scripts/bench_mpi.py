@@ -13,12 +13,15 @@ and pushes + parameter refreshes), staleness.
 
 Time to target: the single-process trainer and the asynchronous examples mode with the same recipe,
 one after the other in one invocation, each stopping when periodic evaluation (on a test slice)
-reaches the target; then ``psadv eval`` (PGD-50x10 on the full test set) confirms each final model:
+reaches the target; then ``psadv eval --save`` (PGD-50x10 on the full test set) confirms each final model
+and leaves the result in RUN/final_eval.json for ``psadv scaling-report``:
 
     python scripts/bench_mpi.py --data-dir ../shared/data/mnist --target 0.89 --ranks 1,3 -- \\
         --epochs 15 --attack-steps 10 --optimizer adam --lr 5e-3 --lr-schedule onecycle --eval-every 500
 
-Arguments after ``--`` are passed to every ``psadv train`` (the recipe). Needs a quiet machine.
+Arguments after ``--`` are passed to every ``psadv train`` (the recipe). The runs are launched one
+after another by psadv's sweep launcher (psadv/report/sweep.py) into OUT/throughput or OUT/target,
+named single, w1, w2, … by attackers. Needs a quiet machine.
 """
 
 from __future__ import annotations
@@ -26,32 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from psadv.errors import PsadvError
+from psadv.report import Sweep, run_sweep
+from psadv.rundir import read_metrics
 
 DEFAULT_RECIPE = ["--batch-size", "100", "--attack-steps", "10", "--eval-every", "0", "--eval-examples", "200",
                   "--eval-steps", "5", "--log-every", "20"]
-
-
-def train_cmd(ranks: int, run_dir: Path, data_dir: str, args: list[str]) -> list[str]:
-    psadv = [sys.executable, "-m", "psadv.cli", "train", "--data-dir", data_dir, "--run-dir", str(run_dir),
-             "--no-progress", *args]
-    if ranks == 1:
-        return psadv
-    return [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), *psadv]
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def steady_rate(rows: list[dict]) -> float | None:
@@ -63,20 +50,29 @@ def steady_rate(rows: list[dict]) -> float | None:
     return (last["examples_seen"] - first["examples_seen"]) / max(last["time"] - first["time"], 1e-9)
 
 
-def run_one(ranks: int, run_dir: Path, data_dir: str, args: list[str], env: dict) -> dict:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cmd = train_cmd(ranks, run_dir, data_dir, args)
-    print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if res.returncode != 0:
-        raise SystemExit(f"run failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
+def run_all(ranks: list[int], runs_dir: Path, data_dir: str, args: list[str]) -> list[dict]:
+    """One run per world size, one after another, by psadv's sweep launcher into ``runs_dir``."""
+    # push None: the recipe after -- may set --push itself (psadv's default is examples)
+    sweep = Sweep(workers=[n - 1 for n in ranks], push=[None], launcher="mpiexec -n {n}", data_dir=data_dir,
+                  train_args=args)
+    try:
+        jobs = run_sweep(sweep, runs_dir, overwrite=True, echo=lambda line: print(line, flush=True)).jobs
+    except PsadvError as exc:
+        raise SystemExit(f"bench_mpi: {exc}") from None
+    failed = [job for job in jobs if job["returncode"] != 0]
+    if failed:
+        job = failed[0]
+        raise SystemExit(f"{job['name']} failed (rc {job['returncode']}):\n{Path(job['log']).read_text()[-4000:]}")
+    return [describe(job) for job in jobs]
+
+
+def describe(job: dict) -> dict:
+    ranks = job["attackers"] + 1
+    run_dir = Path(job["run_dir"])
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_rows(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
-    out = {"ranks": ranks, "attackers": ranks - 1, "run_dir": str(run_dir), "wall_s": round(wall, 1),
+    out = {"ranks": ranks, "attackers": ranks - 1, "run_dir": str(run_dir), "wall_s": job["seconds"],
            "version": summary["version"], "examples_seen": summary["examples_seen"],
            "elapsed_s": summary["elapsed"],
            "examples_per_s": round(steady_rate(rows) or summary["examples_seen"] / max(summary["elapsed"], 1e-9), 1),
@@ -96,13 +92,13 @@ def run_one(ranks: int, run_dir: Path, data_dir: str, args: list[str], env: dict
     return out
 
 
-def confirm(run_dir: Path, data_dir: str, env: dict, examples: int | None) -> dict:
+def confirm(run_dir: Path, data_dir: str, examples: int | None) -> dict:
     cmd = [sys.executable, "-m", "psadv.cli", "eval", str(run_dir), "--steps", "50", "--restarts", "10",
-           "--data-dir", data_dir, "--json", "--no-progress"]
+           "--data-dir", data_dir, "--json", "--save", "--no-progress"]
     if examples:
         cmd += ["--examples", str(examples)]
     print("$", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -123,8 +119,9 @@ def main() -> None:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.pop("PSADV_FAULT", None)
+    # every run (launched by psadv's sweep) inherits this environment
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.pop("PSADV_FAULT", None)
     ranks = [int(r) for r in a.ranks.split(",")]
     if a.threads:
         recipe = (recipe or DEFAULT_RECIPE) + ["--threads", str(a.threads)]
@@ -132,9 +129,8 @@ def main() -> None:
 
     if a.target:
         base = (recipe or DEFAULT_RECIPE) + ["--target-robust-acc", str(a.target), "--time-budget", str(a.target_timeout)]
-        for n in ranks:
-            r = run_one(n, out / f"target-n{n}", a.data_dir, base, env)
-            r["confirm"] = confirm(out / f"target-n{n}", a.data_dir, env, a.confirm_examples or None)
+        for r in run_all(ranks, out / "target", a.data_dir, base):
+            r["confirm"] = confirm(Path(r["run_dir"]), a.data_dir, a.confirm_examples or None)
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
         by = {r["ranks"]: r for r in results["runs"]}
@@ -144,8 +140,7 @@ def main() -> None:
                     r["speedup_vs_single"] = round(by[1]["time_to_target_s"] / r["time_to_target_s"], 3)
     else:
         base = (recipe or DEFAULT_RECIPE) + ["--time-budget", str(a.seconds)]
-        for n in ranks:
-            r = run_one(n, out / f"throughput-n{n}", a.data_dir, base, env)
+        for r in run_all(ranks, out / "throughput", a.data_dir, base):
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
 

@@ -104,8 +104,11 @@ def unmount(where: Path) -> None:
 
 def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
     ranks, steps = args.ranks, args.steps
+    rank = rng.randrange(ranks)
+    # a server fault counts versions, an attacker's its own pushes (about steps / attackers of them)
+    after = rng.randrange(25, steps - 20) if rank == 0 else rng.randrange(5, steps // (ranks - 1) - 10)
     fault = {"nan-push": f"nan-push,rank={rng.randrange(1, ranks)},after={rng.randrange(2, 30)}",
-             "raise": f"raise,rank={rng.randrange(ranks)},after={rng.randrange(25, steps - 20)}"}.get(kind)
+             "raise": f"raise,rank={rank},after={after}"}.get(kind)
     mount = None
     if kind == "disk-full":
         mount = mount_tmpfs(args.tmpfs_kib)
@@ -188,7 +191,9 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
     result.update(resume_exit_code=res.returncode, resume_version=final,
                   resume_ok=res.returncode == 0 and final == steps)
     if not result["resume_ok"]:
-        result["resume_error"] = res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else ""
+        (out / "runs" / f"{i:03d}-{kind}.resume.stderr").write_text(res.stderr)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("psadv: error:")]
+        result["resume_error"] = (errors or res.stderr.strip().splitlines() or [""])[-1][:200]
     return result
 
 

@@ -16,6 +16,11 @@
    pauses excluded) of the Madry-style baseline (PGD-40, one process) vs psadv recipes (fewer
    steps, with and without asynchronous attackers; --psadv-flags sets the asynchronous recipe's
    server flags), as a ratio.
+5. attackers: what N attackers buy, measured on one machine: the default recipe trained with the
+   staleness of N emulated attackers (``--emulate-attackers N``, with and without
+   ``--refine-steps``), two seeds each, final robust accuracy at a fixed budget and the versions to
+   the target; one short MPI run (one attacker) measures c_s and c_a, so the report predicts the
+   time to target for each N.
 
 Each part writes run directories under OUT/<part>/runs and a report (report.md, report.json,
 PNGs) under OUT/<part>/report; OUT/study.md and OUT/study.json collect the headline numbers.
@@ -28,11 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from psadv.report import FINAL_EVAL
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The README recipe (scripts/bench_core.py) without its adversary and budget.
@@ -41,11 +47,12 @@ RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--eps-ramp", "0.2", "--opti
 ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (1, 2, 5, 10, 40)]
 STALENESS = (0, 8, 32, 64, 128)
-PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline"}
+PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline", 5: "part5-attackers"}
 TITLES = {1: "Study part 1: how strong must the training adversary be?",
           2: "Study part 2: robust accuracy vs staleness",
           3: "Study part 3: speedup vs attackers",
-          4: "Study part 4: time to target, Madry-style baseline vs psadv"}
+          4: "Study part 4: time to target, Madry-style baseline vs psadv",
+          5: "Study part 5: what N attackers buy (emulated)"}
 
 
 def display(cmd: list[str]) -> str:
@@ -86,20 +93,11 @@ class Study:
         return shlex.split(self.args.launcher.format(n=attackers + 1)) if attackers else []
 
     # --- running -----------------------------------------------------------------------------------
-    def run(self, cmd: list[str], stdout=None) -> int:
-        print("$ " + display(cmd) + (f" > {stdout}" if stdout else ""), flush=True)
+    def run(self, cmd: list[str]) -> int:
+        print("$ " + display(cmd), flush=True)
         if self.args.dry_run:
             return 0
-        if stdout is None:
-            return subprocess.run(cmd).returncode
-        tmp = Path(f"{stdout}.tmp")
-        with open(tmp, "w") as fh:
-            rc = subprocess.run(cmd, stdout=fh).returncode
-        if rc == 0:
-            os.replace(tmp, stdout)
-        else:
-            tmp.unlink()
-        return rc
+        return subprocess.run(cmd).returncode
 
     def train(self, run_dir: Path, flags: list[str], attackers: int = 0) -> None:
         if (run_dir / "summary.json").exists():
@@ -114,11 +112,11 @@ class Study:
             print(f"# {run_dir}: training failed; the report shows it as partial", flush=True)
 
     def final_eval(self, run_dir: Path) -> None:
-        target = run_dir / "final_eval.json"
-        if target.exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+        """``psadv eval --save``: the strong evaluation of the final model, in RUN/final_eval.json."""
+        if (run_dir / FINAL_EVAL).exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
             return
-        if self.run(PSADV + ["eval", str(run_dir), "--json", "--no-progress", *self.data_dir(),
-                             *self.final_eval_flags()], stdout=target) != 0:
+        if self.run(PSADV + ["eval", str(run_dir), "--save", "--no-progress", *self.data_dir(),
+                             *self.final_eval_flags()]) != 0:
             self.failures.append(f"{run_dir} (psadv eval)")
 
     def report(self, number: int, *extra: str) -> None:
@@ -181,6 +179,24 @@ class Study:
             self.final_eval(run_dir)
         self.report(4, "--baseline", "runs/madry-pgd40")
 
+    def part5(self, part_dir: Path) -> None:
+        # the default recipe (PGD-10) at a fixed budget; periodic evaluation finds the versions to target
+        common = [*self.budget(self.args.epochs_attackers),
+                  *(self.periodic_eval() if self.quick else
+                    ["--eval-examples", str(self.args.eval_examples), "--eval-every", "300"])]
+        for seed in self.args.seeds:
+            for n in self.args.emulated:
+                for k in self.args.refine:
+                    run_dir = part_dir / "runs" / f"emulated-n{n}-refine{k}-seed{seed}"
+                    self.train(run_dir, [*common, "--emulate-attackers", str(n), "--refine-steps", str(k),
+                                         "--seed", str(seed)])
+                    self.final_eval(run_dir)
+        # c_s and c_a for the bottleneck model: a short real run with one attacker
+        seconds = self.args.quick_seconds if self.quick else self.args.seconds_scaling
+        self.train(part_dir / "runs" / "mpi-w1", ["--time-budget", str(seconds), "--eval-every", "0",
+                                                  *(["--threads", "1"] if self.quick else [])], attackers=1)
+        self.report(5)
+
     # --- the summary ----------------------------------------------------------------------------------
     def summarise(self) -> dict:
         summary = {"quick": self.quick, "target": self.args.target, "parts": {}, "failures": self.failures}
@@ -227,7 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/study", help="study directory [runs/study]")
     p.add_argument("--data-dir", default=None, help="dataset directory (passed to psadv)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few-minute smoke version")
-    p.add_argument("--parts", default="1,2,3,4", help="which parts to run [1,2,3,4]")
+    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run [1,2,3,4,5]")
     p.add_argument("--redo", default="", help="parts to rerun although their report exists, e.g. 3,4")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--launcher", default="mpiexec -n {n}", help="MPI launcher, {n} = attackers + 1 [mpiexec -n {n}]")
@@ -246,6 +262,10 @@ def parse_args(argv=None):
     # spelled out so the recipe stays fixed whatever the defaults become.
     p.add_argument("--psadv-flags", default="--max-in-flight 1 --refresh-every 1",
                    help="part 4: extra psadv train flags of the asynchronous recipes [--max-in-flight 1 --refresh-every 1]")
+    p.add_argument("--epochs-attackers", type=float, default=5, help="part 5: epochs per emulated run [5]")
+    p.add_argument("--emulated", default="1,8,32,64", help="part 5: emulated attacker counts [1,8,32,64]")
+    p.add_argument("--refine", default="0,1", help="part 5: --refine-steps values [0,1]")
+    p.add_argument("--seeds", default="0,1", help="part 5: seeds [0,1]")
     p.add_argument("--eval-examples", type=int, default=1000, help="periodic evaluation slice [1000]")
     p.add_argument("--final-examples", type=int, default=1000,
                    help="test examples of the final PGD-50x10 evaluation (10000 = the whole test set) [1000]")
@@ -256,10 +276,12 @@ def parse_args(argv=None):
         args.parts = sorted({int(x) for x in args.parts.split(",") if x.strip()})
         args.redo = {int(x) for x in args.redo.split(",") if x.strip()}
         args.psadv_steps = [int(x) for x in args.psadv_steps.split(",") if x.strip()]
+        args.emulated, args.refine, args.seeds = ([int(x) for x in text.split(",") if x.strip()]
+                                                  for text in (args.emulated, args.refine, args.seeds))
     except ValueError:
-        p.error("--parts, --redo and --psadv-steps take comma-separated integers")
+        p.error("--parts, --redo, --psadv-steps, --emulated, --refine and --seeds take comma-separated integers")
     if not set(args.parts) <= set(PARTS) or not args.redo <= set(PARTS):
-        p.error("parts are 1, 2, 3 and 4")
+        p.error("parts are 1, 2, 3, 4 and 5")
     if "{n}" not in args.launcher:
         p.error(f"--launcher must contain {{n}}, got {args.launcher!r}")
     if args.attackers < 1:

@@ -42,6 +42,34 @@ def test_eval_json(trained_run, mnist_dir):
     assert 0 <= out["robust_acc"] <= out["clean_acc"] <= 1
 
 
+def test_eval_save_writes_final_eval_json_for_the_report(tmp_path, trained_run, mnist_dir):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    args = ["--examples", 20, "--steps", 1, "--restarts", 1, "--data-dir", mnist_dir, "--no-progress"]
+    printed = invoke("eval", run_dir, *args, "--json", "--save")
+    assert printed.exit_code == 0, printed.stderr
+    saved = json.loads((run_dir / "final_eval.json").read_text())
+    assert saved == json.loads(printed.output)  # the same object --json prints
+    assert saved["examples"] == 20 and saved["version"] == 6
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".final_eval")]  # no temporary file left
+    # a checkpoint file inside the run directory saves there too; the report reads the file
+    checkpoint = run_dir / "checkpoints" / "ckpt-00000006.h5"
+    assert invoke("eval", checkpoint, *args, "--save", "--steps", 2).exit_code == 0
+    assert json.loads((run_dir / "final_eval.json").read_text())["attack"] == "PGD-2 linf eps=0.3"
+    report = invoke("scaling-report", run_dir, "--out", tmp_path / "report")
+    assert report.exit_code == 0, report.stderr
+    (described,) = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert described["final_eval"]["robust_acc"]["value"] == json.loads((run_dir / "final_eval.json").read_text())[
+        "robust_acc"]
+
+
+def test_eval_save_needs_a_run_directory(tmp_path, trained_run):
+    loose = tmp_path / "ckpt.h5"
+    shutil.copy(trained_run / "checkpoints" / "ckpt-00000006.h5", loose)
+    assert_one_line_error(invoke("eval", loose, "--save"), 2, "--save", "not in one")
+    assert list(tmp_path.iterdir()) == [loose]
+
+
 def test_eval_default_attack_is_strong(trained_run):
     result = invoke("eval", "--help")
     assert "default: 50" in result.output and "default: 10" in result.output

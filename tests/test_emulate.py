@@ -78,3 +78,90 @@ def test_snapshots_are_shared_and_dropped_when_unused():
         store.keep_only(emu.versions_in_use())
         # at most two refresh generations are alive, however many attackers share them
         assert len(store.snapshots) <= 16 // 4 + 2
+
+
+# --- in the single-process trainer ---------------------------------------------------------------
+SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=0, log_every=5, threads=1)
+
+
+def emulated_run(tmp_path, mnist_dir, name, resume=None, **options):
+    from psadv.training import resolve_run, train_single
+
+    overrides = {**({} if resume else SMALL), "data_dir": str(mnist_dir), "run_dir": str(tmp_path / name), **options}
+    return train_single(resolve_run(overrides, resume=resume), show_progress=False)
+
+
+def test_an_emulated_run_has_the_predicted_staleness_and_resumes_exactly(tmp_path, mnist_dir):
+    import h5py
+
+    from psadv.checkpoint import find_checkpoint
+
+    recipe = dict(emulate_attackers=4, refresh_every=2, eval_every=0)
+    s = emulated_run(tmp_path, mnist_dir, "straight", steps=24, checkpoint_every=12, **recipe)
+    predicted = VirtualAttackers(4, 2)
+    expected = {}
+    for version in range(24):
+        push = predicted.next_push()
+        expected[str(version - push.version)] = expected.get(str(version - push.version), 0) + 1
+        predicted.judged(push, version + 1, True)
+    assert s["emulated_attackers"] == 4 and s["staleness_histogram"] == expected and s["applied"] == 24
+    assert s["staleness_max"] == 5  # N + r - 1
+    # a branch from the middle checkpoint ends where the straight run did
+    emulated_run(tmp_path, mnist_dir, "halves", resume=str(tmp_path / "straight/checkpoints/ckpt-00000012.h5"))
+    with h5py.File(find_checkpoint(tmp_path / "straight"), "r") as a, \
+            h5py.File(find_checkpoint(tmp_path / "halves"), "r") as b:
+        for key in a["model"]:
+            np.testing.assert_array_equal(a["model"][key][()], b["model"][key][()])
+        np.testing.assert_array_equal(a["extra/staleness_hist"][()], b["extra/staleness_hist"][()])
+
+
+def test_a_staleness_limit_rejects_emulated_pushes(tmp_path, mnist_dir):
+    s = emulated_run(tmp_path, mnist_dir, "limit", steps=30, emulate_attackers=6, max_staleness=6, refresh_every=4)
+    assert s["rejected_stale"] > 0 and s["staleness_max"] <= 6 and s["applied"] == 30
+    assert s["staleness_histogram"][">6"] == s["rejected_stale"]
+
+
+def test_emulations_exclude_each_other():
+    from psadv.config import make_config
+    from psadv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="exclude each other"):
+        make_config({"emulate_attackers": 2, "emulate_staleness": 3})
+
+
+def test_stale_pushes_are_refined_against_the_current_model(tmp_path, mnist_dir, monkeypatch):
+    from psadv import training
+
+    calls = []
+    real = training.perturb
+
+    def counting(model, x, y, attack, start=None):
+        calls.append((start is not None, attack.name, attack.effective_steps))
+        return real(model, x, y, attack, start=start)
+
+    monkeypatch.setattr(training, "perturb", counting)
+    s = emulated_run(tmp_path, mnist_dir, "refine", steps=12, emulate_attackers=3, refresh_every=1, refine_steps=2)
+    stale = sum(int(n) for tau, n in s["staleness_histogram"].items() if tau != "0")
+    assert stale == 11  # the first round's τ are 0, 1, 2, then every push is 3 versions old
+    refines = [c for c in calls if c[0]]
+    assert len(refines) == stale and all(c[1:] == ("pgd", 2) for c in refines)
+    assert len(calls) - len(refines) == 12  # one attack per applied batch
+
+
+def test_a_warm_started_attack_stays_in_the_ball():
+    import torch
+
+    from psadv.attacks import Attack, perturb
+    from psadv.models import build_model
+    from psadv.schedules import refine_attack
+
+    torch.manual_seed(0)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    attack = Attack(name="fgsm-rs", eps=0.3)
+    start = perturb(model, x, y, attack)
+    refine = refine_attack(attack, 3)
+    assert (refine.name, refine.effective_steps, refine.effective_step_size) == ("pgd", 3, attack.effective_step_size)
+    out = perturb(model, x, y, refine, start=start)
+    assert (out - x).abs().max() <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(perturb(model, x, y, Attack(steps=0), start=start), start)

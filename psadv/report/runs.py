@@ -1,0 +1,155 @@
+"""Reading run directories for the report: what each holds, and what is missing from it.
+
+A run without summary.json (killed, still running) is *partial*, one stopped by a signal before
+its budget *stopped* (``psadv train --resume`` continues it), a sweep run whose launcher exited
+non-zero *failed*; none is dropped. Whatever could not be read is listed in ``Run.problems``,
+so the report can say so next to the run's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+from ..rundir import read_metrics
+
+ROW_FIELDS = {"train": ("version", "time", "examples_seen"), "eval": ("version", "time", "clean_acc", "robust_acc"),
+              "world": ("size",), "end": ("version",)}
+FINAL_EVAL = "final_eval.json"  # written by `psadv eval RUN --save` (see psadv/rundir.py)
+
+
+@dataclass
+class Run:
+    """What one run directory holds, and what is missing from it."""
+
+    name: str
+    path: Path
+    status: str = "complete"  # complete | stopped (by a signal, resumable) | partial | failed
+    problems: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    summary: dict | None = None
+    rows: list[dict] = field(default_factory=list)
+    skipped_lines: int = 0  # metrics.jsonl lines that are not a JSON object
+    final_eval: dict | None = None
+    launch: dict | None = None
+
+    @property
+    def is_mpi(self) -> bool:
+        return self.attackers > 0
+
+    @property
+    def attackers(self) -> int:
+        if self.summary and "attackers" in self.summary:
+            return int(self.summary["attackers"])
+        worlds = self.of_kind("world")
+        if worlds:
+            return int(worlds[-1]["size"]) - 1
+        if self.launch is not None:
+            return int(self.launch["attackers"])
+        return 0
+
+    @property
+    def push(self) -> str | None:
+        if not self.is_mpi:
+            return None
+        return self.config.get("push") or (self.launch or {}).get("push")
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.config.get("batch_size")
+
+    def of_kind(self, kind: str) -> list[dict]:
+        """Rows of one kind that carry the fields the report reads (others are counted as problems)."""
+        need = ROW_FIELDS.get(kind, ())
+        return [r for r in self.rows if r.get("kind") == kind and all(r.get(f) is not None for f in need)]
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    """The JSON object in ``path``; None (and a problem) when it is unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{path.name} is unreadable ({type(exc).__name__})")
+        return None
+    if not isinstance(obj, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return None
+    return obj
+
+
+def load_run(path: Path, name: str | None = None, launch: dict | None = None) -> Run:
+    """The run in ``path``; ``launch`` is the sweep's record of the command that made it, if any."""
+    path = Path(path)
+    run = Run(name or path.name, path, launch=launch)
+    if launch is not None and not path.is_dir():
+        run.status = "failed"
+        run.problems = [f"launcher exited with code {launch.get('returncode')}", "no run directory was created"]
+        return run
+    config = _read_json(path / "config.json", run.problems)
+    if config is None:
+        run.problems.append("no config.json")
+    else:
+        run.config = config.get("config", {})
+    if (path / "metrics.jsonl").exists():
+        run.rows, run.skipped_lines = read_metrics(path / "metrics.jsonl", count_skipped=True)
+        if run.skipped_lines:
+            run.problems.append(f"{run.skipped_lines} metrics.jsonl lines are not JSON objects (cut off, or not "
+                                "UTF-8) and were skipped")
+    else:
+        run.problems.append("no metrics.jsonl")
+    run.summary = _read_json(path / "summary.json", run.problems)
+    run.final_eval = _read_json(path / FINAL_EVAL, run.problems)
+    if run.summary is None:
+        run.status = "partial"
+        run.problems.append("no summary.json: the run did not finish (killed, failed or still running)")
+    elif str(run.summary.get("stop_reason", "")).startswith("signal"):
+        run.status = "stopped"
+        run.problems.append(f"stopped by a {run.summary['stop_reason']} before its budget; psadv train --resume "
+                            "continues it")
+    unusable = sum(1 for r in run.rows if r.get("kind") in ROW_FIELDS) - sum(len(run.of_kind(k)) for k in ROW_FIELDS)
+    if unusable:
+        run.problems.append(f"{unusable} metrics rows lack fields the report needs and were left out")
+    if launch is not None and launch.get("returncode") != 0:
+        run.status = "failed"
+        run.problems.insert(0, f"launcher exited with code {launch.get('returncode')}")
+    if not run.of_kind("eval"):
+        run.problems.append("no evaluation rows")
+    return run
+
+
+def natural_key(path: Path) -> list:
+    """pgd-2 before pgd-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Anything psadv train writes marks a run directory (checkpoints/ comes first)."""
+    return any((path / name).exists() for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints"))
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Each path is a run directory or a directory of them (one level); anything else is an error."""
+    runs: list[Run] = []
+    for text in paths:
+        path = Path(text)
+        if not path.is_dir():
+            raise UsageError(f"{path} is not a directory")
+        if is_run_dir(path):
+            runs.append(load_run(path))
+            continue
+        inner = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=natural_key)
+        if not inner:
+            raise UsageError(f"{path} is not a run directory (no config.json, metrics.jsonl or checkpoints/) "
+                             "and holds none")
+        runs.extend(load_run(p, f"{path.name}/{p.name}") for p in inner)
+    names = [r.name for r in runs]
+    for r in runs:  # two inputs with the same name: use the full path to tell them apart
+        if names.count(r.name) > 1:
+            r.name = str(r.path)
+    return runs
+
