@@ -40,7 +40,8 @@ class Attacker:
         self.n_state = flat_state(self.model).numel()
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
         self.layout = wire.push_layout(self.mode, shape=train_set.x.shape[1:], batch_size=cfg.batch_size,
-                                       wire_dtype=cfg.wire_dtype, model=self.model)
+                                       wire_dtype=cfg.wire_dtype, model=self.model,
+                                       train_size=len(train_set) if cfg.refine_steps else None)
         self.slots = [wire.Message(self.layout.max_bytes) for _ in range(cfg.max_in_flight)]
         self.params_in = wire.Message(self.n_state * 4)
         self.control_in = wire.Message(0)
@@ -125,7 +126,7 @@ class Attacker:
         x_adv = perturb(self.model, x, y, attack)
         if self.mode == "examples":
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
-                                      y.cpu().numpy())
+                                      y.cpu().numpy(), idx)
         else:
             self.model.train()
             loss = F.cross_entropy(self.model(x_adv), y)

@@ -52,6 +52,10 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train_set) // w.n_attackers,
                          f"an attacker's shard with {w.n_attackers} attackers")
+        if cfg.refine_steps and cfg.push != "examples":
+            from .errors import ConfigError
+
+            raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
         if cfg.emulate_attackers or cfg.emulate_staleness:
             from .errors import ConfigError
 
@@ -72,7 +76,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             open_run_dir(setup, overwrite=overwrite)
             train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
             trainer = Trainer(setup, device=device, train_size=train_size, role="server")
-            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint)
+            role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
+                          train_set=train_set)
         else:
             from .attacker import Attacker
 

@@ -32,11 +32,14 @@ import time
 
 import numpy as np
 import torch
+
 from . import wire
+from .attacks import perturb
 from .data import dataset_info
-from .models import build_model, flat_state, load_flat_state_
 from .errors import PsadvError
+from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
+from .schedules import refine_attack
 from .staleness import StalenessPolicy
 from .training import ProgressBar, Trainer
 
@@ -49,7 +52,7 @@ WIND_DOWN_SECONDS = 10.0
 
 class Server:
     def __init__(self, w: World, trainer: Trainer, signals: SignalFlag, *, show_progress: bool = True,
-                 checkpoint=None):
+                 checkpoint=None, train_set=None):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -61,8 +64,12 @@ class Server:
         self.n_state = flat_state(trainer.model).numel()
         info = dataset_info(cfg.dataset)
         self.num_classes = info.num_classes
+        # --refine-steps: stale examples are attacked further from their clean originals, which
+        # the pushes name by index into the training set every rank holds
+        self.x_train = train_set.x if cfg.refine_steps and self.mode == "examples" else None
         self.layout = wire.push_layout(self.mode, shape=info.shape, batch_size=cfg.batch_size,
-                                       wire_dtype=cfg.wire_dtype, model=trainer.model)
+                                       wire_dtype=cfg.wire_dtype, model=trainer.model,
+                                       train_size=len(self.x_train) if self.x_train is not None else None)
         # The bounded queue: a fixed pool of receive buffers. When none is free the server stops
         # matching pushes, the attackers' Issends stay incomplete and they wait (back-pressure).
         self.queue_size = max(2, len(self.attackers))
@@ -198,6 +205,9 @@ class Server:
             x, y = self.layout.views(msg, count)
             x = torch.from_numpy(x).to(self.trainer.device, torch.float32)
             y = torch.from_numpy(y).to(self.trainer.device, torch.int64)
+            if self.x_train is not None and verdict.tau > 0:
+                clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)
+                x = perturb(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps), start=x)
             out = trainer.step(x, y)
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]

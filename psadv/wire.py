@@ -103,13 +103,16 @@ def progress_of(header: np.ndarray) -> float:
 
 # --- layouts of the payloads -------------------------------------------------------------------
 class ExampleLayout:
-    """Where ``count`` examples of ``shape`` and their labels sit in an EXAMPLES payload."""
+    """Where ``count`` examples of ``shape`` and their labels sit in an EXAMPLES payload, and, with
+    ``train_size`` (``--refine-steps``: the server continues stale attacks from the clean examples),
+    their int32 indices into the training set after the labels."""
 
     kind = EXAMPLES
 
-    def __init__(self, shape: tuple[int, ...], batch_size: int, wire_dtype: str):
+    def __init__(self, shape: tuple[int, ...], batch_size: int, wire_dtype: str, train_size: int | None = None):
         self.shape = tuple(shape)
         self.batch_size = batch_size
+        self.train_size = train_size
         self.dtype_code = DTYPES[wire_dtype]
         self.dtype = np.dtype(NP_DTYPES[self.dtype_code])
         self.per_example = int(np.prod(self.shape))
@@ -118,15 +121,20 @@ class ExampleLayout:
     def x_bytes(self, count: int) -> int:
         return _align8(count * self.per_example * self.dtype.itemsize)
 
-    def nbytes(self, count: int) -> int:
-        return self.x_bytes(count) + _align8(count * np.dtype(LABEL_DTYPE).itemsize)
+    def _int_bytes(self, count: int) -> int:
+        return _align8(count * np.dtype(LABEL_DTYPE).itemsize)
 
-    def pack(self, msg: Message, x: np.ndarray, y: np.ndarray) -> int:
+    def nbytes(self, count: int) -> int:
+        return self.x_bytes(count) + self._int_bytes(count) * (2 if self.train_size else 1)
+
+    def pack(self, msg: Message, x: np.ndarray, y: np.ndarray, indices: np.ndarray | None = None) -> int:
         count = len(y)
-        xb = self.x_bytes(count)
+        xb, ib = self.x_bytes(count), self._int_bytes(count)
         payload = msg.payload()
         payload[:xb].view(self.dtype)[:x.size] = x.reshape(-1)
         payload[xb:xb + count * 4].view(LABEL_DTYPE)[:] = y
+        if self.train_size:
+            payload[xb + ib:xb + ib + count * 4].view(LABEL_DTYPE)[:] = indices
         return self.nbytes(count)
 
     def views(self, msg: Message, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +144,11 @@ class ExampleLayout:
         x = payload[:xb].view(self.dtype)[:count * self.per_example].reshape(count, *self.shape)
         y = payload[xb:xb + count * 4].view(LABEL_DTYPE)
         return x, y
+
+    def indices(self, msg: Message, count: int) -> np.ndarray:
+        """The examples' indices into the training set (only with ``train_size``)."""
+        start = self.x_bytes(count) + self._int_bytes(count)
+        return msg.payload()[start:start + count * 4].view(LABEL_DTYPE)
 
     def dtype_problem(self, code: int) -> str | None:
         return None if code == self.dtype_code else f"dtype code {code}, expected {self.dtype_code} ({self.dtype})"
@@ -148,6 +161,10 @@ class ExampleLayout:
             return f"pixels outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})"
         if y.min() < 0 or y.max() >= num_classes:
             return f"labels outside 0..{num_classes - 1}"
+        if self.train_size:
+            idx = self.indices(msg, count)
+            if idx.min() < 0 or idx.max() >= self.train_size:
+                return f"example indices outside 0..{self.train_size - 1}"
         return None
 
 
@@ -208,10 +225,12 @@ class GradientLayout:
 PushLayout = ExampleLayout | GradientLayout
 
 
-def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtype: str, model) -> PushLayout:
-    """The payload of a push in ``--push`` ``mode``: examples of ``shape``, or ``model``'s gradients."""
+def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtype: str, model,
+                train_size: int | None = None) -> PushLayout:
+    """The payload of a push in ``--push`` ``mode``: examples of ``shape`` (with their indices into
+    a training set of ``train_size`` when given), or ``model``'s gradients."""
     if mode == "examples":
-        return ExampleLayout(shape, batch_size, wire_dtype)
+        return ExampleLayout(shape, batch_size, wire_dtype, train_size)
     return GradientLayout.of(model)
 
 

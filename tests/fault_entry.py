@@ -11,7 +11,9 @@ roles' real methods, then runs the ordinary CLI. ``FAULT`` is ``KIND,rank=R,afte
   the bounded queue and must wait without spinning;
 * ``reject``: the server (R = 0) rejects every push, slowly, so its queue never empties;
 * ``fail-setup``: attacker R fails at start-up with a user error (after rank 0 made the run
-  directory).
+  directory);
+* ``count-refines``: no fault: the server (R = 0) counts the pushes it refines
+  (``--refine-steps``) and prints ``refined N pushes`` on exit.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ STALL_SECONDS = 60.0
 def parse(text: str) -> tuple[str, int, int]:
     kind, *rest = text.split(",")
     fields = dict(part.split("=", 1) for part in rest)
-    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup"):
+    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "count-refines"):
         raise SystemExit(f"fault_entry: unknown fault {kind!r}")
     return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
 
@@ -61,7 +63,18 @@ def install(kind: str, rank: int, after: int) -> None:
 
         attacker.perturb = perturb
         return
-    if kind == "reject":
+    if kind == "count-refines":
+        import atexit
+
+        real_perturb, refined = server.perturb, [0]
+
+        def perturb(*args, **kwargs):
+            refined[0] += 1
+            return real_perturb(*args, **kwargs)
+
+        server.perturb = perturb
+        atexit.register(lambda: print(f"refined {refined[0]} pushes", file=sys.stderr, flush=True))
+    elif kind == "reject":
         def reject(self, msg, src):
             time.sleep(0.05)
             self.policy.rejected_stale += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -153,6 +154,22 @@ def test_gradient_payload_is_parameter_gradients_then_float_buffers():
     assert wire.GradientLayout.of(small).size == sum(p.numel() for p in small.parameters())  # no buffers
 
 
+def test_examples_carry_their_training_set_indices_for_refinement():
+    layout = wire.ExampleLayout((1, 28, 28), batch_size=4, wire_dtype="float32", train_size=100)
+    plain = wire.ExampleLayout((1, 28, 28), batch_size=4, wire_dtype="float32")
+    assert layout.nbytes(3) == plain.nbytes(3) + 16  # three int32 indices (12 bytes), 8-byte aligned
+    msg = wire.Message(layout.max_bytes)
+    x, y, idx = np.full((3, 1, 28, 28), 0.5, np.float32), np.array([1, 2, 3]), np.array([7, 99, 0])
+    nbytes = layout.pack(msg, x, y, idx)
+    msg.set_header(wire.EXAMPLES, version=0, count=3, sender=1, dtype=layout.dtype_code, nbytes=nbytes)
+    check = dict(layout=layout, batch_size=4, version=0, num_classes=10)
+    assert wire.validate_push(msg, msg.message_bytes(), 1, **check) is None
+    np.testing.assert_array_equal(layout.indices(msg, 3), idx)
+    np.testing.assert_array_equal(layout.views(msg, 3)[1], y)
+    layout.indices(msg, 3)[1] = 100
+    assert "indices outside 0..99" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
+
+
 def test_backoff_doubles_to_cap_and_resets():
     b = Backoff(start=1e-5, cap=4e-5)
     for _ in range(4):
@@ -228,6 +245,22 @@ def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push
         assert s["staleness_histogram"] == {"0": 40} and s["staleness_max"] == 0
     else:
         assert s["examples_seen"] == 20 * 50
+
+
+@needs_mpi
+def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
+    run = tmp_path / "refine"
+    res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-steps", "2", *SMALL,
+                  fault="count-refines,rank=0")
+    assert res.returncode == 0, res.stderr
+    s = summary(run)
+    refined = int(re.search(r"refined (\d+) pushes", res.stderr).group(1))
+    stale = sum(n for tau, n in s["staleness_histogram"].items() if tau not in ("0",) and not tau.startswith(">"))
+    assert refined == stale > 0  # every applied push with τ > 0, and nothing else
+    # float32 pixels, an int32 label and an int32 index per example, and the header per push of 50
+    assert s["push_bytes_per_example"] == pytest.approx(28 * 28 * 4 + 4 + 4 + wire.HEADER_BYTES / 50, abs=0.1)
+    bad = run_job(3, mnist_dir, tmp_path / "g", "--steps", "5", "--refine-steps", "1", "--push", "gradients", *SMALL)
+    assert bad.returncode == 2 and "needs --push examples" in bad.stderr
 
 
 @needs_mpi
