@@ -137,6 +137,11 @@ def fail_job(w: World, exc: BaseException) -> None:
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
         message = "interrupted"
+    elif type(exc).__module__.startswith("mpi4py"):
+        # A peer died (kill -9, a lost node) or the network failed: not a bug of this rank, and
+        # MPI's error stack says which link broke in its last line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = f"MPI communication failed (did another rank die?): {lines[-1] if lines else exc}"
     else:
         message = f"{type(exc).__name__}: {exc}"
         traceback.print_exception(exc, file=sys.stderr)
