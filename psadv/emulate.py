@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .models import flat_state, load_flat_state_
-from .staleness import StalenessPolicy
+from .staleness import StalenessPolicy, window_stats
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,7 @@ class Emulation:
         """Staleness since the last call, for a metrics row."""
         taus, rejected = self.window, self.rejected_window
         self.window, self.rejected_window = [], 0
-        return {"staleness_mean": round(float(np.mean(taus)), 3) if taus else None,
-                "staleness_max": int(max(taus)) if taus else None, "rejected_stale": self.policy.rejected_stale,
-                "rejected_in_window": rejected}
+        return {**window_stats(taus), "rejected_stale": self.policy.rejected_stale, "rejected_in_window": rejected}
 
     def summary(self) -> dict:
         return {"emulated_attackers": self.schedule.n, **self.policy.summary()}

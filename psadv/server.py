@@ -40,7 +40,7 @@ from .errors import PsadvError
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
 from .schedules import refine_attack
-from .staleness import StalenessPolicy
+from .staleness import StalenessPolicy, window_stats
 from .training import ProgressBar, Trainer
 
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
@@ -237,8 +237,7 @@ class Server:
         taus = win["tau"]
         own = dict(push=self.mode, produced_per_s={str(r): round(win["produced"][r] / dt, 1) for r in self.attackers},
                    utilization=round(busy / max(busy + wait, 1e-9), 4),
-                   staleness_mean=round(float(np.mean(taus)), 3) if taus else None,
-                   staleness_max=int(max(taus)) if taus else None,
+                   **window_stats(taus),
                    rejected_stale=self.policy.rejected_stale, rejected_invalid=self.totals["rejected_invalid"],
                    queue=len(self.queue))
         if win["steps"]:

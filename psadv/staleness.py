@@ -114,3 +114,9 @@ class StalenessPolicy:
         return {"max_staleness": self.max_staleness, "staleness_histogram": histogram,
                 "staleness_mean": round(self.staleness_sum / self.applied, 4) if self.applied else None,
                 "staleness_max": self.staleness_max, "applied": self.applied, "rejected_stale": self.rejected_stale}
+
+
+def window_stats(taus: list[int]) -> dict:
+    """Mean and max staleness of the pushes applied in one metrics window (None when there were none)."""
+    return {"staleness_mean": round(float(np.mean(taus)), 3) if taus else None,
+            "staleness_max": int(max(taus)) if taus else None}

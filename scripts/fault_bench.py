@@ -199,7 +199,7 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
 
 def render(results: list[dict], args, seconds: float) -> str:
     ran = [r for r in results if "skipped" not in r]
-    lines = [f"# psadv fault-injection benchmark", "",
+    lines = ["# psadv fault-injection benchmark", "",
              f"`python scripts/fault_bench.py --scenarios {args.scenarios} --seed {args.seed} --ranks {args.ranks} "
              f"--steps {args.steps}` — {len(ran)} scenarios in {seconds / 60:.1f} min", "",
              f"- hangs: **{sum(r['hang'] for r in ran)}**",

@@ -29,3 +29,10 @@ def test_the_log_refuses_rows_outside_the_schema(tmp_path):
     log.close()
     assert [r["kind"] for r in read_metrics(tmp_path / "m.jsonl")] == ["rejected"]
     assert set(SCHEMA) == {"world", "train", "attacker", "eval", "rejected", "end"}
+
+
+def test_the_report_reads_only_declared_fields():
+    from psadv.report.runs import ROW_FIELDS
+
+    for kind, fields in ROW_FIELDS.items():
+        assert set(fields) <= SCHEMA[kind].required, kind

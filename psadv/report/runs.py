@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..rundir import read_metrics
 
+# The fields the report needs in each row kind: required fields of psadv.metrics.SCHEMA (tested).
 ROW_FIELDS = {"train": ("version", "time", "examples_seen"), "eval": ("version", "time", "clean_acc", "robust_acc"),
               "world": ("size",), "end": ("version",)}
 FINAL_EVAL = "final_eval.json"  # written by `psadv eval RUN --save` (see psadv/rundir.py)
