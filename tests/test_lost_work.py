@@ -21,7 +21,7 @@ from psadv.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
 from psadv.errors import CheckpointError, TrainingDiverged, UsageError
 from psadv.metrics import MetricsLog
 from psadv.training import resolve_run, train_single
-from test_mpi import MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, summary, wait_for
+from test_mpi import MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, signal_at_version, summary, wait_for
 
 from cli_helpers import assert_one_line_error, invoke
 
@@ -188,17 +188,9 @@ def test_divergence_from_the_command_line_is_one_line(tmp_path, mnist_dir):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_single_process_checkpoints_on_a_signal_and_resumes(tmp_path, mnist_dir, sig):
     run_dir = tmp_path / "sig"
-    proc = subprocess.Popen(psadv_train(mnist_dir, run_dir, "--steps", "100000", "--checkpoint-every", "0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        wait_for(lambda: [r for r in rows(run_dir, "train") if r["version"] >= 10], 60, proc, "version 10")
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    code, out, err = signal_at_version(psadv_train(mnist_dir, run_dir, "--steps", "100000", "--checkpoint-every", "0"),
+                                       run_dir, 10, sig)
+    assert code == 0, err
     s = summary(run_dir)
     assert s["stop_reason"] == f"signal {sig.name}" and f"stopped (signal {sig.name})" in out
     stopped = s["version"]

@@ -85,6 +85,22 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
+def signal_at_version(cmd: list[str], run_dir: Path, version: int, sig, timeout: float = 60) -> tuple:
+    """Start ``cmd``, send ``sig`` once ``run_dir`` has a train row at ``version`` or later, and wait:
+    (return code, stdout, stderr). The process never outlives the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        wait_for(lambda: [r for r in rows(run_dir, "train") if r["version"] >= version], 60, proc,
+                 f"version {version}")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -365,17 +381,10 @@ def test_evaluation_does_not_stall_training(tmp_path, mnist_dir):
 @needs_mpi
 def test_sigterm_checkpoints_and_resume_continues_the_version_counter(tmp_path, mnist_dir):
     run = tmp_path / "term"
-    proc = subprocess.Popen(_cmd(3, mnist_dir, run, "--steps", "100000", "--checkpoint-every", "0", *SMALL),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        wait_for(lambda: [r for r in rows(run, "train") if r["version"] >= 20], 60, proc, "version 20")
-        proc.send_signal(signal.SIGTERM)  # to mpiexec, which forwards it to every rank
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    # SIGTERM to mpiexec, which forwards it to every rank
+    code, out, err = signal_at_version(_cmd(3, mnist_dir, run, "--steps", "100000", "--checkpoint-every", "0", *SMALL),
+                                       run, 20, signal.SIGTERM, timeout=30)
+    assert code == 0, err
     s = summary(run)
     assert s["stop_reason"] == "signal SIGTERM"
     stopped = s["version"]
