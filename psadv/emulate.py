@@ -17,7 +17,9 @@ every attacker. With one attacker and ``refresh_every`` r this gives τ = 1 + (V
 
 In this regime (the server keeps up, N below the bottleneck model's n*) pushes never wait in the
 server's queue, so ``--max-in-flight`` adds no staleness; where the server falls behind, queued
-pushes age further, which the emulation does not model.
+pushes age further, which the emulation does not model. The attack's schedule (ε ramp, steps) follows the
+trainer's current progress; a real attacker follows the progress sent with its parameters, at most
+a few versions behind.
 
 :class:`SnapshotStore` keeps the parameters of just the versions some attacker still holds or
 computes with, each once however many attackers share it.
