@@ -12,8 +12,8 @@ Timeline of one push, as on the real system: attacker ``a`` pushes the batch it 
 version ``p``; its send completes when the server takes the push, and before the server has
 trained on it the attacker starts its next batch with the newest version it holds; then the server
 judges the push (τ = V − p) and, if it applies it and V + 1 is due for a refresh, sends V + 1 to
-every attacker. With one attacker and ``refresh_every`` r this gives τ = 1 + (V mod r), a mean of
-1 + (r − 1)/2 — 2.5 for the default r = 4, as measured on the real server (README).
+every attacker. With one attacker and ``refresh_every`` r this gives τ = 1 + ((V − 1) mod r) for
+V ≥ 1, a mean of 1 + (r − 1)/2 — 2.5 for the default r = 4, as measured on the real server (README).
 
 In this regime (the server keeps up, N below the bottleneck model's n*) pushes never wait in the
 server's queue, so ``--max-in-flight`` adds no staleness; where the server falls behind, queued
@@ -45,13 +45,14 @@ class Push:
 class VirtualAttackers:
     """The order and model versions of N equally fast attackers' pushes (pure: no torch)."""
 
-    def __init__(self, n: int, refresh_every: int):
+    def __init__(self, n: int, refresh_every: int, start: int = 0):
         if n < 1 or refresh_every < 1:
             raise ValueError(f"need n >= 1 and refresh_every >= 1, not {n} and {refresh_every}")
         self.n, self.refresh_every = n, refresh_every
         self.turn = 0  # pushes made so far
-        self.held = [0] * n  # the newest version each attacker has received
-        self.computing = [0] * n  # the version each attacker's batch in progress uses
+        # every attacker starts from the model at ``start`` (the server sends it to all at start-up)
+        self.held = [start] * n  # the newest version each attacker has received
+        self.computing = [start] * n  # the version each attacker's batch in progress uses
 
     def next_push(self) -> Push:
         """The next push; its attacker starts its next batch with what it holds now."""
@@ -111,7 +112,7 @@ class Emulation:
     """
 
     def __init__(self, cfg, model: torch.nn.Module, attack_model: torch.nn.Module, version: int):
-        self.schedule = VirtualAttackers(cfg.emulate_attackers, cfg.refresh_every)
+        self.schedule = VirtualAttackers(cfg.emulate_attackers, cfg.refresh_every, start=version)
         self.policy = StalenessPolicy("examples", cfg.max_staleness, cfg.emulate_attackers)
         self.model, self.attack_model = model, attack_model
         self.store = SnapshotStore()

@@ -89,4 +89,4 @@ class MetricsLog:
         return row
 
     def close(self) -> None:
-        self._file.close()
+        self._file.close()  # idempotent

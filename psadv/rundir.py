@@ -49,6 +49,37 @@ class RunDir:
 
     def __init__(self, path: Path, fd: int, *, fresh: bool, created: bool):
         self.path, self._fd, self.fresh, self.created = path, fd, fresh, created
+        self.moved: list[tuple[Path, Path]] = []  # (from, to) of a supersede, undone by abandon
+
+    def supersede(self, version: int, checkpoints: list[Path]) -> Path:
+        """Set the run's future beyond ``version`` aside (a resume from an older checkpoint):
+        ``checkpoints`` (the newer ones), the summary and final evaluation of the abandoned line
+        and the whole metrics log as it was go into ``checkpoints/superseded-<time>/``; the live
+        log keeps only rows of versions up to ``version``. Nothing is deleted."""
+        aside = self.path / "checkpoints" / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        metrics = self.path / "metrics.jsonl"
+        try:
+            aside.mkdir(exist_ok=True)
+            for source in [*checkpoints, self.path / "summary.json", self.path / "final_eval.json", metrics]:
+                if source.exists():
+                    os.replace(source, aside / source.name)
+                    self.moved.append((source, aside / source.name))
+            if (aside / metrics.name).exists():
+                kept = [line for line in (aside / metrics.name).read_bytes().splitlines(keepends=True)
+                        if _row_version(line) <= version]
+                tmp = metrics.with_name(f".{metrics.name}.tmp-{os.getpid()}")
+                tmp.write_bytes(b"".join(kept))
+                os.replace(tmp, metrics)
+        except OSError as exc:
+            raise StorageError(f"cannot set the newer part of {self.path} aside: {io_error_text(exc)}") from None
+        return aside
+
+    def _undo_supersede(self) -> None:
+        for source, target in reversed(self.moved):
+            os.replace(target, source)
+        if self.moved:
+            self.moved[0][1].parent.rmdir()
+        self.moved.clear()
 
     def release(self) -> None:
         """Give up the lock (idempotent); closing the descriptor releases the flock."""
@@ -57,7 +88,9 @@ class RunDir:
             self._fd = None
 
     def abandon(self) -> None:
-        """Undo :func:`prepare` for a run that never started: remove what it created, release."""
+        """Undo :func:`prepare` (and :meth:`supersede`) for a run that never started: remove what
+        it created, put back what it set aside, release."""
+        self._undo_supersede()
         if self.fresh and not any((self.path / "checkpoints").glob("*.h5")):
             for name in (*OWNED, LOCK_NAME):
                 target = self.path / name
@@ -71,6 +104,15 @@ class RunDir:
                 except OSError:  # something else appeared there meanwhile: leave it
                     pass
         self.release()
+
+
+def _row_version(line: bytes) -> float:
+    """The version of a metrics row (rows without one, and unreadable lines, belong to every line)."""
+    try:
+        version = json.loads(line).get("version")
+    except (ValueError, AttributeError):
+        return -1
+    return version if isinstance(version, int) else -1
 
 
 def _lock(path: Path) -> int:

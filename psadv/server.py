@@ -363,7 +363,8 @@ class Server:
                 self.save()
         bar.close()
         stop_requests = self.send_stop()
-        while self.eval_job is not None and not reason.startswith("signal"):
+        # a signal now (SLURM's lead time is short) skips the rest: the checkpoint comes first
+        while self.eval_job is not None and not reason.startswith("signal") and self.signals.signum is None:
             self.eval_step()
 
         def save_then_wind_down() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -70,7 +69,11 @@ def _load_resume_checkpoint(resume: str) -> Checkpoint:
 
 
 def run_dir_of(checkpoint: Checkpoint) -> Path:
+    """The run a checkpoint belongs to: RUN/checkpoints/ckpt-*.h5, or a set-aside line's
+    RUN/checkpoints/superseded-*/ckpt-*.h5 (resuming that one supersedes the line after it)."""
     parent = checkpoint.path.parent
+    if parent.name.startswith("superseded-") and parent.parent.name == "checkpoints":
+        return parent.parent.parent
     return parent.parent if parent.name == "checkpoints" else parent
 
 
@@ -107,6 +110,9 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train))
+        if cfg.refine_steps and not cfg.emulate_attackers:
+            raise ConfigError("--refine-steps refines stale pushes: in one process it needs --emulate-attackers N "
+                              "(under MPI, the server refines what its attackers push)")
         open_run_dir(setup, overwrite=overwrite)
     return setup
 
@@ -120,9 +126,10 @@ def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
     """Lock and prepare the run directory (:func:`psadv.rundir.prepare`).
 
     A branch must go to a directory that holds no run. Resuming a run in place from a checkpoint
-    older than its newest truncates the run's future: the newer checkpoints are moved (never
-    deleted) into ``checkpoints/superseded-<time>/``, so "latest" is always on the line being trained
-    and the keep-K rotation only ever deletes checkpoints of that line.
+    older than its newest truncates the run's future: the newer checkpoints, the abandoned line's
+    summary and metrics rows are moved (never deleted) into ``checkpoints/superseded-<time>/``
+    (:meth:`psadv.rundir.RunDir.supersede`), so "latest" is always on the line being trained, the
+    keep-K rotation only ever deletes checkpoints of that line, and the report reads one line.
     """
     if setup.checkpoint is not None and not setup.in_place and rundir.holds_run(setup.run_dir):
         raise UsageError(f"--run-dir {setup.run_dir} already holds a run; --resume {setup.checkpoint.path} "
@@ -135,10 +142,11 @@ def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
         directory = setup.run_dir / "checkpoints"
         newer = [c for c in list_checkpoints(directory) if (checkpoint_version(c) or 0) > resumed]
         if newer:
-            aside = directory / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.mkdir(exist_ok=True)
-            for path in newer:
-                os.replace(path, aside / path.name)
+            try:
+                aside = setup.lock.supersede(resumed, newer)
+            except BaseException:
+                setup.lock.abandon()
+                raise
             print(f"psadv: resuming from version {resumed}: moved {len(newer)} newer checkpoint"
                   f"{'s' if len(newer) > 1 else ''} to {aside}", file=sys.stderr, flush=True)
 
@@ -356,11 +364,16 @@ class Trainer:
                    "best_robust_acc": self.state.best_robust_acc, **(extra_summary or {})}
         self.metrics.write("end", **summary)
         rundir.write_json(self.run_dir / "summary.json", summary)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Close the metrics log and give up the run's locks (idempotent): at the end, or when the
+        run fails, so a caller in the same process can resume it."""
         self.metrics.close()
         self.manager.close()
         if self.lock is not None:
             self.lock.release()
-        return summary
 
 
 class StaleRing:
@@ -397,6 +410,8 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
         return _train_single(setup, signals, show_progress)
     finally:
         signals.restore()
+        if setup.lock is not None:  # a run that failed half-way: its files stay, its lock goes
+            setup.lock.release()
 
 
 def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> dict:
@@ -427,52 +442,56 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             setup.lock.abandon()
         raise
 
-    def stop_reason() -> str | None:
-        return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
+    try:
+        def stop_reason() -> str | None:
+            return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
 
-    window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
-    bar = ProgressBar(trainer, "train", show_progress)
-    reason = stop_reason()
-    while reason is None:
-        idx = torch.from_numpy(stream.next())
-        x, y = x_train[idx].to(device), y_train[idx].to(device)
-        attack = trainer.attack()
-        if ring:
-            ring.push(trainer.model)
-            load_flat_state_(attack_model, ring.oldest())
-        if emulation:
-            emulation.attack_model_for_next_batch(trainer.version)
-        x_adv = perturb(attack_model, x, y, attack)
-        if emulation and cfg.refine_steps and emulation.push_tau > 0:
-            x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
-        out = trainer.step(x_adv, y)
-        if emulation:
-            emulation.applied(trainer.version)
-        window["examples"] += len(y)
-        window["loss"] += out["loss"]
-        window["acc"] += out["acc"]
-        window["n"] += 1
-        bar.advanced()
-
-        if trainer.due(cfg.log_every):
-            now = time.perf_counter()
-            rate = window["examples"] / max(now - window["t"], 1e-9)
-            trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
-                              loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
-                              **(emulation.window_row() if emulation else
-                                 {"staleness": ring.staleness() if ring else 0}))
-            bar.show(rate)
-            window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+        window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+        bar = ProgressBar(trainer, "train", show_progress)
         reason = stop_reason()
-        if trainer.due(cfg.eval_every) and reason is None:
-            trainer.measure_now(interrupted=lambda: signals.signum is not None)
-            bar.show()
+        while reason is None:
+            idx = torch.from_numpy(stream.next())
+            x, y = x_train[idx].to(device), y_train[idx].to(device)
+            attack = trainer.attack()
+            if ring:
+                ring.push(trainer.model)
+                load_flat_state_(attack_model, ring.oldest())
+            if emulation:
+                emulation.attack_model_for_next_batch(trainer.version)
+            x_adv = perturb(attack_model, x, y, attack)
+            if emulation and cfg.refine_steps and emulation.push_tau > 0:
+                x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
+            out = trainer.step(x_adv, y)
+            if emulation:
+                emulation.applied(trainer.version)
+            window["examples"] += len(y)
+            window["loss"] += out["loss"]
+            window["acc"] += out["acc"]
+            window["n"] += 1
+            bar.advanced()
+
+            if trainer.due(cfg.log_every):
+                now = time.perf_counter()
+                rate = window["examples"] / max(now - window["t"], 1e-9)
+                trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
+                                  loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
+                                  **(emulation.window_row() if emulation else
+                                     {"staleness": ring.staleness() if ring else 0}))
+                bar.show(rate)
+                window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
             reason = stop_reason()
-        if trainer.due(cfg.checkpoint_every) and reason is None:
-            _save_single(trainer, stream, ring, emulation)
-    bar.close()
-    return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation),
-                           summary=emulation.summary if emulation else None)
+            if trainer.due(cfg.eval_every) and reason is None:
+                trainer.measure_now(interrupted=lambda: signals.signum is not None)
+                bar.show()
+                reason = stop_reason()
+            if trainer.due(cfg.checkpoint_every) and reason is None:
+                _save_single(trainer, stream, ring, emulation)
+        bar.close()
+        return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation),
+                               summary=emulation.summary if emulation else None)
+    except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
+        trainer.close()
+        raise
 
 
 def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,

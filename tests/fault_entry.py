@@ -76,7 +76,7 @@ def install(kind: str, rank: int, after: int) -> None:
         atexit.register(lambda: print(f"refined {refined[0]} pushes", file=sys.stderr, flush=True))
     elif kind == "reject":
         def reject(self, msg, src):
-            time.sleep(0.05)
+            time.sleep(0.2)  # slower than any attacker here: the queue never empties
             self.policy.rejected_stale += 1
             return False
 

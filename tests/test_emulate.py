@@ -165,3 +165,20 @@ def test_a_warm_started_attack_stays_in_the_ball():
     out = perturb(model, x, y, refine, start=start)
     assert (out - x).abs().max() <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
     assert torch.equal(perturb(model, x, y, Attack(steps=0), start=start), start)
+
+
+def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path, mnist_dir):
+    emulated_run(tmp_path, mnist_dir, "plain", steps=10)
+    s = emulated_run(tmp_path, mnist_dir, "branch", resume=str(tmp_path / "plain"), steps=22, emulate_attackers=2,
+                     refresh_every=1)
+    # every virtual attacker starts from version 10: τ 0 and 1, then 2 — nothing rejected or spurious
+    assert s["applied"] == 12 and s["rejected_stale"] == 0
+    assert s["staleness_histogram"] == {"0": 1, "1": 1, "2": 10}
+
+
+def test_refining_needs_stale_pushes(tmp_path, mnist_dir):
+    from psadv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --emulate-attackers"):
+        emulated_run(tmp_path, mnist_dir, "r", steps=5, refine_steps=1, emulate_staleness=3)
+    assert not (tmp_path / "r").exists()

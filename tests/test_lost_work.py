@@ -144,7 +144,13 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, mnist_
     assert s["version"] == 25
     assert "moved 2 newer checkpoints" in capsys.readouterr().err
     aside = [d for d in ckpts.iterdir() if d.is_dir()]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == names[2:]
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == sorted(names[2:] + ["metrics.jsonl", "summary.json"])
+    # the abandoned line's rows went with it: the live log has no version above 10 before the resume's
+    versions = [r["version"] for r in strict_json_lines(tmp_path / "r" / "metrics.jsonl") if "version" in r]
+    first_after = versions.index(15)
+    assert max(versions[:first_after]) == 10 and versions[first_after:] == sorted(versions[first_after:])
+    assert max(r.get("version", 0) for r in strict_json_lines(aside[0] / "metrics.jsonl")) == 20
     # the line being trained is the only one "latest" and the rotation see
     assert [p.name for p in list_checkpoints(ckpts)] == [f"ckpt-{v:08d}.h5" for v in (10, 15, 20, 25)]
     assert load_checkpoint(find_checkpoint(tmp_path / "r")).state["version"] == 25
@@ -274,3 +280,23 @@ def test_mpi_start_up_error_on_an_attacker_removes_the_new_run_directory(tmp_pat
     res = run_job(3, mnist_dir, run_dir, "--steps", "5", *MPI_SMALL, timeout=60, fault="fail-setup,rank=2")
     assert res.returncode == 2 and res.stderr.count("psadv: error:") == 1, res.stderr
     assert not run_dir.exists()
+
+
+def test_a_resume_that_fails_to_start_puts_the_set_aside_line_back(tmp_path):
+    from psadv.rundir import prepare
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for v in (5, 10, 15):
+        (run_dir / "checkpoints" / f"ckpt-{v:08d}.h5").write_bytes(b"x")
+    rows = "".join(json.dumps({"kind": "train", "version": v}) + "\n" for v in (5, 10, 15))
+    (run_dir / "metrics.jsonl").write_text(rows)
+    (run_dir / "summary.json").write_text("{}")
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    run = prepare(run_dir, resume=True)
+    aside = run.supersede(5, [run_dir / "checkpoints" / f"ckpt-{v:08d}.h5" for v in (10, 15)])
+    assert [json.loads(line)["version"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [5]
+    assert not (run_dir / "summary.json").exists() and (aside / "summary.json").exists()
+    run.abandon()  # e.g. the resumed run's device does not exist
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before and not aside.exists()

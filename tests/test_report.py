@@ -430,7 +430,8 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
                   rows=train_rows(30) + evals(points),
                   summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "last_eval": None,
                            "emulated_attackers": n, "staleness_mean": n + 1.5, "staleness_max": n + 3,
-                           "staleness_histogram": {str(n): 10}, "rejected_stale": 0, "applied": 2000})
+                           "staleness_histogram": {str(n): 10}, "rejected_stale": 400 if n == 32 else 0,
+                           "applied": 2000})
     write_run(tmp_path / "runs" / "single", rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
               summary={"version": 2000, "examples_seen": 200000, "elapsed": 90.0, "last_eval": None})
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.89)
@@ -448,5 +449,6 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     assert refined["n_star"]["value"] == pytest.approx(2.86) and refined["time_to_target"]["value"] == 15.4
     assert eight["speedup_over_single_process"]["value"] == 4.0  # measured 60 s ÷ predicted 15 s
     assert rows[(32, 0)]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, 0)]
+    assert rows[(32, 0)]["pushes_per_version"]["value"] == 1.2 and eight["pushes_per_version"]["value"] == 1.0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## What N attackers buy" in text and "3.20×" in text

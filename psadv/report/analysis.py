@@ -330,8 +330,9 @@ def versions_to_target(run: Run, target: float) -> int | None:
 def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | None:
     """Predicted time to ``target`` for N attackers: the versions emulated runs of N attackers took
     (the slowest seed: every seed must get there) × the bottleneck model's seconds per version,
-    max(c_a / N, c_s + K·c_a / k) — the server's own work per version plus K refinement steps
-    of an attack step's cost, c_a / k — with c_s and c_a measured on an MPI run of the report."""
+    max(c_a / N × pushes per applied push, c_s + K·c_a / k) — attackers whose pushes are rejected as
+    too stale must make more of them; the server's own work per version plus K refinement steps of
+    an attack step's cost, c_a / k — with c_s and c_a measured on an MPI run of the report."""
     emulated = [r for r in runs if not r.is_mpi and r.config.get("emulate_attackers")]
     if not emulated:
         return None
@@ -357,13 +358,19 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         row = {"attackers": n, "refine_steps": refine, "runs": [r.name for r in members],
                "versions_to_target": measured(reached, f"first periodic evaluation ≥ {target:.0%}, slowest of "
                                                        f"{len(members)} run(s): {per_seed}")}
+        applied = sum((r.summary or {}).get("applied", 0) for r in members)
+        rejected = sum((r.summary or {}).get("rejected_stale", 0) for r in members)
+        per_push = (applied + rejected) / applied if applied else 1.0
+        row["pushes_per_version"] = measured(_round(per_push, 4), "(applied + rejected_stale) ÷ applied of the "
+                                                                  "emulated runs")
         if model is not None and reached is not None:
             c_s, c_a = model["c_s"]["value"], model["c_a"]["value"]
             steps = max(1, int(members[0].config.get("attack_steps") or 1))
             server = c_s + refine * c_a / steps
-            per_version = max(c_a / n, server)
+            per_version = max(c_a / n * per_push, server)
             row["seconds_per_version"] = predicted(_round(per_version, 6),
-                                                   f"max(c_a / N, c_s + K·c_a / k) with c_s, c_a of {model['fitted_on']}")
+                                                   f"max(c_a / N × pushes per version, c_s + K·c_a / k) with c_s, "
+                                                   f"c_a of {model['fitted_on']}")
             row["n_star"] = predicted(_round(c_a / server, 2), "c_a / (c_s + K·c_a / k)")
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)

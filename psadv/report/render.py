@@ -305,7 +305,8 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
         b.append(("h", 2, "What N attackers buy"))
         b.append(("p", f"Versions to {buy['target']:.0%} robust accuracy are *measured* on runs that emulate N "
                        "attackers in one process (`--emulate-attackers N`, the slowest seed); seconds per version and "
-                       "time to target are *predicted* by the bottleneck model, max(c_a / N, c_s + K·c_a / k), with "
+                       "time to target are *predicted* by the bottleneck model, max(c_a / N × pushes per version, "
+                       "c_s + K·c_a / k) (stale rejections make attackers push more than once per version), with "
                        "one core or GPU per attacker"
                        + (f" and c_s, c_a measured on {buy['model_from']}" if buy["model_from"] else
                           " — no MPI run with server and attacker timings is in this report, so no prediction")
