@@ -106,7 +106,7 @@ class RunDir:
         self.release()
 
 
-def _row_version(line: bytes) -> float:
+def _row_version(line: bytes) -> int:
     """The version of a metrics row (rows without one, and unreadable lines, belong to every line)."""
     try:
         version = json.loads(line).get("version")
