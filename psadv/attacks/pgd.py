@@ -1,6 +1,6 @@
-"""The one attack module: threat models, losses and a generic PGD loop.
+"""The training attack: one generic PGD loop over the threat models.
 
-Training, the MPI attackers and evaluation all call :func:`perturb`. Invariants, each tested:
+Training, the MPI attackers and periodic evaluation call :func:`perturb`. Invariants, each tested:
 
 * the result lies in the threat model's ε-ball around ``x`` and in the pixel range [0, 1];
 * parameter gradients are untouched (only the input gradient is computed, with
@@ -14,90 +14,15 @@ different (steps, step size, random start): see :data:`ATTACKS`.
 
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .errors import ConfigError
-
-PIXEL_MIN, PIXEL_MAX = 0.0, 1.0
-
-
-class ThreatModel(abc.ABC):
-    """An ε-ball around the clean input, intersected with the valid pixel range."""
-
-    def __init__(self, eps: float):
-        self.eps = float(eps)
-
-    @abc.abstractmethod
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The nearest point of the ball (and pixel range) to ``x_adv``."""
-
-    @abc.abstractmethod
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        """One ascent step along the norm's steepest direction (unprojected)."""
-
-    @abc.abstractmethod
-    def random_perturb(self, x: torch.Tensor) -> torch.Tensor:
-        """A random point of the ball around ``x``."""
-
-
-class LinfThreat(ThreatModel):
-    """‖δ‖∞ ≤ ε: sign-gradient steps, clipping projection, uniform random start."""
-
-    def project(self, x_adv, x):
-        delta = torch.clamp(x_adv - x, -self.eps, self.eps)
-        return torch.clamp(x + delta, PIXEL_MIN, PIXEL_MAX)
-
-    def step(self, x_adv, grad, step_size):
-        return x_adv + step_size * grad.sign()
-
-    def random_perturb(self, x):
-        return self.project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x)
-
-
-class L2Threat(ThreatModel):
-    """‖δ‖₂ ≤ ε per example: normalised-gradient steps, radial projection, uniform-in-ball start."""
-
-    @staticmethod
-    def _norms(t: torch.Tensor) -> torch.Tensor:
-        return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-    def project(self, x_adv, x):
-        delta = x_adv - x
-        scale = torch.clamp(self.eps / (self._norms(delta) + 1e-12), max=1.0)
-        return torch.clamp(x + delta * scale, PIXEL_MIN, PIXEL_MAX)
-
-    def step(self, x_adv, grad, step_size):
-        return x_adv + step_size * grad / (self._norms(grad) + 1e-12)
-
-    def random_perturb(self, x):
-        direction = torch.randn_like(x)
-        direction = direction / (self._norms(direction) + 1e-12)
-        dims = x[0].numel()
-        radius = self.eps * torch.rand(x.shape[0], device=x.device) ** (1.0 / dims)
-        return self.project(x + direction * radius.view(-1, *([1] * (x.dim() - 1))), x)
-
-
-THREATS: dict[str, type[ThreatModel]] = {"linf": LinfThreat, "l2": L2Threat}
-
-
-def cross_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Carlini-Wagner margin: best wrong logit minus true logit (positive = misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return wrong - true
-
-
-LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss}
+from ..errors import ConfigError
+from .losses import LOSSES
+from .threats import THREATS, ThreatModel
 
 
 @dataclass(frozen=True)
