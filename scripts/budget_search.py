@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Time to target, measured fairly: for each recipe, the smallest ``--time-budget`` whose runs end at
+the target for every seed (``psadv.report.budget.BudgetSearch`` picks the budgets).
+
+    python scripts/budget_search.py --data-dir ../shared/data --out runs/budget \\
+        --recipe default= --recipe pgd5='--attack-steps 5' --seeds 0,1,2 --start 60
+
+Each trial trains ``psadv train --time-budget T --seed S --eval-every 0`` (schedules stretch to T;
+no periodic evaluation), times the whole command (start-up included), then evaluates the final model
+once with ``psadv eval`` (default: PGD-50×10 on the full test set) and checks robust and clean
+accuracy against the targets. A trial fails at its first failing seed. ``--gate-examples`` first
+evaluates a slice and skips the full evaluation when the slice is clearly below the target (by more
+than ``--gate-margin``), which saves most of the evaluation time of short failing budgets.
+
+Finished trials (a run with summary.json and eval.json) are kept, so the same command continues an
+interrupted search. Writes OUT/budget_search.json and OUT/budget_search.md. Every time is a
+wall-clock time: run it on a quiet machine, one benchmark at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from psadv.report.budget import BudgetSearch, ratio
+
+PSADV = [sys.executable, "-m", "psadv.cli"]
+
+
+def parse_recipe(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--recipe wants NAME=FLAGS, got {text!r}")
+    return name.strip(), shlex.split(flags)
+
+
+def run_json(cmd: list[str]) -> dict:
+    print("$ " + shlex.join(cmd).replace(shlex.join(PSADV), "psadv"), flush=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"budget_search: command failed with exit code {out.returncode}")
+    return json.loads(out.stdout)
+
+
+class Trial:
+    """One recipe at one budget and seed: train, time it, evaluate it."""
+
+    def __init__(self, args, recipe: list[str], run_dir: Path, budget: float, seed: int):
+        self.args, self.recipe, self.run_dir, self.budget, self.seed = args, recipe, run_dir, budget, seed
+
+    def train(self) -> float:
+        timing = self.run_dir / "wall.json"
+        if (self.run_dir / "summary.json").exists() and timing.exists():
+            return json.loads(timing.read_text())["seconds"]
+        cmd = PSADV + ["train", "--run-dir", str(self.run_dir), "--no-progress", "--time-budget", str(self.budget),
+                       "--seed", str(self.seed), "--eval-every", "0", *self.data_dir(), *self.recipe]
+        if self.run_dir.exists():
+            cmd.append("--overwrite")
+        print("$ " + shlex.join(cmd).replace(shlex.join(PSADV), "psadv"), flush=True)
+        start = time.perf_counter()
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"budget_search: training {self.run_dir} failed")
+        seconds = time.perf_counter() - start
+        timing.write_text(json.dumps({"seconds": round(seconds, 2)}) + "\n")
+        return seconds
+
+    def evaluate(self, examples: int | None, name: str) -> dict:
+        path = self.run_dir / name
+        if path.exists():
+            return json.loads(path.read_text())
+        result = run_json(PSADV + ["eval", str(self.run_dir), "--json", "--no-progress", *self.data_dir(),
+                                   *(["--examples", str(examples)] if examples else []),
+                                   *shlex.split(self.args.eval_args)])
+        path.write_text(json.dumps(result) + "\n")
+        return result
+
+    def data_dir(self) -> list[str]:
+        return ["--data-dir", self.args.data_dir] if self.args.data_dir else []
+
+    def measure(self) -> dict:
+        wall = self.train()
+        summary = json.loads((self.run_dir / "summary.json").read_text())
+        row = {"seed": self.seed, "wall_seconds": round(wall, 2), "versions": summary["version"]}
+        if self.args.gate_examples:
+            gate = self.evaluate(self.args.gate_examples, "gate_eval.json")
+            row["gate_robust_acc"] = gate["robust_acc"]
+            if gate["robust_acc"] < self.args.target - self.args.gate_margin:
+                return {**row, "passed": False, "by": "gate"}
+        final = self.evaluate(None, "eval.json")
+        passed = final["robust_acc"] >= self.args.target and final["clean_acc"] >= self.args.clean_target
+        return {**row, "clean_acc": final["clean_acc"], "robust_acc": final["robust_acc"],
+                "attack": final["attack"], "passed": passed, "by": "final"}
+
+
+def search(args, name: str, recipe: list[str]) -> dict:
+    policy = BudgetSearch(start=args.start, tolerance=args.tolerance, max_budget=args.max_budget)
+    trials: dict[str, list[dict]] = {}
+    while (budget := policy.next_budget()) is not None:
+        rows = []
+        for seed in args.seeds:
+            rows.append(Trial(args, recipe, args.out / name / f"T{budget:g}" / f"seed{seed}", budget, seed).measure())
+            if not rows[-1]["passed"]:
+                break
+        trials[f"{budget:g}"] = rows
+        policy.record(budget, all(r["passed"] for r in rows) and len(rows) == len(args.seeds))
+        print(f"# {name}: budget {budget:g}s {'passed' if policy.results[budget] else 'failed'}", flush=True)
+    return {"name": name, "flags": shlex.join(recipe), **policy.answer(), "trials": trials}
+
+
+def render(args, results: list[dict]) -> str:
+    base = results[0]
+    lines = ["# Time to target by budget search", "",
+             f"`python {shlex.join(sys.argv)}`", "",
+             f"Target: robust ≥ {args.target:.1%} and clean ≥ {args.clean_target:.1%} under `psadv eval "
+             f"{args.eval_args}` on the full test set, for each of seeds {', '.join(map(str, args.seeds))}; "
+             f"bisection stops within {args.tolerance:.0%}. All numbers *measured*.", "",
+             f"| recipe | time to target (s) | bracket (s) | ratio vs {base['name']} | budgets tried (pass/fail) |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        tried = ", ".join(f"{b}{'✓' if ok else '✗'}" for b, ok in r["tried"].items())
+        ttt = "–" if r["time_to_target"] is None else f"{r['time_to_target']:g}"
+        rat = ratio(base, r)
+        lines.append(f"| {r['name']} (`{r['flags']}`) | {ttt} | {r['bracket'][0]}–{r['bracket'][1]} | "
+                     f"{'–' if rat is None else f'{rat:.2f}×'} | {tried} |")
+    lines += ["", "Per trial (seed: clean / robust, wall seconds incl. start-up):", ""]
+    for r in results:
+        for budget, rows in r["trials"].items():
+            cells = "; ".join(
+                f"seed {t['seed']}: " + (f"{t['clean_acc']:.2%} / {t['robust_acc']:.2%}" if t["by"] == "final"
+                                         else f"gate {t['gate_robust_acc']:.1%}") + f", {t['wall_seconds']:.0f}s"
+                for t in rows)
+            lines.append(f"- {r['name']} at {budget}s: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/budget-search"), help="output directory")
+    p.add_argument("--data-dir", default=None, help="dataset directory (passed to psadv)")
+    p.add_argument("--recipe", action="append", type=parse_recipe, default=None,
+                   help="NAME=FLAGS, repeatable; the first is the baseline of the ratios [default=]")
+    p.add_argument("--seeds", default="0,1,2", help="seeds; every one must reach the target [0,1,2]")
+    p.add_argument("--start", type=float, default=60.0, help="first budget in seconds [60]")
+    p.add_argument("--tolerance", type=float, default=0.15, help="relative width at which bisection stops [0.15]")
+    p.add_argument("--max-budget", type=float, default=3600.0, help="give up above this budget [3600]")
+    p.add_argument("--target", type=float, default=0.89, help="robust accuracy target [0.89]")
+    p.add_argument("--clean-target", type=float, default=0.98, help="clean accuracy target [0.98]")
+    p.add_argument("--eval-args", default="--attack pgd --steps 50 --restarts 10",
+                   help="psadv eval flags of the final evaluation [--attack pgd --steps 50 --restarts 10]")
+    p.add_argument("--gate-examples", type=int, default=1000, help="slice evaluated first (0 = no gate) [1000]")
+    p.add_argument("--gate-margin", type=float, default=0.02,
+                   help="skip the full evaluation when the slice is this far below the target [0.02]")
+    args = p.parse_args(argv)
+    args.recipe = args.recipe or [("default", [])]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds wants integers, got {args.seeds!r}")
+    if not 0 < args.start <= args.max_budget:
+        p.error("--start must be > 0 and <= --max-budget")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [search(args, name, flags) for name, flags in args.recipe]
+    (args.out / "budget_search.json").write_text(json.dumps({"results": results}, indent=2) + "\n")
+    (args.out / "budget_search.md").write_text(render(args, results))
+    print((args.out / "budget_search.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Time to target as a budget search: the pure policy, and the benchmark script end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from psadv.report.budget import BudgetSearch, ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def drive(search: BudgetSearch, threshold: float) -> list[float]:
+    """Run the search against a recipe that passes exactly at budgets >= threshold."""
+    tried = []
+    while (budget := search.next_budget()) is not None:
+        tried.append(budget)
+        search.record(budget, budget >= threshold)
+        assert len(tried) < 50
+    return tried
+
+
+@pytest.mark.parametrize("threshold", [7.0, 45.0, 60.0, 61.0, 500.0])
+def test_search_brackets_the_threshold_within_tolerance(threshold):
+    search = BudgetSearch(start=60, tolerance=0.15)
+    drive(search, threshold)
+    answer = search.answer()
+    assert answer["done"]
+    passing, failing = answer["bracket"][1], answer["bracket"][0]
+    assert passing >= threshold and (failing is None or failing < threshold)
+    assert failing is not None and passing / failing <= 1.15
+
+
+def test_search_halves_then_doubles_and_gives_up_at_the_max():
+    search = BudgetSearch(start=60)
+    assert search.next_budget() == 60
+    search.record(60, True)
+    assert search.next_budget() == 30
+    never = BudgetSearch(start=60, max_budget=200)
+    drive(never, float("inf"))
+    assert never.answer()["time_to_target"] is None and max(map(float, never.answer()["tried"])) == 200
+
+
+def test_a_pass_below_a_failure_is_reported_not_hidden():
+    search = BudgetSearch(start=60)
+    for budget, ok in [(60, True), (30, False), (42.4, True), (50, False)]:
+        search.record(budget, ok)
+    assert search.passing == 42.4 and search.failing == 30 and search.non_monotone == [50]
+
+
+def test_ratio_needs_both_times():
+    assert ratio({"time_to_target": 600}, {"time_to_target": 30}) == 20
+    assert ratio({"time_to_target": None}, {"time_to_target": 30}) is None
+
+
+def test_budget_search_script_runs_trials_and_keeps_them(tmp_path, mnist_dir):
+    out = tmp_path / "bs"
+    cmd = [sys.executable, str(ROOT / "scripts" / "budget_search.py"), "--out", str(out), "--data-dir", str(mnist_dir),
+           "--recipe", "tiny=--batch-size 50 --attack-steps 1 --threads 1", "--seeds", "0", "--start", "2",
+           "--tolerance", "1", "--target", "0", "--clean-target", "0", "--gate-examples", "0",
+           "--eval-args", "--attack pgd --steps 1 --restarts 1 --examples 100"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    result = json.loads((out / "budget_search.json").read_text())["results"][0]
+    # everything passes at target 0: 2 s passes, 1 s (the floor) passes, the search ends there
+    assert result["tried"] == {"1.0": True, "2.0": True} and result["time_to_target"] == 1.0
+    trial = result["trials"]["2"][0]
+    assert trial["passed"] and trial["wall_seconds"] > 2 and trial["versions"] > 0
+    assert "| tiny" in (out / "budget_search.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "psadv train" not in again.stdout  # finished trials are kept
