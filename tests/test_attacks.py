@@ -186,7 +186,21 @@ def test_named_attack_rules():
     assert Attack(name="pgd", eps=0.3, steps=10).effective_step_size == pytest.approx(0.075)
     assert Attack(name="pgd", eps=0.3, steps=10, step_size=0.01).effective_step_size == 0.01
     assert Attack(name="pgd", eps=0.3, steps=50, restarts=10).describe() == "PGD-50x10 linf eps=0.3"
-    assert set(ATTACKS) == {"none", "fgsm", "fgsm-rs", "pgd"}
+    assert Attack(name="n-fgsm", eps=0.3).effective_step_size == pytest.approx(0.3)
+    assert set(ATTACKS) == {"none", "fgsm", "fgsm-rs", "pgd", "n-fgsm"}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_n_fgsm_leaves_the_eps_ball_by_design_but_not_its_reach(model, batch, norm):
+    """N-FGSM: noise of 2ε plus a step of ε, never projected back to the ε-ball — only to 3ε and [0, 1]."""
+    x, y = batch
+    eps = 0.1 if norm == "linf" else 1.0
+    torch.manual_seed(3)
+    x_adv = perturb(model, x, y, Attack(name="n-fgsm", eps=eps, norm=norm))
+    dist = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
+    assert dist.max() > 1.5 * eps  # outside the ε-ball: the noise is 2ε
+    assert dist.max() <= 3 * eps + 1e-4
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
 @pytest.mark.parametrize("kwargs", [dict(name="bim"), dict(eps=-0.1), dict(steps=-1), dict(restarts=0),

@@ -2,14 +2,15 @@
 
 Training, the MPI attackers and periodic evaluation call :func:`perturb`. Invariants, each tested:
 
-* the result lies in the threat model's ε-ball around ``x`` and in the pixel range [0, 1];
+* the result lies in the threat model's ε-ball around ``x`` and in the pixel range [0, 1] (N-FGSM,
+  a training attack, by design reaches 3ε: its ball is ``reach × ε``, see :class:`AttackKind`);
 * parameter gradients are untouched (only the input gradient is computed, with
   ``torch.autograd.grad``, which also means nothing accumulates from step to step);
 * the model is in eval mode while attacking and its previous mode is restored afterwards;
 * with restarts, each example keeps its worst restart (misclassified first, then highest loss).
 
-FGSM, FGSM with random start ("fast" adversarial training) and PGD are the same loop with
-different (steps, step size, random start): see :data:`ATTACKS`.
+FGSM, FGSM with random start ("fast" adversarial training), N-FGSM and PGD are the same loop with
+different (steps, step size, random start, reach): see :data:`ATTACKS`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class AttackKind:
     random_start: bool
     default_step_ratio: str  # step size / ε, as a rule of the step count (see step_size_ratio)
     description: str
+    start_scale: float = 1.0  # radius of the random start, in units of ε
+    # radius of the ball the result is projected onto, in units of ε: 1 for every attack that
+    # grades robustness; more only for a training attack whose noise is meant to leave the ball
+    reach: float = 1.0
 
 
 ATTACKS: dict[str, AttackKind] = {
@@ -40,6 +45,10 @@ ATTACKS: dict[str, AttackKind] = {
     "fgsm": AttackKind(1, False, "1", "one signed-gradient step of size ε (Goodfellow et al.)"),
     "fgsm-rs": AttackKind(1, True, "1.25", "FGSM from a uniform random start, step 1.25ε (Wong et al.)"),
     "pgd": AttackKind(None, True, "2.5/k", "k projected steps from a random start, step 2.5ε/k (Madry et al.)"),
+    # de Jorge et al. 2022: noise of 2ε and no projection back to the ε-ball keep single-step
+    # training from collapsing (catastrophic overfitting) without extra cost.
+    "n-fgsm": AttackKind(1, True, "1", "FGSM of step ε from uniform noise of 2ε, not projected back to the "
+                         "ε-ball (N-FGSM; training only)", start_scale=2.0, reach=3.0),
 }
 
 
@@ -110,10 +119,14 @@ class Attack:
 
 def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, loss_fn,
                 start: torch.Tensor | None = None) -> torch.Tensor:
+    kind = attack.kind
     if start is not None:
         x_adv = threat.project(start.detach(), x)
+    elif kind.random_start:
+        x_adv = threat.random_perturb(x) if kind.start_scale == 1 else \
+            THREATS[attack.norm](attack.eps * kind.start_scale).random_perturb(x)
     else:
-        x_adv = threat.random_perturb(x) if attack.kind.random_start else x.clone()
+        x_adv = x.clone()
     step_size = attack.effective_step_size
     for _ in range(attack.effective_steps):
         # A fresh leaf each step: the gradient is computed anew, never accumulated.
@@ -134,7 +147,7 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
     """
     if attack.name == "none" or attack.eps == 0 or attack.effective_steps == 0:
         return x.detach().clone() if start is None else start.detach().clone()
-    threat = THREATS[attack.norm](attack.eps)
+    threat = THREATS[attack.norm](attack.eps * attack.kind.reach)
     loss_fn = LOSSES[attack.loss]
     was_training = model.training
     model.eval()
