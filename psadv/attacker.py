@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from . import schedules, wire
-from .attacks import perturb
+from .attacks import PerturbationMemory, perturb
 from .data import BatchStream, shard_indices
 from .errors import CheckpointError
 from .models import build_model, flat_state, float_buffers, load_flat_state_
@@ -48,6 +48,8 @@ class Attacker:
         self.control_out = wire.Message(0)
         shard = shard_indices(len(train_set), cfg.seed, w.rank - 1, w.n_attackers)
         self.stream = BatchStream(shard, cfg.batch_size, seed=cfg.seed + w.rank)
+        # the shard's perturbations only live here: a resumed job starts its memory afresh
+        self.memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         self.version = -1  # no parameters yet
         self.progress = 0.0
         self.fresh = False  # a PARAMS message arrived since the last push (sync mode waits for one)
@@ -123,7 +125,10 @@ class Attacker:
         x = torch.from_numpy(self.x_train[idx]).to(self.device)
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
         attack = schedules.training_attack(self.progress, cfg)
-        x_adv = perturb(self.model, x, y, attack)
+        memory = self.memory
+        x_adv = perturb(self.model, x, y, attack, start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
+        if memory is not None:
+            memory.remember(torch.from_numpy(idx), x, x_adv)
         if self.mode == "examples":
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
                                       y.cpu().numpy(), idx)

@@ -46,6 +46,10 @@ class Config:
     # A schedule of PGD steps, 'K0,K1@P1,K2@P2': K0 steps until progress P1, then K1, ...
     attack_steps_schedule: str = opt("", "PGD steps by training progress, e.g. '2,5@0.3,10@0.6'")
     attack_restarts: int = opt(1, "random restarts of the training attack", min=1)
+    # An example's perturbation changes little between its visits, so starting from the last one
+    # makes a few steps as strong as many (ATTA). Off by default until measured (README).
+    reuse_perturbations: bool = opt(False, "start each example's attack from its perturbation of the last epoch "
+                                    "(kept per example; attackers keep their shard's)")
 
     # --- optimisation ------------------------------------------------------------------------
     # Adam with a one-cycle peak of 5e-3 is the measured recipe (README, "Measured"): 15 epochs of

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import __version__, rundir, schedules
-from .attacks import perturb
+from .attacks import PerturbationMemory, perturb
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
 from .config import Config, make_config
@@ -423,6 +423,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
         trainer = Trainer(setup, device=device, train_size=len(train_set))
         stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
+        memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
         separate = ring is not None or cfg.emulate_attackers > 0
         attack_model = build_model(cfg.model, **setup.model_args).to(device) if separate else trainer.model
@@ -437,6 +438,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 ring.load_array(ckpt.extra["stale_ring"])
             if emulation:
                 emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
+            if memory is not None and "perturbations" in ckpt.extra:
+                memory.load_arrays(ckpt.extra)
     except BaseException:
         if setup.lock is not None:
             setup.lock.abandon()
@@ -458,9 +461,11 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 load_flat_state_(attack_model, ring.oldest())
             if emulation:
                 emulation.attack_model_for_next_batch(trainer.version)
-            x_adv = perturb(attack_model, x, y, attack)
+            x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
             if emulation and cfg.refine_steps and emulation.push_tau > 0:
                 x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
+            if memory is not None:
+                memory.remember(idx, x, x_adv)
             out = trainer.step(x_adv, y)
             if emulation:
                 emulation.applied(trainer.version)
@@ -485,9 +490,9 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 bar.show()
                 reason = stop_reason()
             if trainer.due(cfg.checkpoint_every) and reason is None:
-                _save_single(trainer, stream, ring, emulation)
+                _save_single(trainer, stream, ring, emulation, memory)
         bar.close()
-        return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation),
+        return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation, memory),
                                summary=emulation.summary if emulation else None)
     except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
         trainer.close()
@@ -495,8 +500,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
 
 
 def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,
-                 emulation: Emulation | None) -> Path:
-    extra = {"stale_ring": ring.to_array()} if ring else emulation.extra() if emulation else None
+                 emulation: Emulation | None, memory: PerturbationMemory | None) -> Path:
+    extra = {"stale_ring": ring.to_array()} if ring else emulation.extra() if emulation else {}
+    if memory is not None:
+        extra.update(memory.to_arrays())
     state = {"data_stream": stream.state(), **({"emulation": emulation.state()} if emulation else {})}
     return trainer.save(extra=extra, extra_state=state)
 

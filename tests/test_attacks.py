@@ -222,3 +222,27 @@ def test_models_build_and_run(name):
     model = build_model(name, in_channels=spec.input_shape[0], num_classes=10)
     out = model(torch.rand(2, *spec.input_shape))
     assert out.shape == (2, 10)
+
+
+def test_perturbation_memory_starts_seen_examples_where_they_ended(model, batch):
+    from psadv.attacks import PerturbationMemory
+
+    x, y = batch
+    memory = PerturbationMemory(100, tuple(x.shape[1:]))
+    idx = torch.arange(16) * 3
+    attack = Attack(name="pgd", eps=0.3, steps=3)
+    torch.manual_seed(0)
+    fresh = memory.starts(idx, x, attack)  # nothing seen: the attack's own random start
+    assert (fresh - x).abs().max() <= 0.3 + 1e-6 and not torch.equal(fresh, x)
+    x_adv = perturb(model, x, y, attack, start=fresh)
+    memory.remember(idx[:8], x[:8], x_adv[:8])
+    starts = memory.starts(idx, x, attack)
+    torch.testing.assert_close(starts[:8], x_adv[:8], atol=1e-3, rtol=0)  # float16 storage
+    assert (starts[8:] - x[8:]).abs().max() <= 0.3 + 1e-6  # unseen: fresh random starts
+    smaller = memory.starts(idx, x, Attack(name="pgd", eps=0.1, steps=3))  # ε shrank: projected
+    assert (smaller - x).abs().max() <= 0.1 + 1e-6
+    again = PerturbationMemory(100, tuple(x.shape[1:]))
+    again.load_arrays(memory.to_arrays())
+    assert torch.equal(again.delta, memory.delta) and torch.equal(again.seen, memory.seen)
+    with pytest.raises(ValueError, match="shape"):
+        PerturbationMemory(99, tuple(x.shape[1:])).load_arrays(memory.to_arrays())

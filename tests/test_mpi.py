@@ -280,6 +280,15 @@ def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
 
 
 @needs_mpi
+def test_attackers_reuse_their_shards_perturbations(tmp_path, mnist_dir):
+    run = tmp_path / "reuse"
+    res = run_job(3, mnist_dir, run, "--steps", "12", "--reuse-perturbations", "--checkpoint-every", "0", *SMALL)
+    assert res.returncode == 0, res.stderr
+    assert summary(run)["version"] == 12
+    assert "perturbations" not in load_checkpoint(find_checkpoint(run)).extra  # the attackers keep theirs
+
+
+@needs_mpi
 def test_zero_staleness_forces_rejections(tmp_path, mnist_dir):
     run = tmp_path / "s0"
     res = run_job(3, mnist_dir, run, "--steps", "12", "--max-staleness", "0", *SMALL)

@@ -92,6 +92,23 @@ def test_emulated_staleness_resumes_exactly(tmp_path, mnist_dir):
     assert [r["staleness"] for r in rows] == [4, 4]  # min(version, S) at versions 5 and 10
 
 
+def test_reused_perturbations_are_checkpointed_and_resume_exactly(tmp_path, mnist_dir):
+    common = dict(steps=12, eval_every=0, keep_checkpoints=5, reuse_perturbations=True)
+    run(tmp_path, mnist_dir, name="straight", checkpoint_every=0, **common)
+    run(tmp_path, mnist_dir, name="halves", checkpoint_every=6, **common)
+    half = load_checkpoint(tmp_path / "halves" / "checkpoints" / "ckpt-00000006.h5")
+    assert half.extra["perturbations_seen"].sum() == 6 * 50  # every example attacked so far
+    run(tmp_path, mnist_dir, name="resumed", resume=str(half.path))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt-00000012.h5")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt-00000012.h5")
+    assert a.extra["perturbations_seen"].sum() == 12 * 50
+    for name in ("perturbations", "perturbations_seen"):
+        np.testing.assert_array_equal(a.extra[name], b.extra[name])
+    for k in a.model_state:
+        torch.testing.assert_close(a.model_state[k], b.model_state[k], rtol=0, atol=0)
+    assert np.abs(a.extra["perturbations"].astype(np.float32)).max() <= 0.3 + 1e-3
+
+
 def test_evaluation_frequency_does_not_change_training(tmp_path, mnist_dir):
     run(tmp_path, mnist_dir, name="often", steps=10, eval_every=2)
     run(tmp_path, mnist_dir, name="never", steps=10, eval_every=0)

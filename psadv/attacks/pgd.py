@@ -117,16 +117,17 @@ class Attack:
         return f"{label} {self.norm} eps={self.eps:g}" + (" margin" if self.loss == "margin" else "")
 
 
+def initial_point(attack: Attack, x: torch.Tensor) -> torch.Tensor:
+    """Where ``attack`` starts without a given start: a random point of its start ball, or ``x``."""
+    kind = attack.kind
+    if not kind.random_start:
+        return x.clone()
+    return THREATS[attack.norm](attack.eps * kind.start_scale).random_perturb(x)
+
+
 def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, loss_fn,
                 start: torch.Tensor | None = None) -> torch.Tensor:
-    kind = attack.kind
-    if start is not None:
-        x_adv = threat.project(start.detach(), x)
-    elif kind.random_start:
-        x_adv = threat.random_perturb(x) if kind.start_scale == 1 else \
-            THREATS[attack.norm](attack.eps * kind.start_scale).random_perturb(x)
-    else:
-        x_adv = x.clone()
+    x_adv = initial_point(attack, x) if start is None else threat.project(start.detach(), x)
     step_size = attack.effective_step_size
     for _ in range(attack.effective_steps):
         # A fresh leaf each step: the gradient is computed anew, never accumulated.
