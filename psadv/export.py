@@ -24,10 +24,13 @@ same metadata as the ONNX model's ``metadata_props``, with a dynamic batch dimen
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import warnings
@@ -226,13 +229,8 @@ def _write_onnx(model: nn.Module, meta: dict[str, str], tmp: Path, out: Path) ->
         raise PsadvError(f"cannot export to ONNX: the input shape of {meta['model_name']} is unknown "
                          "(its dataset file is gone); restore the file named by the run's --data-dir")
     example = torch.rand(2, *json.loads(meta["input_shape"]))
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    # The exporter logs the optional torchvision operators it skips and warns about its own internals.
-    exporter_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
                               input_names=["x"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -242,8 +240,30 @@ def _write_onnx(model: nn.Module, meta: dict[str, str], tmp: Path, out: Path) ->
         onnx.checker.check_model(graph, full_check=True)
         onnx.save(graph, str(tmp))
     except Exception as exc:  # noqa: BLE001 - whatever the exporter cannot handle: one line, nothing written
-        lines = str(exc).strip().splitlines()
-        raise PsadvError(f"cannot export {meta['model_name']} to ONNX ({out}): {type(exc).__name__}: "
-                         f"{lines[0] if lines else ''}") from None
+        raise PsadvError(f"cannot export {meta['model_name']} to ONNX ({out}): {_export_failure(exc)}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter: it prints graphs, logs skipped optional operators and warns about its
+    own internals; what went wrong reaches the user as the one-line error instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        exporter_log.setLevel(level)
+        logging.disable(previous)
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The root cause of an export failure in one line, with the model's line that raised it."""
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    lines = str(root).strip().splitlines()
+    text = f"{type(root).__name__}: {lines[0] if lines else ''}".strip()
+    where = re.search(r'raised this error:\s*File "([^"]+)", line (\d+)', str(exc))
+    return text + (f" (at {where.group(1)}, line {where.group(2)})" if where else "")

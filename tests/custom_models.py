@@ -27,3 +27,4 @@ def raises(**kwargs):
 
 
 NOT_CALLABLE = 42
+
