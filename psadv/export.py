@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint
-from .errors import CheckpointError, PsadvError, UsageError
+from .errors import CheckpointError, PsadvError, StorageError, UsageError, io_error_text
 from .models import MODELS, build_model
 
 FORMAT = "psadv-model"
@@ -190,26 +189,26 @@ def export_model(source: str | os.PathLike, fmt: str = "safetensors", output: st
     if out.is_dir():
         raise UsageError(f"{out} is a directory; -o names the file to write")
     meta = {k: v for k, v in meta.items() if k not in ("source", "data_dir")}  # local paths stay here
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, metadata=meta)
+    else:
+        data = _onnx_bytes(model, meta, out)
+    _write_atomically(out, data)
+    return out
+
+
+def _write_atomically(out: Path, data: bytes) -> None:
+    """``data`` into ``out`` through a temporary file and a rename: never a partial file."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-        os.close(fd)
-    except OSError as exc:
-        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                      metadata=meta)
-        else:
-            _write_onnx(model, meta, tmp, out)
-        tmp.chmod(0o644)  # mkstemp makes it private; an export is for others to read
+        tmp.write_bytes(data)
         os.replace(tmp, out)
-    finally:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-    return out
+        raise StorageError(f"cannot write {out}: {io_error_text(exc)}") from None
 
 
 def _require_onnx() -> None:
@@ -221,7 +220,7 @@ def _require_onnx() -> None:
                          "pip install 'psadv[onnx]'") from None
 
 
-def _write_onnx(model: nn.Module, meta: dict[str, str], tmp: Path, out: Path) -> None:
+def _onnx_bytes(model: nn.Module, meta: dict[str, str], out: Path) -> bytes:
     """Export with torch's ONNX exporter (batch dimension dynamic), add the metadata, check the graph."""
     import onnx
 
@@ -231,14 +230,14 @@ def _write_onnx(model: nn.Module, meta: dict[str, str], tmp: Path, out: Path) ->
     example = torch.rand(2, *json.loads(meta["input_shape"]))
     try:
         with _quiet():
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
-                              input_names=["x"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
-        graph = onnx.load(str(tmp))
+            program = torch.onnx.export(model, (example,), None, dynamo=True, verbose=False,
+                                        input_names=["x"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+        graph = program.model_proto
         for key, value in meta.items():
             graph.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(graph, full_check=True)
-        onnx.save(graph, str(tmp))
+        return graph.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - whatever the exporter cannot handle: one line, nothing written
         raise PsadvError(f"cannot export {meta['model_name']} to ONNX ({out}): {_export_failure(exc)}") from None
 

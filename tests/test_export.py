@@ -104,6 +104,7 @@ def test_load_model_errors(tmp_path, exported):
 
 def test_plain_safetensors_and_torchattacks_without_psadv(exported, mnist_dir, run):
     """The README's example: plain safetensors + torch rebuild the model, torchattacks attacks it."""
+    pytest.importorskip("torchattacks")  # pip install --no-deps torchattacks (its torchvision pin would move torch)
     block_psadv = ("import runpy, sys; sys.modules['psadv'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_path(sys.argv[0], run_name='__main__')")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
