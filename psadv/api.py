@@ -82,6 +82,6 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
                   norm=norm or meta.get("norm") or defaults.norm, loss=loss)
     test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
     n = min(examples or len(test), len(test))
-    torch.manual_seed(seed)
+    # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
     return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, seed=seed)

@@ -131,7 +131,8 @@ def _load_safetensors(path: Path, device: str | torch.device) -> tuple[nn.Module
 
 def _filled(path: Path, name: str, args: dict, state: dict, device) -> nn.Module:
     """Model ``name`` built with ``args`` and loaded with ``state``, in eval mode on ``device``."""
-    model = build_model(name, **args)
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the caller's generator
+        model = build_model(name, **args)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

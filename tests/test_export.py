@@ -186,7 +186,9 @@ def test_api_names():
 
 
 def test_api_evaluate_path_and_module_agree(run, mnist_dir):
+    rng = torch.get_rng_state()
     by_path = psadv.evaluate(run, examples=60, steps=2, restarts=1)  # dataset, ε, data dir: the run's
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's generator is left alone
     by_module = psadv.evaluate(psadv.load_model(run), data_dir=mnist_dir, examples=60, steps=2, restarts=1)
     assert by_path == by_module
     assert by_path["examples"] == 60 and by_path["attack"] == "PGD-2 linf eps=0.3"
