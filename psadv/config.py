@@ -9,7 +9,9 @@ into every checkpoint, and ``--resume`` starts from the checkpoint's copy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,11 +27,20 @@ def opt(default, help: str, **meta):
 @dataclass
 class Config:
     # --- data --------------------------------------------------------------------------------
-    dataset: str = opt("mnist", "dataset to train on", choices="datasets")
-    data_dir: str = opt("", "dataset directory (default: $PSADV_DATA_DIR, then ~/.cache/psadv)")
+    dataset: str = opt("mnist", "dataset to train on (npz, hdf5: your own file, given as --data-dir FILE)",
+                       choices="datasets")
+    data_dir: str = opt("", "dataset directory, or the file of --dataset npz/hdf5 "
+                        "(default: $PSADV_DATA_DIR, then ~/.cache/psadv)")
+    # '': the file's md5 is recorded in the run's config when training starts, so a resume on a
+    # changed file is refused; give it to pin the file from the start.
+    data_md5: str = opt("", "md5 the --dataset npz/hdf5 file must have (default: record the file's)")
 
     # --- model -------------------------------------------------------------------------------
-    model: str = opt("mnist-small", "architecture, by registry name", choices="models")
+    model: str = opt("mnist-small", "architecture: mnist-small, mnist-madry, preact-resnet18, or your own "
+                     "package.module:factory (a callable returning an nn.Module for [0, 1] inputs)")
+    # '': the factory is called without arguments; registry models take theirs from the dataset.
+    model_args: str = opt("", "JSON object of keyword arguments for a package.module:factory model, "
+                          "e.g. '{\"width\": 64}'")
 
     # --- the training adversary --------------------------------------------------------------
     norm: str = opt("linf", "threat model", choices="norms")
@@ -130,10 +141,9 @@ def _choices(f) -> tuple[str, ...] | None:
         return spec
     # Registries are looked up lazily so this module imports nothing heavy.
     from .attacks import ATTACKS, THREATS
-    from .data import DATASETS
-    from .models import MODELS
+    from .data import DATASETS, FILE_DATASETS
 
-    return tuple({"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "norms": THREATS}[spec])
+    return tuple({"datasets": (*DATASETS, *FILE_DATASETS), "attacks": ATTACKS, "norms": THREATS}[spec])
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:
@@ -179,6 +189,36 @@ def parse_steps_schedule(text: str) -> list[tuple[float, int]]:
     return points
 
 
+def parse_model_args(text: str) -> dict:
+    """``--model-args`` as a dict: '' -> {}; anything but a JSON object is a ConfigError."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-args is not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--model-args must be a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
+def _check_model(cfg: Config) -> None:
+    from .data import FILE_DATASETS
+    from .models import MODELS, is_factory_ref
+
+    if cfg.model not in MODELS and not is_factory_ref(cfg.model):
+        raise ConfigError(f"--model: unknown value {cfg.model!r}; choose one of: {', '.join(MODELS)}, "
+                          "or package.module:factory")
+    if parse_model_args(cfg.model_args) and not is_factory_ref(cfg.model):
+        raise ConfigError(f"--model-args is for a package.module:factory model; {cfg.model} takes its "
+                          "arguments from the dataset")
+    if cfg.data_md5 and cfg.dataset not in FILE_DATASETS:
+        raise ConfigError(f"--data-md5 is for --dataset {' or '.join(FILE_DATASETS)}; {cfg.dataset}'s files "
+                          "are checked against their published md5s")
+    if cfg.data_md5 and not re.fullmatch(r"[0-9a-f]{32}", cfg.data_md5):
+        raise ConfigError(f"--data-md5 must be 32 lower-case hex digits, got {cfg.data_md5!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value against its field's choices and range; ConfigError on the first bad one."""
     for name, f in FIELDS.items():
@@ -195,6 +235,7 @@ def validate(cfg: Config) -> Config:
         if hi is not None and value > hi:
             raise ConfigError(f"{option} must be <= {hi}, got {value}")
     parse_steps_schedule(cfg.attack_steps_schedule)
+    _check_model(cfg)
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

@@ -7,6 +7,12 @@ Files are looked for in a data directory chosen as: the explicit ``data_dir`` ar
 ``~/.cache/psadv``). Within a directory D, a dataset's files are looked for in
 ``D/<name>/`` first, then in D itself. Missing files are downloaded into ``D/<name>/``
 unless ``download=False``. No pickle is used anywhere.
+
+Your own data (``--dataset npz`` or ``hdf5``, the file given as ``data_dir``): one file holding
+the arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` and optionally ``num_classes`` (a
+scalar; default: the largest label + 1). Images are N×C×H×W (or N×H×W for one channel), uint8
+in 0–255 or float in [0, 1]; labels are integers in [0, num_classes). Every array is validated
+before training, and the file's md5 is recorded in the run's config (``data_md5``).
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import os
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import h5py
 import numpy as np
 
 from psadv.errors import CheckpointError, ConfigError, DataError
@@ -42,7 +51,7 @@ class DatasetSpec:
     """
 
     name: str
-    format: Literal["idx", "cifar10-binary"]
+    format: Literal["idx", "cifar10-binary", "npz", "hdf5"]
     files: dict[str, str]
     split_files: dict[str, tuple[str, ...]]
     mirrors: tuple[str, ...]
@@ -116,12 +125,16 @@ class Dataset:
         return len(self.y)
 
 
-def dataset_info(name: str) -> DatasetSpec:
-    """The registry entry (shape, num_classes, sizes, files) for ``name``."""
+def dataset_info(name: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetSpec:
+    """The registry entry (shape, num_classes, sizes, files) for ``name``; for ``npz``/``hdf5``,
+    that of the file ``data_dir`` (read and validated)."""
+    if name in FILE_DATASETS:
+        return _load_file(name, data_dir)[0]
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: "
+                          f"{', '.join((*DATASETS, *FILE_DATASETS))}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -267,9 +280,11 @@ def _decode_cifar10(spec: DatasetSpec, split: str, path: Path) -> tuple[np.ndarr
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None = None,
                  download: bool = True) -> Dataset:
     """Load one split of a dataset, verifying md5s; decoded arrays are cached in-process."""
-    spec = dataset_info(name)
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+    if name in FILE_DATASETS:
+        return _load_file(name, data_dir)[1][split]
+    spec = dataset_info(name)
     base = resolve_data_dir(data_dir)
     paths = [_locate(spec, filename, base, download) for filename in spec.split_files[split]]
     key = (name, split, tuple((str(p.resolve()), _md5(p)) for p in paths))
@@ -288,6 +303,151 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None 
         y.flags.writeable = False
         _ARRAY_CACHE[key] = Dataset(x=x, y=y, name=name, split=split)
     return _ARRAY_CACHE[key]
+
+
+# --- your own data: one npz or HDF5 file ------------------------------------------------------
+
+FILE_DATASETS = ("npz", "hdf5")
+FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_FILE_CACHE: dict[tuple[str, str], tuple[DatasetSpec, dict[str, Dataset]]] = {}
+
+
+def data_file(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
+    """The file ``--dataset npz``/``hdf5`` reads: ``data_dir`` itself, which must be a file."""
+    if data_dir is None or str(data_dir) == "":
+        raise DataError(f"--dataset {name} reads your own file: pass --data-dir FILE")
+    path = Path(data_dir).expanduser()
+    if path.is_dir():
+        raise DataError(f"--dataset {name}: {path} is a directory; pass the {name} file itself as --data-dir")
+    if not path.is_file():
+        raise DataError(f"--dataset {name}: file {path} does not exist")
+    return path
+
+
+def verify_data_file(name: str, data_dir: str | os.PathLike[str] | None, expected_md5: str) -> str:
+    """The md5 of the ``npz``/``hdf5`` file; DataError if ``expected_md5`` is given and differs."""
+    path = data_file(name, data_dir)
+    actual = _md5(path)
+    if expected_md5 and actual != expected_md5:
+        raise DataError(f"{name} file {path} has md5 {actual}, but the run expects {expected_md5} (the file it "
+                        f"was trained on); restore that file, or pass --data-md5 {actual} to go on with this one")
+    return actual
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"npz file {path} is not an npz archive (np.savez writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as exc:  # object arrays: they would need pickle
+        raise DataError(f"npz file {path} holds an array psadv cannot read without pickle ({exc}); store "
+                        "numeric arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"npz file {path} is unreadable (truncated or corrupted?): {exc}") from None
+
+
+def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {}
+            for key in (*FILE_KEYS, "num_classes"):
+                if key in f:
+                    if not isinstance(f[key], h5py.Dataset):
+                        raise DataError(f"hdf5 file {path}: {key!r} is a group, not a dataset")
+                    arrays[key] = np.asarray(f[key][()])
+            return arrays
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"hdf5 file {path} is not a readable HDF5 file (truncated or corrupted?): {first}") from None
+
+
+def _check_images(x: np.ndarray, key: str, source: str) -> np.ndarray:
+    """Images as float32 N×C×H×W in [0, 1], or DataError."""
+    if x.dtype != np.uint8 and x.dtype.kind != "f":
+        raise DataError(f"{source}: {key} has dtype {x.dtype}; images must be uint8 (0-255) or float in [0, 1]")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{source}: {key} has shape {x.shape}; images must be N x C x H x W (or N x H x W)")
+    if x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        raise DataError(f"{source}: {key} has shape {x.shape}, which looks channels-last (N x H x W x C); "
+                        "store N x C x H x W, e.g. x.transpose(0, 3, 1, 2)")
+    if len(x) == 0:
+        raise DataError(f"{source}: {key} holds no images")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    x = x.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise DataError(f"{source}: {key} holds {bad} NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise DataError(f"{source}: {key} has values from {low:g} to {high:g}; float images must lie in [0, 1] "
+                        "(or store uint8 0-255)")
+    return x
+
+
+def _check_labels(y: np.ndarray, key: str, count: int, source: str) -> np.ndarray:
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{source}: {key} has dtype {y.dtype}; labels must be integers")
+    if y.ndim != 1:
+        raise DataError(f"{source}: {key} has shape {y.shape}; labels must be one integer per image")
+    if len(y) != count:
+        raise DataError(f"{source}: {key} has {len(y)} labels for {count} images")
+    if y.min() < 0:
+        raise DataError(f"{source}: {key} has a negative label ({int(y.min())})")
+    return y.astype(np.int64)
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """Validate a file's arrays: {split: (x float32 N×C×H×W in [0, 1], y int64)} and num_classes.
+
+    Every problem is a one-line DataError naming ``source`` and the array.
+    """
+    missing = [key for key in FILE_KEYS if key not in arrays]
+    if missing:
+        raise DataError(f"{source} lacks {', '.join(repr(k) for k in missing)}; it needs the arrays "
+                        f"{', '.join(FILE_KEYS)} (and optionally num_classes)")
+    splits = {}
+    for split in SPLITS:
+        x = _check_images(np.asarray(arrays[f"x_{split}"]), f"x_{split}", source)
+        splits[split] = (x, _check_labels(np.asarray(arrays[f"y_{split}"]), f"y_{split}", len(x), source))
+    if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
+        raise DataError(f"{source}: train images are {splits['train'][0].shape[1:]} but test images "
+                        f"{splits['test'][0].shape[1:]} (C x H x W)")
+    top = max(int(y.max()) for _, y in splits.values())
+    if "num_classes" in arrays:
+        given = np.asarray(arrays["num_classes"])
+        if given.shape != () or given.dtype.kind not in "iu" or int(given) < 2:
+            raise DataError(f"{source}: num_classes must be one integer >= 2, got {given!r}")
+        num_classes = int(given)
+        if top >= num_classes:
+            raise DataError(f"{source}: labels reach {top}, but num_classes is {num_classes} (labels 0.."
+                            f"{num_classes - 1})")
+    else:
+        num_classes = max(top + 1, 2)
+    return splits, num_classes
+
+
+def _load_file(name: str, data_dir: str | os.PathLike[str] | None) -> tuple[DatasetSpec, dict[str, Dataset]]:
+    """Read, validate and cache the ``npz``/``hdf5`` file: its spec and both splits (read-only)."""
+    path = data_file(name, data_dir)
+    key = (str(path.resolve()), _md5(path))
+    if key not in _FILE_CACHE:
+        arrays = _read_npz(path) if name == "npz" else _read_hdf5(path)
+        splits, num_classes = check_arrays(arrays, f"{name} file {path}")
+        datasets = {}
+        for split, (x, y) in splits.items():
+            x.flags.writeable = False
+            y.flags.writeable = False
+            datasets[split] = Dataset(x=x, y=y, name=name, split=split)
+        spec = DatasetSpec(name=name, format=name, files={path.name: key[1]},
+                           split_files={split: (path.name,) for split in SPLITS}, mirrors=(),
+                           shape=tuple(int(d) for d in datasets["train"].x.shape[1:]), num_classes=num_classes,
+                           train_size=len(datasets["train"]), test_size=len(datasets["test"]))
+        _FILE_CACHE[key] = (spec, datasets)
+    return _FILE_CACHE[key]
 
 
 def shard_indices(n: int, seed: int, shard_index: int, shard_count: int) -> np.ndarray:

@@ -1,12 +1,20 @@
 """Model registry: a name maps to a constructor and the input shape it expects.
 
 Checkpoints store the registry name and the constructor arguments, so a resumed or evaluated
-run rebuilds exactly the architecture it trained (``build_model(name, **args)``).
+run rebuilds exactly the architecture it trained (``build_model(name, **args)``). A name of the
+form ``package.module:factory`` is the user's own model instead: a callable returning an
+``nn.Module`` for inputs in [0, 1], imported (also from the current directory) and called with
+the ``--model-args`` JSON object as keyword arguments.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -113,8 +121,94 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: int) -> dict:
-    """Constructor arguments of model ``name`` for a dataset; error if the shapes don't fit."""
+_FACTORY_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def is_factory_ref(name: str) -> bool:
+    """Whether ``name`` has the form ``package.module:factory`` (a user's model, not a registry name)."""
+    return bool(_FACTORY_REF.match(name))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def import_factory(ref: str) -> Callable[..., nn.Module]:
+    """The callable ``package.module:factory`` names; ConfigError (one line) if it cannot be had.
+
+    The current directory is searched too, as ``python -m`` does, so a factory beside the command
+    works from the ``psadv`` script as well.
+    """
+    module_name, _, attr = ref.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(f"--model {ref}: cannot import module {module_name!r} (not found on the Python path "
+                              "or in the current directory; set PYTHONPATH)") from None
+        raise ConfigError(f"--model {ref}: importing module {module_name!r} failed: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module is broken: say how, in one line
+        raise ConfigError(f"--model {ref}: importing module {module_name!r} failed: {_one_line(exc)}") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"--model {ref}: {getattr(target, '__name__', module_name)!r} has no attribute "
+                              f"{part!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"--model {ref}: {attr!r} is not callable (it is of type {type(target).__name__}); "
+                          "name a function or class that returns an nn.Module")
+    return target
+
+
+def build_factory_model(ref: str, args: dict) -> nn.Module:
+    """Call the factory ``ref`` with keyword ``args``; ConfigError unless it returns an nn.Module."""
+    factory = import_factory(ref)
+    try:
+        model = factory(**args)
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: one line, not a traceback
+        raise ConfigError(f"--model {ref}: calling it with --model-args '{json.dumps(args)}' raised {_one_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {ref}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_factory_model(ref: str, args: dict, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Build the factory's model and run one dummy batch: its output must be (batch, num_classes).
+
+    Done before anything is written to a run directory, and on every MPI rank. The global random
+    generators are left as they were (the run seeds its own model later).
+    """
+    batch = 2  # more than one example, so BatchNorm in training mode would work too
+    with torch.random.fork_rng(devices=[]):
+        model = build_factory_model(ref, args)
+        shape_text = "x".join(map(str, input_shape))
+        try:
+            with torch.no_grad():
+                out = model.eval()(torch.zeros(batch, *input_shape))
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"--model {ref}: a batch of {batch} {shape_text} inputs fails in its forward pass: "
+                              f"{_one_line(exc)}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--model {ref}: a batch of {batch} {shape_text} inputs gives output {got}, but the "
+                          f"dataset needs ({batch}, {num_classes}) (one logit per class)")
+
+
+def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                   factory_args: dict | None = None) -> dict:
+    """Constructor arguments of model ``name`` for a dataset; error if the shapes don't fit.
+
+    A factory model (``module:attr``) gets exactly ``factory_args`` (``--model-args``), checked by
+    building it and running one dummy batch.
+    """
+    if is_factory_ref(name):
+        args = dict(factory_args or {})
+        check_factory_model(name, args, tuple(input_shape), num_classes)
+        return args
     spec = get_spec(name)
     if tuple(input_shape) != spec.input_shape:
         want = "x".join(map(str, spec.input_shape))
@@ -127,12 +221,14 @@ def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: in
 
 def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or package.module:factory")
     return MODELS[name]
 
 
 def build_model(name: str, **args) -> nn.Module:
-    """Build registered model ``name`` with constructor ``args`` (as stored in checkpoints)."""
+    """Build model ``name`` (registered, or a ``module:factory``) with ``args`` (as stored in checkpoints)."""
+    if is_factory_ref(name):
+        return build_factory_model(name, args)
     return get_spec(name).build(**args)
 
 

@@ -62,7 +62,7 @@ class Server:
         self.show_progress = show_progress
         self.attackers = list(range(1, w.size))
         self.n_state = flat_state(trainer.model).numel()
-        info = dataset_info(cfg.dataset)
+        info = dataset_info(cfg.dataset, cfg.data_dir or None)
         self.num_classes = info.num_classes
         # --refine-steps: stale examples are attacked further from their clean originals, which
         # the pushes name by index into the training set every rank holds

@@ -8,6 +8,7 @@ drive it: one code path for configuration, checkpoints and metrics.
 from __future__ import annotations
 
 import collections
+import json
 import math
 import sys
 import time
@@ -24,14 +25,14 @@ from . import __version__, rundir, schedules
 from .attacks import PerturbationMemory, perturb
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
-from .config import Config, make_config
+from .config import Config, make_config, parse_model_args
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
-from .data import BatchStream, dataset_info, load_dataset
+from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
 from .devices import pick_device, set_threads
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .metrics import MetricsLog
-from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
+from .models import build_model, flat_state, float_buffers, is_factory_ref, load_flat_state_, model_args_for
 from .mpi import SignalFlag
 
 
@@ -92,18 +93,27 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         checkpoint = _load_resume_checkpoint(resume)
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
         base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
+        asked = {**file_values, **overrides}
         for key in ("model", "dataset"):
-            asked = {**file_values, **overrides}.get(key)
-            if asked is not None and asked != base[key]:
+            if asked.get(key) is not None and asked[key] != base[key]:
                 raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a {base[key]} run "
-                                             f"({key} {base[key]!r}), not {key} {asked!r}")
+                                             f"({key} {base[key]!r}), not {key} {asked[key]!r}")
+        if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
+            raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
+                                         f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
     cfg = make_config(base, file_values, overrides)
     home = run_dir_of(checkpoint) if checkpoint is not None else None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
     in_place = home is not None and run_dir.resolve() == home.resolve()
-    info = dataset_info(cfg.dataset)
-    model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
+    if cfg.dataset in FILE_DATASETS:  # recorded in the config, so a resume on a changed file is refused
+        cfg.data_md5 = verify_data_file(cfg.dataset, cfg.data_dir or None, cfg.data_md5)
+    info = dataset_info(cfg.dataset, cfg.data_dir or None)
+    if is_factory_ref(cfg.model):  # imported and tried on one batch on every rank, before any file is written
+        model_args = model_args_for(cfg.model, info.shape, info.num_classes,
+                                    checkpoint.model_args if checkpoint else parse_model_args(cfg.model_args))
+    else:
+        model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
     setup = RunSetup(cfg, run_dir, model_args, checkpoint, in_place=in_place)
     if prepare_dir:
         # Data problems surface before anything is written (the loads are cached for the run).

@@ -1,0 +1,87 @@
+"""psadv from Python: what ``psadv train``, ``psadv eval`` and ``psadv export`` do, as functions.
+
+Errors are the exceptions of :mod:`psadv.errors` (``ConfigError`` for a bad option, ``DataError``
+and ``CheckpointError`` for files), never ``sys.exit``. ``import psadv`` stays light: this module
+(torch and all) is imported on first use of ``psadv.train``, ``psadv.evaluate`` or
+``psadv.load_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import FIELDS, Config
+from .errors import ConfigError
+from .export import export_model, load_model, open_model
+
+__all__ = ["train", "evaluate", "load_model", "export_model"]
+
+
+def _config_values(config: Config | dict | None) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, Config):
+        return dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return {str(key).replace("-", "_"): value for key, value in config.items()}
+    raise ConfigError(f"psadv.train takes a psadv.Config or a dict of options, not a {type(config).__name__}")
+
+
+def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike | None = None,
+          overwrite: bool = False, progress: bool = False, **overrides) -> dict:
+    """Train in this process, as ``psadv train`` does, and return the run's summary.
+
+    ``config`` is a :class:`psadv.Config` or a dict of ``psadv train`` options (underscores or
+    dashes); keyword ``overrides`` win over it. ``resume`` continues a run (its directory or a
+    checkpoint), ``overwrite`` replaces the run in ``run_dir``. The summary is ``summary.json``'s
+    dict plus ``run_dir``. Signals (Ctrl-C) stop the run with a checkpoint, as on the command line;
+    call it from the main thread.
+    """
+    from .training import resolve_run, train_single
+
+    values = {**_config_values(config), **{k.replace("-", "_"): v for k, v in overrides.items()}}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          "for psadv.train")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other")
+    setup = resolve_run(values, resume=str(resume) if resume else None, overwrite=overwrite)
+    summary = train_single(setup, show_progress=progress)
+    return {**summary, "run_dir": str(setup.run_dir)}
+
+
+def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None,
+             data_dir: str | os.PathLike | None = None, eps: float | None = None, norm: str | None = None,
+             attack: str = "pgd", steps: int = 50, restarts: int = 10, step_size: float | None = None,
+             loss: str = "ce", examples: int | None = None, batch_size: int = 500,
+             device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """Clean and robust test accuracy, as ``psadv eval`` measures it (PGD-50 with 10 restarts).
+
+    ``model`` is an ``nn.Module`` taking [0, 1] images, or a path :func:`load_model` reads; for
+    a path, ``dataset``, ``eps`` and ``norm`` default to the ones it was trained with, otherwise
+    to :class:`psadv.Config`'s. Returns ``{"examples", "clean_acc", "robust_acc", "attack"}``.
+    A thin wrapper over :func:`psadv.evaluate.measure_accuracy`.
+    """
+    from .attacks import Attack
+    from .data import load_dataset
+    from .evaluate import measure_accuracy
+
+    meta: dict[str, str] = {}
+    if not isinstance(model, nn.Module):
+        model, meta = open_model(Path(model), device)
+    defaults = Config()
+    dataset = dataset or meta.get("dataset") or defaults.dataset
+    eps = eps if eps is not None else float(meta["eps"]) if "eps" in meta else defaults.eps
+    spec = Attack(name=attack, eps=eps, steps=steps, restarts=restarts, step_size=step_size,
+                  norm=norm or meta.get("norm") or defaults.norm, loss=loss)
+    test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
+    n = min(examples or len(test), len(test))
+    # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
+    return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
+                            batch_size=batch_size, device=device, seed=seed)
