@@ -13,7 +13,7 @@ import time
 
 import click
 
-from .config import FIELDS, choices_of, read_toml
+from .config import FIELDS, choices_of, read_toml, recipe_defaults
 from .errors import PsadvError
 
 
@@ -58,7 +58,8 @@ def config_options(command):
         f = FIELDS[name]
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default != "" else "none"
-        help_text = f"{f.metadata['help']} [default: {default}]"
+        per_dataset = recipe_defaults(name)
+        help_text = f"{f.metadata['help']} [default: {default}{'; ' + per_dataset if per_dataset else ''}]"
         if f.type == "bool":
             command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(command)
         else:

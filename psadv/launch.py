@@ -56,6 +56,12 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             from .errors import ConfigError
 
             raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
+        if cfg.refine_steps and cfg.augment != "none":
+            from .errors import ConfigError
+
+            # the server refines inside the ε-ball of the clean examples, which it reads unaugmented
+            raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
+                              "attackers' augmented batches)")
         if cfg.emulate_attackers or cfg.emulate_staleness:
             from .errors import ConfigError
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import __version__, rundir, schedules
 from .attacks import perturb
+from .augment import augment_batch
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
 from .config import Config, make_config
@@ -450,8 +451,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         bar = ProgressBar(trainer, "train", show_progress)
         reason = stop_reason()
         while reason is None:
+            position = stream.state()
             idx = torch.from_numpy(stream.next())
-            x, y = x_train[idx].to(device), y_train[idx].to(device)
+            x = torch.from_numpy(augment_batch(cfg.augment, x_train[idx].numpy(), cfg.seed, 0, position)).to(device)
+            y = y_train[idx].to(device)
             attack = trainer.attack()
             if ring:
                 ring.push(trainer.model)
