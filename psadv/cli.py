@@ -184,6 +184,18 @@ def inspect(checkpoint, as_json):
         click.echo(f"{key:>16}: {value}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), default=None, help="directory of the PNGs [default: RUN_DIR/plots]")
+def plot(run_dir, out):
+    """Plot a run: loss, clean and robust accuracy, ε, learning rate, staleness and examples/s
+    against versions (by_version.png) and against wall-clock time (by_time.png)."""
+    from .report.plot_run import plot_run
+
+    for path in plot_run(run_dir, out):
+        click.echo(f"psadv: wrote {path}")
+
+
 class TrailingArgsCommand(click.Command):
     """A command whose arguments after ``--`` are kept apart (in ``ctx.meta["trailing"]``)."""
 

@@ -224,6 +224,9 @@ def validate(cfg: Config) -> Config:
         if hi is not None and value > hi:
             raise ConfigError(f"{option} must be <= {hi}, got {value}")
     parse_steps_schedule(cfg.attack_steps_schedule)
+    from .trackers import parse_trackers  # here: trackers imports metrics, which need not load with config
+
+    parse_trackers(cfg.log)
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

@@ -32,6 +32,7 @@ from .devices import pick_device, set_threads
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .metrics import MetricsLog
+from .trackers import check_installed, open_sinks
 from .models import build_model, flat_state, float_buffers, load_flat_state_, model_args_for
 from .mpi import SignalFlag
 
@@ -111,6 +112,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train))
+        check_installed(cfg.log)
         if cfg.refine_steps and not cfg.emulate_attackers:
             raise ConfigError("--refine-steps refines stale pushes: in one process it needs --emulate-attackers N "
                               "(under MPI, the server refines what its attackers push)")
@@ -210,7 +212,10 @@ class Trainer:
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
             self.state = TrainerState.resumed(ckpt.state, role)
         self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(metrics_path, open_sinks(
+            cfg.log, self.run_dir, existing=rundir.read_metrics(metrics_path) if metrics_path.exists() else [],
+            start_version=self.state.version, config=cfg.to_dict()))
         rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
                                                          "model_args": self.model_args, "psadv_version": __version__})
         self._clock = time.perf_counter()
