@@ -13,6 +13,7 @@ import time
 
 import click
 
+from . import __version__
 from .config import FIELDS, choices_of, read_toml, recipe_defaults
 from .errors import PsadvError
 
@@ -68,12 +69,13 @@ def config_options(command):
 
 
 @click.group(cls=PsadvGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="psadv")
+@click.version_option(version=__version__, prog_name="psadv")
 def cli():
     """Fast adversarially robust training: weaker adversaries, asynchronous MPI attackers.
 
     Run `psadv train` in one process, or `mpirun -n N psadv train …` for one parameter server
-    and N-1 attackers. `psadv eval` measures robustness, `psadv inspect` reads a checkpoint.
+    and N-1 attackers. `psadv eval` measures robustness, `psadv inspect` reads a checkpoint,
+    `psadv plot` draws a run's curves.
     """
 
 
