@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -89,6 +92,17 @@ def test_resume_rewrites_csv_from_metrics_and_purges_abandoned_tensorboard_steps
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [3, 6, 9]
+
+
+def test_under_mpi_only_the_server_logs_and_every_row_arrives(tmp_path, mnist_dir):
+    run_dir = tmp_path / "mpi"
+    cmd = [shutil.which("mpiexec"), "-n", "3", sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir),
+           "--run-dir", str(run_dir), "--steps", "12", "--log", "csv,tensorboard", *TINY]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    rows = assert_csv_mirrors_metrics(run_dir)
+    assert {"world", "attacker", "train", "eval", "end"} <= {r["kind"] for r in rows}
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: the server
 
 
 def test_a_missing_or_unknown_tracker_fails_in_one_line_before_the_run_starts(tmp_path, mnist_dir, monkeypatch):
