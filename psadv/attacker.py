@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from . import schedules, wire
 from .attacks import PerturbationMemory, perturb
+from .augment import augment_batch
 from .data import BatchStream, shard_indices
 from .errors import CheckpointError
 from .models import build_model, flat_state, float_buffers, load_flat_state_
@@ -121,8 +122,10 @@ class Attacker:
         start = time.perf_counter()
         cfg = self.cfg
         self.pushes += 1
+        position = self.stream.state()
         idx = self.stream.next()
-        x = torch.from_numpy(self.x_train[idx]).to(self.device)
+        x = torch.from_numpy(augment_batch(cfg.augment, self.x_train[idx], cfg.seed, self.w.rank, position))
+        x = x.to(self.device)
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
         attack = schedules.training_attack(self.progress, cfg)
         memory = self.memory

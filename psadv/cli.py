@@ -13,7 +13,8 @@ import time
 
 import click
 
-from .config import FIELDS, choices_of, read_toml
+from . import __version__
+from .config import FIELDS, choices_of, read_toml, recipe_defaults
 from .errors import PsadvError
 
 
@@ -58,7 +59,8 @@ def config_options(command):
         f = FIELDS[name]
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default != "" else "none"
-        help_text = f"{f.metadata['help']} [default: {default}]"
+        per_dataset = recipe_defaults(name)
+        help_text = f"{f.metadata['help']} [default: {default}{'; ' + per_dataset if per_dataset else ''}]"
         if f.type == "bool":
             command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(command)
         else:
@@ -67,12 +69,13 @@ def config_options(command):
 
 
 @click.group(cls=PsadvGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="psadv")
+@click.version_option(version=__version__, prog_name="psadv")
 def cli():
     """Fast adversarially robust training: weaker adversaries, asynchronous MPI attackers.
 
     Run `psadv train` in one process, or `mpirun -n N psadv train …` for one parameter server
-    and N-1 attackers. `psadv eval` measures robustness, `psadv inspect` reads a checkpoint.
+    and N-1 attackers. `psadv eval` measures robustness, `psadv inspect` reads a checkpoint,
+    `psadv plot` draws a run's curves.
     """
 
 
@@ -200,6 +203,18 @@ def export(source, fmt, output, overwrite):
     from .export import export_model
 
     click.echo(export_model(source, fmt, output, overwrite=overwrite))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), default=None, help="directory of the PNGs [default: RUN_DIR/plots]")
+def plot(run_dir, out):
+    """Plot a run: loss, clean and robust accuracy, ε, learning rate, staleness and examples/s
+    against versions (by_version.png) and against wall-clock time (by_time.png)."""
+    from .report.plot_run import plot_run
+
+    for path in plot_run(run_dir, out):
+        click.echo(f"psadv: wrote {path}")
 
 
 class TrailingArgsCommand(click.Command):

@@ -2,7 +2,9 @@
 
 Every field of :class:`Config` is a ``psadv train`` option (``attack_steps`` -> ``--attack-steps``)
 and a key of the ``--config FILE.toml`` file; the command line wins over the file, the file over
-these defaults. Unknown keys are errors. The resolved config is written to the run directory and
+these defaults. A few defaults differ by dataset: :data:`RECIPES` holds them, each with its
+source, and fills the fields that neither the file nor the command line gives (so config.json
+records them). Unknown keys are errors. The resolved config is written to the run directory and
 into every checkpoint, and ``--resume`` starts from the checkpoint's copy.
 """
 
@@ -27,13 +29,17 @@ def opt(default, help: str, **meta):
 @dataclass
 class Config:
     # --- data --------------------------------------------------------------------------------
-    dataset: str = opt("mnist", "dataset to train on (npz, hdf5: your own file, given as --data-dir FILE)",
+    dataset: str = opt("mnist", "dataset to train on, which also picks its recipe of defaults (npz, hdf5: your own "
+                       "file, given as --data-dir FILE)",
                        choices="datasets")
     data_dir: str = opt("", "dataset directory, or the file of --dataset npz/hdf5 "
                         "(default: $PSADV_DATA_DIR, then ~/.cache/psadv)")
     # '': the file's md5 is recorded in the run's config when training starts, so a resume on a
     # changed file is refused; give it to pin the file from the start.
     data_md5: str = opt("", "md5 the --dataset npz/hdf5 file must have (default: record the file's)")
+    # Augmentation is part of the CIFAR-10 recipe (RECIPES); MNIST-like digits need none.
+    augment: str = opt("none", "training-batch augmentation: crop-flip = random crop (pad 4) + horizontal flip",
+                       choices="augmentations")
 
     # --- model -------------------------------------------------------------------------------
     model: str = opt("mnist-small", "architecture: mnist-small, mnist-madry, preact-resnet18, or your own "
@@ -127,12 +133,38 @@ class Config:
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N")
     # 0: all cores for one process; under MPI the cores are split between the ranks on a host.
     threads: int = opt(0, "torch threads per process (0 = automatic)", min=0)
+    # metrics.jsonl is always written; trackers are optional extras, so none is on by default.
+    log: str = opt("", "also send every metrics row to: comma-separated tensorboard, csv, wandb")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+
+# Per-dataset recipes: the defaults that differ from Config's for a dataset, applied to the fields
+# neither the TOML file nor the command line gives (a resumed run keeps its checkpoint's values).
+RECIPES: dict[str, dict] = {
+    # Config's own defaults are the MNIST recipe: ε = 0.3 (Madry et al. 2018, the MNIST challenge).
+    "mnist": {},
+    # ε = 0.1, the Fashion-MNIST budget of Wong & Kolter 2018 ("Provable defenses against adversarial
+    # examples via the convex outer adversarial polytope", ICML) and of later robustness benchmarks;
+    # the rest of the MNIST recipe (net, PGD-10, Adam one-cycle) carries over to these 28x28 images.
+    "fashion-mnist": {"eps": 0.1},
+    # The fast-adversarial recipe of Wong, Rice & Kolter 2020 ("Fast is better than free", ICLR):
+    # PreAct-ResNet-18, FGSM with a random start (step 1.25ε) at ε = 8/255 without an ε ramp, SGD
+    # with momentum 0.9 and weight decay 5e-4, a cyclic learning rate peaking at 0.2 (onecycle),
+    # batch 128, random crop (pad 4) + horizontal flip.
+    "cifar10": {"model": "preact-resnet18", "eps": 8 / 255, "eps_ramp": 0.0, "attack": "fgsm-rs",
+                "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+                "augment": "crop-flip"},
+}
+
+
+def recipe_defaults(name: str) -> str:
+    """The per-dataset defaults of field ``name``, for --help: 'fashion-mnist: 0.1, cifar10: 0.0314'."""
+    return ", ".join(f"{dataset}: {value:.3g}" if isinstance(value, float) else f"{dataset}: {value}"
+                     for dataset, recipe in RECIPES.items() for key, value in recipe.items() if key == name)
 
 
 def _choices(f) -> tuple[str, ...] | None:
@@ -141,9 +173,11 @@ def _choices(f) -> tuple[str, ...] | None:
         return spec
     # Registries are looked up lazily so this module imports nothing heavy.
     from .attacks import ATTACKS, THREATS
+    from .augment import AUGMENTATIONS
     from .data import DATASETS, FILE_DATASETS
 
-    return tuple({"datasets": (*DATASETS, *FILE_DATASETS), "attacks": ATTACKS, "norms": THREATS}[spec])
+    return tuple({"datasets": (*DATASETS, *FILE_DATASETS), "attacks": ATTACKS, "norms": THREATS,
+                  "augmentations": AUGMENTATIONS}[spec])
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:
@@ -236,8 +270,14 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{option} must be <= {hi}, got {value}")
     parse_steps_schedule(cfg.attack_steps_schedule)
     _check_model(cfg)
+    from .trackers import parse_trackers  # here: trackers imports metrics, which need not load with config
+
+    parse_trackers(cfg.log)
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
+    if cfg.reuse_perturbations and cfg.augment != "none":
+        # a remembered perturbation belongs to the crop and flip it was made for
+        raise ConfigError("--reuse-perturbations needs --augment none (a perturbation fits only the view it was made for)")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
@@ -271,4 +311,6 @@ def make_config(*layers: dict, source: str = "") -> Config:
             if name not in FIELDS:
                 raise ConfigError(f"unknown config key {name!r}{' in ' + source if source else ''}")
             merged[name] = _coerce(name, value, source)
+    for name, value in RECIPES.get(merged.get("dataset", FIELDS["dataset"].default), {}).items():
+        merged.setdefault(name, value)
     return validate(Config(**merged))

@@ -1,7 +1,9 @@
 """Datasets from their official files, minibatch index streams and sharding.
 
 Every dataset is read from the files its authors publish (MNIST and Fashion-MNIST IDX
-gz files, the CIFAR-10 *binary* tarball), each verified against its published md5.
+gz files, the CIFAR-10 *binary* tarball), each verified against its published md5. Where the
+authors also publish the md5 of a file's decompressed contents (Fashion-MNIST), a recompressed
+copy (Debian's package, for one) whose decompressed md5 matches is accepted too.
 Files are looked for in a data directory chosen as: the explicit ``data_dir`` argument
 (CLI ``--data-dir``), else ``$PSADV_DATA_DIR``, else ``$XDG_CACHE_HOME/psadv`` (or
 ``~/.cache/psadv``). Within a directory D, a dataset's files are looked for in
@@ -27,7 +29,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +47,8 @@ _SUPPLY_HINT = "pass --data-dir DIR (or set PSADV_DATA_DIR)"
 class DatasetSpec:
     """Where a dataset's official files come from and what they must contain.
 
-    ``files`` maps each file name to its md5; ``split_files`` names the files a split
+    ``files`` maps each file name to its md5; ``raw_md5s`` to the published md5 of its
+    decompressed contents, where one is published; ``split_files`` names the files a split
     needs (for IDX: images then labels; for CIFAR-10: the tarball); ``mirrors`` are URL
     prefixes ending in ``/`` that the file name is appended to (any scheme urllib opens).
     """
@@ -59,6 +62,7 @@ class DatasetSpec:
     num_classes: int
     train_size: int
     test_size: int
+    raw_md5s: dict[str, str] = field(default_factory=dict)
 
     def size(self, split: str) -> int:
         """Number of examples in ``split``."""
@@ -93,7 +97,10 @@ DATASETS: dict[str, DatasetSpec] = {
                          "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
         split_files=_IDX_SPLITS,
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        shape=(1, 28, 28), num_classes=10, train_size=60000, test_size=10000),
+        shape=(1, 28, 28), num_classes=10, train_size=60000, test_size=10000,
+        # the raw md5s published with the data set (github.com/zalandoresearch/fashion-mnist)
+        raw_md5s=_idx_files("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                            "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965")),
     "cifar10": DatasetSpec(
         name="cifar10", format="cifar10-binary",
         files={"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
@@ -153,17 +160,38 @@ _MD5_CACHE: dict[tuple[str, int, int], str] = {}
 _ARRAY_CACHE: dict[tuple[str, str, tuple[tuple[str, str], ...]], Dataset] = {}
 
 
-def _md5(path: Path) -> str:
-    """md5 hex digest of ``path``, remembered in-process by (path, size, mtime)."""
+def _md5(path: Path, decompressed: bool = False) -> str:
+    """md5 hex digest of ``path`` (or of its gunzipped contents), remembered in-process by
+    (path, size, mtime); "" for ``decompressed`` when the file is not readable gzip."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()) + ("|raw" if decompressed else ""), stat.st_size, stat.st_mtime_ns)
     if key not in _MD5_CACHE:
         digest = hashlib.md5(usedforsecurity=False)
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        try:
+            with (gzip.open if decompressed else open)(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile):
+            return ""
         _MD5_CACHE[key] = digest.hexdigest()
     return _MD5_CACHE[key]
+
+
+def md5_problem(spec: DatasetSpec, filename: str, path: Path, gz_md5: str) -> str | None:
+    """None if ``path`` (whose md5 is ``gz_md5``) is the official ``filename``: its md5 matches the
+    published one, or its decompressed md5 matches the published raw md5; else what failed."""
+    expected = spec.files[filename]
+    if gz_md5 == expected:
+        return None
+    raw_expected = spec.raw_md5s.get(filename)
+    if raw_expected is None:
+        return f"has md5 {gz_md5}, expected {expected}"
+    raw = _md5(path, decompressed=True)
+    if raw == raw_expected:
+        return None
+    raw_text = f"decompressed md5 {raw}" if raw else "is not readable gzip, so no decompressed md5"
+    return (f"matches neither published md5: .gz md5 {gz_md5}, expected {expected}; "
+            f"{raw_text}, expected {raw_expected}")
 
 
 def _download(spec: DatasetSpec, filename: str, target_dir: Path) -> Path:
@@ -186,7 +214,7 @@ def _download(spec: DatasetSpec, filename: str, target_dir: Path) -> Path:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
-            if digest.hexdigest() != expected:
+            if digest.hexdigest() != expected and md5_problem(spec, filename, tmp, digest.hexdigest()):
                 reasons.append(f"{url}: md5 {digest.hexdigest()} != {expected}")
                 continue
             final = target_dir / filename
@@ -218,10 +246,10 @@ def _locate(spec: DatasetSpec, filename: str, base: Path, download: bool) -> Pat
         except DataError as exc:
             raise DataError(f"{spec.name}: {filename} not found in {looked} and could not be "
                             f"downloaded ({exc}); {advice}") from None
-    actual = _md5(found)
-    if actual != expected:
-        raise DataError(f"{spec.name}: {found} has md5 {actual}, expected {expected}; replace it with the "
-                        f"official file, or {_SUPPLY_HINT} to use a verified copy")
+    problem = md5_problem(spec, filename, found, _md5(found))
+    if problem:
+        raise DataError(f"{spec.name}: {found} {problem}; replace it with the official file, or {_SUPPLY_HINT} "
+                        "to use a verified copy")
     return found
 
 

@@ -48,14 +48,23 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
         threads = set_threads(cfg.threads, w.local_size)
         device = pick_device(cfg.device, w.local_rank)
         train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
-        if w.rank == 0:  # the server evaluates on the test split: check it before writing anything
+        if w.rank == 0:  # the server evaluates on the test split and logs: check both before writing anything
             load_dataset(cfg.dataset, "test", cfg.data_dir or None)
+            from .trackers import check_installed
+
+            check_installed(cfg.log)
         check_batch_size(cfg.batch_size, len(train_set) // w.n_attackers,
                          f"an attacker's shard with {w.n_attackers} attackers")
         if cfg.refine_steps and cfg.push != "examples":
             from .errors import ConfigError
 
             raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
+        if cfg.refine_steps and cfg.augment != "none":
+            from .errors import ConfigError
+
+            # the server refines inside the ε-ball of the clean examples, which it reads unaugmented
+            raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
+                              "attackers' augmented batches)")
         if cfg.emulate_attackers or cfg.emulate_staleness:
             from .errors import ConfigError
 

@@ -71,22 +71,30 @@ def row_problems(row: dict) -> list[str]:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log; each row is flushed so a crash loses at most one row."""
+    """Append-only JSON-lines log; each row is flushed so a crash loses at most one row. Each row
+    written also goes to every one of ``sinks`` (trackers: :mod:`psadv.trackers`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sinks: list | None = None):
         self.path = Path(path)
         self._file = open(self.path, "a", buffering=1)
+        self.sinks = list(sinks or [])
 
     def write(self, kind: str, **fields) -> dict:
         row = {"kind": kind, "wall": round(time.time(), 3), **fields}
         problems = row_problems(row)
         if problems:
             raise ValueError(f"metrics row does not match psadv.metrics.SCHEMA: {'; '.join(problems)}")
+        clean = finite_json(row)
         try:
-            self._file.write(json.dumps(finite_json(row), sort_keys=True, allow_nan=False) + "\n")
+            self._file.write(json.dumps(clean, sort_keys=True, allow_nan=False) + "\n")
+            for sink in self.sinks:
+                sink.write(clean)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {io_error_text(exc)}") from None
         return row
 
     def close(self) -> None:
         self._file.close()  # idempotent
+        for sink in self.sinks:
+            sink.close()
+        self.sinks.clear()

@@ -7,6 +7,7 @@ Layout::
     RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
     RUN_DIR/summary.json      final numbers, written when the run ends
     RUN_DIR/final_eval.json   the strong final evaluation, written by ``psadv eval RUN --save``
+    RUN_DIR/csv/, tensorboard/  the metrics rows again, for the trackers of ``--log`` (psadv.trackers)
     RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run
 
 An existing run directory is never clobbered: starting a run there is an error unless the user
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .errors import StorageError, UsageError, io_error_text
 
-OWNED = ("config.json", "metrics.jsonl", "summary.json", "final_eval.json", "checkpoints")
+OWNED = ("config.json", "metrics.jsonl", "summary.json", "final_eval.json", "checkpoints", "csv", "tensorboard")
 LOCK_NAME = ".lock"
 
 

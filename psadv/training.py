@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import __version__, rundir, schedules
 from .attacks import PerturbationMemory, perturb
+from .augment import augment_batch
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
 from .config import Config, make_config, parse_model_args
@@ -33,6 +34,7 @@ from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, is_factory_ref, load_flat_state_, model_args_for
+from .trackers import check_installed, open_sinks
 from .mpi import SignalFlag
 
 
@@ -120,6 +122,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train))
+        check_installed(cfg.log)
         if cfg.refine_steps and not cfg.emulate_attackers:
             raise ConfigError("--refine-steps refines stale pushes: in one process it needs --emulate-attackers N "
                               "(under MPI, the server refines what its attackers push)")
@@ -219,7 +222,10 @@ class Trainer:
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
             self.state = TrainerState.resumed(ckpt.state, role)
         self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(metrics_path, open_sinks(
+            cfg.log, self.run_dir, existing=rundir.read_metrics(metrics_path) if metrics_path.exists() else [],
+            start_version=self.state.version, config=cfg.to_dict()))
         rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
                                                          "model_args": self.model_args, "psadv_version": __version__})
         self._clock = time.perf_counter()
@@ -463,8 +469,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         bar = ProgressBar(trainer, "train", show_progress)
         reason = stop_reason()
         while reason is None:
+            position = stream.state()
             idx = torch.from_numpy(stream.next())
-            x, y = x_train[idx].to(device), y_train[idx].to(device)
+            x = torch.from_numpy(augment_batch(cfg.augment, x_train[idx].numpy(), cfg.seed, 0, position)).to(device)
+            y = y_train[idx].to(device)
             attack = trainer.attack()
             if ring:
                 ring.push(trainer.model)

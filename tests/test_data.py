@@ -307,3 +307,66 @@ def test_batch_stream_partial_last_batch_and_errors() -> None:
         stream.restore({"epoch": 0, "position": 3})
     with pytest.raises(CheckpointError):
         stream.restore({"epoch": 0})
+
+
+# --- Fashion-MNIST: the published .gz md5 or the published md5 of the decompressed file --------
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """The complete Fashion-MNIST copy in ``../shared/data/fashion-mnist`` (Debian's recompressed files)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
+
+
+def test_fashion_mnist_recompressed_files_load_by_their_raw_md5(fashion_dir: Path) -> None:
+    spec = DATASETS["fashion-mnist"]
+    for name in spec.files:  # the copy's .gz files are not the published ones
+        assert md5_of(fashion_dir / name) != spec.files[name]
+    test = load_dataset("fashion-mnist", "test", data_dir=fashion_dir)
+    assert test.x.shape == (10000, 1, 28, 28) and np.bincount(test.y).tolist() == [1000] * 10
+    assert len(load_dataset("fashion-mnist", "train", data_dir=fashion_dir)) == 60000
+
+
+def gz_pair(tmp_path: Path, payload: bytes) -> tuple[Path, Path]:
+    """The same payload compressed two ways: two .gz files whose md5s differ."""
+    a, b = tmp_path / "a.gz", tmp_path / "b.gz"
+    a.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0))
+    b.write_bytes(gzip.compress(payload, compresslevel=1, mtime=1))
+    assert md5_of(a) != md5_of(b)
+    return a, b
+
+
+def test_md5_rule_accepts_the_gz_md5_or_the_raw_md5_and_names_both_when_neither_matches(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 40
+    original, recompressed = gz_pair(tmp_path, payload)
+    raw_md5 = hashlib.md5(payload, usedforsecurity=False).hexdigest()
+    spec = dataclasses.replace(DATASETS["fashion-mnist"], files={"f.gz": md5_of(original)}, raw_md5s={"f.gz": raw_md5})
+    assert data.md5_problem(spec, "f.gz", original, md5_of(original)) is None  # the .gz matches
+    assert data.md5_problem(spec, "f.gz", recompressed, md5_of(recompressed)) is None  # the contents match
+    changed = tmp_path / "c.gz"
+    changed.write_bytes(gzip.compress(payload + b"!"))
+    problem = data.md5_problem(spec, "f.gz", changed, md5_of(changed))
+    assert f".gz md5 {md5_of(changed)}, expected {md5_of(original)}" in problem
+    changed_raw = hashlib.md5(payload + b"!", usedforsecurity=False).hexdigest()
+    assert f"decompressed md5 {changed_raw}, expected {raw_md5}" in problem
+    junk = tmp_path / "junk.gz"
+    junk.write_bytes(b"not gzip at all")
+    assert "not readable gzip" in data.md5_problem(spec, "f.gz", junk, md5_of(junk))
+    # without a published raw md5 (MNIST) only the .gz md5 counts
+    mnist_like = dataclasses.replace(spec, raw_md5s={})
+    assert data.md5_problem(mnist_like, "f.gz", recompressed, md5_of(recompressed)) == (
+        f"has md5 {md5_of(recompressed)}, expected {md5_of(original)}")
+
+
+def test_a_changed_fashion_mnist_file_fails_in_one_line_naming_both_md5s(tmp_path: Path, fashion_dir: Path) -> None:
+    name = "t10k-labels-idx1-ubyte.gz"
+    shutil.copy(fashion_dir / "t10k-images-idx3-ubyte.gz", tmp_path)
+    labels = bytearray(gzip.decompress((fashion_dir / name).read_bytes()))
+    labels[-1] = (labels[-1] + 1) % 10
+    (tmp_path / name).write_bytes(gzip.compress(bytes(labels)))
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+    message = str(info.value)
+    spec = DATASETS["fashion-mnist"]
+    assert "\n" not in message and spec.files[name] in message and spec.raw_md5s[name] in message
+    assert "matches neither published md5" in message

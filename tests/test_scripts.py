@@ -293,3 +293,26 @@ def test_study_summary_names_the_best_recipe(tmp_path):
     md = (tmp_path / "study" / "study.md").read_text()
     assert "| runs/psadv-pgd5-w2 | 26.0 | 50.0 | 10.00× |" in md and "| runs/psadv-pgd10-w2 | – | – | – |" in md
     assert "Best psadv recipe: runs/psadv-pgd5-w2, 10.00× faster (training)." in md
+
+
+# --- the GPU check ----------------------------------------------------------------------------------
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_is_shellcheck_clean_and_fails_loudly():
+    res = subprocess.run([shutil.which("shellcheck"), "--severity=style", str(GPU_CHECK)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = GPU_CHECK.read_text()
+    assert "set -euo pipefail" in text and "--device cuda" in text and "mpiexec -n 3" in text and " eval " in text
+
+
+def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_DIR": str(tmp_path / "runs")}
+    res = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        "gpu_check: error: no CUDA device is visible to torch (torch.cuda.is_available() is False); run this on a "
+        "GPU machine with a CUDA build of torch"]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

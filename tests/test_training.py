@@ -109,6 +109,11 @@ def test_reused_perturbations_are_checkpointed_and_resume_exactly(tmp_path, mnis
     assert np.abs(a.extra["perturbations"].astype(np.float32)).max() <= 0.3 + 1e-3
 
 
+def test_reused_perturbations_refuse_augmentation():
+    with pytest.raises(ConfigError, match="--reuse-perturbations needs --augment none"):
+        make_config({"reuse_perturbations": True, "augment": "crop-flip"})
+
+
 def test_evaluation_frequency_does_not_change_training(tmp_path, mnist_dir):
     run(tmp_path, mnist_dir, name="often", steps=10, eval_every=2)
     run(tmp_path, mnist_dir, name="never", steps=10, eval_every=0)

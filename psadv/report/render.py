@@ -8,28 +8,49 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import StorageError, UsageError, io_error_text
 from .analysis import model_rate, model_speedup, robust_and_time, staleness_series
 
 REPORT_FILES = ("report.md", "report.html", "report.json", "throughput.png", "accuracy.png", "robust_vs_time.png",
                 "staleness.png", "staleness_accuracy.png")
 
 
-def make_plots(report: dict, out: Path) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write ``path`` atomically (temp file + rename) and close ``fig``."""
+    plt = pyplot()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {io_error_text(exc)}") from None
+    finally:
+        plt.close(fig)
+
+
+def make_plots(report: dict, out: Path) -> list[str]:
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     made = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
         made.append(name)
 
     runs = report["runs"]
