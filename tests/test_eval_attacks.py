@@ -85,21 +85,11 @@ def test_dlr_losses_ignore_the_logits_scale():
     assert targeted_dlr_loss(fooled, torch.tensor([0]), torch.tensor([1])) > 0
 
 
-@pytest.fixture(scope="module")
-def trained(mnist_dir):
-    """mnist-small trained clean for a few seconds on real MNIST, and 100 test examples."""
-    from psadv.data import load_dataset
-
-    train, test = load_dataset("mnist", "train", mnist_dir), load_dataset("mnist", "test", mnist_dir)
-    torch.manual_seed(0)
-    net = build_model("mnist-small", in_channels=1, num_classes=10)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    x, y = torch.tensor(train.x[:4000]), torch.tensor(train.y[:4000])
-    for i in range(0, 4000, 100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[i:i + 100]), y[i:i + 100]).backward()
-        opt.step()
-    return net.eval(), torch.tensor(test.x[:100]), torch.tensor(test.y[:100])
+@pytest.fixture()
+def trained(mnist_model):
+    """The shared clean-trained mnist-small (conftest) and its first 100 test examples."""
+    net, x, y = mnist_model
+    return net.eval(), x[:100], y[:100]
 
 
 def test_apgd_at_least_as_strong_as_pgd_of_equal_steps(trained):
