@@ -14,6 +14,7 @@ import time
 import click
 
 from . import __version__
+from .attacks.suite import COMPOSITES, DEFAULT_EVAL, EVAL_ATTACKS
 from .config import FIELDS, choices_of, read_toml, recipe_defaults
 from .errors import PsadvError
 
@@ -103,14 +104,23 @@ def train(config_file, resume, overwrite, progress, **options):
 
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--attack", type=click.Choice(["none", "fgsm", "fgsm-rs", "pgd"]), default="pgd", show_default=True)
+@click.option("--attack", type=click.Choice(EVAL_ATTACKS), default=DEFAULT_EVAL, show_default=True,
+              help="attack, or cascade of attacks (" + ", ".join(f"{k}: {'+'.join(v)}" for k, v in COMPOSITES.items())
+              + ")")
 @click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True, help="PGD steps")
-@click.option("--restarts", type=click.IntRange(min=1), default=10, show_default=True, help="random restarts")
-@click.option("--eps", type=click.FloatRange(0, 1), default=None, help="ε (default: the checkpoint's)")
+@click.option("--restarts", type=click.IntRange(min=1), default=10, show_default=True, help="PGD random restarts")
+@click.option("--eps", type=click.FloatRange(min=0), default=None,
+              help="ε (default: the checkpoint's); L∞: <= 1, L2: <= sqrt(pixels)")
 @click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="absolute step size (default: 2.5ε/steps for PGD)")
-@click.option("--loss", type=click.Choice(["ce", "margin"]), default="ce", show_default=True,
-              help="attack loss: cross-entropy or the CW margin")
+              help="absolute PGD step size (default: 2.5ε/steps)")
+@click.option("--loss", type=click.Choice(["ce", "margin", "dlr"]), default="ce", show_default=True,
+              help="PGD loss: cross-entropy, the CW margin, or DLR")
+@click.option("--apgd-steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="iterations of apgd-ce, apgd-t and fab-t")
+@click.option("--targets", type=click.IntRange(min=1), default=9, show_default=True,
+              help="target classes of apgd-t and fab-t")
+@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="queries per example of square")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="threat model (default: the checkpoint's)")
 @click.option("--examples", type=click.IntRange(min=1), default=None, help="first N test examples (default: all)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
@@ -118,22 +128,29 @@ def train(config_file, resume, overwrite, progress, **options):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch threads (0 = all cores)")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random starts")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="seed of the random draws (batch i uses SEED + i)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--save", is_flag=True,
               help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
-def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examples, batch_size, data_dir, device,
-          threads, seed, as_json, save, progress):
+def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps, targets, queries, norm, examples,
+          batch_size, data_dir, device, threads, seed, as_json, save, progress):
     """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
 
-    The default attack is strong: PGD-50 with 10 random restarts at the checkpoint's ε.
+    An example is robust only if every attack of the cascade fails on it; each attack runs on the
+    examples the earlier ones left standing. The default, `strong`, is APGD-CE, APGD-T and the
+    black-box Square attack at the checkpoint's ε. When Square flips more than 1% of the examples
+    that the gradient attacks left robust, a warning on stderr reports likely gradient masking.
     """
+    import math
+
     import torch
 
-    from .attacks import Attack
+    from .attacks.suite import EvalSettings, build_cascade, masking_warning
     from .checkpoint import find_checkpoint, load_checkpoint
-    from .data import load_dataset
+    from .config import check_eps
+    from .data import dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .evaluate import measure_accuracy
     from .models import build_model
@@ -147,26 +164,36 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, norm, examp
         raise click.UsageError(f"--save writes into the run directory, and {ckpt.path} is not in one "
                                "(RUN_DIR/checkpoints/)")
     cfg = ckpt.config
-    spec = Attack(name=attack, eps=cfg["eps"] if eps is None else eps, steps=steps, restarts=restarts,
-                  step_size=step_size, norm=norm or cfg["norm"], loss=loss)
+    norm = norm or cfg["norm"]
+    eps = cfg["eps"] if eps is None else eps
+    check_eps(eps, norm, math.prod(dataset_info(cfg["dataset"]).shape))
+    settings = EvalSettings(norm=norm, eps=eps, steps=steps, restarts=restarts, step_size=step_size, loss=loss,
+                            apgd_steps=apgd_steps, targets=targets, queries=queries)
+    cascade = build_cascade(attack, settings)
     set_threads(threads)
     dev = pick_device(device)
     model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
     model.load_state_dict(ckpt.model_state)
     test = load_dataset(cfg["dataset"], "test", data_dir or cfg.get("data_dir") or None)
     n = min(examples or len(test), len(test))
-    torch.manual_seed(seed)
     start = time.perf_counter()
-    result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
-                      batch_size=batch_size, device=dev, progress=progress and not as_json)
+    result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
+                              batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed)
     result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
     if save:
         write_json(run_dir / FINAL_EVAL, result)
+    warning = masking_warning(result["masking_gap"])
+    if warning:
+        click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
-    else:
-        click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
-                   f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
+        return
+    click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
+               f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
+    if len(result["attacks"]) > 1:
+        for row in result["attacks"]:
+            click.echo(f"  after {row['attack']}: {row['robust_acc']:.2%} ({row['flipped']} flipped, "
+                       f"{row['seconds']:.0f}s)")
 
 
 @cli.command()

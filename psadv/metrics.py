@@ -49,7 +49,9 @@ SCHEMA: dict[str, RowKind] = {
     # the server, after each train row: what one attacker produced in the window
     "attacker": RowKind.of("version time rank examples_per_s busy"),
     # a periodic or final evaluation of the model of ``version``, reached at ``time``
-    "eval": RowKind.of("version time eval_seconds examples_seen examples clean_acc robust_acc attack"),
+    # (``attacks``: per attack of the cascade; ``masking_gap``: see psadv.attacks.suite.masking_gap)
+    "eval": RowKind.of("version time eval_seconds examples_seen examples clean_acc robust_acc attack",
+                       "attacks masking_gap"),
     # the server refused a malformed push
     "rejected": RowKind.of("version sender reason"),
     # the run's summary (also summary.json)

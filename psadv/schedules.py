@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attacks import Attack
+from .attacks import ATTACKS, Attack
+from .attacks.suite import EvalAttack, EvalSettings, build_cascade
 from .config import Config, parse_steps_schedule
 
 
@@ -65,10 +66,20 @@ def training_attack(p: float, cfg: Config) -> Attack:
                   restarts=cfg.attack_restarts, norm=cfg.norm)
 
 
-def eval_attack(cfg: Config, eps: float | None = None) -> Attack:
-    """The adversary of periodic evaluation: the run's full ε (no ramp)."""
-    return Attack(name=cfg.eval_attack, eps=cfg.eps if eps is None else eps, steps=cfg.eval_steps,
-                  restarts=cfg.eval_restarts, norm=cfg.norm)
+def eval_settings(cfg: Config, eps: float | None = None) -> EvalSettings:
+    """The settings of periodic evaluation's attacks: the run's full ε (no ramp)."""
+    return EvalSettings(norm=cfg.norm, eps=cfg.eps if eps is None else eps, steps=cfg.eval_steps,
+                        restarts=cfg.eval_restarts, apgd_steps=cfg.eval_apgd_steps, queries=cfg.eval_queries)
+
+
+def eval_cascade(cfg: Config, eps: float | None = None) -> tuple[list[EvalAttack], list[EvalAttack]]:
+    """Periodic evaluation as (gate, attacks): with --eval-gate and an --eval-attack stronger than
+    PGD, the gate is PGD (--eval-steps × --eval-restarts), run first over the whole slice."""
+    settings = eval_settings(cfg, eps)
+    attacks = build_cascade(cfg.eval_attack, settings)
+    if cfg.eval_gate and cfg.eval_attack not in ATTACKS:
+        return build_cascade("pgd", settings), attacks
+    return [], attacks
 
 
 def refine_attack(attack, steps: int):

@@ -310,10 +310,13 @@ class Trainer:
         """Measuring ``model`` (default: the live model) on the held-out evaluation slice, in pieces.
 
         Its random starts come from its own seeded generator: how often a run evaluates never
-        changes its training, and every evaluation attacks from the same starts.
+        changes its training, and every evaluation attacks from the same starts. A gated strong
+        evaluation skips its strong attacks while PGD is below --target-robust-acc.
         """
-        return AccuracyJob(model or self.model, self.eval_x, self.eval_y, schedules.eval_attack(self.cfg),
-                          batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1)
+        gate, attacks = schedules.eval_cascade(self.cfg)
+        return AccuracyJob(model or self.model, self.eval_x, self.eval_y, attacks, batch_size=batch_size,
+                           device=self.device, seed=self.cfg.seed + 1, gate=gate,
+                           target=self.cfg.target_robust_acc)
 
     def record_eval(self, result: dict, version: int, time_at_version: float,
                           examples_at_version: int | None = None) -> dict:

@@ -84,7 +84,7 @@ def robust(args) -> dict:
     subprocess.run(cmd, check=True)
     train_wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
-    eval_cmd = ["psadv", "eval", str(run_dir), "--steps", "50", "--restarts", "10", "--json", "--no-progress",
+    eval_cmd = ["psadv", "eval", str(run_dir), "--attack", "pgd", "--steps", "50", "--restarts", "10", "--json", "--no-progress",
                 "--data-dir", args.data_dir]
     start = time.perf_counter()
     result = json.loads(subprocess.run(eval_cmd, check=True, capture_output=True, text=True).stdout)

@@ -93,7 +93,7 @@ def describe(job: dict) -> dict:
 
 
 def confirm(run_dir: Path, data_dir: str, examples: int | None) -> dict:
-    cmd = [sys.executable, "-m", "psadv.cli", "eval", str(run_dir), "--steps", "50", "--restarts", "10",
+    cmd = [sys.executable, "-m", "psadv.cli", "eval", str(run_dir), "--attack", "pgd", "--steps", "50", "--restarts", "10",
            "--data-dir", data_dir, "--json", "--save", "--no-progress"]
     if examples:
         cmd += ["--examples", str(examples)]

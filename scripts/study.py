@@ -87,7 +87,7 @@ class Study:
     def final_eval_flags(self) -> list[str]:
         if self.quick:
             return ["--examples", "100", "--steps", "5", "--restarts", "2", "--threads", "1"]
-        return ["--examples", str(self.args.final_examples)]  # psadv eval's default: PGD-50 x 10 restarts
+        return ["--examples", str(self.args.final_examples)]  # psadv eval's default: the strong cascade
 
     def launcher(self, attackers: int) -> list[str]:
         return shlex.split(self.args.launcher.format(n=attackers + 1)) if attackers else []

@@ -104,23 +104,6 @@ def test_pgd_matches_reference_with_fresh_gradient_each_step(model, batch):
     assert torch.allclose(got, ref, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def mnist_model(mnist_dir):
-    """mnist-small trained clean for a few seconds on real MNIST, and 300 test examples."""
-    from psadv.data import load_dataset
-
-    train, test = load_dataset("mnist", "train", mnist_dir), load_dataset("mnist", "test", mnist_dir)
-    torch.manual_seed(0)
-    model = build_model("mnist-small", in_channels=1, num_classes=10)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    x, y = torch.tensor(train.x[:6000]), torch.tensor(train.y[:6000])
-    for i in range(0, 6000, 100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
-        opt.step()
-    return model, torch.tensor(test.x[:300]), torch.tensor(test.y[:300])
-
-
 def test_pgd_stronger_than_fgsm_and_restarts_never_hurt(mnist_model):
     model, x, y = mnist_model
     eps = 0.1

@@ -35,7 +35,8 @@ def test_inspect_json_and_text(trained_run):
 
 
 def test_eval_json(trained_run, mnist_dir):
-    result = invoke("eval", trained_run, "--examples", 40, "--steps", 2, "--restarts", 2, "--json", "--data-dir", mnist_dir)
+    result = invoke("eval", trained_run, "--attack", "pgd", "--examples", 40, "--steps", 2, "--restarts", 2, "--json",
+                    "--data-dir", mnist_dir)
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.output)
     assert out["examples"] == 40 and out["attack"] == "PGD-2x2 linf eps=0.3" and out["version"] == 6
@@ -45,7 +46,7 @@ def test_eval_json(trained_run, mnist_dir):
 def test_eval_save_writes_final_eval_json_for_the_report(tmp_path, trained_run, mnist_dir):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    args = ["--examples", 20, "--steps", 1, "--restarts", 1, "--data-dir", mnist_dir, "--no-progress"]
+    args = ["--attack", "pgd", "--examples", 20, "--steps", 1, "--restarts", 1, "--data-dir", mnist_dir, "--no-progress"]
     printed = invoke("eval", run_dir, *args, "--json", "--save")
     assert printed.exit_code == 0, printed.stderr
     saved = json.loads((run_dir / "final_eval.json").read_text())
@@ -72,7 +73,48 @@ def test_eval_save_needs_a_run_directory(tmp_path, trained_run):
 
 def test_eval_default_attack_is_strong(trained_run):
     result = invoke("eval", "--help")
-    assert "default: 50" in result.output and "default: 10" in result.output
+    assert "default: strong" in result.output
+    assert "default: 50" in result.output and "default: 10" in result.output  # PGD's, for --attack pgd
+
+
+def test_eval_cascade_json_has_each_attack_and_the_masking_gap(trained_run, mnist_dir):
+    result = invoke("eval", trained_run, "--examples", 20, "--apgd-steps", 2, "--targets", 2, "--queries", 5,
+                    "--json", "--data-dir", mnist_dir, "--threads", 1)
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.output)
+    assert [row["name"] for row in out["attacks"]] == ["apgd-ce", "apgd-t", "square"]
+    assert out["attacks"][-1]["robust_acc"] == out["robust_acc"] <= out["attacks"][0]["robust_acc"]
+    assert out["masking_gap"] == pytest.approx(out["attacks"][1]["robust_acc"] - out["robust_acc"])
+    assert sum(row["flipped"] for row in out["attacks"]) == round((out["clean_acc"] - out["robust_acc"]) * 20)
+    assert out["attack"] == "APGD-CE-2 + APGD-T-2x2 + Square-5 linf eps=0.3"
+
+
+def test_eval_accepts_l2_budgets_above_one_and_refuses_them_in_linf(trained_run, mnist_dir):
+    ok = invoke("eval", trained_run, "--attack", "apgd-ce", "--apgd-steps", 2, "--norm", "l2", "--eps", 2,
+                "--examples", 10, "--json", "--data-dir", mnist_dir, "--threads", 1)
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.output)["attack"] == "APGD-CE-2 l2 eps=2"
+    assert_one_line_error(invoke("eval", trained_run, "--eps", 2, "--data-dir", mnist_dir), 2, "--eps 2", "linf")
+    assert_one_line_error(invoke("train", "--eps", 2, "--norm", "linf", "--run-dir", trained_run.parent / "no"), 2,
+                          "--eps 2")
+    assert not (trained_run.parent / "no").exists()
+
+
+def test_periodic_evaluation_with_a_gated_strong_cascade(tmp_path, mnist_dir):
+    base = [*FAST, "--data-dir", mnist_dir, "--eval-attack", "strong", "--eval-apgd-steps", 2, "--eval-queries", 5,
+            "--eval-examples", 20]
+    missed = invoke("train", *base, "--run-dir", tmp_path / "missed", "--target-robust-acc", 0.99)
+    assert missed.exit_code == 0, missed.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "missed" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "eval"' in line]
+    assert [(r["name"], r["skipped"]) for r in row["attacks"]] == [
+        ("pgd", False), ("apgd-ce", True), ("apgd-t", True), ("square", True)]
+    assert "skipped" in row["attack"]
+    full = invoke("train", *base, "--run-dir", tmp_path / "full")
+    assert full.exit_code == 0, full.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "eval"' in line]
+    assert not any(r["skipped"] for r in row["attacks"]) and row["masking_gap"] is not None
 
 
 def test_config_file_and_command_line_precedence(tmp_path, mnist_dir):

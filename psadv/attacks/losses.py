@@ -17,4 +17,24 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return wrong - true
 
 
-LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss}
+def _sorted_logits(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sort(dim=1, descending=True).values
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020): the margin divided by the spread of the top
+    logits, so rescaling the logits (a common form of gradient masking) does not change it."""
+    top = _sorted_logits(logits)
+    return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR: how far logit ``target`` is above the true one, scale-free (positive = fooled
+    towards ``target``). Needs at least four classes."""
+    top = _sorted_logits(logits)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    aimed = logits.gather(1, target[:, None]).squeeze(1)
+    return (aimed - true) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}

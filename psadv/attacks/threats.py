@@ -28,8 +28,8 @@ class ThreatModel(abc.ABC):
         """One ascent step along the norm's steepest direction (unprojected)."""
 
     @abc.abstractmethod
-    def random_perturb(self, x: torch.Tensor) -> torch.Tensor:
-        """A random point of the ball around ``x``."""
+    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random point of the ball around ``x`` (drawn from ``generator``, default the global one)."""
 
 
 class LinfThreat(ThreatModel):
@@ -42,8 +42,8 @@ class LinfThreat(ThreatModel):
     def step(self, x_adv, grad, step_size):
         return x_adv + step_size * grad.sign()
 
-    def random_perturb(self, x):
-        return self.project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x)
+    def random_perturb(self, x, generator=None):
+        return self.project(x + torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator), x)
 
 
 class L2Threat(ThreatModel):
@@ -61,11 +61,11 @@ class L2Threat(ThreatModel):
     def step(self, x_adv, grad, step_size):
         return x_adv + step_size * grad / (self._norms(grad) + 1e-12)
 
-    def random_perturb(self, x):
-        direction = torch.randn_like(x)
+    def random_perturb(self, x, generator=None):
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = direction / (self._norms(direction) + 1e-12)
         dims = x[0].numel()
-        radius = self.eps * torch.rand(x.shape[0], device=x.device) ** (1.0 / dims)
+        radius = self.eps * torch.rand(x.shape[0], generator=generator, device=x.device) ** (1.0 / dims)
         return self.project(x + direction * radius.view(-1, *([1] * (x.dim() - 1))), x)
 
 

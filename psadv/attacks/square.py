@@ -1,0 +1,172 @@
+"""Square attack (Andriushchenko et al. 2020): a black-box attack that needs no gradient.
+
+It keeps, per example, the best point found so far and proposes a change of one random square
+window at a time, kept only if it lowers the margin (true logit minus best wrong logit). The
+window's side follows the fraction ``p`` of pixels changed, which shrinks on the published schedule
+from ``p_init``. Because it never reads a gradient, it sees through gradient masking (a
+non-differentiable step, saturated softmax, shattered gradients) where gradient attacks fail.
+
+L∞: the initial point has vertical stripes of ±ε; a proposal sets the window to ±ε per channel.
+L2: the initial point is a grid of pseudo-Gaussian bumps; a proposal moves the mass of a second
+window into the first, as a fresh bump, and the whole perturbation is rescaled to norm ε.
+
+Only examples not yet misclassified are queried (one forward pass each per iteration); results lie
+in the ε-ball and [0, 1]; the model runs in eval mode and gets its mode back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .losses import margin_loss
+from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
+
+# Square's schedule, for 10,000 queries: p is halved after iterations 10, 50, 200, 500, 1000,
+# 2000, 4000, 6000 and 8000; other budgets stretch it linearly.
+_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_at(iteration: int, queries: int, p_init: float) -> float:
+    """The fraction of pixels a proposal changes at ``iteration`` of ``queries``."""
+    scaled = int(iteration / queries * 10000)
+    return p_init / 2 ** sum(scaled > h for h in _HALVINGS)
+
+
+def _margin(model, x, y):
+    """True logit minus best wrong logit (negative = fooled), without a graph."""
+    with torch.no_grad():
+        logits = model(x)
+    return -margin_loss(logits, y), logits.argmax(1) != y
+
+
+def _signs(shape, generator, device) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
+
+
+def _randint(high: int, generator, device) -> int:
+    return int(torch.randint(0, high, (1,), generator=generator, device=device))
+
+
+def _bump(rows: int, cols: int) -> torch.Tensor:
+    """Concentric rectangles around the centre, weight Σ_{k≥ring} 1/(k+1)², unit L2 norm."""
+    i = (torch.arange(rows) - rows // 2).abs()[:, None]
+    j = (torch.arange(cols) - cols // 2).abs()[None, :]
+    ring = torch.maximum(i, j)
+    rings = max(rows // 2, cols // 2) + 1
+    tail = (1.0 / torch.arange(1, rings + 1, dtype=torch.float32) ** 2).flip(0).cumsum(0).flip(0)
+    bump = tail[ring]
+    return bump / bump.norm()
+
+
+def _pseudo_gaussian(s: int, generator, device) -> torch.Tensor:
+    """An s×s pattern: a bump on the top half, a negative bump on the bottom; transposed half the time."""
+    top = s // 2
+    pattern = torch.cat([_bump(top, s), -_bump(s - top, s)]) if top else _bump(s, s)
+    pattern = pattern / pattern.norm()
+    if float(torch.rand(1, generator=generator, device=device)) > 0.5:
+        pattern = pattern.t()
+    return pattern.to(device)
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _linf_init(x, eps, generator):
+    n, c, _, w = x.shape
+    return torch.clamp(x + eps * _signs((n, c, 1, w), generator, x.device), PIXEL_MIN, PIXEL_MAX)
+
+
+def _linf_proposal(x, x_best, eps, s, generator):
+    n, c, h, w = x.shape
+    vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
+    window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+    old = x_best[window]
+    new = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
+    # A proposal equal to the current window would waste a query: draw its signs again (each
+    # example has a sign choice that differs unless every pixel of the window is pinned).
+    for _ in range(16):
+        same = ((new - old).abs() < 1e-7).flatten(1).all(1)
+        if not same.any():
+            break
+        redraw = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
+        new = torch.where(same.view(-1, 1, 1, 1), redraw, new)
+    x_new = x_best.clone()
+    x_new[window] = new
+    return x_new
+
+
+def _l2_init(x, eps, generator):
+    n, c, h, w = x.shape
+    s = max(h // 5, 1)
+    delta = torch.zeros_like(x)
+    offset = (h - s * 5) // 2
+    for r in range(offset, h - s + 1, s):
+        for col in range(offset, w - s + 1, s):
+            delta[:, :, r:r + s, col:col + s] += (_pseudo_gaussian(s, generator, x.device)
+                                                  * _signs((n, c, 1, 1), generator, x.device))
+    return torch.clamp(x + eps * delta / (_l2_norms(delta) + 1e-12), PIXEL_MIN, PIXEL_MAX)
+
+
+def _l2_proposal(x, x_best, eps, s, generator):
+    n, c, h, w = x.shape
+    delta = x_best - x
+    vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
+    vh2, vw2 = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
+    first = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+    second = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
+    both = torch.zeros_like(x)
+    both[first] = 1.0
+    both[second] = 1.0
+    in_windows = _l2_norms(delta * both)  # the mass the proposal redistributes
+    spare = torch.clamp(eps ** 2 - _l2_norms(delta) ** 2, min=0.0)  # budget not yet used
+    old = delta[first]
+    per_channel = old.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt()
+    bump = _pseudo_gaussian(s, generator, x.device).view(1, 1, s, s) * _signs((n, c, 1, 1), generator, x.device)
+    new = bump + old / (per_channel + 1e-12)
+    new = new / (new.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt() + 1e-12) * (spare / c + in_windows ** 2).sqrt()
+    delta = delta.clone()
+    delta[second] = 0.0
+    delta[first] = new
+    return torch.clamp(x + eps * delta / (_l2_norms(delta) + 1e-12), PIXEL_MIN, PIXEL_MAX)
+
+
+def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                  queries: int = 5000, p_init: float = 0.8,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Square attack with at most ``queries`` forward passes per example (4-D image batches)."""
+    if x.dim() != 4:
+        raise ValueError(f"square_attack wants image batches (N, C, H, W), got shape {tuple(x.shape)}")
+    x = x.detach()
+    threat = THREATS[norm](eps)
+    n, c, h, w = x.shape
+    was_training = model.training
+    model.eval()
+    try:
+        x_best = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
+        x_best = threat.project(x_best, x)
+        margin, fooled = _margin(model, x_best, y)
+        for i in range(queries - 1):  # the initial point took the first query
+            idx = (~fooled).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            p = p_at(i, queries, p_init)
+            if norm == "linf":
+                s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
+                cand = _linf_proposal(x[idx], x_best[idx], eps, s, generator)
+            else:
+                s = max(round(math.sqrt(p * h * w)), 3)
+                s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
+                cand = _l2_proposal(x[idx], x_best[idx], eps, s, generator)
+            cand = threat.project(cand, x[idx])  # guards the ball against float error
+            m, f = _margin(model, cand, y[idx])
+            better = m < margin[idx]
+            x_best[idx[better]] = cand[better]
+            margin[idx[better]] = m[better]
+            fooled[idx[better]] = f[better]
+        return x_best
+    finally:
+        model.train(was_training)

@@ -1,0 +1,211 @@
+"""Evaluation attacks by name, and the rules that read a cascade of them.
+
+A name maps to an :class:`EvalAttack` class (``run(model, x, y, generator) -> x_adv``) or to a
+composite: a cascade, run in order, each attack on the examples the earlier ones left standing, so
+an example counts as robust only if every attack fails on it (the worst case over the attacks).
+
+* ``autoattack``: the standard AutoAttack of Croce & Hein (2020): APGD-CE, APGD-T, FAB-T, Square.
+* ``strong``: the default of ``psadv eval``: AutoAttack without FAB-T, which costs about as much
+  as APGD-T again (9 targets × 100 iterations) and is there for models whose losses APGD-T cannot
+  climb; Square stays because it is the one black-box attack, the check against gradient masking
+  (on a psadv MNIST model it left fewer examples standing than APGD-T: README, "Evaluation attacks").
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .apgd import apgd, apgd_targeted
+from .pgd import ATTACKS, Attack, perturb
+from .square import square_attack
+
+# Square flipping more than this fraction of the test examples beyond what the gradient attacks
+# left is more than the noise of a random search: the gradients are not to be trusted.
+MASKING_THRESHOLD = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What every evaluation attack may need; each reads its own fields."""
+
+    norm: str = "linf"
+    eps: float = 0.3
+    steps: int = 50  # PGD (and fgsm/fgsm-rs, which fix their own)
+    restarts: int = 10
+    step_size: float | None = None
+    loss: str = "ce"
+    apgd_steps: int = 100  # APGD-CE, APGD-T and FAB-T iterations (AutoAttack's standard)
+    targets: int = 9  # target classes of APGD-T and FAB-T
+    queries: int = 5000  # Square's budget per example (AutoAttack's standard)
+    p_init: float = 0.8  # Square's initial fraction of changed pixels, as AutoAttack sets it
+
+    def __post_init__(self):
+        for name in ("apgd_steps", "targets", "queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.p_init <= 1:
+            raise ConfigError(f"p_init must be in (0, 1], got {self.p_init}")
+
+
+class EvalAttack(abc.ABC):
+    """One evaluation attack with its settings; ``run`` returns points of the ε-ball around ``x``."""
+
+    name: str
+    black_box = False
+
+    def __init__(self, settings: EvalSettings):
+        self.settings = settings
+
+    @abc.abstractmethod
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)``, random draws from ``generator`` (or the global one)."""
+
+    @abc.abstractmethod
+    def label(self) -> str:
+        """Short name with the budget, e.g. ``APGD-CE-100``."""
+
+    def describe(self) -> str:
+        return f"{self.label()} {self.settings.norm} eps={self.settings.eps:g}"
+
+
+class PgdFamily(EvalAttack):
+    """``none``, ``fgsm``, ``fgsm-rs``, ``pgd``: :func:`psadv.attacks.perturb`; a restart attacks only
+    the examples still standing (same result as keeping each example's worst restart, cheaper).
+    Draws from the global generator, which :class:`psadv.evaluate.AccuracyJob` seeds per batch."""
+
+    def __init__(self, settings: EvalSettings, name: str):
+        super().__init__(settings)
+        self.name = name
+        s = settings
+        self.attack = Attack(name=name, eps=s.eps, steps=s.steps, restarts=s.restarts, step_size=s.step_size,
+                             norm=s.norm, loss=s.loss)
+        self._single = dataclasses.replace(self.attack, restarts=1)
+
+    def run(self, model, x, y, generator=None):
+        x_adv = x.detach().clone()
+        standing = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.attack.restarts):
+            idx = standing.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            x_adv[idx] = perturb(model, x[idx], y[idx], self._single)
+            with torch.no_grad():
+                standing[idx] = model(x_adv[idx]).argmax(1) == y[idx]
+        return x_adv
+
+    def label(self):
+        return self.attack.describe()
+
+    def describe(self):
+        return self.attack.describe()
+
+
+class ApgdCE(EvalAttack):
+    name = "apgd-ce"
+
+    def run(self, model, x, y, generator=None):
+        s = self.settings
+        return apgd(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, loss="ce", generator=generator)
+
+    def label(self):
+        return f"APGD-CE-{self.settings.apgd_steps}"
+
+
+class ApgdT(EvalAttack):
+    name = "apgd-t"
+
+    def run(self, model, x, y, generator=None):
+        s = self.settings
+        return apgd_targeted(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, n_target_classes=s.targets,
+                             generator=generator)
+
+    def label(self):
+        return f"APGD-T-{self.settings.apgd_steps}x{self.settings.targets}"
+
+
+class FabT(EvalAttack):
+    name = "fab-t"
+
+    def run(self, model, x, y, generator=None):
+        from .fab import fab_attack  # written apart; imported only when FAB-T runs
+
+        s = self.settings
+        return fab_attack(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, n_target_classes=s.targets,
+                          generator=generator)
+
+    def label(self):
+        return f"FAB-T-{self.settings.apgd_steps}x{self.settings.targets}"
+
+
+class Square(EvalAttack):
+    name = "square"
+    black_box = True
+
+    def run(self, model, x, y, generator=None):
+        s = self.settings
+        return square_attack(model, x, y, norm=s.norm, eps=s.eps, queries=s.queries, p_init=s.p_init,
+                             generator=generator)
+
+    def label(self):
+        return f"Square-{self.settings.queries}"
+
+
+SINGLE: dict[str, type[EvalAttack]] = {"apgd-ce": ApgdCE, "apgd-t": ApgdT, "fab-t": FabT, "square": Square}
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "strong": ("apgd-ce", "apgd-t", "square"),
+}
+DEFAULT_EVAL = "strong"
+# PGD-family attacks that stay in the ε-ball (N-FGSM leaves it by design: training only)
+GRADED = tuple(name for name, kind in ATTACKS.items() if kind.reach == 1)
+EVAL_ATTACKS: tuple[str, ...] = (*GRADED, *SINGLE, *COMPOSITES)
+
+
+def build_cascade(name: str, settings: EvalSettings) -> list[EvalAttack]:
+    """The attacks ``name`` stands for, in the order they run."""
+    if name in GRADED:
+        return [PgdFamily(settings, name)]
+    if name in SINGLE:
+        return [SINGLE[name](settings)]
+    if name in COMPOSITES:
+        return [SINGLE[part](settings) for part in COMPOSITES[name]]
+    raise ConfigError(f"unknown evaluation attack {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
+
+
+def describe_cascade(attacks: Sequence[EvalAttack]) -> str:
+    if len(attacks) == 1:
+        return attacks[0].describe()
+    s = attacks[0].settings
+    return f"{' + '.join(a.label() for a in attacks)} {s.norm} eps={s.eps:g}"
+
+
+def masking_gap(per_attack: Sequence[dict], examples: int) -> float | None:
+    """Fraction of the examples the black-box attacks flipped that the gradient attacks had left
+    robust: in a cascade, robust accuracy after the gradient attacks minus the worst case. None
+    unless the cascade has both kinds (``per_attack`` rows: ``black_box``, ``flipped``)."""
+    kinds = {row["black_box"] for row in per_attack if not row.get("skipped")}
+    if kinds != {True, False}:
+        return None
+    return sum(row["flipped"] for row in per_attack if row["black_box"]) / max(examples, 1)
+
+
+def masking_warning(gap: float | None, threshold: float = MASKING_THRESHOLD) -> str | None:
+    """The one-line warning for a gap above ``threshold`` (a fraction of the examples), else None."""
+    if gap is None or gap <= threshold:
+        return None
+    return (f"psadv: warning: the black-box attack flipped {gap:.2%} of the examples that the gradient attacks "
+            f"left robust (more than {threshold:.0%}): likely gradient masking; gradient-only robust accuracy "
+            "over-claims, trust the worst case")
+
+
+def skip_after_gate(gate_robust_acc: float, target: float) -> bool:
+    """Whether the expensive attacks can be skipped: the worst case is at most the cheap gate's
+    robust accuracy, so below ``target`` there the target is missed whatever they find."""
+    return target > 0 and gate_robust_acc < target

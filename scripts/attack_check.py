@@ -1,0 +1,119 @@
+"""psadv's evaluation attacks next to torchattacks' independent implementations.
+
+Runs each psadv attack and its torchattacks counterpart (APGD loss='ce', APGDT, Square, and FAB
+multi-targeted when psadv.attacks.fab exists) on the same test images with the same weights, and
+prints robust accuracy and seconds side by side (one JSON object with --json). Targets: robust
+accuracies within 0.5 point, psadv at least as fast.
+
+    python scripts/attack_check.py RUN_DIR --examples 200 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+
+import torch
+
+
+def load(run: str):
+    from psadv.checkpoint import find_checkpoint, load_checkpoint
+    from psadv.models import build_model
+
+    ckpt = load_checkpoint(find_checkpoint(run))
+    model = build_model(ckpt.model_name, **ckpt.model_args)
+    model.load_state_dict(ckpt.model_state)
+    return model.eval(), ckpt.config
+
+
+def pairs(args, norm: str, eps: float):
+    """(name, psadv attack, torchattacks attack factory) for each attack to compare."""
+    import torchattacks
+
+    from psadv.attacks.suite import EvalSettings, build_cascade
+
+    settings = EvalSettings(norm=norm, eps=eps, apgd_steps=args.steps, targets=args.targets, queries=args.queries)
+    ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    n_classes = args.targets + 1
+    rows = [("apgd-ce", lambda m: torchattacks.APGD(m, norm=ta_norm, eps=eps, steps=args.steps, loss="ce",
+                                                    n_restarts=1, seed=args.seed)),
+            ("apgd-t", lambda m: torchattacks.APGDT(m, norm=ta_norm, eps=eps, steps=args.steps, n_restarts=1,
+                                                    n_classes=n_classes, seed=args.seed)),
+            ("square", lambda m: torchattacks.Square(m, norm=ta_norm, eps=eps, n_queries=args.queries, n_restarts=1,
+                                                     p_init=0.8, seed=args.seed))]
+    if importlib.util.find_spec("psadv.attacks.fab") is not None:
+        rows.append(("fab-t", lambda m: torchattacks.FAB(m, norm=ta_norm, eps=eps, steps=args.steps, n_restarts=1,
+                                                         multi_targeted=True, n_classes=n_classes, seed=args.seed)))
+    return [(name, build_cascade(name, settings)[0], make) for name, make in rows]
+
+
+def robust_acc(model, x_adv, y) -> float:
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run directory or checkpoint of a psadv model")
+    p.add_argument("--examples", type=int, default=200, help="first N test images")
+    p.add_argument("--eps", type=float, default=None, help="ε (default: the checkpoint's)")
+    p.add_argument("--norm", choices=["linf", "l2"], default=None, help="threat model (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=100, help="APGD / FAB iterations")
+    p.add_argument("--targets", type=int, default=9, help="target classes of the targeted attacks")
+    p.add_argument("--queries", type=int, default=5000, help="Square queries")
+    p.add_argument("--only", default="", help="comma-separated attack names to run (default: all)")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    from psadv.data import load_dataset
+
+    torch.set_num_threads(args.threads)
+    model, cfg = load(args.run)
+    norm, eps = args.norm or cfg["norm"], cfg["eps"] if args.eps is None else args.eps
+    test = load_dataset(cfg["dataset"], "test", args.data_dir or cfg.get("data_dir") or None)
+    x, y = torch.tensor(test.x[:args.examples]), torch.tensor(test.y[:args.examples])
+    only = set(filter(None, args.only.split(",")))
+    rows = []
+    for name, ours, make_theirs in pairs(args, norm, eps):
+        if only and name not in only:
+            continue
+        row = {"attack": name, "describe": ours.describe()}
+        started = time.perf_counter()
+        adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
+        row["psadv_seconds"] = round(time.perf_counter() - started, 2)
+        row["psadv_robust_acc"] = robust_acc(model, adv, y)
+        row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
+        started = time.perf_counter()
+        adv = make_theirs(model)(x, y)
+        row["torchattacks_seconds"] = round(time.perf_counter() - started, 2)
+        row["torchattacks_robust_acc"] = robust_acc(model, adv, y)
+        row["points_apart"] = round(100 * (row["psadv_robust_acc"] - row["torchattacks_robust_acc"]), 2)
+        rows.append(row)
+        if not args.json:
+            print(f"{name:8s} psadv {row['psadv_robust_acc']:.2%} in {row['psadv_seconds']:7.1f}s   "
+                  f"torchattacks {row['torchattacks_robust_acc']:.2%} in {row['torchattacks_seconds']:7.1f}s   "
+                  f"({row['points_apart']:+.2f} points)", flush=True)
+    clean = robust_acc(model, x, y)
+    if args.json:
+        print(json.dumps({"examples": len(y), "norm": norm, "eps": eps, "clean_acc": clean, "rows": rows}))
+    else:
+        print(f"{len(y)} test images, {norm} eps={eps:g}, clean {clean:.2%}")
+    return 0 if all(r["psadv_in_ball"] for r in rows) else 1
+
+
+def _in_ball(adv, x, norm, eps) -> bool:
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    return bool((size <= eps * (1 + 1e-5) + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1) and math.isfinite(
+        float(size.max()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
