@@ -58,17 +58,22 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
 
 def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None,
              data_dir: str | os.PathLike | None = None, eps: float | None = None, norm: str | None = None,
-             attack: str = "pgd", steps: int = 50, restarts: int = 10, step_size: float | None = None,
-             loss: str = "ce", examples: int | None = None, batch_size: int = 500,
-             device: str | torch.device = "cpu", seed: int = 0) -> dict:
-    """Clean and robust test accuracy, as ``psadv eval`` measures it (PGD-50 with 10 restarts).
+             attack: str | None = None, steps: int = 50, restarts: int = 10, step_size: float | None = None,
+             loss: str = "ce", apgd_steps: int = 100, targets: int = 9, queries: int = 5000,
+             examples: int | None = None, batch_size: int = 500, device: str | torch.device = "cpu",
+             seed: int = 0) -> dict:
+    """Clean and robust test accuracy, as ``psadv eval`` measures it.
 
-    ``model`` is an ``nn.Module`` taking [0, 1] images, or a path :func:`load_model` reads; for
-    a path, ``dataset``, ``eps`` and ``norm`` default to the ones it was trained with, otherwise
-    to :class:`psadv.Config`'s. Returns ``{"examples", "clean_acc", "robust_acc", "attack"}``.
-    A thin wrapper over :func:`psadv.evaluate.measure_accuracy`.
+    ``attack`` is any name ``psadv eval --attack`` takes (default ``strong``: APGD-CE, APGD-T and
+    Square, each on the examples the earlier ones left standing); ``steps``/``restarts`` set PGD,
+    ``apgd_steps``/``targets`` APGD and FAB, ``queries`` Square. ``model`` is an ``nn.Module``
+    taking [0, 1] images, or a path :func:`load_model` reads; for a path, ``dataset``, ``eps`` and
+    ``norm`` default to the ones it was trained with, otherwise to :class:`psadv.Config`'s. Returns
+    what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``, ``examples``,
+    per-attack rows (``attacks``) and the ``masking_gap``. A thin wrapper over
+    :func:`psadv.evaluate.measure_accuracy`.
     """
-    from .attacks import Attack
+    from .attacks.suite import DEFAULT_EVAL, EvalSettings, build_cascade
     from .data import load_dataset
     from .evaluate import measure_accuracy
 
@@ -78,10 +83,12 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     defaults = Config()
     dataset = dataset or meta.get("dataset") or defaults.dataset
     eps = eps if eps is not None else float(meta["eps"]) if "eps" in meta else defaults.eps
-    spec = Attack(name=attack, eps=eps, steps=steps, restarts=restarts, step_size=step_size,
-                  norm=norm or meta.get("norm") or defaults.norm, loss=loss)
+    settings = EvalSettings(norm=norm or meta.get("norm") or defaults.norm, eps=eps, steps=steps,
+                            restarts=restarts, step_size=step_size, loss=loss, apgd_steps=apgd_steps,
+                            targets=targets, queries=queries)
+    cascade = build_cascade(attack or DEFAULT_EVAL, settings)
     test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
     n = min(examples or len(test), len(test))
     # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
-    return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), spec,
+    return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
                             batch_size=batch_size, device=device, seed=seed)

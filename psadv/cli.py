@@ -166,7 +166,8 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     cfg = ckpt.config
     norm = norm or cfg["norm"]
     eps = cfg["eps"] if eps is None else eps
-    check_eps(eps, norm, math.prod(dataset_info(cfg["dataset"]).shape))
+    data_dir = data_dir or cfg.get("data_dir") or None
+    check_eps(eps, norm, math.prod(dataset_info(cfg["dataset"], data_dir).shape))
     settings = EvalSettings(norm=norm, eps=eps, steps=steps, restarts=restarts, step_size=step_size, loss=loss,
                             apgd_steps=apgd_steps, targets=targets, queries=queries)
     cascade = build_cascade(attack, settings)
@@ -174,7 +175,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     dev = pick_device(device)
     model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
     model.load_state_dict(ckpt.model_state)
-    test = load_dataset(cfg["dataset"], "test", data_dir or cfg.get("data_dir") or None)
+    test = load_dataset(cfg["dataset"], "test", data_dir)
     n = min(examples or len(test), len(test))
     start = time.perf_counter()
     result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,

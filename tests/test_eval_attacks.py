@@ -249,3 +249,10 @@ def test_pgd_in_the_cascade_matches_perturb_with_restarts_on_standing_examples(t
     with torch.no_grad():
         via = (net(pgd.run(net, x, y)).argmax(1) == y).float().mean().item()
     assert via == direct
+
+
+def test_training_only_attacks_are_not_evaluation_attacks():
+    """N-FGSM's examples leave the ε-ball by design: grading robustness with it would be wrong."""
+    assert "n-fgsm" not in EVAL_ATTACKS
+    with pytest.raises(ConfigError, match="unknown evaluation attack 'n-fgsm'"):
+        build_cascade("n-fgsm", EvalSettings())

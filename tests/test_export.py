@@ -187,12 +187,20 @@ def test_api_names():
 
 def test_api_evaluate_path_and_module_agree(run, mnist_dir):
     rng = torch.get_rng_state()
-    by_path = psadv.evaluate(run, examples=60, steps=2, restarts=1)  # dataset, ε, data dir: the run's
+    tiny = dict(examples=60, steps=2, restarts=1, apgd_steps=2, targets=1, queries=5)
+    by_path = psadv.evaluate(run, attack="pgd", **tiny)  # dataset, ε, data dir: the run's
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's generator is left alone
-    by_module = psadv.evaluate(psadv.load_model(run), data_dir=mnist_dir, examples=60, steps=2, restarts=1)
-    assert by_path == by_module
+    by_module = psadv.evaluate(psadv.load_model(run), data_dir=mnist_dir, attack="pgd", **tiny)
+
+    def timeless(result):
+        return {**result, "attacks": [{k: v for k, v in row.items() if k != "seconds"} for row in result["attacks"]]}
+
+    assert timeless(by_path) == timeless(by_module)
     assert by_path["examples"] == 60 and by_path["attack"] == "PGD-2 linf eps=0.3"
     assert 0 <= by_path["robust_acc"] <= by_path["clean_acc"] <= 1
+    strong = psadv.evaluate(run, **tiny)  # the default: psadv eval's cascade
+    assert [row["attack"].split()[0] for row in strong["attacks"]] == ["APGD-CE-2", "APGD-T-2x1", "Square-5"]
+    assert strong["robust_acc"] <= strong["attacks"][0]["robust_acc"] and "masking_gap" in strong
 
 
 def test_api_train_errors_raise(tmp_path, mnist_dir):
