@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The reproduction study: the method's four findings at CPU scale (MNIST, ε = 0.3, mnist-small).
+"""The reproduction study: the method's findings at CPU scale (MNIST, ε = 0.3, mnist-small).
 
     python scripts/study.py --data-dir ../shared/data --out runs/study            # the real study
     python scripts/study.py --data-dir ../shared/data --out runs/study-quick --quick   # minutes
 
 1. adversary: how strong must the training adversary be? FGSM with a random start and PGD-k,
-   k = 1, 2, 5, 10, 40, each trained for the same epochs; robust accuracy under PGD-50×10
-   (``psadv eval``) and training time.
+   k = 1, 2, 5, 10, 40, each trained for the same epochs; robust accuracy under ``psadv eval``'s
+   default (the strong cascade) and training time.
 2. staleness: robust accuracy after a fixed budget vs staleness, emulated in one process
    (``--emulate-staleness S``, S = 0, 8, 32, 64, 128) and real under MPI (attackers refreshed
    every R = 1, 8, 32, 64, 128 versions; the server measures the staleness τ it sees).
@@ -21,6 +21,10 @@
    ``--refine-steps``), two seeds each, final robust accuracy at a fixed budget and the versions to
    the target; one short MPI run (one attacker) measures c_s and c_a, so the report predicts the
    time to target for each N.
+6. masking: does a weaker training adversary leave more gradient masking? FGSM-RS, N-FGSM and PGD-k
+   (k = 5, 10, 40) at the same epoch budget, two seeds each, graded twice: PGD-50×10 (what psadv
+   reported before) and ``psadv eval``'s strong cascade (APGD-CE, APGD-T, Square); the difference is
+   how much PGD over-claims, the cascade's ``masking_gap`` how much Square finds beyond the gradients.
 
 Each part writes run directories under OUT/<part>/runs and a report (report.md, report.json,
 PNGs) under OUT/<part>/report; OUT/study.md and OUT/study.json collect the headline numbers.
@@ -47,12 +51,17 @@ RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--eps-ramp", "0.2", "--opti
 ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (1, 2, 5, 10, 40)]
 STALENESS = (0, 8, 32, 64, 128)
-PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline", 5: "part5-attackers"}
+PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline", 5: "part5-attackers",
+         6: "part6-masking"}
+MASKING_ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"]), ("n-fgsm", ["--attack", "n-fgsm"])] + [
+    (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (5, 10, 40)]
+PGD_EVAL = "final_eval_pgd.json"  # part 6: the PGD-50x10 grade beside final_eval.json's strong one
 TITLES = {1: "Study part 1: how strong must the training adversary be?",
           2: "Study part 2: robust accuracy vs staleness",
           3: "Study part 3: speedup vs attackers",
           4: "Study part 4: time to target, Madry-style baseline vs psadv",
-          5: "Study part 5: what N attackers buy (emulated)"}
+          5: "Study part 5: what N attackers buy (emulated)",
+          6: "Study part 6: does a weaker training adversary mask gradients more?"}
 
 
 def display(cmd: list[str]) -> str:
@@ -197,6 +206,47 @@ class Study:
                                                   *(["--threads", "1"] if self.quick else [])], attackers=1)
         self.report(5)
 
+    def part6(self, part_dir: Path) -> None:
+        for name, flags in MASKING_ADVERSARIES:
+            for seed in self.args.seeds:
+                run_dir = part_dir / "runs" / f"{name}-seed{seed}"
+                self.train(run_dir, [*flags, *self.budget(self.args.epochs_masking), "--eval-every", "0",
+                                     "--seed", str(seed)])
+                self.final_eval(run_dir)
+                self.pgd_eval(run_dir)
+        if self.args.dry_run:
+            return
+        rows = []
+        for run_dir in sorted((part_dir / "runs").glob("*-seed*")):
+            files = [run_dir / name for name in ("summary.json", FINAL_EVAL, PGD_EVAL)]
+            if all(f.exists() for f in files):
+                summary, strong, pgd = (json.loads(f.read_text()) for f in files)
+                rows.append({"adversary": run_dir.name.rsplit("-seed", 1)[0], "seed": run_dir.name.rsplit("-seed", 1)[1],
+                             "seconds": summary["elapsed"], "strong": strong, "pgd": pgd})
+        report = part_dir / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        table = masking_table(rows)
+        (report / "report.json").write_text(json.dumps({"rows": rows, "table": table}, indent=2) + "\n")
+        (report / "report.md").write_text(render_masking(table, TITLES[6]))
+
+    def pgd_eval(self, run_dir: Path) -> None:
+        """The PGD-50x10 grade psadv used to report, as JSON in RUN/final_eval_pgd.json."""
+        path = run_dir / PGD_EVAL
+        if path.exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+            return
+        cmd = PSADV + ["eval", str(run_dir), "--json", "--no-progress", "--attack", "pgd", *self.data_dir(),
+                       *self.final_eval_flags()]
+        print("$ " + display(cmd), flush=True)
+        if self.args.dry_run:
+            return
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            self.failures.append(f"{run_dir} (psadv eval --attack pgd)")
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(out.stdout)
+        tmp.replace(path)
+
     # --- the summary ----------------------------------------------------------------------------------
     def summarise(self) -> dict:
         summary = {"quick": self.quick, "target": self.args.target, "parts": {}, "failures": self.failures}
@@ -234,6 +284,46 @@ class Study:
         return summary
 
 
+def masking_table(rows: list[dict]) -> list[dict]:
+    """Per training adversary (in the order first seen): means over seeds and the spread (max − min)
+    of the PGD-50x10 grade, the strong cascade's worst case, PGD's over-claim and Square's gap."""
+    by: dict[str, list[dict]] = {}
+    for row in rows:
+        by.setdefault(row["adversary"], []).append(row)
+    table = []
+    for adversary, runs in by.items():
+        def stats(values):
+            return {"mean": sum(values) / len(values), "spread": max(values) - min(values)}
+        pgd = [r["pgd"]["robust_acc"] for r in runs]
+        strong = [r["strong"]["robust_acc"] for r in runs]
+        table.append({
+            "adversary": adversary, "seeds": len(runs),
+            "seconds": stats([r["seconds"] for r in runs]),
+            "clean": stats([r["strong"]["clean_acc"] for r in runs]),
+            "pgd": stats(pgd), "strong": stats(strong),
+            "over_claim": stats([a - b for a, b in zip(pgd, strong)]),
+            "masking_gap": stats([r["strong"].get("masking_gap") or 0.0 for r in runs]),
+            "attack": runs[0]["strong"]["attack"], "examples": runs[0]["strong"]["examples"]})
+    return table
+
+
+def render_masking(table: list[dict], title: str) -> str:
+    lines = [f"# {title}", "", "All numbers *measured*; mean over seeds (spread = max − min).", "",
+             "| training adversary | seeds | training s | clean | PGD-50×10 | strong (worst case) | "
+             "PGD over-claims by | Square beyond gradients |", "|---|---|---|---|---|---|---|---|"]
+
+    def pct(s):
+        return f"{s['mean']:.1%} ({s['spread']:.1%})"
+
+    for r in table:
+        lines.append(f"| {r['adversary']} | {r['seeds']} | {r['seconds']['mean']:.0f} | {pct(r['clean'])} | "
+                     f"{pct(r['pgd'])} | {pct(r['strong'])} | {r['over_claim']['mean'] * 100:.1f} points | "
+                     f"{r['masking_gap']['mean'] * 100:.1f} points |")
+    if table:
+        lines += ["", f"Strong cascade: {table[0]['attack']} on {table[0]['examples']} test examples."]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value, fmt: str = "{:.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
@@ -243,7 +333,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/study", help="study directory [runs/study]")
     p.add_argument("--data-dir", default=None, help="dataset directory (passed to psadv)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few-minute smoke version")
-    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run [1,2,3,4,5]")
+    p.add_argument("--parts", default="1,2,3,4,5,6", help="which parts to run [1,2,3,4,5,6]")
     p.add_argument("--redo", default="", help="parts to rerun although their report exists, e.g. 3,4")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--launcher", default="mpiexec -n {n}", help="MPI launcher, {n} = attackers + 1 [mpiexec -n {n}]")
@@ -265,10 +355,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs-attackers", type=float, default=5, help="part 5: epochs per emulated run [5]")
     p.add_argument("--emulated", default="1,8,32,64", help="part 5: emulated attacker counts [1,8,32,64]")
     p.add_argument("--refine", default="0,1", help="part 5: --refine-steps values [0,1]")
-    p.add_argument("--seeds", default="0,1", help="part 5: seeds [0,1]")
+    p.add_argument("--seeds", default="0,1", help="parts 5 and 6: seeds [0,1]")
+    p.add_argument("--epochs-masking", type=float, default=2, help="part 6: epochs per adversary [2]")
     p.add_argument("--eval-examples", type=int, default=1000, help="periodic evaluation slice [1000]")
     p.add_argument("--final-examples", type=int, default=1000,
-                   help="test examples of the final PGD-50x10 evaluation (10000 = the whole test set) [1000]")
+                   help="test examples of the final evaluations (10000 = the whole test set) [1000]")
     p.add_argument("--quick-steps", type=int, default=30, help="--quick: versions per run [30]")
     p.add_argument("--quick-seconds", type=float, default=3, help="--quick: seconds per scaling run [3]")
     args = p.parse_args(argv)
@@ -281,7 +372,7 @@ def parse_args(argv=None):
     except ValueError:
         p.error("--parts, --redo, --psadv-steps, --emulated, --refine and --seeds take comma-separated integers")
     if not set(args.parts) <= set(PARTS) or not args.redo <= set(PARTS):
-        p.error("parts are 1, 2, 3, 4 and 5")
+        p.error("parts are 1, 2, 3, 4, 5 and 6")
     if "{n}" not in args.launcher:
         p.error(f"--launcher must contain {{n}}, got {args.launcher!r}")
     if args.attackers < 1:

@@ -261,9 +261,38 @@ def test_study_quick_and_bad_arguments(tmp_path):
     plan = study_plan(tmp_path, "--quick", "--parts", "1,3")
     assert all("--steps 30" in cmd for cmd in plan if " train " in cmd)
     assert not any("part2" in cmd or "part4" in cmd for cmd in plan)
-    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "6", "--out", str(tmp_path / "x")],
+    bad = subprocess.run([sys.executable, str(STUDY), "--parts", "7", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "parts are 1, 2, 3, 4 and 5" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and "parts are 1, 2, 3, 4, 5 and 6" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_study_plans_part_6_and_tabulates_masking(tmp_path):
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "6", "--seeds", "0,1")
+    train = [cmd for cmd in plan if " train " in cmd]
+    names = [re.search(r"runs/(\S+)", cmd).group(1) for cmd in train]
+    assert names == [f"{a}-seed{s}" for a in ("fgsm-rs", "n-fgsm", "pgd-5", "pgd-10", "pgd-40") for s in "01"]
+    assert all("--epochs 2" in cmd and "--eval-every 0" in cmd for cmd in train)
+    evals = [cmd for cmd in plan if " eval " in cmd]
+    assert len(evals) == 2 * len(train)
+    assert sum("--attack pgd" in cmd and "--json" in cmd for cmd in evals) == len(train)  # PGD-50x10 beside strong
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    def row(adversary, seed, pgd, strong, gap):
+        return {"adversary": adversary, "seed": seed, "seconds": 10.0,
+                "pgd": {"robust_acc": pgd}, "strong": {"robust_acc": strong, "clean_acc": 0.98, "masking_gap": gap,
+                                                       "attack": "APGD-CE-100 + ...", "examples": 1000}}
+
+    table = study.masking_table([row("pgd-5", 0, 0.90, 0.86, 0.02), row("pgd-5", 1, 0.88, 0.86, 0.01),
+                                 row("pgd-40", 0, 0.91, 0.90, None)])
+    assert [r["adversary"] for r in table] == ["pgd-5", "pgd-40"]
+    assert table[0]["over_claim"]["mean"] == pytest.approx(0.03) and table[0]["pgd"]["spread"] == pytest.approx(0.02)
+    assert table[0]["masking_gap"]["mean"] == pytest.approx(0.015) and table[1]["masking_gap"]["mean"] == 0.0
+    text = study.render_masking(table, "T")
+    assert "| pgd-5 | 2 | 10 | 98.0% (0.0%) | 89.0% (2.0%) | 86.0% (0.0%) | 3.0 points | 1.5 points |" in text
 
 
 def test_study_summary_names_the_best_recipe(tmp_path):
