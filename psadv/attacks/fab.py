@@ -122,20 +122,15 @@ def project_l2(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tenso
 PROJECTIONS = {"linf": project_linf, "l2": project_l2}
 
 
-def _gap_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                  need_grad: bool = True):
-    """``logit[target] − logit[y]`` at ``x``, its input gradient (or None), and the prediction."""
+def _gap_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor):
+    """``logit[target] − logit[y]`` at ``x`` and its input gradient: one forward, one backward."""
     rows = torch.arange(len(x), device=x.device)
-    if not need_grad:
-        with torch.no_grad():
-            logits = model(x)
-        return (logits[rows, target] - logits[rows, y]), None, logits.argmax(1)
     x = x.detach().requires_grad_(True)  # a fresh leaf: the gradient is computed anew each step
     with torch.enable_grad():
         logits = model(x)
         gap = logits[rows, target] - logits[rows, y]
         (grad,) = torch.autograd.grad(gap.sum(), [x])
-    return gap.detach(), grad, logits.detach().argmax(1)
+    return gap.detach(), grad
 
 
 def _fab_step(x1: torch.Tensor, x0: torch.Tensor, gap: torch.Tensor, grad: torch.Tensor,
@@ -169,31 +164,23 @@ def _targeted_run(model, x0, y, target, *, norm, eps, steps, start):
     best_dist = torch.full((len(x0),), math.inf, device=x0.device)
     live = torch.arange(len(x0), device=x0.device)
     x0l, yl, tl, x1 = x0, y, target, start
-    gap, grad, _ = _gap_and_grad(model, x1, yl, tl)
-    for step in range(steps):
-        last = step == steps - 1
+    for _ in range(steps):
+        gap, grad = _gap_and_grad(model, x1, yl, tl)
         x1 = _fab_step(x1, x0l, gap, grad, norm)
-        # This evaluation both tells whether the new iterate is adversarial and gives, for the
-        # iterates that are not, the gradient of the next step.
-        gap, grad, pred = _gap_and_grad(model, x1, yl, tl, need_grad=not last)
-        adv = pred != yl
+        with torch.no_grad():
+            adv = model(x1).argmax(1) != yl
         if not adv.any():
             continue
         dist = _norms((x1 - x0l).flatten(1), norm)
         closer = adv & (dist < best_dist[live])
         best[live[closer]] = x1[closer]
         best_dist[live[closer]] = dist[closer]
-        if last:
-            break
+        x1 = torch.where(_per_example(adv, x1), x0l + BETA * (x1 - x0l), x1)
         keep = best_dist[live] > eps
-        pulled = adv & keep
-        x1 = torch.where(_per_example(pulled, x1), x0l + BETA * (x1 - x0l), x1)
-        if pulled.any():
-            gap[pulled], grad[pulled], _ = _gap_and_grad(model, x1[pulled], yl[pulled], tl[pulled])
         if not keep.all():
             if not keep.any():
                 break
-            live, x0l, yl, tl, x1, gap, grad = (t[keep] for t in (live, x0l, yl, tl, x1, gap, grad))
+            live, x0l, yl, tl, x1 = (t[keep] for t in (live, x0l, yl, tl, x1))
     return best, best_dist
 
 
