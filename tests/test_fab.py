@@ -1,12 +1,16 @@
 """FAB-T: invariants, the closed-form projections, minimal distances on linear models, MNIST."""
 
 import pytest
+import test_attacks
 import torch
 
 from psadv.attacks import Attack, perturb
 from psadv.attacks.fab import fab_attack, project_l2, project_linf
 from psadv.errors import ConfigError
 from psadv.models import build_model
+
+# The clean-trained mnist-small of the attack tests (a few seconds of training on real MNIST).
+mnist_model = test_attacks.mnist_model
 
 NORMS = {"linf": lambda d: d.flatten(1).abs().amax(1), "l2": lambda d: d.flatten(1).norm(dim=1)}
 
@@ -173,26 +177,10 @@ def test_finds_the_minimal_perturbation_of_a_linear_model(norm):
         assert NORMS[norm](x_adv - x)[broken].min() >= dist[broken].min() - 1e-6
 
 
-@pytest.fixture(scope="module")
-def mnist_model(mnist_dir):
-    """mnist-small trained clean for a few seconds on real MNIST, and 100 test examples."""
-    from psadv.data import load_dataset
-
-    train, test = load_dataset("mnist", "train", mnist_dir), load_dataset("mnist", "test", mnist_dir)
-    torch.manual_seed(5)
-    net = build_model("mnist-small", in_channels=1, num_classes=10)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    x, y = torch.tensor(train.x[-6000:]), torch.tensor(train.y[-6000:])
-    for i in range(0, len(y), 50):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[i:i + 50]), y[i:i + 50]).backward()
-        opt.step()
-    return net.eval(), torch.tensor(test.x[:100]), torch.tensor(test.y[:100])
-
-
 @pytest.mark.parametrize("norm,eps", [("linf", 0.08), ("l2", 1.0)])
 def test_fab_on_mnist_breaks_at_least_what_pgd_breaks(mnist_model, norm, eps):
     model, x, y = mnist_model
+    x, y = x[:100], y[:100]
     torch.manual_seed(0)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
