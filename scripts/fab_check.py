@@ -10,7 +10,10 @@ noisy on a shared machine) and how many examples the two disagree on:
         --data-dir ../shared/data/mnist --examples 300 --norm linf --eps 0.3
 
 torchattacks is an independent reference implementation, installed only for this check
-(``pip install --no-deps torchattacks``). Both run on one thread.
+(``pip install --no-deps torchattacks``). Both run on one thread. ``--psadv-projections`` runs
+torchattacks with psadv's projections onto the hyperplane ∩ box in place of its own, to tell
+whether a disagreement comes from them (torchattacks' float32 L2 projection sometimes misses the
+hyperplane and returns the far corner of the box instead of the nearest point).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from psadv.data import load_dataset
 from psadv.models import build_model
 
 TORCHATTACKS_NORM = {"linf": "Linf", "l2": "L2"}
+
+
+def use_psadv_projections(fab_module) -> None:
+    """Replace torchattacks' projections (hyperplane ``<w, z> = b``) by psadv's (offset ``c = <w, p> − b``)."""
+    from psadv.attacks.fab import project_l2, project_linf
+
+    for name, ours in (("projection_l2", project_l2), ("projection_linf", project_linf)):
+        setattr(fab_module, name, lambda p, w, b, ours=ours: ours(p, w, (w * p).sum(1) - b))
 
 
 def robust_flags(model, x, y, x_adv, norm: str, eps: float) -> torch.Tensor:
@@ -45,9 +56,15 @@ def main() -> None:
     parser.add_argument("--norm", choices=sorted(TORCHATTACKS_NORM), default="linf")
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--psadv-projections", action="store_true",
+                        help="run torchattacks with psadv's projections (isolates them as a cause)")
     args = parser.parse_args()
 
     import torchattacks
+    import torchattacks.attacks.fab
+
+    if args.psadv_projections:
+        use_psadv_projections(torchattacks.attacks.fab)
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(find_checkpoint(args.checkpoint))
@@ -77,7 +94,8 @@ def main() -> None:
     print("| implementation | robust accuracy | wall seconds | CPU seconds |")
     print("|---|---|---|---|")
     print(f"| psadv fab_attack | {100 * ours_robust.float().mean().item():.1f}% | {ours_s:.1f} | {ours_cpu:.1f} |")
-    print(f"| torchattacks.FAB | {100 * theirs_robust.float().mean().item():.1f}% | {theirs_s:.1f} "
+    reference_name = "torchattacks.FAB" + (" (psadv projections)" if args.psadv_projections else "")
+    print(f"| {reference_name} | {100 * theirs_robust.float().mean().item():.1f}% | {theirs_s:.1f} "
           f"| {theirs_cpu:.1f} |")
     print(f"examples on which they disagree: {(ours_robust != theirs_robust).sum().item()} "
           f"(robust only for psadv: {(ours_robust & ~theirs_robust).sum().item()}, "

@@ -172,7 +172,7 @@ def test_finds_the_minimal_perturbation_of_a_linear_model(norm):
         x_adv = fab_attack(model, x, y, norm=norm, eps=eps, steps=20)
         with torch.no_grad():
             broken = model(x_adv).argmax(1) != y
-        assert broken[dist <= eps / 1.01].all()  # found within 1% of the minimum
+        assert broken[dist <= eps / 1.02].all()  # found within 2% of the minimum
         assert not broken[dist > eps].any()  # nothing below the minimum exists
         assert NORMS[norm](x_adv - x)[broken].min() >= dist[broken].min() - 1e-6
 
