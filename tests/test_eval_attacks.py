@@ -256,3 +256,13 @@ def test_training_only_attacks_are_not_evaluation_attacks():
     assert "n-fgsm" not in EVAL_ATTACKS
     with pytest.raises(ConfigError, match="unknown evaluation attack 'n-fgsm'"):
         build_cascade("n-fgsm", EvalSettings())
+
+
+def test_autoattack_runs_all_four_attacks_in_order(mnist_model):
+    model, x, y = mnist_model
+    cascade = build_cascade("autoattack", EvalSettings(eps=0.1, apgd_steps=3, targets=2, queries=10))
+    result = measure_accuracy(model, x[:40], y[:40], cascade, batch_size=20, seed=0)
+    labels = [row["attack"].split()[0] for row in result["attacks"]]
+    assert labels == ["APGD-CE-3", "APGD-T-3x2", "FAB-T-3x2", "Square-10"]
+    after = [row["robust_acc"] for row in result["attacks"]]
+    assert after == sorted(after, reverse=True) and result["robust_acc"] == after[-1] <= result["clean_acc"]
