@@ -98,7 +98,8 @@ class Trial:
 
 
 def search(args, name: str, recipe: list[str]) -> dict:
-    policy = BudgetSearch(start=args.start, tolerance=args.tolerance, max_budget=args.max_budget)
+    policy = BudgetSearch(start=args.start, tolerance=args.tolerance, min_budget=args.min_budget,
+                          max_budget=args.max_budget)
     trials: dict[str, list[dict]] = {}
     while (budget := policy.next_budget()) is not None:
         rows = []
@@ -147,7 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="seeds; every one must reach the target [0,1,2]")
     p.add_argument("--start", type=float, default=60.0, help="first budget in seconds [60]")
     p.add_argument("--tolerance", type=float, default=0.15, help="relative width at which bisection stops [0.15]")
-    p.add_argument("--max-budget", type=float, default=3600.0, help="give up above this budget [3600]")
+    p.add_argument("--min-budget", type=float, default=1.0, help="never try below this budget [1]")
+    p.add_argument("--max-budget", type=float, default=3600.0,
+                   help="give up above this budget (= --start = --min-budget: try that budget only) [3600]")
     p.add_argument("--target", type=float, default=0.89, help="robust accuracy target [0.89]")
     p.add_argument("--clean-target", type=float, default=0.98, help="clean accuracy target [0.98]")
     p.add_argument("--eval-args", default="--attack pgd --steps 50 --restarts 10",
@@ -161,8 +164,8 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds wants integers, got {args.seeds!r}")
-    if not 0 < args.start <= args.max_budget:
-        p.error("--start must be > 0 and <= --max-budget")
+    if not 0 < args.min_budget <= args.start <= args.max_budget:
+        p.error("--start must lie in [--min-budget, --max-budget], and budgets must be > 0")
     return args
 
 

@@ -43,6 +43,14 @@ def test_search_halves_then_doubles_and_gives_up_at_the_max():
     assert never.answer()["time_to_target"] is None and max(map(float, never.answer()["tried"])) == 200
 
 
+def test_a_fixed_budget_is_tried_once_whatever_it_gives():
+    for passed in (True, False):
+        search = BudgetSearch(start=60, min_budget=60, max_budget=60)
+        assert search.next_budget() == 60
+        search.record(60, passed)
+        assert search.next_budget() is None
+
+
 def test_a_pass_below_a_failure_is_reported_not_hidden():
     search = BudgetSearch(start=60)
     for budget, ok in [(60, True), (30, False), (42.4, True), (50, False)]:
