@@ -16,6 +16,7 @@ in the ε-ball and [0, 1]; the model runs in eval mode and gets its mode back.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,9 +37,8 @@ def p_at(iteration: int, queries: int, p_init: float) -> float:
 
 
 def _margin(model, x, y):
-    """True logit minus best wrong logit (negative = fooled), without a graph."""
-    with torch.no_grad():
-        logits = model(x)
+    """True logit minus best wrong logit (negative = fooled); the caller holds ``torch.no_grad``."""
+    logits = model(x)
     return -margin_loss(logits, y), logits.argmax(1) != y
 
 
@@ -50,8 +50,10 @@ def _randint(high: int, generator, device) -> int:
     return int(torch.randint(0, high, (1,), generator=generator, device=device))
 
 
+@functools.lru_cache(maxsize=None)
 def _bump(rows: int, cols: int) -> torch.Tensor:
-    """Concentric rectangles around the centre, weight Σ_{k≥ring} 1/(k+1)², unit L2 norm."""
+    """Concentric rectangles around the centre, weight Σ_{k≥ring} 1/(k+1)², unit L2 norm (cached, as
+    every proposal of a side needs it: callers must not modify it in place)."""
     i = (torch.arange(rows) - rows // 2).abs()[:, None]
     j = (torch.arange(cols) - cols // 2).abs()[None, :]
     ring = torch.maximum(i, j)
@@ -80,23 +82,19 @@ def _linf_init(x, eps, generator):
     return torch.clamp(x + eps * _signs((n, c, 1, w), generator, x.device), PIXEL_MIN, PIXEL_MAX)
 
 
-def _linf_proposal(x, x_best, eps, s, generator):
-    n, c, h, w = x.shape
-    vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
-    window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-    old = x_best[window]
-    new = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
+def _linf_window(x_win, old_win, eps, generator):
+    """New values of one window: per example and channel, the clean window moved by ±ε."""
+    n, c = x_win.shape[:2]
+    new = torch.clamp(x_win + eps * _signs((n, c, 1, 1), generator, x_win.device), PIXEL_MIN, PIXEL_MAX)
     # A proposal equal to the current window would waste a query: draw its signs again (each
     # example has a sign choice that differs unless every pixel of the window is pinned).
     for _ in range(16):
-        same = ((new - old).abs() < 1e-7).flatten(1).all(1)
+        same = ((new - old_win).abs() < 1e-7).flatten(1).all(1)
         if not same.any():
             break
-        redraw = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
+        redraw = torch.clamp(x_win + eps * _signs((n, c, 1, 1), generator, x_win.device), PIXEL_MIN, PIXEL_MAX)
         new = torch.where(same.view(-1, 1, 1, 1), redraw, new)
-    x_new = x_best.clone()
-    x_new[window] = new
-    return x_new
+    return new
 
 
 def _l2_init(x, eps, generator):
@@ -118,7 +116,7 @@ def _l2_proposal(x, x_best, eps, s, generator):
     vh2, vw2 = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
     first = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     second = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
-    both = torch.zeros_like(x)
+    both = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)  # broadcast over examples, channels
     both[first] = 1.0
     both[second] = 1.0
     in_windows = _l2_norms(delta * both)  # the mass the proposal redistributes
@@ -128,8 +126,7 @@ def _l2_proposal(x, x_best, eps, s, generator):
     bump = _pseudo_gaussian(s, generator, x.device).view(1, 1, s, s) * _signs((n, c, 1, 1), generator, x.device)
     new = bump + old / (per_channel + 1e-12)
     new = new / (new.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt() + 1e-12) * (spare / c + in_windows ** 2).sqrt()
-    delta = delta.clone()
-    delta[second] = 0.0
+    delta[second] = 0.0  # (delta is this call's own tensor)
     delta[first] = new
     return torch.clamp(x + eps * delta / (_l2_norms(delta) + 1e-12), PIXEL_MIN, PIXEL_MAX)
 
@@ -141,32 +138,51 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     if x.dim() != 4:
         raise ValueError(f"square_attack wants image batches (N, C, H, W), got shape {tuple(x.shape)}")
     x = x.detach()
-    threat = THREATS[norm](eps)
-    n, c, h, w = x.shape
     was_training = model.training
     model.eval()
     try:
-        x_best = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
-        x_best = threat.project(x_best, x)
-        margin, fooled = _margin(model, x_best, y)
-        for i in range(queries - 1):  # the initial point took the first query
-            idx = (~fooled).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            p = p_at(i, queries, p_init)
-            if norm == "linf":
-                s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
-                cand = _linf_proposal(x[idx], x_best[idx], eps, s, generator)
-            else:
-                s = max(round(math.sqrt(p * h * w)), 3)
-                s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
-                cand = _l2_proposal(x[idx], x_best[idx], eps, s, generator)
-            cand = threat.project(cand, x[idx])  # guards the ball against float error
-            m, f = _margin(model, cand, y[idx])
-            better = m < margin[idx]
-            x_best[idx[better]] = cand[better]
-            margin[idx[better]] = m[better]
-            fooled[idx[better]] = f[better]
-        return x_best
+        with torch.no_grad():  # forward queries only: no graph to build
+            return _search(model, x, y, THREATS[norm](eps), norm, queries, p_init, generator)
     finally:
         model.train(was_training)
+
+
+def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tensor:
+    """The random search. The examples still standing are kept gathered (``live`` their rows), so a
+    query costs one forward pass and a few window-sized operations; fooled ones leave for good."""
+    eps = threat.eps
+    _, c, h, w = x.shape
+    out = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
+    out = threat.project(out, x)
+    margin, fooled = _margin(model, out, y)
+    live = (~fooled).nonzero().squeeze(1)
+    xs, best, ys, margin = x[live], out[live], y[live], margin[live]
+    for i in range(queries - 1):  # the initial point took the first query
+        if len(live) == 0:
+            break
+        p = p_at(i, queries, p_init)
+        if norm == "linf":
+            s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
+            vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
+            window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+            old = best[window].clone()
+            new = threat.project(_linf_window(xs[window], old, eps, generator), xs[window])
+            best[window] = new  # queried in place, taken back below where it is no better
+            m, f = _margin(model, best, ys)
+            better = m < margin
+            best[window] = torch.where(better.view(-1, 1, 1, 1), new, old)
+        else:
+            s = max(round(math.sqrt(p * h * w)), 3)
+            s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
+            cand = threat.project(_l2_proposal(xs, best, eps, s, generator), xs)  # guards the ball against float error
+            m, f = _margin(model, cand, ys)
+            better = m < margin
+            best = torch.where(better.view(-1, 1, 1, 1), cand, best)
+        margin = torch.where(better, m, margin)
+        done = better & f
+        if done.any():
+            out[live[done]] = best[done]
+            keep = ~done
+            live, xs, best, ys, margin = live[keep], xs[keep], best[keep], ys[keep], margin[keep]
+    out[live] = best
+    return out
