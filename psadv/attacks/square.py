@@ -28,6 +28,7 @@ from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 # Square's schedule, for 10,000 queries: p is halved after iterations 10, 50, 200, 500, 1000,
 # 2000, 4000, 6000 and 8000; other budgets stretch it linearly.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+REDRAWS = 16  # fresh sign draws an L∞ proposal may take to differ from the current window
 
 
 def p_at(iteration: int, queries: int, p_init: float) -> float:
@@ -86,15 +87,23 @@ def _linf_window(x_win, old_win, eps, generator):
     """New values of one window: per example and channel, the clean window moved by ±ε."""
     n, c = x_win.shape[:2]
     new = torch.clamp(x_win + eps * _signs((n, c, 1, 1), generator, x_win.device), PIXEL_MIN, PIXEL_MAX)
-    # A proposal equal to the current window would waste a query: draw its signs again (each
-    # example has a sign choice that differs unless every pixel of the window is pinned).
-    for _ in range(16):
-        same = ((new - old_win).abs() < 1e-7).flatten(1).all(1)
-        if not same.any():
-            break
-        redraw = torch.clamp(x_win + eps * _signs((n, c, 1, 1), generator, x_win.device), PIXEL_MIN, PIXEL_MAX)
-        new = torch.where(same.view(-1, 1, 1, 1), redraw, new)
+    # A proposal equal to the current window would waste a query: such an example takes the first
+    # of up to REDRAWS further draws that differs (one does unless every pixel of the window is
+    # pinned), all drawn at once rather than in rounds until every example has one.
+    same = _unchanged(new, old_win)
+    if same.any():
+        rows = same.nonzero().squeeze(1)
+        draws = torch.clamp(x_win[rows] + eps * _signs((REDRAWS, len(rows), c, 1, 1), generator, x_win.device),
+                            PIXEL_MIN, PIXEL_MAX)
+        differs = ~_unchanged(draws, old_win[rows])  # (REDRAWS, rows)
+        pick = torch.where(differs.any(0), differs.byte().argmax(0), REDRAWS - 1)
+        new[rows] = draws[pick, torch.arange(len(rows), device=x_win.device)]
     return new
+
+
+def _unchanged(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per example (over the last three dimensions): whether ``new`` equals ``old`` within 1e-7."""
+    return ((new - old).abs() < 1e-7).flatten(-3).all(-1)
 
 
 def _l2_init(x, eps, generator):
