@@ -3,9 +3,11 @@
 Runs each psadv attack and its torchattacks counterpart (APGD loss='ce', APGDT, Square, and FAB
 multi-targeted when psadv.attacks.fab exists) on the same test images with the same weights, and
 prints robust accuracy and seconds side by side (one JSON object with --json). Targets: robust
-accuracies within 0.5 point, psadv at least as fast.
+accuracies within 0.5 point, psadv at least as fast. With --repeats N each pair runs N times, the
+order alternating (psadv first, then torchattacks first, ...) so that a load that comes and goes on
+a shared machine does not favour one side; the seconds reported are the medians.
 
-    python scripts/attack_check.py RUN_DIR --examples 200 --threads 1
+    python scripts/attack_check.py RUN_DIR --examples 100 --threads 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -69,8 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each side, order alternating; median seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
 
     from psadv.data import load_dataset
 
@@ -84,22 +90,30 @@ def main(argv=None) -> int:
     for name, ours, make_theirs in pairs(args, norm, eps):
         if only and name not in only:
             continue
-        row = {"attack": name, "describe": ours.describe()}
-        started = time.perf_counter()
-        adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
-        row["psadv_seconds"] = round(time.perf_counter() - started, 2)
-        row["psadv_robust_acc"] = robust_acc(model, adv, y)
-        row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
-        started = time.perf_counter()
-        adv = make_theirs(model)(x, y)
-        row["torchattacks_seconds"] = round(time.perf_counter() - started, 2)
-        row["torchattacks_robust_acc"] = robust_acc(model, adv, y)
+        row = {"attack": name, "describe": ours.describe(), "psadv_runs": [], "torchattacks_runs": []}
+        for r in range(args.repeats):
+            sides = ["psadv", "torchattacks"] if r % 2 == 0 else ["torchattacks", "psadv"]
+            for side in sides:
+                started = time.perf_counter()
+                if side == "psadv":
+                    adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
+                else:
+                    adv = make_theirs(model)(x, y)
+                row[f"{side}_runs"].append(round(time.perf_counter() - started, 2))
+                if r == 0:  # both sides are seeded: every repeat computes the same points
+                    row[f"{side}_robust_acc"] = robust_acc(model, adv, y)
+                    if side == "psadv":
+                        row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
+        for side in ("psadv", "torchattacks"):
+            row[f"{side}_seconds"] = round(statistics.median(row[f"{side}_runs"]), 2)
         row["points_apart"] = round(100 * (row["psadv_robust_acc"] - row["torchattacks_robust_acc"]), 2)
         rows.append(row)
         if not args.json:
             print(f"{name:8s} psadv {row['psadv_robust_acc']:.2%} in {row['psadv_seconds']:7.1f}s   "
                   f"torchattacks {row['torchattacks_robust_acc']:.2%} in {row['torchattacks_seconds']:7.1f}s   "
-                  f"({row['points_apart']:+.2f} points)", flush=True)
+                  f"({row['points_apart']:+.2f} points)"
+                  + (f"   runs {row['psadv_runs']} vs {row['torchattacks_runs']}" if args.repeats > 1 else ""),
+                  flush=True)
     clean = robust_acc(model, x, y)
     if args.json:
         print(json.dumps({"examples": len(y), "norm": norm, "eps": eps, "clean_acc": clean, "rows": rows}))
