@@ -160,7 +160,7 @@ def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tens
     """The random search. The examples still standing are kept gathered (``live`` their rows), so a
     query costs one forward pass and a few window-sized operations; fooled ones leave for good."""
     eps = threat.eps
-    _, c, h, w = x.shape
+    h, w = x.shape[-2:]
     out = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
     out = threat.project(out, x)
     margin, fooled = _margin(model, out, y)
@@ -175,6 +175,7 @@ def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tens
             vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
             window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
             old = best[window].clone()
+            # (the projection guards the ball against float error; only the window changes)
             new = threat.project(_linf_window(xs[window], old, eps, generator), xs[window])
             best[window] = new  # queried in place, taken back below where it is no better
             m, f = _margin(model, best, ys)
