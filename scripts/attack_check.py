@@ -5,7 +5,8 @@ multi-targeted when psadv.attacks.fab exists) on the same test images with the s
 prints robust accuracy and seconds side by side (one JSON object with --json). Targets: robust
 accuracies within 0.5 point, psadv at least as fast. With --repeats N each pair runs N times, the
 order alternating (psadv first, then torchattacks first, ...) so that a load that comes and goes on
-a shared machine does not favour one side; the seconds reported are the medians.
+a shared machine does not favour one side; the seconds reported are the medians, wall-clock and
+CPU (the process's CPU time: with --threads 1 the work done, less swayed by other jobs).
 
     python scripts/attack_check.py RUN_DIR --examples 100 --threads 1 --repeats 3
 """
@@ -90,28 +91,33 @@ def main(argv=None) -> int:
     for name, ours, make_theirs in pairs(args, norm, eps):
         if only and name not in only:
             continue
-        row = {"attack": name, "describe": ours.describe(), "psadv_runs": [], "torchattacks_runs": []}
+        row = {"attack": name, "describe": ours.describe()}
+        for side in ("psadv", "torchattacks"):
+            row[f"{side}_runs"], row[f"{side}_cpu_runs"] = [], []
         for r in range(args.repeats):
             sides = ["psadv", "torchattacks"] if r % 2 == 0 else ["torchattacks", "psadv"]
             for side in sides:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 if side == "psadv":
                     adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
                 else:
                     adv = make_theirs(model)(x, y)
                 row[f"{side}_runs"].append(round(time.perf_counter() - started, 2))
+                row[f"{side}_cpu_runs"].append(round(time.process_time() - cpu_started, 2))
                 if r == 0:  # both sides are seeded: every repeat computes the same points
                     row[f"{side}_robust_acc"] = robust_acc(model, adv, y)
                     if side == "psadv":
                         row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
         for side in ("psadv", "torchattacks"):
             row[f"{side}_seconds"] = round(statistics.median(row[f"{side}_runs"]), 2)
+            row[f"{side}_cpu_seconds"] = round(statistics.median(row[f"{side}_cpu_runs"]), 2)
         row["points_apart"] = round(100 * (row["psadv_robust_acc"] - row["torchattacks_robust_acc"]), 2)
         rows.append(row)
         if not args.json:
             print(f"{name:8s} psadv {row['psadv_robust_acc']:.2%} in {row['psadv_seconds']:7.1f}s   "
                   f"torchattacks {row['torchattacks_robust_acc']:.2%} in {row['torchattacks_seconds']:7.1f}s   "
                   f"({row['points_apart']:+.2f} points)"
+                  f"   CPU {row['psadv_cpu_seconds']:.1f}s vs {row['torchattacks_cpu_seconds']:.1f}s"
                   + (f"   runs {row['psadv_runs']} vs {row['torchattacks_runs']}" if args.repeats > 1 else ""),
                   flush=True)
     clean = robust_acc(model, x, y)
