@@ -6,7 +6,8 @@ prints robust accuracy and seconds side by side (one JSON object with --json). T
 accuracies within 0.5 point, psadv at least as fast. With --repeats N each pair runs N times, the
 order alternating (psadv first, then torchattacks first, ...) so that a load that comes and goes on
 a shared machine does not favour one side; the seconds reported are the medians, wall-clock and
-CPU (the process's CPU time: with --threads 1 the work done, less swayed by other jobs).
+CPU (the process's CPU time: with --threads 1 the work done, less swayed by other jobs). The
+model's work is counted too, free of noise: examples forwarded, and of those how many with autograd on (graph built).
 
     python scripts/attack_check.py RUN_DIR --examples 100 --threads 1 --repeats 3
 """
@@ -87,6 +88,13 @@ def main(argv=None) -> int:
     test = load_dataset(cfg["dataset"], "test", args.data_dir or cfg.get("data_dir") or None)
     x, y = torch.tensor(test.x[:args.examples]), torch.tensor(test.y[:args.examples])
     only = set(filter(None, args.only.split(",")))
+    work: dict[str, int] = {}
+
+    def count(_module, inputs):
+        work["rows"] = work.get("rows", 0) + len(inputs[0])
+        work["grad_rows"] = work.get("grad_rows", 0) + (len(inputs[0]) if torch.is_grad_enabled() else 0)
+
+    model.register_forward_pre_hook(count)
     rows = []
     for name, ours, make_theirs in pairs(args, norm, eps):
         if only and name not in only:
@@ -97,6 +105,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             sides = ["psadv", "torchattacks"] if r % 2 == 0 else ["torchattacks", "psadv"]
             for side in sides:
+                work.clear()
                 started, cpu_started = time.perf_counter(), time.process_time()
                 if side == "psadv":
                     adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
@@ -105,6 +114,7 @@ def main(argv=None) -> int:
                 row[f"{side}_runs"].append(round(time.perf_counter() - started, 2))
                 row[f"{side}_cpu_runs"].append(round(time.process_time() - cpu_started, 2))
                 if r == 0:  # both sides are seeded: every repeat computes the same points
+                    row[f"{side}_forwarded"], row[f"{side}_autograd_on"] = work["rows"], work["grad_rows"]
                     row[f"{side}_robust_acc"] = robust_acc(model, adv, y)
                     if side == "psadv":
                         row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
@@ -118,6 +128,8 @@ def main(argv=None) -> int:
                   f"torchattacks {row['torchattacks_robust_acc']:.2%} in {row['torchattacks_seconds']:7.1f}s   "
                   f"({row['points_apart']:+.2f} points)"
                   f"   CPU {row['psadv_cpu_seconds']:.1f}s vs {row['torchattacks_cpu_seconds']:.1f}s"
+                  f"   forwarded {row['psadv_forwarded']} ({row['psadv_autograd_on']} with autograd on) vs "
+                  f"{row['torchattacks_forwarded']} ({row['torchattacks_autograd_on']})"
                   + (f"   runs {row['psadv_runs']} vs {row['torchattacks_runs']}" if args.repeats > 1 else ""),
                   flush=True)
     clean = robust_acc(model, x, y)
