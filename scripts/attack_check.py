@@ -7,7 +7,8 @@ accuracies within 0.5 point, psadv at least as fast. With --repeats N each pair 
 order alternating (psadv first, then torchattacks first, ...) so that a load that comes and goes on
 a shared machine does not favour one side; the seconds reported are the medians, wall-clock and
 CPU (the process's CPU time: with --threads 1 the work done, less swayed by other jobs). The
-model's work is counted too, free of noise: examples forwarded, and of those how many with autograd on (graph built).
+model's work is counted too, free of noise: examples forwarded, and how many of them with autograd
+on (a graph built).
 
     python scripts/attack_check.py RUN_DIR --examples 100 --threads 1 --repeats 3
 """
