@@ -28,7 +28,7 @@ from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 # Square's schedule, for 10,000 queries: p is halved after iterations 10, 50, 200, 500, 1000,
 # 2000, 4000, 6000 and 8000; other budgets stretch it linearly.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-REDRAWS = 16  # fresh sign draws an L∞ proposal may take to differ from the current window
+MAX_CHANNELS = 62  # an L∞ proposal draws which of the c channel signs to turn as one int64 below 2^c
 
 
 def p_at(iteration: int, queries: int, p_init: float) -> float:
@@ -44,7 +44,7 @@ def _margin(model, x, y):
 
 
 def _signs(shape, generator, device) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
+    return torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.float32) * 2 - 1
 
 
 def _randint(high: int, generator, device) -> int:
@@ -83,27 +83,38 @@ def _linf_init(x, eps, generator):
     return torch.clamp(x + eps * _signs((n, c, 1, w), generator, x.device), PIXEL_MIN, PIXEL_MAX)
 
 
+def _linf_windows(queries: int, h: int, w: int, p_init: float, generator, device) -> list[tuple[int, int, int]]:
+    """(side, top row, left column) of the window of each L∞ proposal after the first query, drawn
+    at once: the side follows the schedule, the corner is uniform over the places the window fits."""
+    sides = [min(max(round(math.sqrt(p_at(i, queries, p_init) * h * w)), 1), h - 1) for i in range(queries - 1)]
+    room = torch.tensor([[h - s + 1, w - s + 1] for s in sides], dtype=torch.float64).view(-1, 2)
+    u = torch.rand(room.shape, generator=generator, device=device, dtype=torch.float64).cpu()
+    corners = (u * room).long().tolist()  # u < 1, so each index < its room
+    return [(s, vh, vw) for s, (vh, vw) in zip(sides, corners)]
+
+
 def _linf_window(x_win, old_win, eps, generator):
-    """New values of one window: per example and channel, the clean window moved by ±ε."""
+    """New values of one window: per example and channel, the clean window moved by ±ε and clipped
+    to [0, 1] (so inside the ball and the pixel range by construction)."""
     n, c = x_win.shape[:2]
-    new = torch.clamp(x_win + eps * _signs((n, c, 1, 1), generator, x_win.device), PIXEL_MIN, PIXEL_MAX)
-    # A proposal equal to the current window would waste a query: such an example takes the first
-    # of up to REDRAWS further draws that differs (one does unless every pixel of the window is
-    # pinned), all drawn at once rather than in rounds until every example has one.
+    signs = _signs((n, c, 1, 1), generator, x_win.device)
+    new = torch.add(x_win, signs, alpha=eps).clamp_(PIXEL_MIN, PIXEL_MAX)
+    # A proposal equal to the current window would waste a query. With ε > 0 a pixel's two choices
+    # always differ, so the window differs exactly for the sign vectors other than the one drawn:
+    # such an example takes one of those, uniformly (what drawing again until one differs gives).
     same = _unchanged(new, old_win)
     if same.any():
         rows = same.nonzero().squeeze(1)
-        draws = torch.clamp(x_win[rows] + eps * _signs((REDRAWS, len(rows), c, 1, 1), generator, x_win.device),
-                            PIXEL_MIN, PIXEL_MAX)
-        differs = ~_unchanged(draws, old_win[rows])  # (REDRAWS, rows)
-        pick = torch.where(differs.any(0), differs.byte().argmax(0), REDRAWS - 1)
-        new[rows] = draws[pick, torch.arange(len(rows), device=x_win.device)]
+        flips = torch.randint(1, 2 ** c, (len(rows), 1), generator=generator, device=x_win.device)
+        flips = flips >> torch.arange(c, device=x_win.device) & 1  # (rows, c): which signs turn, not none
+        turned = signs[rows] * (1 - 2 * flips).view(-1, c, 1, 1)
+        new[rows] = torch.add(x_win[rows], turned, alpha=eps).clamp_(PIXEL_MIN, PIXEL_MAX)
     return new
 
 
 def _unchanged(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per example (over the last three dimensions): whether ``new`` equals ``old`` within 1e-7."""
-    return ((new - old).abs() < 1e-7).flatten(-3).all(-1)
+    """Per example: whether window ``new`` equals ``old`` within 1e-7."""
+    return (new - old).abs_().amax(dim=(-3, -2, -1)) < 1e-7
 
 
 def _l2_init(x, eps, generator):
@@ -146,6 +157,8 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     """Square attack with at most ``queries`` forward passes per example (4-D image batches)."""
     if x.dim() != 4:
         raise ValueError(f"square_attack wants image batches (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"square_attack handles up to {MAX_CHANNELS} channels, got {x.shape[1]}")
     x = x.detach()
     was_training = model.training
     model.eval()
@@ -166,23 +179,21 @@ def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tens
     margin, fooled = _margin(model, out, y)
     live = (~fooled).nonzero().squeeze(1)
     xs, best, ys, margin = x[live], out[live], y[live], margin[live]
+    windows = _linf_windows(queries, h, w, p_init, generator, x.device) if norm == "linf" else None
     for i in range(queries - 1):  # the initial point took the first query
         if len(live) == 0:
             break
-        p = p_at(i, queries, p_init)
         if norm == "linf":
-            s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
-            vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
-            window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-            old = best[window].clone()
-            # (the projection guards the ball against float error; only the window changes)
-            new = threat.project(_linf_window(xs[window], old, eps, generator), xs[window])
-            best[window] = new  # queried in place, taken back below where it is no better
+            s, vh, vw = windows[i]
+            win = best[:, :, vh:vh + s, vw:vw + s]  # a view: the proposal is queried in place
+            old = win.clone()
+            new = _linf_window(xs[:, :, vh:vh + s, vw:vw + s], old, eps, generator)
+            win.copy_(new)
             m, f = _margin(model, best, ys)
             better = m < margin
-            best[window] = torch.where(better.view(-1, 1, 1, 1), new, old)
+            win.copy_(torch.where(better.view(-1, 1, 1, 1), new, old))  # taken back where no better
         else:
-            s = max(round(math.sqrt(p * h * w)), 3)
+            s = max(round(math.sqrt(p_at(i, queries, p_init) * h * w)), 3)
             s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
             cand = threat.project(_l2_proposal(xs, best, eps, s, generator), xs)  # guards the ball against float error
             m, f = _margin(model, cand, ys)
