@@ -3,9 +3,14 @@
 Runs each psadv attack and its torchattacks counterpart (APGD loss='ce', APGDT, Square, and FAB
 multi-targeted when psadv.attacks.fab exists) on the same test images with the same weights, and
 prints robust accuracy and seconds side by side (one JSON object with --json). Targets: robust
-accuracies within 0.5 point, psadv at least as fast.
+accuracies within 0.5 point, psadv at least as fast. With --repeats N each pair runs N times, the
+order alternating (psadv first, then torchattacks first, ...) so that a load that comes and goes on
+a shared machine does not favour one side; the seconds reported are the medians, wall-clock and
+CPU (the process's CPU time: with --threads 1 the work done, less swayed by other jobs). The
+model's work is counted too, free of noise: examples forwarded, and how many of them with autograd
+on (a graph built).
 
-    python scripts/attack_check.py RUN_DIR --examples 200 --threads 1
+    python scripts/attack_check.py RUN_DIR --examples 100 --threads 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -69,8 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each side, order alternating; median seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
 
     from psadv.data import load_dataset
 
@@ -80,26 +89,50 @@ def main(argv=None) -> int:
     test = load_dataset(cfg["dataset"], "test", args.data_dir or cfg.get("data_dir") or None)
     x, y = torch.tensor(test.x[:args.examples]), torch.tensor(test.y[:args.examples])
     only = set(filter(None, args.only.split(",")))
+    work: dict[str, int] = {}
+
+    def count(_module, inputs):
+        work["rows"] = work.get("rows", 0) + len(inputs[0])
+        work["grad_rows"] = work.get("grad_rows", 0) + (len(inputs[0]) if torch.is_grad_enabled() else 0)
+
+    model.register_forward_pre_hook(count)
     rows = []
     for name, ours, make_theirs in pairs(args, norm, eps):
         if only and name not in only:
             continue
         row = {"attack": name, "describe": ours.describe()}
-        started = time.perf_counter()
-        adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
-        row["psadv_seconds"] = round(time.perf_counter() - started, 2)
-        row["psadv_robust_acc"] = robust_acc(model, adv, y)
-        row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
-        started = time.perf_counter()
-        adv = make_theirs(model)(x, y)
-        row["torchattacks_seconds"] = round(time.perf_counter() - started, 2)
-        row["torchattacks_robust_acc"] = robust_acc(model, adv, y)
+        for side in ("psadv", "torchattacks"):
+            row[f"{side}_runs"], row[f"{side}_cpu_runs"] = [], []
+        for r in range(args.repeats):
+            sides = ["psadv", "torchattacks"] if r % 2 == 0 else ["torchattacks", "psadv"]
+            for side in sides:
+                work.clear()
+                started, cpu_started = time.perf_counter(), time.process_time()
+                if side == "psadv":
+                    adv = ours.run(model, x, y, torch.Generator().manual_seed(args.seed))
+                else:
+                    adv = make_theirs(model)(x, y)
+                row[f"{side}_runs"].append(round(time.perf_counter() - started, 2))
+                row[f"{side}_cpu_runs"].append(round(time.process_time() - cpu_started, 2))
+                if r == 0:  # both sides are seeded: every repeat computes the same points
+                    row[f"{side}_forwarded"], row[f"{side}_autograd_on"] = work["rows"], work["grad_rows"]
+                    row[f"{side}_robust_acc"] = robust_acc(model, adv, y)
+                    if side == "psadv":
+                        row["psadv_in_ball"] = _in_ball(adv, x, norm, eps)
+        for side in ("psadv", "torchattacks"):
+            row[f"{side}_seconds"] = round(statistics.median(row[f"{side}_runs"]), 2)
+            row[f"{side}_cpu_seconds"] = round(statistics.median(row[f"{side}_cpu_runs"]), 2)
         row["points_apart"] = round(100 * (row["psadv_robust_acc"] - row["torchattacks_robust_acc"]), 2)
         rows.append(row)
         if not args.json:
             print(f"{name:8s} psadv {row['psadv_robust_acc']:.2%} in {row['psadv_seconds']:7.1f}s   "
                   f"torchattacks {row['torchattacks_robust_acc']:.2%} in {row['torchattacks_seconds']:7.1f}s   "
-                  f"({row['points_apart']:+.2f} points)", flush=True)
+                  f"({row['points_apart']:+.2f} points)"
+                  f"   CPU {row['psadv_cpu_seconds']:.1f}s vs {row['torchattacks_cpu_seconds']:.1f}s"
+                  f"   forwarded {row['psadv_forwarded']} ({row['psadv_autograd_on']} with autograd on) vs "
+                  f"{row['torchattacks_forwarded']} ({row['torchattacks_autograd_on']})"
+                  + (f"   runs {row['psadv_runs']} vs {row['torchattacks_runs']}" if args.repeats > 1 else ""),
+                  flush=True)
     clean = robust_acc(model, x, y)
     if args.json:
         print(json.dumps({"examples": len(y), "norm": norm, "eps": eps, "clean_acc": clean, "rows": rows}))

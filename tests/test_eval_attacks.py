@@ -6,7 +6,7 @@ import torch
 from psadv.attacks import Attack, perturb
 from psadv.attacks.apgd import apgd, apgd_targeted, checkpoints
 from psadv.attacks.losses import dlr_loss, targeted_dlr_loss
-from psadv.attacks.square import p_at
+from psadv.attacks.square import _linf_window, p_at
 from psadv.attacks.suite import (EVAL_ATTACKS, EvalAttack, EvalSettings, build_cascade, masking_gap, masking_warning,
                                  skip_after_gate)
 from psadv.config import check_eps, make_config
@@ -67,6 +67,16 @@ def test_apgd_checkpoints_follow_the_published_schedule():
     # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     assert checkpoints(1) == [1]
+
+
+def test_square_linf_proposal_differs_from_the_current_window():
+    x_win = torch.full((64, 1, 3, 3), 0.5)
+    x_win[:, :, 0, 0] = 0.0  # a pixel at the edge of the range: one sign choice is clamped
+    up, down = torch.clamp(x_win + 0.3, 0, 1), torch.clamp(x_win - 0.3, 0, 1)
+    old = torch.where((torch.arange(64) % 2 == 0).view(-1, 1, 1, 1), up, down)
+    new = _linf_window(x_win, old, 0.3, torch.Generator().manual_seed(0))
+    assert not ((new - old).abs() < 1e-7).flatten(1).all(1).any()  # no query wasted on an unchanged window
+    assert torch.equal(new, torch.where((torch.arange(64) % 2 == 0).view(-1, 1, 1, 1), down, up))
 
 
 def test_square_p_schedule():

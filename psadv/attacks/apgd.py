@@ -35,7 +35,12 @@ def checkpoints(steps: int) -> list[int]:
     return sorted({w for w in (math.ceil(q * steps - 1e-9) for q in p[1:]) if 0 < w <= steps})
 
 
-def _loss_and_grad(model, x_adv, y, target, loss_fn):
+def _loss_and_grad(model, x_adv, y, target, loss_fn, need_grad: bool = True):
+    """Per-example loss, its input gradient (None unless ``need_grad``) and the logits, from one forward."""
+    if not need_grad:
+        with torch.no_grad():
+            logits = model(x_adv)
+            return loss_fn(logits, y, target), None, logits
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_adv)
@@ -71,19 +76,23 @@ def _single_run(model, x, y, target, loss_fn, threat: ThreatModel, steps: int,
             s = {key: (None if v is None else v[keep]) for key, v in s.items()}
         if len(origin) == 0 or k == steps:
             break
-        eta = s["eta"].view(view)
-        z = threat.project(s["x_k"] + _scaled_step(threat, s["grad"], eta), s["x"])
-        a = MOMENTUM if k > 0 else 1.0
-        x_new = threat.project(s["x_k"] + a * (z - s["x_k"]) + (1 - a) * (s["x_k"] - s["x_prev"]), s["x"])
-        loss, grad, logits = _loss_and_grad(model, x_new, s["y"], s["t"], loss_fn)
-        s["rises"] += (loss > s["loss"]).float()
+        z = threat.project(threat.step(s["x_k"], s["grad"], s["eta"].view(view)), s["x"])
+        if k == 0:  # no momentum out of the start
+            x_new = z
+        else:
+            x_new = threat.project(torch.lerp(s["x_k"], z, MOMENTUM).add_(s["x_k"] - s["x_prev"], alpha=1 - MOMENTUM),
+                                   s["x"])
+        last = k + 1 == steps  # the last point's gradient would never be used
+        loss, grad, logits = _loss_and_grad(model, x_new, s["y"], s["t"], loss_fn, need_grad=not last)
+        s["rises"] += loss > s["loss"]
         s["x_prev"], s["x_k"], s["grad"], s["loss"] = s["x_k"], x_new, grad, loss
         better = loss > s["loss_best"]
         s["x_best"] = torch.where(better.view(view), x_new, s["x_best"])
-        s["grad_best"] = torch.where(better.view(view), grad, s["grad_best"])
+        if not last:
+            s["grad_best"] = torch.where(better.view(view), grad, s["grad_best"])
         s["loss_best"] = torch.where(better, loss, s["loss_best"])
         fooled = logits.argmax(1) != s["y"]
-        if k + 1 in check_at:
+        if k + 1 in check_at and not last:  # (after the last step only the points count)
             stalled = s["rises"] < RHO * (k + 1 - last_check)
             stuck = ~s["reduced_at_check"] & (s["loss_best"] <= s["loss_best_at_check"])
             halve = (stalled | stuck) & ~fooled
@@ -97,12 +106,6 @@ def _single_run(model, x, y, target, loss_fn, threat: ThreatModel, steps: int,
             last_check = k + 1
     out[origin] = s["x_best"]
     return out, fooled_out
-
-
-def _scaled_step(threat: ThreatModel, grad: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """The norm's steepest-ascent step with a per-example size ``eta`` (broadcast over pixels)."""
-    unit = threat.step(torch.zeros_like(grad), grad, 1.0)
-    return eta * unit
 
 
 def _run(model: nn.Module, x, y, targets: list[torch.Tensor | None], loss_fn, norm: str, eps: float, steps: int,

@@ -13,7 +13,7 @@ def cross_entropy_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Carlini-Wagner margin: best wrong logit minus true logit (positive = misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
-    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    wrong = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     return wrong - true
 
 

@@ -16,6 +16,7 @@ in the ε-ball and [0, 1]; the model runs in eval mode and gets its mode back.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,7 @@ from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 # Square's schedule, for 10,000 queries: p is halved after iterations 10, 50, 200, 500, 1000,
 # 2000, 4000, 6000 and 8000; other budgets stretch it linearly.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+MAX_CHANNELS = 62  # an L∞ proposal draws which of the c channel signs to turn as one int64 below 2^c
 
 
 def p_at(iteration: int, queries: int, p_init: float) -> float:
@@ -36,22 +38,23 @@ def p_at(iteration: int, queries: int, p_init: float) -> float:
 
 
 def _margin(model, x, y):
-    """True logit minus best wrong logit (negative = fooled), without a graph."""
-    with torch.no_grad():
-        logits = model(x)
+    """True logit minus best wrong logit (negative = fooled); the caller holds ``torch.no_grad``."""
+    logits = model(x)
     return -margin_loss(logits, y), logits.argmax(1) != y
 
 
 def _signs(shape, generator, device) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
+    return torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.float32) * 2 - 1
 
 
 def _randint(high: int, generator, device) -> int:
     return int(torch.randint(0, high, (1,), generator=generator, device=device))
 
 
+@functools.lru_cache(maxsize=None)
 def _bump(rows: int, cols: int) -> torch.Tensor:
-    """Concentric rectangles around the centre, weight Σ_{k≥ring} 1/(k+1)², unit L2 norm."""
+    """Concentric rectangles around the centre, weight Σ_{k≥ring} 1/(k+1)², unit L2 norm (cached, as
+    every proposal of a side needs it: callers must not modify it in place)."""
     i = (torch.arange(rows) - rows // 2).abs()[:, None]
     j = (torch.arange(cols) - cols // 2).abs()[None, :]
     ring = torch.maximum(i, j)
@@ -80,23 +83,38 @@ def _linf_init(x, eps, generator):
     return torch.clamp(x + eps * _signs((n, c, 1, w), generator, x.device), PIXEL_MIN, PIXEL_MAX)
 
 
-def _linf_proposal(x, x_best, eps, s, generator):
-    n, c, h, w = x.shape
-    vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
-    window = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-    old = x_best[window]
-    new = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
-    # A proposal equal to the current window would waste a query: draw its signs again (each
-    # example has a sign choice that differs unless every pixel of the window is pinned).
-    for _ in range(16):
-        same = ((new - old).abs() < 1e-7).flatten(1).all(1)
-        if not same.any():
-            break
-        redraw = torch.clamp(x[window] + eps * _signs((n, c, 1, 1), generator, x.device), PIXEL_MIN, PIXEL_MAX)
-        new = torch.where(same.view(-1, 1, 1, 1), redraw, new)
-    x_new = x_best.clone()
-    x_new[window] = new
-    return x_new
+def _linf_windows(queries: int, h: int, w: int, p_init: float, generator, device) -> list[tuple[int, int, int]]:
+    """(side, top row, left column) of the window of each L∞ proposal after the first query, drawn
+    at once: the side follows the schedule, the corner is uniform over the places the window fits."""
+    sides = [min(max(round(math.sqrt(p_at(i, queries, p_init) * h * w)), 1), h - 1) for i in range(queries - 1)]
+    room = torch.tensor([[h - s + 1, w - s + 1] for s in sides], dtype=torch.float64).view(-1, 2)
+    u = torch.rand(room.shape, generator=generator, device=device, dtype=torch.float64).cpu()
+    corners = (u * room).long().tolist()  # u < 1, so each index < its room
+    return [(s, vh, vw) for s, (vh, vw) in zip(sides, corners)]
+
+
+def _linf_window(x_win, old_win, eps, generator):
+    """New values of one window: per example and channel, the clean window moved by ±ε and clipped
+    to [0, 1] (so inside the ball and the pixel range by construction)."""
+    n, c = x_win.shape[:2]
+    signs = _signs((n, c, 1, 1), generator, x_win.device)
+    new = torch.add(x_win, signs, alpha=eps).clamp_(PIXEL_MIN, PIXEL_MAX)
+    # A proposal equal to the current window would waste a query. With ε > 0 a pixel's two choices
+    # always differ, so the window differs exactly for the sign vectors other than the one drawn:
+    # such an example takes one of those, uniformly (what drawing again until one differs gives).
+    same = _unchanged(new, old_win)
+    if same.any():
+        rows = same.nonzero().squeeze(1)
+        flips = torch.randint(1, 2 ** c, (len(rows), 1), generator=generator, device=x_win.device)
+        flips = flips >> torch.arange(c, device=x_win.device) & 1  # (rows, c): which signs turn, not none
+        turned = signs[rows] * (1 - 2 * flips).view(-1, c, 1, 1)
+        new[rows] = torch.add(x_win[rows], turned, alpha=eps).clamp_(PIXEL_MIN, PIXEL_MAX)
+    return new
+
+
+def _unchanged(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per example: whether window ``new`` equals ``old`` within 1e-7."""
+    return (new - old).abs_().amax(dim=(-3, -2, -1)) < 1e-7
 
 
 def _l2_init(x, eps, generator):
@@ -118,7 +136,7 @@ def _l2_proposal(x, x_best, eps, s, generator):
     vh2, vw2 = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
     first = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     second = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
-    both = torch.zeros_like(x)
+    both = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)  # broadcast over examples, channels
     both[first] = 1.0
     both[second] = 1.0
     in_windows = _l2_norms(delta * both)  # the mass the proposal redistributes
@@ -128,8 +146,7 @@ def _l2_proposal(x, x_best, eps, s, generator):
     bump = _pseudo_gaussian(s, generator, x.device).view(1, 1, s, s) * _signs((n, c, 1, 1), generator, x.device)
     new = bump + old / (per_channel + 1e-12)
     new = new / (new.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt() + 1e-12) * (spare / c + in_windows ** 2).sqrt()
-    delta = delta.clone()
-    delta[second] = 0.0
+    delta[second] = 0.0  # (delta is this call's own tensor)
     delta[first] = new
     return torch.clamp(x + eps * delta / (_l2_norms(delta) + 1e-12), PIXEL_MIN, PIXEL_MAX)
 
@@ -140,33 +157,53 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     """Square attack with at most ``queries`` forward passes per example (4-D image batches)."""
     if x.dim() != 4:
         raise ValueError(f"square_attack wants image batches (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"square_attack handles up to {MAX_CHANNELS} channels, got {x.shape[1]}")
     x = x.detach()
-    threat = THREATS[norm](eps)
-    n, c, h, w = x.shape
     was_training = model.training
     model.eval()
     try:
-        x_best = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
-        x_best = threat.project(x_best, x)
-        margin, fooled = _margin(model, x_best, y)
-        for i in range(queries - 1):  # the initial point took the first query
-            idx = (~fooled).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            p = p_at(i, queries, p_init)
-            if norm == "linf":
-                s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
-                cand = _linf_proposal(x[idx], x_best[idx], eps, s, generator)
-            else:
-                s = max(round(math.sqrt(p * h * w)), 3)
-                s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
-                cand = _l2_proposal(x[idx], x_best[idx], eps, s, generator)
-            cand = threat.project(cand, x[idx])  # guards the ball against float error
-            m, f = _margin(model, cand, y[idx])
-            better = m < margin[idx]
-            x_best[idx[better]] = cand[better]
-            margin[idx[better]] = m[better]
-            fooled[idx[better]] = f[better]
-        return x_best
+        with torch.no_grad():  # forward queries only: no graph to build
+            return _search(model, x, y, THREATS[norm](eps), norm, queries, p_init, generator)
     finally:
         model.train(was_training)
+
+
+def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tensor:
+    """The random search. The examples still standing are kept gathered (``live`` their rows), so a
+    query costs one forward pass and a few window-sized operations; fooled ones leave for good."""
+    eps = threat.eps
+    h, w = x.shape[-2:]
+    out = _linf_init(x, eps, generator) if norm == "linf" else _l2_init(x, eps, generator)
+    out = threat.project(out, x)
+    margin, fooled = _margin(model, out, y)
+    live = (~fooled).nonzero().squeeze(1)
+    xs, best, ys, margin = x[live], out[live], y[live], margin[live]
+    windows = _linf_windows(queries, h, w, p_init, generator, x.device) if norm == "linf" else None
+    for i in range(queries - 1):  # the initial point took the first query
+        if len(live) == 0:
+            break
+        if norm == "linf":
+            s, vh, vw = windows[i]
+            win = best[:, :, vh:vh + s, vw:vw + s]  # a view: the proposal is queried in place
+            old = win.clone()
+            new = _linf_window(xs[:, :, vh:vh + s, vw:vw + s], old, eps, generator)
+            win.copy_(new)
+            m, f = _margin(model, best, ys)
+            better = m < margin
+            win.copy_(torch.where(better.view(-1, 1, 1, 1), new, old))  # taken back where no better
+        else:
+            s = max(round(math.sqrt(p_at(i, queries, p_init) * h * w)), 3)
+            s = min(s + (s % 2 == 0), h - (h % 2 == 0))  # odd, and inside the image
+            cand = threat.project(_l2_proposal(xs, best, eps, s, generator), xs)  # guards the ball against float error
+            m, f = _margin(model, cand, ys)
+            better = m < margin
+            best = torch.where(better.view(-1, 1, 1, 1), cand, best)
+        margin = torch.where(better, m, margin)
+        done = better & f
+        if done.any():
+            out[live[done]] = best[done]
+            keep = ~done
+            live, xs, best, ys, margin = live[keep], xs[keep], best[keep], ys[keep], margin[keep]
+    out[live] = best
+    return out

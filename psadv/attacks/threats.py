@@ -24,8 +24,9 @@ class ThreatModel(abc.ABC):
         """The nearest point of the ball (and pixel range) to ``x_adv``."""
 
     @abc.abstractmethod
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        """One ascent step along the norm's steepest direction (unprojected)."""
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float | torch.Tensor) -> torch.Tensor:
+        """One ascent step along the norm's steepest direction (unprojected); ``step_size`` is a number
+        or a per-example tensor shaped to broadcast over the pixels, e.g. (N, 1, 1, 1)."""
 
     @abc.abstractmethod
     def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
