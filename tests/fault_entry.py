@@ -52,9 +52,9 @@ def install(kind: str, rank: int, after: int) -> None:
 
         real_perturb, calls = attacker.perturb, [0]
 
-        def perturb(model, x, y, attack):
+        def perturb(model, x, y, attack, start=None):
             calls[0] += 1
-            x_adv = real_perturb(model, x, y, attack)
+            x_adv = real_perturb(model, x, y, attack, start=start)
             if calls[0] == after and kind == "raise":
                 raise RuntimeError(f"injected fault (tests/fault_entry.py) at push {after}")
             if calls[0] == after and kind == "nan-push":
