@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     train = [*PSADV, "train", "--dataset", "fashion-mnist", "--data-dir", args.data_dir, "--run-dir", args.run_dir,
              "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-progress",
              *(["--overwrite"] if args.overwrite else [])]
-    evaluate = [*PSADV, "eval", args.run_dir, "--attack", "pgd", "--examples", str(args.examples), "--threads", str(args.threads),
-                "--json", "--no-progress"]
+    evaluate = [*PSADV, "eval", args.run_dir, "--attack", "pgd", "--examples", str(args.examples),
+                "--threads", str(args.threads), "--json", "--no-progress"]
     train_s, _ = timed(train)
     eval_s, out = timed(evaluate)
     result = json.loads(out)
