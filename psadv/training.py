@@ -123,9 +123,9 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train))
         check_installed(cfg.log)
-        if cfg.refine_steps and not cfg.emulate_attackers:
+        if cfg.refine_steps and not (cfg.emulate_attackers or cfg.emulate_staleness):
             raise ConfigError("--refine-steps refines stale pushes: in one process it needs --emulate-attackers N "
-                              "(under MPI, the server refines what its attackers push)")
+                              "or --emulate-staleness S (under MPI, the server refines what its attackers push)")
         open_run_dir(setup, overwrite=overwrite)
     return setup
 
@@ -483,7 +483,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             if emulation:
                 emulation.attack_model_for_next_batch(trainer.version)
             x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
-            if emulation and cfg.refine_steps and emulation.push_tau > 0:
+            stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
+            if cfg.refine_steps and stale:
                 x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
             if memory is not None:
                 memory.remember(idx, x, x_adv)

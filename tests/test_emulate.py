@@ -179,6 +179,22 @@ def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path,
 def test_refining_needs_stale_pushes(tmp_path, mnist_dir):
     from psadv.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="needs --emulate-attackers"):
-        emulated_run(tmp_path, mnist_dir, "r", steps=5, refine_steps=1, emulate_staleness=3)
+    with pytest.raises(ConfigError, match="needs --emulate-attackers N or --emulate-staleness S"):
+        emulated_run(tmp_path, mnist_dir, "r", steps=5, refine_steps=1)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_fixed_emulated_staleness_is_refined_once_stale(tmp_path, mnist_dir, monkeypatch):
+    from psadv import training
+
+    calls = []
+    real = training.perturb
+
+    def counting(model, x, y, attack, start=None):
+        calls.append(start is not None)
+        return real(model, x, y, attack, start=start)
+
+    monkeypatch.setattr(training, "perturb", counting)
+    emulated_run(tmp_path, mnist_dir, "s3", steps=8, emulate_staleness=3, refine_steps=1)
+    # version 0 attacks with itself; from version 1 on the attack model is 1, 2, 3, 3, … versions old
+    assert calls.count(True) == 7 and calls.count(False) == 8
