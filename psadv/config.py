@@ -120,6 +120,10 @@ class Config:
     # the number of attackers one server keeps up with).
     refine_steps: int = opt(0, "PGD steps the trainer adds to each stale push against the current model, "
                             "continuing from its examples (0 = off)", min=0)
+    # The training attack's step is sized to walk from a random start in k steps; a stale push
+    # already sits near the ball's boundary, and one larger step can move it further.
+    refine_step_ratio: float = opt(0.0, "step size of --refine-steps relative to ε (0 = the training "
+                                   "attack's step size)", min=0.0)
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
     push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))

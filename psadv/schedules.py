@@ -82,6 +82,8 @@ def eval_cascade(cfg: Config, eps: float | None = None) -> tuple[list[EvalAttack
     return [], attacks
 
 
-def refine_attack(attack, steps: int):
-    """``steps`` more steps of the training attack, at its step size, for a stale push's examples."""
-    return dataclasses.replace(attack, name="pgd", steps=steps, step_size=attack.effective_step_size, restarts=1)
+def refine_attack(attack, steps: int, step_ratio: float = 0.0):
+    """``steps`` more PGD steps for a stale push's examples: of ``step_ratio`` × ε, or (0) of the
+    training attack's step size."""
+    step_size = step_ratio * attack.eps if step_ratio > 0 else attack.effective_step_size
+    return dataclasses.replace(attack, name="pgd", steps=steps, step_size=step_size, restarts=1)

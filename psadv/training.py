@@ -483,11 +483,12 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             if emulation:
                 emulation.attack_model_for_next_batch(trainer.version)
             x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
+            if memory is not None:  # what the attacker made: under MPI the server's refinement stays with it
+                memory.remember(idx, x, x_adv)
             stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
             if cfg.refine_steps and stale:
-                x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps), start=x_adv)
-            if memory is not None:
-                memory.remember(idx, x, x_adv)
+                x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
+                                                                               cfg.refine_step_ratio), start=x_adv)
             out = trainer.step(x_adv, y)
             if emulation:
                 emulation.applied(trainer.version)

@@ -162,6 +162,7 @@ def test_a_warm_started_attack_stays_in_the_ball():
     start = perturb(model, x, y, attack)
     refine = refine_attack(attack, 3)
     assert (refine.name, refine.effective_steps, refine.effective_step_size) == ("pgd", 3, attack.effective_step_size)
+    assert refine_attack(attack, 1, step_ratio=0.5).effective_step_size == pytest.approx(0.15)
     out = perturb(model, x, y, refine, start=start)
     assert (out - x).abs().max() <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
     assert torch.equal(perturb(model, x, y, Attack(steps=0), start=start), start)
