@@ -432,13 +432,25 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
                            "emulated_attackers": n, "staleness_mean": n + 1.5, "staleness_max": n + 3,
                            "staleness_histogram": {str(n): 10}, "rejected_stale": 400 if n == 32 else 0,
                            "applied": 2000})
+    for seed, robust in ((0, 0.90), (1, 0.87)):  # another method: its own row, with the final models' accuracy
+        write_run(tmp_path / "runs" / f"n8-k1r-reuse-s{seed}",
+                  config={"emulate_attackers": 8, "refine_steps": 1, "refine_step_ratio": 1.25,
+                          "reuse_perturbations": True, "attack_steps": 10, "seed": seed},
+                  rows=train_rows(30) + evals([(1, 500, 0.5), (2, 2000, robust)]),
+                  summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "applied": 2000,
+                           "last_eval": {"version": 2000, "clean_acc": 0.98, "robust_acc": robust},
+                           "emulated_attackers": 8})
     write_run(tmp_path / "runs" / "single", rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
               summary={"version": 2000, "examples_seen": 200000, "elapsed": 90.0, "last_eval": None})
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.89)
     buy = report["attackers_buy"]
     assert buy["model_from"] == "runs/w1" and buy["single_process"]["run"] == "runs/single"
-    rows = {(r["attackers"], r["refine_steps"]): r for r in buy["rows"]}
-    one, eight, refined = rows[(1, 0)], rows[(8, 0)], rows[(8, 1)]
+    rows = {(r["attackers"], r["method"]): r for r in buy["rows"]}
+    one, eight, refined = rows[(1, "none")], rows[(8, "none")], rows[(8, "refine 1")]
+    both = rows[(8, "refine 1 × 1.25ε + reuse")]
+    assert both["versions_to_target"]["value"] is None  # seed 1 never reached 89%
+    assert both["final_robust_acc"]["value"] == pytest.approx(0.885)
+    assert both["final_robust_spread"]["value"] == pytest.approx(0.03) and "final_robust_acc" not in eight
     assert one["versions_to_target"]["value"] == 1200 and one["versions_to_target"]["kind"] == "measured"
     # 1 attacker: max(0.04 / 1, 0.01) = 0.04 s per version; 8: the server's 0.01 s
     assert one["time_to_target"] == {"value": 48.0, "kind": "predicted", "from": one["time_to_target"]["from"]}
@@ -448,7 +460,7 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     assert refined["seconds_per_version"]["value"] == pytest.approx(0.014)
     assert refined["n_star"]["value"] == pytest.approx(2.86) and refined["time_to_target"]["value"] == 15.4
     assert eight["speedup_over_single_process"]["value"] == 4.0  # measured 60 s ÷ predicted 15 s
-    assert rows[(32, 0)]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, 0)]
-    assert rows[(32, 0)]["pushes_per_version"]["value"] == 1.2 and eight["pushes_per_version"]["value"] == 1.0
+    assert rows[(32, "none")]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, "none")]
+    assert rows[(32, "none")]["pushes_per_version"]["value"] == 1.2 and eight["pushes_per_version"]["value"] == 1.0
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "## What N attackers buy" in text and "3.20×" in text
+    assert "## What N attackers buy" in text and "3.20×" in text and "| 88.5% (3.0) |" in text

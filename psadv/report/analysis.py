@@ -327,6 +327,27 @@ def versions_to_target(run: Run, target: float) -> int | None:
     return next((r["version"] for r in run.of_kind("eval") if r.get("robust_acc", -1) >= target), None)
 
 
+def staleness_method(config: dict) -> tuple:
+    """What a run does against staleness: (--refine-steps, --refine-step-ratio, --reuse-perturbations)."""
+    return (int(config.get("refine_steps", 0) or 0), float(config.get("refine_step_ratio", 0) or 0),
+            bool(config.get("reuse_perturbations")))
+
+
+def method_label(method: tuple) -> str:
+    refine, ratio, reuse = method
+    parts = ([f"refine {refine}" + (f" × {ratio:g}ε" if ratio else "")] if refine else []) + (["reuse"] if reuse else [])
+    return " + ".join(parts) or "none"
+
+
+def final_robust(run: Run) -> float | None:
+    """The final model's robust accuracy: ``psadv eval --save``'s when there is one, else the run's last
+    periodic evaluation of its final version."""
+    if run.final_eval and run.final_eval.get("robust_acc") is not None:
+        return run.final_eval["robust_acc"]
+    last = (run.summary or {}).get("last_eval") or {}
+    return last.get("robust_acc") if last.get("version") == (run.summary or {}).get("version") else None
+
+
 def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | None:
     """Predicted time to ``target`` for N attackers: the versions emulated runs of N attackers took
     (the slowest seed: every seed must get there) × the bottleneck model's seconds per version,
@@ -347,17 +368,22 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
             single = {"run": r.name, "seconds": seconds}
             break
     rows = []
-    for key in sorted({(int(r.config["emulate_attackers"]), int(r.config.get("refine_steps", 0) or 0))
-                       for r in emulated}):
-        n, refine = key
-        members = sorted((r for r in emulated if (int(r.config["emulate_attackers"]),
-                                                   int(r.config.get("refine_steps", 0) or 0)) == key),
+    for key in sorted({(int(r.config["emulate_attackers"]), staleness_method(r.config)) for r in emulated}):
+        n, method = key
+        refine = method[0]
+        members = sorted((r for r in emulated if (int(r.config["emulate_attackers"]), staleness_method(r.config)) == key),
                          key=lambda r: r.name)
         per_seed = [versions_to_target(r, target) for r in members]
         reached = None if any(v is None for v in per_seed) else max(per_seed)
-        row = {"attackers": n, "refine_steps": refine, "runs": [r.name for r in members],
+        row = {"attackers": n, "refine_steps": refine, "method": method_label(method), "runs": [r.name for r in members],
                "versions_to_target": measured(reached, f"first periodic evaluation ≥ {target:.0%}, slowest of "
                                                        f"{len(members)} run(s): {per_seed}")}
+        finals = [final_robust(r) for r in members]
+        if finals and None not in finals:
+            row["final_robust_acc"] = measured(_round(sum(finals) / len(finals), 4),
+                                               f"mean over {len(finals)} run(s) of the final model's robust accuracy: "
+                                               f"{finals}")
+            row["final_robust_spread"] = measured(_round(max(finals) - min(finals), 4), "max − min over the runs")
         applied = sum((r.summary or {}).get("applied", 0) for r in members)
         rejected = sum((r.summary or {}).get("rejected_stale", 0) for r in members)
         per_push = (applied + rejected) / applied if applied else 1.0
@@ -375,7 +401,7 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)
     for row in rows:
-        base = next((r for r in rows if r["attackers"] == 1 and r["refine_steps"] == row["refine_steps"]), None)
+        base = next((r for r in rows if r["attackers"] == 1 and r["method"] == row["method"]), None)
         t = row.get("time_to_target", {}).get("value")
         if base and t and base.get("time_to_target"):
             row["speedup_over_one_attacker"] = predicted(round(base["time_to_target"]["value"] / t, 2),

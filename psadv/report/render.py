@@ -331,12 +331,14 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
                        "one core or GPU per attacker"
                        + (f" and c_s, c_a measured on {buy['model_from']}" if buy["model_from"] else
                           " — no MPI run with server and attacker timings is in this report, so no prediction")
-                       + ". K is --refine-steps (server-side work), k the attack's steps."
+                       + ". K is --refine-steps (server-side work), k the attack's steps; the method is what the "
+                         "runs did against staleness (`--refine-steps`, `--refine-step-ratio`, `--reuse-perturbations`), "
+                         "and final robust the mean (spread) of the final models, *measured*."
                        + (f" The single process is {buy['single_process']['run']} (measured)." if buy["single_process"]
                           else "")))
-        b.append(("table", ["attackers", "refine steps", "versions to target", "n*", "s per version",
-                            "time to target", "speedup vs 1 attacker", "vs single process"],
-                  [[str(r["attackers"]), str(r["refine_steps"]), _v(r["versions_to_target"], "{:,}"),
+        b.append(("table", ["attackers", "method", "final robust (spread)", "versions to target", "n*",
+                            "s per version", "time to target", "speedup vs 1 attacker", "vs single process"],
+                  [[str(r["attackers"]), r["method"], _final(r), _v(r["versions_to_target"], "{:,}"),
                     _v(r.get("n_star", {}), "{:.1f}"), _v(r.get("seconds_per_version", {}), "{:.4f}"),
                     _v(r.get("time_to_target", {}), "{:,.0f}s"), _v(r.get("speedup_over_one_attacker", {}), "{:.2f}×"),
                     _v(r.get("speedup_over_single_process", {}), "{:.2f}×")] for r in buy["rows"]]))
@@ -345,6 +347,12 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
     if "staleness_accuracy.png" in plots:
         b.append(("img", "staleness_accuracy.png", "robust accuracy vs staleness"))
     return b
+
+
+def _final(row: dict) -> str:
+    if "final_robust_acc" not in row:
+        return "–"
+    return f"{row['final_robust_acc']['value']:.1%} ({100 * row['final_robust_spread']['value']:.1f})"
 
 
 def _ttt(ttt: dict | None) -> str:
