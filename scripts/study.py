@@ -17,10 +17,11 @@
    steps, with and without asynchronous attackers; --psadv-flags sets the asynchronous recipe's
    server flags), as a ratio.
 5. attackers: what N attackers buy, measured on one machine: the default recipe trained with the
-   staleness of N emulated attackers (``--emulate-attackers N``, with and without
-   ``--refine-steps``), two seeds each, final robust accuracy at a fixed budget and the versions to
-   the target; one short MPI run (one attacker) measures c_s and c_a, so the report predicts the
-   time to target for each N.
+   staleness of N emulated attackers (``--emulate-attackers N``) and with a fixed staleness S
+   (``--emulate-staleness S``), each with every method against staleness (``--methods``: nothing,
+   server-side refinement, …), two seeds each; final robust accuracy at a fixed budget and the
+   versions to the target; one short MPI run (one attacker) measures c_s and c_a, so the report
+   predicts the time to target for each N and method.
 6. masking: does a weaker training adversary leave more gradient masking? FGSM-RS, N-FGSM and PGD-k
    (k = 5, 10, 40) at the same epoch budget, two seeds each, graded twice: PGD-50×10 (what psadv
    reported before) and ``psadv eval``'s strong cascade (APGD-CE, APGD-T, Square); the difference is
@@ -55,6 +56,8 @@ PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "par
          6: "part6-masking"}
 MASKING_ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"]), ("n-fgsm", ["--attack", "n-fgsm"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (5, 10, 40)]
+# part 5: what the trainer does against staleness; "none" is the plain recipe
+METHODS = ("none", "--refine-steps 1")
 PGD_EVAL = "final_eval_pgd.json"  # part 6: the PGD-50x10 grade beside final_eval.json's strong one
 TITLES = {1: "Study part 1: how strong must the training adversary be?",
           2: "Study part 2: robust accuracy vs staleness",
@@ -62,6 +65,12 @@ TITLES = {1: "Study part 1: how strong must the training adversary be?",
           4: "Study part 4: time to target, Madry-style baseline vs psadv",
           5: "Study part 5: what N attackers buy (emulated)",
           6: "Study part 6: does a weaker training adversary mask gradients more?"}
+
+
+def method_name(flags: str) -> str:
+    """A run directory's name for a set of flags: '--refine-steps 1 --reuse-perturbations' →
+    'refine-steps_1_reuse-perturbations'."""
+    return "_".join(w.lstrip("-") for w in shlex.split(flags)) or "none"
 
 
 def display(cmd: list[str]) -> str:
@@ -195,10 +204,15 @@ class Study:
                     ["--eval-examples", str(self.args.eval_examples), "--eval-every", "300"])]
         for seed in self.args.seeds:
             for n in self.args.emulated:
-                for k in self.args.refine:
-                    run_dir = part_dir / "runs" / f"emulated-n{n}-refine{k}-seed{seed}"
-                    self.train(run_dir, [*common, "--emulate-attackers", str(n), "--refine-steps", str(k),
-                                         "--seed", str(seed)])
+                for name, flags in self.args.methods:
+                    run_dir = part_dir / "runs" / f"emulated-n{n}-{name}-seed{seed}"
+                    self.train(run_dir, [*common, "--emulate-attackers", str(n), *flags, "--seed", str(seed)])
+                    self.final_eval(run_dir)
+            # the same methods against a fixed staleness S (S = 0: the plain recipe, nothing to treat)
+            for S in self.args.fixed_staleness:
+                for name, flags in (self.args.methods if S else [("none", [])]):
+                    run_dir = part_dir / "runs" / f"staleness-S{S}-{name}-seed{seed}"
+                    self.train(run_dir, [*common, "--emulate-staleness", str(S), *flags, "--seed", str(seed)])
                     self.final_eval(run_dir)
         # c_s and c_a for the bottleneck model: a short real run with one attacker
         seconds = self.args.quick_seconds if self.quick else self.args.seconds_scaling
@@ -354,7 +368,10 @@ def parse_args(argv=None):
                    help="part 4: extra psadv train flags of the asynchronous recipes [--max-in-flight 1 --refresh-every 1]")
     p.add_argument("--epochs-attackers", type=float, default=5, help="part 5: epochs per emulated run [5]")
     p.add_argument("--emulated", default="1,8,32,64", help="part 5: emulated attacker counts [1,8,32,64]")
-    p.add_argument("--refine", default="0,1", help="part 5: --refine-steps values [0,1]")
+    p.add_argument("--methods", default=";".join(METHODS),
+                   help="part 5: what to do against staleness, ';'-separated psadv train flags, 'none' = nothing "
+                        f"[{';'.join(METHODS)}]")
+    p.add_argument("--fixed-staleness", default="0,32", help="part 5: fixed emulated staleness S, with each method [0,32]")
     p.add_argument("--seeds", default="0,1", help="parts 5 and 6: seeds [0,1]")
     p.add_argument("--epochs-masking", type=float, default=2, help="part 6: epochs per adversary [2]")
     p.add_argument("--eval-examples", type=int, default=1000, help="periodic evaluation slice [1000]")
@@ -367,10 +384,12 @@ def parse_args(argv=None):
         args.parts = sorted({int(x) for x in args.parts.split(",") if x.strip()})
         args.redo = {int(x) for x in args.redo.split(",") if x.strip()}
         args.psadv_steps = [int(x) for x in args.psadv_steps.split(",") if x.strip()]
-        args.emulated, args.refine, args.seeds = ([int(x) for x in text.split(",") if x.strip()]
-                                                  for text in (args.emulated, args.refine, args.seeds))
+        args.emulated, args.fixed_staleness, args.seeds = ([int(x) for x in text.split(",") if x.strip()]
+                                                           for text in (args.emulated, args.fixed_staleness, args.seeds))
     except ValueError:
-        p.error("--parts, --redo, --psadv-steps, --emulated, --refine and --seeds take comma-separated integers")
+        p.error("--parts, --redo, --psadv-steps, --emulated, --fixed-staleness and --seeds take comma-separated integers")
+    args.methods = [(method_name(text), [] if text.strip() == "none" else shlex.split(text))
+                    for text in args.methods.split(";") if text.strip()]
     if not set(args.parts) <= set(PARTS) or not args.redo <= set(PARTS):
         p.error("parts are 1, 2, 3, 4, 5 and 6")
     if "{n}" not in args.launcher:

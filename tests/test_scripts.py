@@ -245,15 +245,21 @@ def test_study_plans_the_four_parts(tmp_path):
 
 
 def test_study_plans_part_5_emulated_attackers(tmp_path):
-    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "5", "--emulated", "1,8", "--refine", "0,1")
+    plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "5", "--emulated", "1,8",
+                      "--methods", "none; --refine-steps 1 --reuse-perturbations", "--fixed-staleness", "0,32")
     train = [cmd for cmd in plan if " train " in cmd]
-    emulated = [re.search(r"--emulate-attackers (\d+) --refine-steps (\d+) --seed (\d+)", cmd).groups()
-                for cmd in train[:-1]]
-    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in "01"]
+    emulated = [re.search(r"--emulate-attackers (\d+) (.*)--seed (\d+)", cmd).groups() for cmd in train
+                if "--emulate-attackers" in cmd]
+    method = "--refine-steps 1 --reuse-perturbations "
+    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in ("", method)]
+    assert any("emulated-n8-refine-steps_1_reuse-perturbations-seed1 " in cmd for cmd in train)
+    fixed = [re.search(r"--emulate-staleness (\d+) (.*)--seed (\d+)", cmd).groups() for cmd in train
+             if "--emulate-staleness" in cmd]
+    assert fixed == [(S, k, s) for s in "01" for S, k in (("0", ""), ("32", ""), ("32", method))]
     assert all("--epochs 5" in cmd and "--eval-every 300" in cmd and cmd.count("--eval-every") == 1
                for cmd in train[:-1])
     assert train[-1].startswith("mpiexec -n 2 psadv train") and "--time-budget 120" in train[-1]
-    assert len([cmd for cmd in plan if " eval " in cmd]) == 8
+    assert len([cmd for cmd in plan if " eval " in cmd]) == 14
     assert plan[-1].startswith("psadv scaling-report") and "part5-attackers/runs" in plan[-1]
 
 
