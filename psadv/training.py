@@ -123,9 +123,6 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         check_batch_size(cfg.batch_size, len(train))
         check_installed(cfg.log)
-        if cfg.refine_steps and not (cfg.emulate_attackers or cfg.emulate_staleness):
-            raise ConfigError("--refine-steps refines stale pushes: in one process it needs --emulate-attackers N "
-                              "or --emulate-staleness S (under MPI, the server refines what its attackers push)")
         open_run_dir(setup, overwrite=overwrite)
     return setup
 

@@ -177,12 +177,30 @@ def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path,
     assert s["staleness_histogram"] == {"0": 1, "1": 1, "2": 10}
 
 
-def test_refining_needs_stale_pushes(tmp_path, mnist_dir):
-    from psadv.errors import ConfigError
+def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
+    from psadv.config import make_config
 
-    with pytest.raises(ConfigError, match="needs --emulate-attackers N or --emulate-staleness S"):
-        emulated_run(tmp_path, mnist_dir, "r", steps=5, refine_steps=1)
-    assert not (tmp_path / "r").exists()
+    assert (make_config({}).refine_steps, make_config({}).refine_step_ratio) == (1, 1.25)
+    for where in ({"push": "gradients"}, {"push": "sync"}, {"augment": "crop-flip"}, {"dataset": "cifar10"}):
+        assert make_config(where).refine_steps == 0, where
+    # asked for, it stays (and the MPI launch refuses the combinations it cannot do)
+    assert make_config({"push": "gradients", "refine_steps": 2}).refine_steps == 2
+    assert make_config({"augment": "crop-flip"}, {"refine_steps": 1}).refine_steps == 1
+
+
+def test_a_plain_run_has_nothing_to_refine(tmp_path, mnist_dir, monkeypatch):
+    from psadv import training
+
+    starts = []
+    real = training.perturb
+
+    def counting(model, x, y, attack, start=None):
+        starts.append(start is not None)
+        return real(model, x, y, attack, start=start)
+
+    monkeypatch.setattr(training, "perturb", counting)
+    emulated_run(tmp_path, mnist_dir, "plain", steps=4, refine_steps=3)
+    assert starts == [False] * 4
 
 
 def test_a_fixed_emulated_staleness_is_refined_once_stale(tmp_path, mnist_dir, monkeypatch):

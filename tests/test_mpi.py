@@ -303,9 +303,12 @@ def test_zero_staleness_forces_rejections(tmp_path, mnist_dir):
 @needs_mpi
 def test_one_push_in_flight_keeps_staleness_low(tmp_path, mnist_dir):
     """One attacker with one push in flight and fresh parameters every version: pushes are about
-    one version old (with 3 in flight the same run measured a mean of 3.5 and a max of 6)."""
+    one version old (with 3 in flight the same run measured a mean of 3.5 and a max of 6). Without
+    refinement: with this 2-step attack one refinement step costs the server as much as the attacker's
+    batch, so the server, not the pushes in flight, would set the staleness."""
     run = tmp_path / "inflight"
-    res = run_job(2, mnist_dir, run, "--steps", "40", "--max-in-flight", "1", "--refresh-every", "1", *SMALL)
+    res = run_job(2, mnist_dir, run, "--steps", "40", "--max-in-flight", "1", "--refresh-every", "1",
+                  "--refine-steps", "0", *SMALL)
     assert res.returncode == 0, res.stderr
     s = summary(run)
     assert s["version"] == 40 and s["rejected_stale"] == 0
