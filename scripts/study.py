@@ -7,7 +7,7 @@
 1. adversary: how strong must the training adversary be? FGSM with a random start and PGD-k,
    k = 1, 2, 5, 10, 40, each trained for the same epochs; robust accuracy under ``psadv eval``'s
    default (the strong cascade) and training time.
-2. staleness: robust accuracy after a fixed budget vs staleness, emulated in one process
+2. staleness: robust accuracy after a fixed budget vs staleness, untreated, emulated in one process
    (``--emulate-staleness S``, S = 0, 8, 32, 64, 128) and real under MPI (attackers refreshed
    every R = 1, 8, 32, 64, 128 versions; the server measures the staleness τ it sees).
 3. scaling: ``psadv scaling-report`` sweeps the attacker count (and push mode) with a time budget
@@ -156,7 +156,8 @@ class Study:
         self.report(1)
 
     def part2(self, part_dir: Path) -> None:
-        flags = ["--attack", "pgd", "--attack-steps", str(self.args.staleness_steps),
+        # staleness untreated (part 5 measures what the methods against it buy)
+        flags = ["--attack", "pgd", "--attack-steps", str(self.args.staleness_steps), "--refine-steps", "0",
                  *self.budget(self.args.epochs_staleness), *self.periodic_eval()]
         for S in STALENESS:
             run_dir = part_dir / "runs" / f"emulated-S{S}"

@@ -228,6 +228,7 @@ def test_study_plans_the_four_parts(tmp_path):
     assert [int(re.search(r"--emulate-staleness (\d+)", cmd).group(1)) for cmd in part2[:5]] == [0, 8, 32, 64, 128]
     assert all(cmd.startswith("mpiexec -n 3 psadv train") and "--max-staleness 1000" in cmd for cmd in part2[5:])
     assert [int(re.search(r"--refresh-every (\d+)", cmd).group(1)) for cmd in part2[5:]] == [1, 8, 32, 64, 128]
+    assert all("--refine-steps 0" in cmd for cmd in part2)  # untreated staleness
     # every trained model gets the strong final evaluation (psadv eval's default cascade)
     evals = [cmd for cmd in plan if " eval " in cmd]
     assert len(evals) == len(train) and all(" --save " in cmd for cmd in evals)
