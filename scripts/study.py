@@ -56,8 +56,10 @@ PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "par
          6: "part6-masking"}
 MASKING_ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"]), ("n-fgsm", ["--attack", "n-fgsm"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (5, 10, 40)]
-# part 5: what the trainer does against staleness; "none" is the plain recipe
-METHODS = ("none", "--refine-steps 1")
+# part 5: what the trainer does against staleness: "none" = nothing (--refine-steps 0), "default" =
+# psadv's defaults (one refinement step of 1.25ε), or any psadv train flags
+METHODS = ("none", "default")
+METHOD_WORDS = {"none": ["--refine-steps", "0"], "default": []}
 PGD_EVAL = "final_eval_pgd.json"  # part 6: the PGD-50x10 grade beside final_eval.json's strong one
 TITLES = {1: "Study part 1: how strong must the training adversary be?",
           2: "Study part 2: robust accuracy vs staleness",
@@ -70,7 +72,7 @@ TITLES = {1: "Study part 1: how strong must the training adversary be?",
 def method_name(flags: str) -> str:
     """A run directory's name for a set of flags: '--refine-steps 1 --reuse-perturbations' →
     'refine-steps_1_reuse-perturbations'."""
-    return "_".join(w.lstrip("-") for w in shlex.split(flags)) or "none"
+    return "_".join(w.lstrip("-") for w in shlex.split(flags)) or "default"
 
 
 def display(cmd: list[str]) -> str:
@@ -211,7 +213,7 @@ class Study:
                     self.final_eval(run_dir)
             # the same methods against a fixed staleness S (S = 0: the plain recipe, nothing to treat)
             for S in self.args.fixed_staleness:
-                for name, flags in (self.args.methods if S else [("none", [])]):
+                for name, flags in (self.args.methods if S else [("none", METHOD_WORDS["none"])]):
                     run_dir = part_dir / "runs" / f"staleness-S{S}-{name}-seed{seed}"
                     self.train(run_dir, [*common, "--emulate-staleness", str(S), *flags, "--seed", str(seed)])
                     self.final_eval(run_dir)
@@ -370,7 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs-attackers", type=float, default=5, help="part 5: epochs per emulated run [5]")
     p.add_argument("--emulated", default="1,8,32,64", help="part 5: emulated attacker counts [1,8,32,64]")
     p.add_argument("--methods", default=";".join(METHODS),
-                   help="part 5: what to do against staleness, ';'-separated psadv train flags, 'none' = nothing "
+                   help="part 5: what to do against staleness, ';'-separated psadv train flags ('none': nothing, "
+                        "'default': psadv's defaults) "
                         f"[{';'.join(METHODS)}]")
     p.add_argument("--fixed-staleness", default="0,32", help="part 5: fixed emulated staleness S, with each method [0,32]")
     p.add_argument("--seeds", default="0,1", help="parts 5 and 6: seeds [0,1]")
@@ -389,7 +392,7 @@ def parse_args(argv=None):
                                                            for text in (args.emulated, args.fixed_staleness, args.seeds))
     except ValueError:
         p.error("--parts, --redo, --psadv-steps, --emulated, --fixed-staleness and --seeds take comma-separated integers")
-    args.methods = [(method_name(text), [] if text.strip() == "none" else shlex.split(text))
+    args.methods = [(method_name(text), METHOD_WORDS.get(text.strip(), shlex.split(text)))
                     for text in args.methods.split(";") if text.strip()]
     if not set(args.parts) <= set(PARTS) or not args.redo <= set(PARTS):
         p.error("parts are 1, 2, 3, 4, 5 and 6")

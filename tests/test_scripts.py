@@ -252,11 +252,12 @@ def test_study_plans_part_5_emulated_attackers(tmp_path):
     emulated = [re.search(r"--emulate-attackers (\d+) (.*)--seed (\d+)", cmd).groups() for cmd in train
                 if "--emulate-attackers" in cmd]
     method = "--refine-steps 1 --reuse-perturbations "
-    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in ("", method)]
+    none = "--refine-steps 0 "  # 'none': refinement, on by default, turned off
+    assert emulated == [(n, k, s) for s in "01" for n in "18" for k in (none, method)]
     assert any("emulated-n8-refine-steps_1_reuse-perturbations-seed1 " in cmd for cmd in train)
     fixed = [re.search(r"--emulate-staleness (\d+) (.*)--seed (\d+)", cmd).groups() for cmd in train
              if "--emulate-staleness" in cmd]
-    assert fixed == [(S, k, s) for s in "01" for S, k in (("0", ""), ("32", ""), ("32", method))]
+    assert fixed == [(S, k, s) for s in "01" for S, k in (("0", none), ("32", none), ("32", method))]
     assert all("--epochs 5" in cmd and "--eval-every 300" in cmd and cmd.count("--eval-every") == 1
                for cmd in train[:-1])
     assert train[-1].startswith("mpiexec -n 2 psadv train") and "--time-budget 120" in train[-1]
