@@ -129,7 +129,8 @@ def test_emulations_exclude_each_other():
         make_config({"emulate_attackers": 2, "emulate_staleness": 3})
 
 
-def test_stale_pushes_are_refined_against_the_current_model(tmp_path, mnist_dir, monkeypatch):
+def count_attacks(monkeypatch) -> list[tuple]:
+    """(warm-started, attack name, steps) of every attack the single-process trainer makes."""
     from psadv import training
 
     calls = []
@@ -140,6 +141,11 @@ def test_stale_pushes_are_refined_against_the_current_model(tmp_path, mnist_dir,
         return real(model, x, y, attack, start=start)
 
     monkeypatch.setattr(training, "perturb", counting)
+    return calls
+
+
+def test_stale_pushes_are_refined_against_the_current_model(tmp_path, mnist_dir, monkeypatch):
+    calls = count_attacks(monkeypatch)
     s = emulated_run(tmp_path, mnist_dir, "refine", steps=12, emulate_attackers=3, refresh_every=1, refine_steps=2)
     stale = sum(int(n) for tau, n in s["staleness_histogram"].items() if tau != "0")
     assert stale == 11  # the first round's τ are 0, 1, 2, then every push is 3 versions old
@@ -189,31 +195,14 @@ def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
 
 
 def test_a_plain_run_has_nothing_to_refine(tmp_path, mnist_dir, monkeypatch):
-    from psadv import training
-
-    starts = []
-    real = training.perturb
-
-    def counting(model, x, y, attack, start=None):
-        starts.append(start is not None)
-        return real(model, x, y, attack, start=start)
-
-    monkeypatch.setattr(training, "perturb", counting)
+    calls = count_attacks(monkeypatch)
     emulated_run(tmp_path, mnist_dir, "plain", steps=4, refine_steps=3)
-    assert starts == [False] * 4
+    assert [warm for warm, _, _ in calls] == [False] * 4
 
 
 def test_a_fixed_emulated_staleness_is_refined_once_stale(tmp_path, mnist_dir, monkeypatch):
-    from psadv import training
-
-    calls = []
-    real = training.perturb
-
-    def counting(model, x, y, attack, start=None):
-        calls.append(start is not None)
-        return real(model, x, y, attack, start=start)
-
-    monkeypatch.setattr(training, "perturb", counting)
+    calls = count_attacks(monkeypatch)
     emulated_run(tmp_path, mnist_dir, "s3", steps=8, emulate_staleness=3, refine_steps=1)
     # version 0 attacks with itself; from version 1 on the attack model is 1, 2, 3, 3, … versions old
-    assert calls.count(True) == 7 and calls.count(False) == 8
+    warm = [c[0] for c in calls]
+    assert warm.count(True) == 7 and warm.count(False) == 8
