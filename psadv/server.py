@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import wire
-from .attacks import perturb
+from .attacks import refine
 from .data import dataset_info
 from .errors import PsadvError
 from .models import build_model, flat_state, load_flat_state_
@@ -207,8 +207,8 @@ class Server:
             y = torch.from_numpy(y).to(self.trainer.device, torch.int64)
             if self.x_train is not None and verdict.tau > 0:
                 clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)
-                x = perturb(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
-                                                                      self.cfg.refine_step_ratio), start=x)
+                x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
+                                                                     self.cfg.refine_step_ratio), start=x)
             out = trainer.step(x, y)
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]

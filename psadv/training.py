@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import __version__, rundir, schedules
-from .attacks import PerturbationMemory, perturb
+from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
@@ -484,8 +484,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 memory.remember(idx, x, x_adv)
             stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
             if cfg.refine_steps and stale:
-                x_adv = perturb(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
-                                                                               cfg.refine_step_ratio), start=x_adv)
+                x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
+                                                                              cfg.refine_step_ratio), start=x_adv)
             out = trainer.step(x_adv, y)
             if emulation:
                 emulation.applied(trainer.version)

@@ -66,13 +66,13 @@ def install(kind: str, rank: int, after: int) -> None:
     if kind == "count-refines":
         import atexit
 
-        real_perturb, refined = server.perturb, [0]
+        real_refine, refined = server.refine, [0]
 
-        def perturb(*args, **kwargs):
+        def refine(*args, **kwargs):
             refined[0] += 1
-            return real_perturb(*args, **kwargs)
+            return real_refine(*args, **kwargs)
 
-        server.perturb = perturb
+        server.refine = refine
         atexit.register(lambda: print(f"refined {refined[0]} pushes", file=sys.stderr, flush=True))
     elif kind == "reject":
         def reject(self, msg, src):

@@ -136,11 +136,18 @@ def count_attacks(monkeypatch) -> list[tuple]:
     calls = []
     real = training.perturb
 
+    real_refine = training.refine
+
     def counting(model, x, y, attack, start=None):
         calls.append((start is not None, attack.name, attack.effective_steps))
         return real(model, x, y, attack, start=start)
 
+    def refining(model, x, y, attack, start):
+        calls.append((True, attack.name, attack.effective_steps))
+        return real_refine(model, x, y, attack, start=start)
+
     monkeypatch.setattr(training, "perturb", counting)
+    monkeypatch.setattr(training, "refine", refining)
     return calls
 
 
@@ -172,6 +179,34 @@ def test_a_warm_started_attack_stays_in_the_ball():
     out = perturb(model, x, y, refine, start=start)
     assert (out - x).abs().max() <= 0.3 + 1e-6 and out.min() >= 0 and out.max() <= 1
     assert torch.equal(perturb(model, x, y, Attack(steps=0), start=start), start)
+
+
+def test_refinement_never_weakens_an_example():
+    import torch
+
+    from psadv.attacks import Attack, perturb, refine
+    from psadv.attacks.losses import cross_entropy_loss
+    from psadv.models import build_model
+    from psadv.schedules import refine_attack
+
+    torch.manual_seed(0)
+    model = build_model("mnist-small", in_channels=1, num_classes=10).eval()
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    # half near a local maximum, where a big step overshoots, half at random points, where it helps
+    strong = perturb(model, x, y, Attack(eps=0.3, steps=20))
+    noise = (x + torch.empty_like(x).uniform_(-0.3, 0.3)).clamp(0, 1)
+    start = torch.cat([strong[:32], noise[32:]])
+    step = refine_attack(Attack(eps=0.3, steps=10), 1, step_ratio=1.25)
+    plain, guarded = perturb(model, x, y, step, start=start), refine(model, x, y, step, start=start)
+    with torch.no_grad():
+        loss = {name: cross_entropy_loss(model(t), y) for name, t in
+                (("start", start), ("plain", plain), ("guarded", guarded))}
+    assert (loss["plain"] < loss["start"]).any()  # the unguarded step does weaken some examples
+    assert (loss["guarded"] >= loss["start"]).all() and (loss["guarded"] >= loss["plain"]).all()
+    kept = (guarded == start).flatten(1).all(1)
+    assert kept.any() and not kept.all()  # each example is one or the other, whole
+    assert ((guarded == plain).flatten(1).all(1) | kept).all()
+    assert (guarded - x).abs().max() <= 0.3 + 1e-6
 
 
 def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path, mnist_dir):

@@ -8,9 +8,9 @@
 
 from .losses import LOSSES, cross_entropy_loss, margin_loss
 from .memory import PerturbationMemory
-from .pgd import ATTACKS, Attack, AttackKind, initial_point, perturb, step_size_ratio
+from .pgd import ATTACKS, Attack, AttackKind, initial_point, perturb, refine, step_size_ratio
 from .threats import PIXEL_MAX, PIXEL_MIN, THREATS, L2Threat, LinfThreat, ThreatModel
 
 __all__ = ["ATTACKS", "Attack", "AttackKind", "L2Threat", "LOSSES", "LinfThreat", "PIXEL_MAX", "PIXEL_MIN",
            "PerturbationMemory", "THREATS", "ThreatModel", "cross_entropy_loss", "initial_point", "margin_loss",
-           "perturb", "step_size_ratio"]
+           "perturb", "refine", "step_size_ratio"]

@@ -161,13 +161,37 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                 cand = _single_run(model, x, y, attack, threat, loss_fn)
                 with torch.no_grad():
                     wrong, loss = _score(model, cand, y, loss_fn)
-                better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+                better = _stronger(wrong, loss, best_wrong, best_loss)
                 best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
                 best_wrong = best_wrong | wrong
                 best_loss = torch.where(better, loss, best_loss)
         return best
     finally:
         model.train(was_training)
+
+
+def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, start: torch.Tensor) -> torch.Tensor:
+    """Continue ``start`` (adversarial examples of ``x`` made earlier, e.g. against a stale model)
+    with ``attack`` against ``model``, keeping per example whichever of the two is stronger against
+    ``model`` (misclassified first, then higher loss): a refinement never weakens an example. Without
+    this guard a large step can land somewhere weaker, and a model trained on such points learns to
+    send its gradient there (catastrophic overfitting, as with FGSM)."""
+    start = start.detach()
+    out = perturb(model, x, y, attack, start=start)
+    loss_fn = LOSSES[attack.loss]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            better = _stronger(*_score(model, out, y, loss_fn), *_score(model, start, y, loss_fn))
+    finally:
+        model.train(was_training)
+    return torch.where(better.view(-1, *([1] * (x.dim() - 1))), out, start)
+
+
+def _stronger(wrong, loss, best_wrong, best_loss) -> torch.Tensor:
+    """Per example: whether a candidate beats the best so far (misclassified first, then higher loss)."""
+    return (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
 
 
 def _score(model, x_adv, y, loss_fn):
