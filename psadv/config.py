@@ -127,7 +127,9 @@ class Config:
                             min=0)
     # The training attack's step is sized to walk from a random start in k steps; a stale push
     # already sits near the ball's boundary, and one FGSM-sized step (1.25ε, as in FGSM-RS) moves
-    # it to where the current model's gradient points while keeping its other coordinates.
+    # it to where the current model's gradient points while keeping its other coordinates. Where
+    # that lands somewhere weaker (a push barely stale is already near a maximum) the trainer keeps
+    # the push as it was (psadv.attacks.refine): unguarded, the step overfit catastrophically.
     refine_step_ratio: float = opt(1.25, "step size of --refine-steps relative to ε (0 = the training "
                                    "attack's step size)", min=0.0)
 
