@@ -420,13 +420,14 @@ def test_duplicate_run_names_are_told_apart(tmp_path):
 
 def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_path):
     # c_s = 0.01 s, c_a = 0.04 s per batch with k = 10 attack steps (measured on w1): n* = 4
-    write_run(tmp_path / "runs" / "w1", rows=train_rows(25),
+    write_run(tmp_path / "runs" / "w1", rows=train_rows(25), config={"refine_steps": 0},
               summary=mpi_summary(1, versions=1000, busy=10.0, compute=40.0, batches=1000))
     emulated = {(1, 0, 0): 1000, (1, 0, 1): 1200, (8, 0, 0): 1500, (8, 0, 1): 1400, (8, 1, 0): 1100, (32, 0, 0): None}
     for (n, k, seed), version in emulated.items():
         points = [(1, 500, 0.5)] + ([(2, version, 0.9)] if version else [(2, 2000, 0.8)])
         write_run(tmp_path / "runs" / f"n{n}-k{k}-s{seed}",
-                  config={"emulate_attackers": n, "refine_steps": k, "attack_steps": 10, "seed": seed},
+                  config={"emulate_attackers": n, "refine_steps": k, "refine_step_ratio": 0, "attack_steps": 10,
+                          "seed": seed},
                   rows=train_rows(30) + evals(points),
                   summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "last_eval": None,
                            "emulated_attackers": n, "staleness_mean": n + 1.5, "staleness_max": n + 3,
@@ -464,3 +465,12 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     assert rows[(32, "none")]["pushes_per_version"]["value"] == 1.2 and eight["pushes_per_version"]["value"] == 1.0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## What N attackers buy" in text and "3.20×" in text and "| 88.5% (3.0) |" in text
+    # an MPI run with the same refinement measures the server's work whole: c_s = 0.02 s, no estimate
+    write_run(tmp_path / "runs" / "w1-refined", rows=train_rows(25), config={"refine_steps": 1, "refine_step_ratio": 0},
+              summary=mpi_summary(1, versions=1000, busy=20.0, compute=40.0, batches=1000))
+    rows = {(r["attackers"], r["method"]): r
+            for r in scaling_report([str(tmp_path / "runs")], tmp_path / "out2", target=0.89)["attackers_buy"]["rows"]}
+    refined = rows[(8, "refine 1")]
+    assert refined["seconds_per_version"]["value"] == pytest.approx(0.02) and "runs/w1-refined" in \
+        refined["seconds_per_version"]["from"] and refined["n_star"]["value"] == 2.0
+    assert rows[(8, "none")]["seconds_per_version"]["value"] == pytest.approx(0.01)  # still w1's c_s

@@ -353,11 +353,18 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
     (the slowest seed: every seed must get there) × the bottleneck model's seconds per version,
     max(c_a / N × pushes per applied push, c_s + K·c_a / k) — attackers whose pushes are rejected as
     too stale must make more of them; the server's own work per version plus K refinement steps of
-    an attack step's cost, c_a / k — with c_s and c_a measured on an MPI run of the report."""
+    an attack step's cost, c_a / k — with c_s and c_a measured on an MPI run of the report (c_s of a run
+    with the same refinement, when the report has one, is the server's work measured whole)."""
     emulated = [r for r in runs if not r.is_mpi and r.config.get("emulate_attackers")]
     if not emulated:
         return None
-    model = next((g["model"] for g in groups if g.get("model") and g["push"] == "examples"), None)
+    by_name = {r.name: r for r in runs}
+    models = [g["model"] for g in groups if g.get("model") and g["push"] == "examples"]
+
+    def refinement(model):  # (steps, step ratio) of the MPI run a model was fitted on
+        return staleness_method(by_name[model["fitted_on"]].config)[:2]
+
+    model = next((m for m in models if refinement(m)[0] == 0), models[0] if models else None)
     plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
              and not r.config.get("emulate_staleness")]
     single = None
@@ -389,15 +396,20 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         per_push = (applied + rejected) / applied if applied else 1.0
         row["pushes_per_version"] = measured(_round(per_push, 4), "(applied + rejected_stale) ÷ applied of the "
                                                                   "emulated runs")
-        if model is not None and reached is not None:
-            c_s, c_a = model["c_s"]["value"], model["c_a"]["value"]
+        # the server's seconds per version: measured on an MPI run with the same refinement, or
+        # predicted as c_s of a run without it plus K attack steps' cost
+        same = next((m for m in models if refinement(m) == method[:2]), None) if refine else None
+        fit = same or model
+        if fit is not None and reached is not None:
+            c_s, c_a = fit["c_s"]["value"], fit["c_a"]["value"]
             steps = max(1, int(members[0].config.get("attack_steps") or 1))
-            server = c_s + refine * c_a / steps
+            server = c_s if same or not refine else c_s + refine * c_a / steps
+            how = "c_s" if same or not refine else "c_s + K·c_a / k"
             per_version = max(c_a / n * per_push, server)
             row["seconds_per_version"] = predicted(_round(per_version, 6),
-                                                   f"max(c_a / N × pushes per version, c_s + K·c_a / k) with c_s, "
-                                                   f"c_a of {model['fitted_on']}")
-            row["n_star"] = predicted(_round(c_a / server, 2), "c_a / (c_s + K·c_a / k)")
+                                                   f"max(c_a / N × pushes per version, {how}) with c_s, "
+                                                   f"c_a of {fit['fitted_on']}")
+            row["n_star"] = predicted(_round(c_a / server, 2), f"c_a / ({how})")
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)
     for row in rows:
