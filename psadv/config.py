@@ -116,10 +116,10 @@ class Config:
     emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers "
                                  "(0 = off)", min=0)
     # A stale push's examples were adversarial for an older model; a PGD step against the current
-    # one, continuing from them, makes them adversarial again. Measured with 8 emulated attackers
-    # (README, "N attackers, emulated"): without it the default recipe lost ~29 points of robust
-    # accuracy to staleness, with one step of 1.25ε it lost none. It is server-side work (one more
-    # forward/backward per push), so it lowers the number of attackers one server keeps up with.
+    # one, continuing from them, makes them adversarial again: this is what keeps many attackers'
+    # staleness from costing robustness (README, "N attackers, emulated"). It is server-side work
+    # (a forward/backward and two forward passes per push), so it lowers the number of attackers
+    # one server keeps up with.
     # It acts on stale pushes of examples only: off by default in gradients and sync mode and with
     # augmentation (the server does not see the attackers' augmented batches).
     refine_steps: int = opt(1, "PGD steps the trainer adds to each stale push of examples against the current "
@@ -129,7 +129,8 @@ class Config:
     # already sits near the ball's boundary, and one FGSM-sized step (1.25ε, as in FGSM-RS) moves
     # it to where the current model's gradient points while keeping its other coordinates. Where
     # that lands somewhere weaker (a push barely stale is already near a maximum) the trainer keeps
-    # the push as it was (psadv.attacks.refine): unguarded, the step overfit catastrophically.
+    # the push as it was (psadv.attacks.refine): unguarded, such a step can overfit catastrophically,
+    # as FGSM does.
     refine_step_ratio: float = opt(1.25, "step size of --refine-steps relative to ε (0 = the training "
                                    "attack's step size)", min=0.0)
 
