@@ -277,6 +277,8 @@ def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
     assert s["push_bytes_per_example"] == pytest.approx(28 * 28 * 4 + 4 + 4 + wire.HEADER_BYTES / 50, abs=0.1)
     bad = run_job(3, mnist_dir, tmp_path / "g", "--steps", "5", "--refine-steps", "1", "--push", "gradients", *SMALL)
     assert bad.returncode == 2 and "needs --push examples" in bad.stderr
+    bad = run_job(3, mnist_dir, tmp_path / "a", "--steps", "5", "--refine-steps", "1", "--augment", "crop-flip", *SMALL)
+    assert bad.returncode == 2 and "needs --augment none" in bad.stderr
 
 
 @needs_mpi
