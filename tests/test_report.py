@@ -474,3 +474,7 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     assert refined["seconds_per_version"]["value"] == pytest.approx(0.02) and "runs/w1-refined" in \
         refined["seconds_per_version"]["from"] and refined["n_star"]["value"] == 2.0
     assert rows[(8, "none")]["seconds_per_version"]["value"] == pytest.approx(0.01)  # still w1's c_s
+    runs = tmp_path / "runs"
+    alone = scaling_report([str(runs / "w1-refined"), str(runs / "n8-k0-s0"), str(runs / "n8-k0-s1")], tmp_path / "out3",
+                           target=0.89)["attackers_buy"]["rows"]
+    assert "seconds_per_version" not in alone[0]  # a refining server's c_s does not price an unrefined method

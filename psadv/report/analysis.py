@@ -364,7 +364,8 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
     def refinement(model):  # (steps, step ratio) of the MPI run a model was fitted on
         return staleness_method(by_name[model["fitted_on"]].config)[:2]
 
-    model = next((m for m in models if refinement(m)[0] == 0), models[0] if models else None)
+    # a run with refinement measures a server doing more than c_s: it prices only its own method
+    model = next((m for m in models if refinement(m)[0] == 0), None)
     plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
              and not r.config.get("emulate_staleness")]
     single = None
@@ -421,7 +422,7 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         if single and t:
             row["speedup_over_single_process"] = predicted(round(single["seconds"]["value"] / t, 2),
                                                            f"measured time to target of {single['run']} ÷ predicted of N")
-    return {"target": target, "model_from": model["fitted_on"] if model else None, "single_process": single,
+    return {"target": target, "model_from": ", ".join(m["fitted_on"] for m in models) or None, "single_process": single,
             "rows": rows}
 
 
