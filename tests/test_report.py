@@ -263,6 +263,12 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     w3 = jobs["examples-w3"]["cmd"]  # never started
     assert "--overwrite" not in w3 and "--resume" not in w3
     assert w3[-4:] == ["--steps", "100", "--max-staleness", "8"]  # the sweep does not vary --max-staleness here
+    assert "--eval-every" not in w3  # a version budget keeps psadv train's periodic evaluation
+    # under a time budget psadv train evaluates only at the end; the report needs the curve
+    timed = plan(Sweep(workers=[0, 1], time_budget=30), tmp_path / "timed")
+    assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
+    own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
+    assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags
     fresh = plan(Sweep(workers=[0, 2], push=[None], steps=5, train_args=["--push", "gradients"]), runs, overwrite=True)
     assert [job["name"] for job in fresh] == ["single", "w2"]

@@ -161,6 +161,14 @@ def test_time_budget_stops(tmp_path, mnist_dir):
     assert 0 < summary["version"] and summary["elapsed"] >= 2.0
 
 
+def test_a_time_budget_buys_training_not_monitoring():
+    # periodic evaluation would pause training inside the budget: off unless asked for or needed
+    assert make_config({"time_budget": 60}).eval_every == 0
+    assert make_config({"time_budget": 60, "target_robust_acc": 0.9}).eval_every == 500  # it stops the run
+    assert make_config({"time_budget": 60}, {"eval_every": 300}).eval_every == 300
+    assert make_config({"steps": 60}).eval_every == make_config({}).eval_every == 500
+
+
 def test_existing_run_dir_is_not_clobbered(tmp_path, mnist_dir):
     run(tmp_path, mnist_dir, steps=5)
     before = (tmp_path / "run" / "metrics.jsonl").read_bytes()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import FIELDS
 from ..errors import CheckpointError, PsadvError, UsageError
 from ..rundir import write_json
 from .runs import load_run
@@ -121,6 +122,12 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
     common = ((["--time-budget", str(sweep.time_budget)] if sweep.time_budget is not None else [])
               + (["--steps", str(sweep.steps)] if sweep.steps is not None else [])
               + (["--data-dir", sweep.data_dir] if sweep.data_dir else []))
+    # The report draws accuracy against time and finds the time to --target from periodic
+    # evaluation, which psadv train leaves off under a time budget without a target.
+    given = {a.split("=")[0] for a in sweep.train_args}
+    evaluation = (["--eval-every", str(FIELDS["eval_every"].default)]
+                  if (sweep.time_budget is not None or "--time-budget" in given) and "--eval-every" not in given
+                  else [])
     jobs = []
     for push in sweep.push:
         for S in sweep.max_staleness:
@@ -137,7 +144,7 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
-                    cmd += common + list(sweep.train_args)
+                    cmd += common + evaluation + list(sweep.train_args)
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
     return jobs
