@@ -9,6 +9,11 @@
         the final checkpoint with PGD-50 x 10 restarts on the full 10,000-image test set and
         reports wall-clock minutes, clean and robust accuracy
 
+    python scripts/bench_core.py madry --data-dir ../shared/data
+        the per-version cost of Madry et al.'s original MNIST recipe (mnist-madry, PGD-40 of step
+        0.01 at ε=0.3 from a random start, Adam 1e-4, batch 50), measured on real training steps,
+        and its 100,000 versions' total on this machine, predicted from it
+
 Each command prints one JSON object (and writes it with --out). Run on a quiet machine: a
 second busy process on the same cores distorts every number.
 """
@@ -76,6 +81,42 @@ def throughput(args) -> dict:
     return out
 
 
+# Madry et al. 2018, MNIST challenge (github.com/MadryLab/mnist_challenge, config.json).
+MADRY = {"model": "mnist-madry", "eps": 0.3, "steps": 40, "step_size": 0.01, "lr": 1e-4, "batch_size": 50,
+         "versions": 100_000}
+
+
+def madry(args) -> dict:
+    from psadv.config import make_config
+    from psadv.training import make_optimizer
+
+    data = load_dataset("mnist", "train", args.data_dir)
+    model = build_model(MADRY["model"], in_channels=1, num_classes=10)
+    optimizer = make_optimizer(make_config({"optimizer": "adam", "lr": MADRY["lr"]}), model)
+    attack = Attack(name="pgd", eps=MADRY["eps"], steps=MADRY["steps"], step_size=MADRY["step_size"])
+    b, batches = MADRY["batch_size"], len(data.x) // MADRY["batch_size"]
+
+    def version(i: int) -> None:  # what psadv's trainer does per version: attack, then one step on the result
+        x = torch.tensor(data.x[i % batches * b:(i % batches + 1) * b])
+        y = torch.tensor(data.y[i % batches * b:(i % batches + 1) * b])
+        x_adv = perturb(model, x, y, attack)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x_adv), y).backward()
+        optimizer.step()
+
+    version(0)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        version(done + 1)
+        done += 1
+    per_version = (time.perf_counter() - start) / done
+    return {"recipe": MADRY, "machine": machine(), "versions_timed": done,
+            "seconds_per_version": {"value": round(per_version, 4), "measured": True},
+            "total_hours": {"value": round(per_version * MADRY["versions"] / 3600, 2), "measured": False,
+                            "predicted_from": "seconds_per_version x versions"}}
+
+
 def robust(args) -> dict:
     run_dir = Path(args.run_dir)
     cmd = ["psadv", "train", *RECIPE, "--data-dir", args.data_dir, "--run-dir", str(run_dir), "--threads",
@@ -98,7 +139,7 @@ def robust(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("throughput", "robust"):
+    for name in ("throughput", "robust", "madry"):
         p = sub.add_parser(name)
         p.add_argument("--data-dir", default="../shared/data")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -106,11 +147,12 @@ def main() -> None:
     sub.choices["throughput"].add_argument("--model", default="mnist-small")
     sub.choices["throughput"].add_argument("--batch-size", type=int, default=100)
     sub.choices["throughput"].add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
     args = parser.parse_args()
     set_threads(args.threads)
-    result = throughput(args) if args.what == "throughput" else robust(args)
+    result = {"throughput": throughput, "robust": robust, "madry": madry}[args.what](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -353,3 +353,16 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
         "gpu_check: error: no CUDA device is visible to torch (torch.cuda.is_available() is False); run this on a "
         "GPU machine with a CUDA build of torch"]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_bench_core_prices_madrys_original_recipe(mnist_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_core.py"), "madry", "--data-dir",
+                          str(mnist_dir), "--threads", "1", "--seconds", "0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["recipe"]["steps"] == 40 and result["versions_timed"] >= 1
+    per_version = result["seconds_per_version"]
+    assert per_version["measured"] and per_version["value"] > 0
+    total = result["total_hours"]
+    assert not total["measured"] and total["value"] == pytest.approx(per_version["value"] * 100_000 / 3600, rel=0.01)
