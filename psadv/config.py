@@ -92,8 +92,8 @@ class Config:
 
     # --- evaluation during training ------------------------------------------------------------
     # A run with a time budget and no --target-robust-acc evaluates only at the end by default
-    # (make_config): periodic evaluation's time comes out of the budget, and a one-step recipe
-    # loses about a sixth of its versions to the default's PGD-20 every 500 versions.
+    # (make_config): periodic evaluation's time comes out of the budget (one process pauses
+    # training for it), and a short one-step run would spend a share of its budget monitoring.
     eval_every: int = opt(500, "evaluate every N versions (0 = only at the end; default with --time-budget "
                           "and no --target-robust-acc: 0)", min=0)
     # A held-out slice of the test set: enough to see the curve, cheap enough to run often.
