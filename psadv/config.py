@@ -66,7 +66,8 @@ class Config:
     attack_restarts: int = opt(1, "random restarts of the training attack", min=1)
     # An example's perturbation changes little between its visits, so starting from the last one
     # makes a few steps as strong as many (ATTA); with it, one-step FGSM-RS training stopped
-    # collapsing (README, "Robust MNIST in a minute"). Off by default: three runs are no collapse rate.
+    # collapsing (README, "Robust MNIST in a minute"). Off by default, as is FGSM-RS: the defaults
+    # also drive every MPI attacker, whose staleness was measured with PGD-10 only.
     reuse_perturbations: bool = opt(False, "start each example's attack from its perturbation of the last epoch "
                                     "(kept per example; attackers keep their shard's)")
 
