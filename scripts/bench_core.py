@@ -87,12 +87,9 @@ MADRY = {"model": "mnist-madry", "eps": 0.3, "steps": 40, "step_size": 0.01, "lr
 
 
 def madry(args) -> dict:
-    from psadv.config import make_config
-    from psadv.training import make_optimizer
-
     data = load_dataset("mnist", "train", args.data_dir)
     model = build_model(MADRY["model"], in_channels=1, num_classes=10)
-    optimizer = make_optimizer(make_config({"optimizer": "adam", "lr": MADRY["lr"]}), model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=MADRY["lr"])
     attack = Attack(name="pgd", eps=MADRY["eps"], steps=MADRY["steps"], step_size=MADRY["step_size"])
     b, batches = MADRY["batch_size"], len(data.x) // MADRY["batch_size"]
 
