@@ -6,7 +6,7 @@ import torch
 from psadv.attacks import Attack, perturb
 from psadv.attacks.apgd import apgd, apgd_targeted, checkpoints
 from psadv.attacks.losses import dlr_loss, targeted_dlr_loss
-from psadv.attacks.square import _linf_window, p_at
+from psadv.attacks.square import _linf_window, _linf_windows, p_at, square_attack
 from psadv.attacks.suite import (EVAL_ATTACKS, EvalAttack, EvalSettings, build_cascade, masking_gap, masking_warning,
                                  skip_after_gate)
 from psadv.config import check_eps, make_config
@@ -83,6 +83,17 @@ def test_square_p_schedule():
     assert p_at(0, 10000, 0.8) == 0.8 and p_at(10, 10000, 0.8) == 0.8
     assert p_at(11, 10000, 0.8) == 0.4 and p_at(9000, 10000, 0.8) == pytest.approx(0.8 / 512)
     assert p_at(1, 5000, 0.8) == 0.8 and p_at(6, 5000, 0.8) == 0.4  # 5000 queries: twice as fast
+
+
+def test_square_windows_never_start_at_the_last_place(trained):
+    # as in the authors' code and torchattacks: a window never ends on the last row or column
+    windows = _linf_windows(5000, 28, 28, 0.8, torch.Generator().manual_seed(0), "cpu")
+    assert all(vh + s < 28 and vw + s < 28 for s, vh, vw in windows)
+    assert {vh for s, vh, _ in windows if s == 1} == set(range(27))  # every other place is drawn
+    net, x, y = trained
+    adv = square_attack(net, x, y, norm="l2", eps=2.0, queries=300, generator=torch.Generator().manual_seed(0))
+    moved = (adv - x).abs()
+    assert moved.amax() > 0 and moved[..., -1, :].amax() == 0 and moved[..., :, -1].amax() == 0
 
 
 def test_dlr_losses_ignore_the_logits_scale():

@@ -83,11 +83,18 @@ def _linf_init(x, eps, generator):
     return torch.clamp(x + eps * _signs((n, c, 1, w), generator, x.device), PIXEL_MIN, PIXEL_MAX)
 
 
+def _corners(extent: int, s: int) -> int:
+    """How many top (left) places a window of side ``s`` may take: all but the last one it fits, as in
+    the authors' code and torchattacks. A window that ends on the last row or column spends the
+    budget on image border (empty on MNIST), which weakened L2 Square (README, "Evaluation attacks")."""
+    return max(extent - s, 1)
+
+
 def _linf_windows(queries: int, h: int, w: int, p_init: float, generator, device) -> list[tuple[int, int, int]]:
     """(side, top row, left column) of the window of each L∞ proposal after the first query, drawn
-    at once: the side follows the schedule, the corner is uniform over the places the window fits."""
+    at once: the side follows the schedule, the corner is uniform over :func:`_corners`."""
     sides = [min(max(round(math.sqrt(p_at(i, queries, p_init) * h * w)), 1), h - 1) for i in range(queries - 1)]
-    room = torch.tensor([[h - s + 1, w - s + 1] for s in sides], dtype=torch.float64).view(-1, 2)
+    room = torch.tensor([[_corners(h, s), _corners(w, s)] for s in sides], dtype=torch.float64).view(-1, 2)
     u = torch.rand(room.shape, generator=generator, device=device, dtype=torch.float64).cpu()
     corners = (u * room).long().tolist()  # u < 1, so each index < its room
     return [(s, vh, vw) for s, (vh, vw) in zip(sides, corners)]
@@ -132,8 +139,8 @@ def _l2_init(x, eps, generator):
 def _l2_proposal(x, x_best, eps, s, generator):
     n, c, h, w = x.shape
     delta = x_best - x
-    vh, vw = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
-    vh2, vw2 = _randint(h - s + 1, generator, x.device), _randint(w - s + 1, generator, x.device)
+    vh, vw = _randint(_corners(h, s), generator, x.device), _randint(_corners(w, s), generator, x.device)
+    vh2, vw2 = _randint(_corners(h, s), generator, x.device), _randint(_corners(w, s), generator, x.device)
     first = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     second = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
     both = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)  # broadcast over examples, channels
