@@ -81,8 +81,11 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
-                overwrite: bool = False, prepare_dir: bool = True) -> RunSetup:
+                overwrite: bool = False, prepare_dir: bool = True, one_process: bool = True) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
+
+    ``one_process=False`` for the ranks of an MPI job: they keep Config's attack defaults, where
+    a process alone gets :data:`psadv.config.ONE_PROCESS_RECIPE` (see :func:`make_config`).
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
     dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers,
@@ -103,7 +106,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
-    cfg = make_config(base, file_values, overrides)
+    cfg = make_config(base, file_values, overrides, one_process=one_process)
     home = run_dir_of(checkpoint) if checkpoint is not None else None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)

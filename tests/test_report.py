@@ -267,6 +267,11 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     # under a time budget psadv train evaluates only at the end; the report needs the curve
     timed = plan(Sweep(workers=[0, 1], time_budget=30), tmp_path / "timed")
     assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
+    # the single process is the reference for the attackers' recipe, not its own one-step default
+    single, w1 = timed
+    assert single["cmd"][single["cmd"].index("--attack") + 1] == "pgd" and "--attack" not in w1["cmd"]
+    chosen = plan(Sweep(workers=[0], steps=5, train_args=["--attack", "fgsm-rs"]), tmp_path / "chosen")
+    assert chosen[0]["cmd"].count("--attack") == 1
     own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
     assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags

@@ -128,6 +128,9 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
     evaluation = (["--eval-every", str(FIELDS["eval_every"].default)]
                   if (sweep.time_budget is not None or "--time-budget" in given) and "--eval-every" not in given
                   else [])
+    # The single process is the reference for the attackers' recipe: without an attack of the
+    # user's it would train with the one-process default (psadv.config.ONE_PROCESS_RECIPE) instead.
+    reference = [] if "--attack" in given else ["--attack", FIELDS["attack"].default]
     jobs = []
     for push in sweep.push:
         for S in sweep.max_staleness:
@@ -144,6 +147,8 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
+                    else:
+                        cmd += reference
                     cmd += common + evaluation + list(sweep.train_args)
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
