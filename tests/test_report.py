@@ -8,8 +8,9 @@ import pytest
 
 from cli_helpers import assert_one_line_error, invoke
 from psadv.config import Config
+from psadv.errors import UsageError
 from psadv.report import Sweep, find_runs, load_run, scaling_report
-from psadv.report.sweep import plan
+from psadv.report.sweep import attackers_adversary, plan
 
 FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
@@ -269,9 +270,14 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
     # the single process is the reference for the attackers' recipe, not its own one-step default
     single, w1 = timed
-    assert single["cmd"][single["cmd"].index("--attack") + 1] == "pgd" and "--attack" not in w1["cmd"]
-    chosen = plan(Sweep(workers=[0], steps=5, train_args=["--attack", "fgsm-rs"]), tmp_path / "chosen")
-    assert chosen[0]["cmd"].count("--attack") == 1
+    assert single["cmd"][single["cmd"].index("--attack"):][:3] == ["--attack", "pgd", "--no-reuse-perturbations"]
+    assert "--attack" not in w1["cmd"]
+    toml = tmp_path / "recipe.toml"
+    toml.write_text('attack-steps = 5\n')
+    for chosen in (["--attack", "fgsm-rs"], ["--attack-steps", "5"], ["--dataset", "cifar10"], ["--config", str(toml)]):
+        assert attackers_adversary(chosen) == []  # the attackers' adversary is the process's too
+    with pytest.raises(UsageError, match="flags after --"):
+        attackers_adversary(["--attack", "pgd-7"])
     own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
     assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags
