@@ -4,8 +4,9 @@ Every field of :class:`Config` is a ``psadv train`` option (``attack_steps`` -> 
 and a key of the ``--config FILE.toml`` file; the command line wins over the file, the file over
 these defaults. A few defaults differ by dataset: :data:`RECIPES` holds them, each with its
 source, and fills the fields that neither the file nor the command line gives (so config.json
-records them). Unknown keys are errors. The resolved config is written to the run directory and
-into every checkpoint, and ``--resume`` starts from the checkpoint's copy.
+records them); :data:`ONE_PROCESS_RECIPE` does the same for the training attack of a process that
+trains alone, without MPI attackers. Unknown keys are errors. The resolved config is written to
+the run directory and into every checkpoint, and ``--resume`` starts from the checkpoint's copy.
 """
 
 from __future__ import annotations
