@@ -184,7 +184,7 @@ RECIPES: dict[str, dict] = {
     "mnist": {},
     # ε = 0.1, the Fashion-MNIST budget of Wong & Kolter 2018 ("Provable defenses against adversarial
     # examples via the convex outer adversarial polytope", ICML) and of later robustness benchmarks;
-    # the rest of the MNIST recipe (net, PGD-10, Adam one-cycle) carries over to these 28x28 images.
+    # the rest of the MNIST recipe (net, adversaries, Adam one-cycle) carries over to these 28x28 images.
     "fashion-mnist": {"eps": 0.1},
     # The fast-adversarial recipe of Wong, Rice & Kolter 2020 ("Fast is better than free", ICLR):
     # PreAct-ResNet-18, FGSM with a random start (step 1.25ε) at ε = 8/255 without an ε ramp, SGD

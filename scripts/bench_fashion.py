@@ -4,9 +4,10 @@
     python scripts/bench_fashion.py --data-dir ../shared/data --run-dir runs/bench-fashion
 
 trains ``psadv train --dataset fashion-mnist`` (its recipe: ε = 0.1, otherwise the MNIST defaults:
-mnist-small, PGD-10, Adam one-cycle) for --epochs epochs, then evaluates the final checkpoint with
-``psadv eval`` (PGD-50 with 10 restarts) on the first --examples test images, and prints one JSON
-object: the commands, their wall-clock seconds, clean and robust accuracy.
+mnist-small, the one-process adversary FGSM-RS with reused perturbations, Adam one-cycle) for
+--epochs epochs, then evaluates the final checkpoint with ``psadv eval`` (PGD-50 with 10
+restarts) on the first --examples test images, and prints one JSON object: the commands, their
+wall-clock seconds, clean and robust accuracy.
 """
 
 from __future__ import annotations
