@@ -17,7 +17,7 @@ import os
 import click
 
 from .errors import PsadvError
-from .training import check_batch_size, open_run_dir, resolve_run, summary_line, train_single
+from .training import adversary_line, check_batch_size, open_run_dir, resolve_run, summary_line, train_single
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool) -> None:
@@ -28,7 +28,7 @@ def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite:
         _launch_mpi(w, overrides, file_values, resume=resume, overwrite=overwrite, show_progress=show_progress)
         return
     setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite)
-    click.echo(f"psadv: run directory {setup.run_dir}", err=True)
+    click.echo(f"psadv: run directory {setup.run_dir}; {adversary_line(setup.cfg)}", err=True)
     summary = train_single(setup, show_progress=show_progress)
     click.echo(summary_line(summary))
 
@@ -103,7 +103,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
         ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
         if w.rank == 0:
             click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
-                       f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push})", err=True)
+                       f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push}); {adversary_line(cfg)}",
+                       err=True)
             world_row = [dict(zip(("host", "pid", "device", "threads"), text.split()), rank=i)
                          for i, text in enumerate(ranks)]
             role.trainer.metrics.write("world", size=w.size, ranks=world_row)

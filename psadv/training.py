@@ -554,6 +554,20 @@ class ProgressBar:
         self.bar.close()
 
 
+def adversary_line(cfg: Config) -> str:
+    """The training adversary in words, for the start-up line: the one-process default picks one
+    the user did not name, so the run says which."""
+    if cfg.attack == "none" or cfg.eps == 0:
+        return "adversary: none (clean training)"
+    name = f"PGD-{cfg.attack_steps}" if cfg.attack == "pgd" else cfg.attack.upper()
+    if cfg.attack == "pgd" and cfg.attack_steps_schedule:
+        name = f"PGD (steps {cfg.attack_steps_schedule})"
+    text = f"adversary: {name} {cfg.norm} eps={cfg.eps:g}"
+    if cfg.attack_restarts > 1:
+        text += f" x{cfg.attack_restarts} restarts"
+    return text + (", reused perturbations" if cfg.reuse_perturbations else "")
+
+
 def summary_line(summary: dict) -> str:
     text = f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s"
     last = summary.get("last_eval")

@@ -17,6 +17,7 @@ def trained_run(tmp_path_factory, mnist_dir):
     result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, *FAST)
     assert result.exit_code == 0, result.output + result.stderr
     assert "stopped (version budget) at version 6" in result.output
+    assert f"run directory {run_dir}; adversary: PGD-1 linf eps=0.3\n" in result.stderr
     return run_dir
 
 

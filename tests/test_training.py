@@ -13,7 +13,7 @@ from psadv.config import Config, make_config, read_toml
 from psadv.errors import ConfigError, UsageError
 from psadv.models import build_model, flat_state, model_args_for
 from psadv.rundir import read_metrics
-from psadv.training import StaleRing, resolve_run, train_single
+from psadv.training import StaleRing, adversary_line, resolve_run, train_single
 
 SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=10, log_every=5,
              threads=1)
@@ -173,6 +173,11 @@ def test_one_process_defaults_to_the_one_step_recipe(tmp_path, mnist_dir):
     # alone, a run pays for every attack step itself: FGSM-RS from each example's last perturbation
     alone = make_config({}, one_process=True)
     assert (alone.attack, alone.reuse_perturbations) == ("fgsm-rs", True)
+    # ... and says so at start-up, since the user did not name it
+    assert adversary_line(alone) == "adversary: FGSM-RS linf eps=0.3, reused perturbations"
+    assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
+        "adversary: PGD (steps 2,5@0.5) linf eps=0.3 x2 restarts"
+    assert adversary_line(make_config({"eps": 0})) == "adversary: none (clean training)"
     assert make_config({"dataset": "fashion-mnist"}, one_process=True).attack == "fgsm-rs"
     # MPI ranks, and the emulations that stand for them, keep PGD-10
     for cfg in (make_config({}), make_config({"emulate_attackers": 8}, one_process=True),
