@@ -151,7 +151,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .attacks.suite import EvalSettings, build_cascade, masking_warning
     from .checkpoint import find_checkpoint, load_checkpoint
     from .config import check_eps
-    from .data import dataset_info, load_dataset
+    from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .evaluate import measure_accuracy
     from .models import build_model
@@ -177,6 +177,9 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
     model.load_state_dict(ckpt.model_state)
     test = load_dataset(cfg["dataset"], "test", data_dir)
+    changed = changed_data_warning(cfg["dataset"], data_dir, cfg.get("data_md5", ""))
+    if changed:
+        click.echo(changed, err=True)
     n = min(examples or len(test), len(test))
     start = time.perf_counter()
     result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,

@@ -362,6 +362,18 @@ def verify_data_file(name: str, data_dir: str | os.PathLike[str] | None, expecte
     return actual
 
 
+def changed_data_warning(name: str, data_dir: str | os.PathLike[str] | None, trained_on: str) -> str | None:
+    """A warning when the ``npz``/``hdf5`` file differs from the one a run trained on (md5
+    ``trained_on``): evaluating on another file may be meant, so it is said, not refused."""
+    if name not in FILE_DATASETS or not trained_on:
+        return None
+    actual = verify_data_file(name, data_dir, "")
+    if actual == trained_on:
+        return None
+    return (f"psadv: warning: {name} file {data_file(name, data_dir)} has md5 {actual}, not {trained_on} (the file "
+            "the run trained on): its test split may differ from the one the run was measured on")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise DataError(f"npz file {path} is not an npz archive (np.savez writes one)")

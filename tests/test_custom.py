@@ -148,6 +148,11 @@ def test_npz_train_resume_eval_and_md5(tmp_path, npz):
     refused = invoke("train", "--resume", run, "--steps", 8, "--no-progress")
     assert_one_line_error(refused, 1, f"the run expects {md5}", "--data-md5")
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
+    # evaluating on another file may be meant: it runs, and says the file differs
+    other = invoke("eval", run, "--examples", 10, "--steps", 1, "--restarts", 1, "--json", "--no-progress")
+    assert other.exit_code == 0 and json.loads(other.output)["examples"] == 10
+    assert f"not {md5} (the file the run trained on)" in other.stderr
+    assert "trained on" not in evaluated.stderr
     new_md5 = refused.stderr.split("--data-md5 ")[1].split()[0]
     assert invoke("train", "--resume", run, "--steps", 8, "--data-md5", new_md5, "--no-progress").exit_code == 0
 
