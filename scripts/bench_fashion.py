@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from psadv.report.child import run_child
+
 PSADV = [sys.executable, "-m", "psadv.cli"]
 
 
@@ -26,7 +28,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     """Run ``cmd`` (its stderr passes through); wall-clock seconds and stdout; exit on failure."""
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    res = run_child(cmd, stdout=subprocess.PIPE, text=True)
     if res.returncode != 0:
         sys.exit(res.returncode)
     return time.perf_counter() - start, res.stdout

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from psadv.report.budget import BudgetSearch, ratio
+from psadv.report.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 
@@ -41,7 +42,7 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
 
 def run_json(cmd: list[str]) -> dict:
     print("$ " + shlex.join(cmd).replace(shlex.join(PSADV), "psadv"), flush=True)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    out = run_child(cmd, stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         raise SystemExit(f"budget_search: command failed with exit code {out.returncode}")
     return json.loads(out.stdout)
@@ -63,7 +64,7 @@ class Trial:
             cmd.append("--overwrite")
         print("$ " + shlex.join(cmd).replace(shlex.join(PSADV), "psadv"), flush=True)
         start = time.perf_counter()
-        if subprocess.run(cmd).returncode != 0:
+        if run_child(cmd).returncode != 0:
             raise SystemExit(f"budget_search: training {self.run_dir} failed")
         seconds = time.perf_counter() - start
         timing.write_text(json.dumps({"seconds": round(seconds, 2)}) + "\n")

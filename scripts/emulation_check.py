@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+from psadv.report.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 RECIPE = ["--eval-every", "0", "--eval-examples", "1000", "--log-every", "50", "--no-progress"]
@@ -45,7 +47,8 @@ def stats(summary: dict) -> dict:
 def train(cmd: list[str], run_dir: Path) -> dict:
     if not (run_dir / "summary.json").exists():
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        if run_child(cmd).returncode != 0:
+            raise SystemExit(f"emulation_check: {shlex.join(cmd)} failed")
     return json.loads((run_dir / "summary.json").read_text())
 
 

@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from psadv.report import FINAL_EVAL
+from psadv.report.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The README recipe (scripts/bench_core.py) without its adversary and budget.
@@ -117,7 +118,7 @@ class Study:
         print("$ " + display(cmd), flush=True)
         if self.args.dry_run:
             return 0
-        return subprocess.run(cmd).returncode
+        return run_child(cmd).returncode
 
     def train(self, run_dir: Path, flags: list[str], attackers: int = 0) -> None:
         if (run_dir / "summary.json").exists():
@@ -257,7 +258,7 @@ class Study:
         print("$ " + display(cmd), flush=True)
         if self.args.dry_run:
             return
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        out = run_child(cmd, stdout=subprocess.PIPE, text=True)
         if out.returncode != 0:
             self.failures.append(f"{run_dir} (psadv eval --attack pgd)")
             return

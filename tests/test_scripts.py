@@ -368,3 +368,35 @@ def test_bench_core_prices_madrys_original_recipe(mnist_dir):
     assert per_version["measured"] and per_version["value"] > 0
     total = result["total_hours"]
     assert not total["measured"] and total["value"] == pytest.approx(per_version["value"] * 100_000 / 3600, rel=0.01)
+
+
+# --- a killed benchmark script takes its child with it ----------------------------------------------
+CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.with_name("child-stopped").write_text("saved"), sys.exit(0)))
+out.write_text("ready")
+time.sleep(60)
+"""
+PARENT = """
+import subprocess, sys
+from psadv.report.child import run_child
+print(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]]).returncode)
+"""
+
+
+def test_run_child_passes_a_kill_on_to_the_child_and_exits_with_its_signal(tmp_path):
+    from psadv.report.child import run_child
+
+    done = run_child([sys.executable, "-c", "print('out'); raise SystemExit(3)"], stdout=subprocess.PIPE, text=True)
+    assert (done.returncode, done.stdout) == (3, "out\n")
+    ready = tmp_path / "ready"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(ready)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the child never started"
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    assert (tmp_path / "child-stopped").read_text() == "saved"  # the child stopped its own way, not orphaned
+    assert parent.stdout.read() == ""  # the script ended at the signal, not after the child
