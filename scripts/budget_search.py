@@ -119,7 +119,8 @@ def render(args, results: list[dict]) -> str:
     lines = ["# Time to target by budget search", "",
              f"`python {shlex.join(sys.argv)}`", "",
              f"Target: robust ≥ {args.target:.1%} and clean ≥ {args.clean_target:.1%} under `psadv eval "
-             f"{args.eval_args}` on the full test set, for each of seeds {', '.join(map(str, args.seeds))}; "
+             f"{args.eval_args}`{'' if '--examples' in args.eval_args else ' on the full test set'}, for each of "
+             f"seeds {', '.join(map(str, args.seeds))}; "
              f"bisection stops within {args.tolerance:.0%}. All numbers *measured*.", "",
              f"| recipe | time to target (s) | bracket (s) | ratio vs {base['name']} | budgets tried (pass/fail) |",
              "|---|---|---|---|---|"]

@@ -76,6 +76,7 @@ def test_budget_search_script_runs_trials_and_keeps_them(tmp_path, mnist_dir):
     assert result["tried"] == {"1.0": True, "2.0": True} and result["time_to_target"] == 1.0
     trial = result["trials"]["2"][0]
     assert trial["passed"] and trial["wall_seconds"] > 2 and trial["versions"] > 0
-    assert "| tiny" in (out / "budget_search.md").read_text()
+    report = (out / "budget_search.md").read_text()
+    assert "| tiny" in report and "--examples 100`, for each of seeds 0" in report  # not "the full test set"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "psadv train" not in again.stdout  # finished trials are kept
