@@ -89,9 +89,8 @@ def cli():
 def train(config_file, resume, overwrite, progress, **options):
     """Adversarially train a model.
 
-    One process runs the classic loop (attack each batch, then step), by default with FGSM-RS
-    from each example's last perturbation. Under MPI with N >= 2 ranks, rank 0 is the parameter
-    server and ranks 1..N-1 generate adversarial examples, by default with PGD-10.
+    One process runs the classic loop (attack each batch, then step). Under MPI with N >= 2
+    ranks, rank 0 is the parameter server and ranks 1..N-1 generate adversarial examples.
     Any option can come from --config FILE.toml; options given here override the file.
     """
     from .launch import launch

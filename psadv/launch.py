@@ -43,8 +43,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     error = None
     setup = train_set = None
     try:  # phase 1: every rank, nothing written
-        setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False,
-                            one_process=False)
+        setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False)
         cfg = setup.cfg
         threads = set_threads(cfg.threads, w.local_size)
         device = pick_device(cfg.device, w.local_rank)

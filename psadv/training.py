@@ -81,11 +81,8 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
-                overwrite: bool = False, prepare_dir: bool = True, one_process: bool = True) -> RunSetup:
+                overwrite: bool = False, prepare_dir: bool = True) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
-
-    ``one_process=False`` for the ranks of an MPI job: they keep Config's attack defaults, where
-    a process alone gets :data:`psadv.config.ONE_PROCESS_RECIPE` (see :func:`make_config`).
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
     dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers,
@@ -106,7 +103,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
-    cfg = make_config(base, file_values, overrides, one_process=one_process)
+    cfg = make_config(base, file_values, overrides)
     home = run_dir_of(checkpoint) if checkpoint is not None else None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
@@ -555,8 +552,8 @@ class ProgressBar:
 
 
 def adversary_line(cfg: Config) -> str:
-    """The training adversary in words, for the start-up line: the one-process default picks one
-    the user did not name, so the run says which."""
+    """The training adversary in words, for the start-up line: what the flags, the config file,
+    the dataset's recipe and the defaults came to."""
     if cfg.attack == "none" or cfg.eps == 0:
         return "adversary: none (clean training)"
     name = f"PGD-{cfg.attack_steps}" if cfg.attack == "pgd" else cfg.attack.upper()

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Train and evaluate a Fashion-MNIST model with the dataset's recipe (numbers for the README).
 
-    python scripts/bench_fashion.py --data-dir ../shared/data --run-dir runs/bench-fashion
+    python scripts/bench_fashion.py --data-dir ../shared/data --run-dir runs/bench-fashion [-- TRAIN FLAGS]
 
 trains ``psadv train --dataset fashion-mnist`` (its recipe: ε = 0.1, otherwise the MNIST defaults:
-mnist-small, the one-process adversary FGSM-RS with reused perturbations, Adam one-cycle) for
---epochs epochs, then evaluates the final checkpoint with ``psadv eval`` (PGD-50 with 10
-restarts) on the first --examples test images, and prints one JSON object: the commands, their
-wall-clock seconds, clean and robust accuracy.
+mnist-small, PGD-10, Adam one-cycle; the flags after ``--`` change it) for --epochs epochs, then
+evaluates the final checkpoint with ``psadv eval`` (PGD-50 with 10 restarts) on the first
+--examples test images, and prints one JSON object: the commands, their wall-clock seconds, clean
+and robust accuracy.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, default=1000, help="test images for the final evaluation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER,
+                        help="psadv train flags after --, e.g. -- --attack fgsm-rs --reuse-perturbations")
     args = parser.parse_args(argv)
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     train = [*PSADV, "train", "--dataset", "fashion-mnist", "--data-dir", args.data_dir, "--run-dir", args.run_dir,
              "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-progress",
-             *(["--overwrite"] if args.overwrite else [])]
+             *(["--overwrite"] if args.overwrite else []), *extra]
     evaluate = [*PSADV, "eval", args.run_dir, "--attack", "pgd", "--examples", str(args.examples),
                 "--threads", str(args.threads), "--json", "--no-progress"]
     train_s, _ = timed(train)

@@ -202,9 +202,8 @@ class Study:
         self.report(4, "--baseline", "runs/madry-pgd40")
 
     def part5(self, part_dir: Path) -> None:
-        # the attackers' default recipe (PGD-10) at a fixed budget, named: at S = 0 the run is a plain
-        # single process, whose own default is one-step; periodic evaluation finds the versions to target
-        common = [*self.budget(self.args.epochs_attackers), "--attack", "pgd",
+        # the default recipe (PGD-10) at a fixed budget; periodic evaluation finds the versions to target
+        common = [*self.budget(self.args.epochs_attackers),
                   *(self.periodic_eval() if self.quick else
                     ["--eval-examples", str(self.args.eval_examples), "--eval-every", "300"])]
         for seed in self.args.seeds:

@@ -8,9 +8,8 @@ import pytest
 
 from cli_helpers import assert_one_line_error, invoke
 from psadv.config import Config
-from psadv.errors import UsageError
 from psadv.report import Sweep, find_runs, load_run, scaling_report
-from psadv.report.sweep import attackers_adversary, plan
+from psadv.report.sweep import plan
 
 FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
@@ -268,16 +267,6 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     # under a time budget psadv train evaluates only at the end; the report needs the curve
     timed = plan(Sweep(workers=[0, 1], time_budget=30), tmp_path / "timed")
     assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
-    # the single process is the reference for the attackers' recipe, not its own one-step default
-    single, w1 = timed
-    assert single["cmd"][single["cmd"].index("--attack"):][:3] == ["--attack", "pgd", "--no-reuse-perturbations"]
-    assert "--attack" not in w1["cmd"]
-    toml = tmp_path / "recipe.toml"
-    toml.write_text('attack-steps = 5\n')
-    for chosen in (["--attack", "fgsm-rs"], ["--attack-steps", "5"], ["--dataset", "cifar10"], ["--config", str(toml)]):
-        assert attackers_adversary(chosen) == []  # the attackers' adversary is the process's too
-    with pytest.raises(UsageError, match="flags after --"):
-        attackers_adversary(["--attack", "pgd-7"])
     own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
     assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags

@@ -169,34 +169,14 @@ def test_a_time_budget_buys_training_not_monitoring():
     assert make_config({"steps": 60}).eval_every == make_config({}).eval_every == 500
 
 
-def test_one_process_defaults_to_the_one_step_recipe(tmp_path, mnist_dir):
-    # alone, a run pays for every attack step itself: FGSM-RS from each example's last perturbation
-    alone = make_config({}, one_process=True)
-    assert (alone.attack, alone.reuse_perturbations) == ("fgsm-rs", True)
-    # ... and says so at start-up, since the user did not name it
-    assert adversary_line(alone) == "adversary: FGSM-RS linf eps=0.3, reused perturbations"
+def test_the_start_up_line_names_the_adversary():
+    assert adversary_line(make_config({})) == "adversary: PGD-10 linf eps=0.3"
+    assert adversary_line(make_config({"attack": "fgsm-rs", "reuse_perturbations": True})) == \
+        "adversary: FGSM-RS linf eps=0.3, reused perturbations"
     assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
         "adversary: PGD (steps 2,5@0.5) linf eps=0.3 x2 restarts"
+    assert adversary_line(make_config({"dataset": "fashion-mnist"})) == "adversary: PGD-10 linf eps=0.1"
     assert adversary_line(make_config({"eps": 0})) == "adversary: none (clean training)"
-    assert make_config({"dataset": "fashion-mnist"}, one_process=True).attack == "fgsm-rs"
-    # MPI ranks, and the emulations that stand for them, keep PGD-10
-    for cfg in (make_config({}), make_config({"emulate_attackers": 8}, one_process=True),
-                make_config({"emulate_staleness": 4}, one_process=True)):
-        assert (cfg.attack, cfg.attack_steps, cfg.reuse_perturbations) == ("pgd", 10, False)
-    # an attack option of the user's, a dataset recipe's attack, or augmentation: Config's defaults
-    assert make_config({"attack_steps": 5}, one_process=True).attack == "pgd"
-    assert make_config({"attack_steps_schedule": "2,5@0.5"}, one_process=True).attack == "pgd"
-    assert make_config({"reuse_perturbations": False}, one_process=True).attack == "pgd"
-    assert make_config({"attack": "pgd"}, one_process=True).reuse_perturbations is False
-    assert make_config({"augment": "crop-flip"}, one_process=True).attack == "pgd"
-    cifar = make_config({"dataset": "cifar10"}, one_process=True)
-    assert (cifar.attack, cifar.reuse_perturbations) == ("fgsm-rs", False)
-    # what a single-process run records, and what its resume keeps
-    options = {k: v for k, v in SMALL.items() if k != "attack_steps"}
-    train_single(resolve_run({**options, "data_dir": str(mnist_dir), "run_dir": str(tmp_path / "run"), "steps": 4}),
-                 show_progress=False)
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
-    assert (recorded["attack"], recorded["reuse_perturbations"]) == ("fgsm-rs", True)
 
 
 def test_existing_run_dir_is_not_clobbered(tmp_path, mnist_dir):

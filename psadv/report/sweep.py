@@ -107,30 +107,6 @@ def start_flags(run_dir: Path, *, overwrite: bool, resume: bool) -> list[str] | 
     return ["--resume", str(run_dir)]
 
 
-def attackers_adversary(train_args: list[str]) -> list[str]:
-    """The flags that give the sweep's single process the attackers' adversary where its own
-    default would differ (psadv.config.ONE_PROCESS_RECIPE): it is the reference for their recipe.
-    The flags after ``--`` (a --config file included) are read as ``psadv train`` reads them."""
-    import click
-
-    from ..cli import train as train_command
-    from ..config import ONE_PROCESS_RECIPE, make_config, read_toml
-
-    try:
-        params = train_command.make_context("train", list(train_args)).params
-    except click.ClickException as exc:
-        raise UsageError(f"the psadv train flags after --: {exc.format_message()}") from None
-    file_values = read_toml(params["config_file"]) if params.get("config_file") else {}
-    overrides = {name: value for name, value in params.items() if name in FIELDS and value is not None}
-    alone, attackers = (make_config(file_values, overrides, one_process=one) for one in (True, False))
-    flags = []
-    for name in ONE_PROCESS_RECIPE:
-        value, flag = getattr(attackers, name), "--" + name.replace("_", "-")
-        if value != getattr(alone, name):
-            flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return flags
-
-
 def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """The sweep's runs, checked before anything runs: one record per (push, max staleness, workers)."""
     varied = [flag for flag, values in (("--push", sweep.push), ("--max-staleness", sweep.max_staleness))
@@ -152,7 +128,6 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
     evaluation = (["--eval-every", str(FIELDS["eval_every"].default)]
                   if (sweep.time_budget is not None or "--time-budget" in given) and "--eval-every" not in given
                   else [])
-    reference = attackers_adversary(sweep.train_args)
     jobs = []
     for push in sweep.push:
         for S in sweep.max_staleness:
@@ -169,8 +144,6 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
-                    else:
-                        cmd += reference
                     cmd += common + evaluation + list(sweep.train_args)
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
