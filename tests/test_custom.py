@@ -150,7 +150,7 @@ def test_npz_train_resume_eval_and_md5(tmp_path, npz):
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
     # evaluating on another file may be meant: it runs, and says the file differs
     other = invoke("eval", run, "--examples", 10, "--steps", 1, "--restarts", 1, "--json", "--no-progress")
-    assert other.exit_code == 0 and json.loads(other.output)["examples"] == 10
+    assert other.exit_code == 0 and json.loads(other.stdout)["examples"] == 10
     assert f"not {md5} (the file the run trained on)" in other.stderr
     assert "trained on" not in evaluated.stderr
     new_md5 = refused.stderr.split("--data-md5 ")[1].split()[0]
