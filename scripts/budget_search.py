@@ -12,6 +12,12 @@ accuracy against the targets. A trial fails at its first failing seed. ``--gate-
 evaluates a slice and skips the full evaluation when the slice is clearly below the target (by more
 than ``--gate-margin``), which saves most of the evaluation time of short failing budgets.
 
+``--grid T1,T2,...`` tries those budgets instead of searching: every recipe at every budget for every
+seed (no early stop), interleaved budget by budget so the VM's drift touches every recipe alike; the
+time to target is then the smallest budget of the grid at which every seed passed. With
+``--train-only`` the grid trains and stops: the same command without it (on another machine, say,
+with ``--eval-args '... --device cuda'`` and ``--eval-jobs``) evaluates the kept runs and reports.
+
 Finished trials (a run with summary.json and eval.json) are kept, so the same command continues an
 interrupted search. Writes OUT/budget_search.json and OUT/budget_search.md. Every time is a
 wall-clock time: run it on a quiet machine, one benchmark at a time.
@@ -28,7 +34,7 @@ import time
 from pathlib import Path
 
 from psadv.report.budget import BudgetSearch, ratio
-from psadv.report.child import run_child
+from psadv.report.child import run_child, run_children
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 
@@ -74,11 +80,13 @@ class Trial:
         path = self.run_dir / name
         if path.exists():
             return json.loads(path.read_text())
-        result = run_json(PSADV + ["eval", str(self.run_dir), "--json", "--no-progress", *self.data_dir(),
-                                   *(["--examples", str(examples)] if examples else []),
-                                   *shlex.split(self.args.eval_args)])
+        result = run_json(self.eval_command(examples))
         path.write_text(json.dumps(result) + "\n")
         return result
+
+    def eval_command(self, examples: int | None) -> list[str]:
+        return PSADV + ["eval", str(self.run_dir), "--json", "--no-progress", *self.data_dir(),
+                        *(["--examples", str(examples)] if examples else []), *shlex.split(self.args.eval_args)]
 
     def data_dir(self) -> list[str]:
         return ["--data-dir", self.args.data_dir] if self.args.data_dir else []
@@ -114,14 +122,58 @@ def search(args, name: str, recipe: list[str]) -> dict:
     return {"name": name, "flags": shlex.join(recipe), **policy.answer(), "trials": trials}
 
 
+def evaluate_all(args, trials: list[Trial]) -> None:
+    """The final evaluation (eval.json) of every trial that lacks one, ``--eval-jobs`` at a time."""
+    todo = [t for t in trials if not (t.run_dir / "eval.json").exists()]
+    parts = [t.run_dir / "eval.json.part" for t in todo]
+    files = [part.open("w") for part in parts]
+    try:
+        for t in todo:
+            print("$ " + shlex.join(t.eval_command(None)).replace(shlex.join(PSADV), "psadv"), flush=True)
+        codes = run_children([(t.eval_command(None), {"stdout": f}) for t, f in zip(todo, files)], args.eval_jobs)
+    finally:
+        for f in files:
+            f.close()
+    for t, part, code in zip(todo, parts, codes):
+        if code != 0:
+            raise SystemExit(f"budget_search: evaluating {t.run_dir} failed with exit code {code}")
+        try:
+            json.loads(part.read_text())
+        except ValueError:
+            raise SystemExit(f"budget_search: the evaluation of {t.run_dir} printed no JSON object") from None
+        part.replace(t.run_dir / "eval.json")
+
+
+def grid(args) -> list[dict] | None:
+    """Every recipe at every budget of ``--grid`` for every seed; None after ``--train-only``."""
+    trials = {(name, budget, seed): Trial(args, recipe, args.out / name / f"T{budget:g}" / f"seed{seed}", budget, seed)
+              for budget in args.grid for seed in args.seeds for name, recipe in args.recipe}
+    for trial in trials.values():  # budget-major: a grid cut short still compares recipes budget by budget
+        trial.train()
+    if args.train_only:
+        print(f"# trained {len(trials)} runs under {args.out}; evaluate them with the same command without --train-only")
+        return None
+    evaluate_all(args, list(trials.values()))
+    results = []
+    for name, recipe in args.recipe:
+        policy = BudgetSearch(start=args.grid[0], min_budget=args.grid[0], max_budget=args.grid[-1])
+        rows = {}
+        for budget in args.grid:
+            rows[f"{budget:g}"] = [trials[name, budget, seed].measure() for seed in args.seeds]
+            policy.record(budget, all(r["passed"] for r in rows[f"{budget:g}"]))
+        results.append({"name": name, "flags": shlex.join(recipe), **policy.answer(), "trials": rows})
+    return results
+
+
 def render(args, results: list[dict]) -> str:
     base = results[0]
     lines = ["# Time to target by budget search", "",
              f"`python {shlex.join(sys.argv)}`", "",
              f"Target: robust ≥ {args.target:.1%} and clean ≥ {args.clean_target:.1%} under `psadv eval "
              f"{args.eval_args}`{'' if '--examples' in args.eval_args else ' on the full test set'}, for each of "
-             f"seeds {', '.join(map(str, args.seeds))}; "
-             f"bisection stops within {args.tolerance:.0%}. All numbers *measured*.", "",
+             f"seeds {', '.join(map(str, args.seeds))}; " +
+             (f"budgets {', '.join(f'{b:g}' for b in args.grid)} s, each for every recipe and seed"
+              if args.grid else f"bisection stops within {args.tolerance:.0%}") + ". All numbers *measured*.", "",
              f"| recipe | time to target (s) | bracket (s) | ratio vs {base['name']} | budgets tried (pass/fail) |",
              "|---|---|---|---|---|"]
     for r in results:
@@ -153,6 +205,9 @@ def parse_args(argv=None):
     p.add_argument("--min-budget", type=float, default=1.0, help="never try below this budget [1]")
     p.add_argument("--max-budget", type=float, default=3600.0,
                    help="give up above this budget (= --start = --min-budget: try that budget only) [3600]")
+    p.add_argument("--grid", default=None, help="budgets to try instead of searching, e.g. 120,170,240")
+    p.add_argument("--train-only", action="store_true", help="with --grid: train the runs, evaluate nothing")
+    p.add_argument("--eval-jobs", type=int, default=1, help="evaluations run at once (grid) [1]")
     p.add_argument("--target", type=float, default=0.89, help="robust accuracy target [0.89]")
     p.add_argument("--clean-target", type=float, default=0.98, help="clean accuracy target [0.98]")
     p.add_argument("--eval-args", default="--attack pgd --steps 50 --restarts 10",
@@ -166,6 +221,18 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds wants integers, got {args.seeds!r}")
+    if args.grid is not None:
+        try:
+            args.grid = sorted({float(b) for b in args.grid.split(",")})
+        except ValueError:
+            p.error(f"--grid wants budgets in seconds, got {args.grid!r}")
+        if args.grid[0] <= 0:
+            p.error("--grid budgets must be > 0")
+        args.gate_examples = 0  # a grid grades every run in full
+    elif args.train_only:
+        p.error("--train-only needs --grid")
+    if args.eval_jobs < 1:
+        p.error("--eval-jobs must be >= 1")
     if not 0 < args.min_budget <= args.start <= args.max_budget:
         p.error("--start must lie in [--min-budget, --max-budget], and budgets must be > 0")
     return args
@@ -174,7 +241,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [search(args, name, flags) for name, flags in args.recipe]
+    if args.grid is None:
+        results = [search(args, name, flags) for name, flags in args.recipe]
+    elif (results := grid(args)) is None:
+        return 0
     (args.out / "budget_search.json").write_text(json.dumps({"results": results}, indent=2) + "\n")
     (args.out / "budget_search.md").write_text(render(args, results))
     print((args.out / "budget_search.md").read_text())
