@@ -161,7 +161,8 @@ def grid(args) -> list[dict] | None:
         for budget in args.grid:
             rows[f"{budget:g}"] = [trials[name, budget, seed].measure() for seed in args.seeds]
             policy.record(budget, all(r["passed"] for r in rows[f"{budget:g}"]))
-        results.append({"name": name, "flags": shlex.join(recipe), **policy.answer(), "trials": rows})
+        # a grid is done when it has run: no bisection follows
+        results.append({"name": name, "flags": shlex.join(recipe), **policy.answer(), "done": True, "trials": rows})
     return results
 
 
