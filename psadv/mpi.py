@@ -33,6 +33,22 @@ def launched_by_mpi() -> bool:
     return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
+def launcher_mismatch(world_size: int, env) -> str | None:
+    """Why this job is broken when the launcher started more processes than MPI sees, else None.
+
+    An ``mpiexec`` of one MPI with an mpi4py built for another (MPICH's launcher, Open MPI's
+    library, say) starts N processes that each see a world of one: N servers, no attackers."""
+    sizes = [env.get(v, "") for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")]
+    if "SLURM_STEP_ID" in env:
+        sizes.append(env.get("SLURM_STEP_NUM_TASKS", ""))
+    launched = max((int(v) for v in sizes if v.isdigit()), default=0)
+    if launched > world_size:
+        return (f"the MPI launcher started {launched} processes but MPI sees {world_size}: mpiexec and mpi4py "
+                "belong to different MPI libraries; use the mpiexec of mpi4py's MPI (mpi4py's wheels: set "
+                "MPI4PY_MPIABI to the launcher's, e.g. mpich)")
+    return None
+
+
 @dataclass
 class World:
     """This rank's place in the job."""
@@ -62,6 +78,9 @@ def world() -> World | None:
         raise ConfigError(f"started by an MPI launcher but mpi4py cannot be imported: {exc}") from None
     comm = MPI.COMM_WORLD
     if comm.Get_size() < 2:
+        mismatch = launcher_mismatch(comm.Get_size(), os.environ)
+        if mismatch:
+            raise ConfigError(f"{mismatch} (mpi4py uses {MPI.Get_library_version().splitlines()[0].strip()})")
         return None
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     w = World(comm, comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), socket.gethostname())

@@ -22,7 +22,7 @@ import pytest
 from psadv import wire
 from psadv.checkpoint import find_checkpoint, load_checkpoint
 from psadv.metrics import row_problems
-from psadv.mpi import Backoff, launched_by_mpi
+from psadv.mpi import Backoff, launched_by_mpi, launcher_mismatch
 
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not on PATH")
@@ -207,6 +207,18 @@ def test_plain_process_is_not_mpi(monkeypatch):
                 "SLURM_STEP_ID"):
         monkeypatch.delenv(var, raising=False)
     assert not launched_by_mpi()
+
+
+def test_a_launcher_of_another_mpi_is_named_not_run_as_n_single_processes():
+    """mpiexec of MPICH with an mpi4py of Open MPI: three processes that each see a world of one."""
+    why = launcher_mismatch(1, {"PMI_SIZE": "3"})
+    assert why and "started 3 processes but MPI sees 1" in why and "MPI4PY_MPIABI" in why
+    assert "started 4" in launcher_mismatch(1, {"OMPI_COMM_WORLD_SIZE": "4"})
+    assert "started 2" in launcher_mismatch(1, {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"})
+    assert launcher_mismatch(3, {"PMI_SIZE": "3"}) is None  # the same MPI: fine
+    assert launcher_mismatch(1, {"PMI_SIZE": "1"}) is None  # mpiexec -n 1 is one process
+    assert launcher_mismatch(1, {"SLURM_STEP_NUM_TASKS": "2"}) is None  # a job's variable, not a step's
+    assert launcher_mismatch(1, {}) is None
 
 
 # --- whole jobs ------------------------------------------------------------------------------

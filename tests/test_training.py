@@ -67,6 +67,20 @@ def test_resume_continues_exactly(tmp_path, mnist_dir):
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_a_gpu_device_makes_cudnn_deterministic(monkeypatch):
+    """Exact resume on a GPU needs deterministic cuDNN kernels; the CPU leaves the flags alone."""
+    from psadv.devices import pick_device
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert pick_device("cpu").type == "cpu"
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert str(pick_device("auto", local_rank=3)) == "cuda:1"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
 def test_resume_from_run_dir_appends_and_keeps_counter(tmp_path, mnist_dir):
     run(tmp_path, mnist_dir, steps=10, checkpoint_every=0)
     summary = run(tmp_path, mnist_dir, resume=str(tmp_path / "run"), steps=15)
