@@ -96,7 +96,7 @@ def test_a_grid_trains_every_recipe_budget_and_seed_then_grades_them_apart(tmp_p
     assert not list(out.glob("*/T*/seed*/eval.json")) and not (out / "budget_search.json").exists()
     graded = subprocess.run([*cmd, "--eval-jobs", "3"], capture_output=True, text=True, timeout=600)
     assert graded.returncode == 0, graded.stderr
-    assert "psadv train" not in graded.stdout and graded.stdout.count("psadv eval") == 4  # trained once, graded once
+    assert "$ psadv train" not in graded.stdout and graded.stdout.count("$ psadv eval") == 4  # trained once, graded once
     results = {r["name"]: r for r in json.loads((out / "budget_search.json").read_text())["results"]}
     for r in results.values():
         assert set(r["tried"]) == {"1.0"} and len(r["trials"]["1"]) == 2
