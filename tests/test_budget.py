@@ -86,21 +86,21 @@ def test_a_grid_trains_every_recipe_budget_and_seed_then_grades_them_apart(tmp_p
     out = tmp_path / "grid"
     cmd = [sys.executable, str(ROOT / "scripts" / "budget_search.py"), "--out", str(out), "--data-dir", str(mnist_dir),
            "--recipe", "a=--batch-size 50 --attack-steps 1 --threads 1 --eval-examples 100", "--recipe",
-           "b=--batch-size 50 --attack-steps 2 --threads 1 --eval-examples 100", "--seeds", "0,1",
+           "b=--batch-size 50 --attack-steps 2 --threads 1 --eval-examples 100", "--seeds", "0",
            "--grid", "1", "--target", "0", "--clean-target", "0.5",
            "--eval-args", "--attack pgd --steps 1 --restarts 1 --examples 100 --threads 1"]
     trained = subprocess.run([*cmd, "--train-only"], capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr
     runs = sorted(out.glob("*/T*/seed*"))
-    assert len(runs) == 4 and all((r / "summary.json").exists() for r in runs)  # 2 recipes x 1 budget x 2 seeds
+    assert len(runs) == 2 and all((r / "summary.json").exists() for r in runs)  # 2 recipes x 1 budget x 1 seed
     assert not list(out.glob("*/T*/seed*/eval.json")) and not (out / "budget_search.json").exists()
     graded = subprocess.run([*cmd, "--eval-jobs", "3"], capture_output=True, text=True, timeout=600)
     assert graded.returncode == 0, graded.stderr
-    assert "$ psadv train" not in graded.stdout and graded.stdout.count("$ psadv eval") == 4  # trained once, graded once
+    assert "$ psadv train" not in graded.stdout and graded.stdout.count("$ psadv eval") == 2  # trained once, graded once
     results = {r["name"]: r for r in json.loads((out / "budget_search.json").read_text())["results"]}
     for r in results.values():
-        assert set(r["tried"]) == {"1.0"} and len(r["trials"]["1"]) == 2
-        for budget, ok in r["tried"].items():  # a budget passes when every seed reached the clean target
+        assert set(r["tried"]) == {"1.0"} and len(r["trials"]["1"]) == 1
+        for budget, ok in r["tried"].items():  # a budget passes when its runs reached the clean target
             rows = r["trials"][f"{float(budget):g}"]
             assert ok == all(t["clean_acc"] >= 0.5 for t in rows)
     assert "budgets 1 s, each for every recipe and seed" in (out / "budget_search.md").read_text()
