@@ -60,8 +60,10 @@ class Config:
     # but mask gradients more, so a black-box attack finds them weaker (README, "Robust MNIST in a
     # minute"); the default is judged by the strongest evaluation.
     attack: str = opt("pgd", "training attack", choices="attacks")
-    # PGD-10 is far cheaper than Madry's PGD-40 and, on MNIST, trains comparably robust nets.
-    attack_steps: int = opt(10, "PGD steps k (fgsm and fgsm-rs always take 1)", min=0)
+    # PGD-5: on MNIST it reaches 87% under the strong cascade (full test set, three seeds) sooner
+    # than PGD-10 and Madry's PGD-40, and with eight emulated attackers it trains as robust a model
+    # per version as PGD-10 (README, "Robust MNIST in a minute" and "N attackers, emulated").
+    attack_steps: int = opt(5, "PGD steps k (fgsm and fgsm-rs always take 1)", min=0)
     # 0 keeps each attack's rule: 2.5/k for PGD (Madry), 1.25 for fgsm-rs (Wong), 1 for fgsm.
     attack_step_ratio: float = opt(0.0, "attack step size relative to ε (0 = attack's default)", min=0.0)
     # A schedule of PGD steps, 'K0,K1@P1,K2@P2': K0 steps until progress P1, then K1, ...
@@ -181,8 +183,9 @@ RECIPES: dict[str, dict] = {
     "mnist": {},
     # ε = 0.1, the Fashion-MNIST budget of Wong & Kolter 2018 ("Provable defenses against adversarial
     # examples via the convex outer adversarial polytope", ICML) and of later robustness benchmarks;
-    # the rest of the MNIST recipe (net, PGD-10, Adam one-cycle) carries over to these 28x28 images.
-    "fashion-mnist": {"eps": 0.1},
+    # the rest of the MNIST recipe (net, Adam one-cycle) carries over to these 28x28 images. PGD-10:
+    # Fashion's rows in the README were measured with it; PGD-5 was measured on MNIST only.
+    "fashion-mnist": {"eps": 0.1, "attack_steps": 10},
     # The fast-adversarial recipe of Wong, Rice & Kolter 2020 ("Fast is better than free", ICLR):
     # PreAct-ResNet-18, FGSM with a random start (step 1.25ε) at ε = 8/255 without an ε ramp, SGD
     # with momentum 0.9 and weight decay 5e-4, a cyclic learning rate peaking at 0.2 (onecycle),

@@ -202,7 +202,7 @@ class Study:
         self.report(4, "--baseline", "runs/madry-pgd40")
 
     def part5(self, part_dir: Path) -> None:
-        # the default recipe (PGD-10) at a fixed budget; periodic evaluation finds the versions to target
+        # the default recipe at a fixed budget; periodic evaluation finds the versions to target
         common = [*self.budget(self.args.epochs_attackers),
                   *(self.periodic_eval() if self.quick else
                     ["--eval-examples", str(self.args.eval_examples), "--eval-every", "300"])]

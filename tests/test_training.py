@@ -184,7 +184,7 @@ def test_a_time_budget_buys_training_not_monitoring():
 
 
 def test_the_start_up_line_names_the_adversary():
-    assert adversary_line(make_config({})) == "adversary: PGD-10 linf eps=0.3"
+    assert adversary_line(make_config({})) == "adversary: PGD-5 linf eps=0.3"
     assert adversary_line(make_config({"attack": "fgsm-rs", "reuse_perturbations": True})) == \
         "adversary: FGSM-RS linf eps=0.3, reused perturbations"
     assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
