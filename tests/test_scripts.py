@@ -372,7 +372,7 @@ def test_bench_core_prices_madrys_original_recipe(mnist_dir):
 CHILD = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
-signal.signal(signal.SIGTERM, lambda *_: (out.with_name("child-stopped").write_text("saved"), sys.exit(0)))
+signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").write_text("saved"), sys.exit(0)))
 out.write_text("ready")
 time.sleep(60)
 """
@@ -396,17 +396,10 @@ def test_run_child_passes_a_kill_on_to_the_child_and_exits_with_its_signal(tmp_p
     assert ready.exists(), "the child never started"
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
-    assert (tmp_path / "child-stopped").read_text() == "saved"  # the child stopped its own way, not orphaned
+    assert (tmp_path / "ready.stopped").read_text() == "saved"  # the child stopped its own way, not orphaned
     assert parent.stdout.read() == ""  # the script ended at the signal, not after the child
 
 
-MANY_CHILD = """
-import pathlib, signal, sys, time
-out = pathlib.Path(sys.argv[1])
-signal.signal(signal.SIGTERM, lambda *_: (out.with_suffix(".stopped").write_text("saved"), sys.exit(0)))
-out.write_text("ready")
-time.sleep(60)
-"""
 MANY_PARENT = """
 import sys
 from psadv.report.child import run_children
@@ -419,7 +412,7 @@ def test_run_children_keeps_to_jobs_and_a_kill_stops_every_running_child_and_sta
 
     codes = run_children([([sys.executable, "-c", f"raise SystemExit({c})"], {}) for c in (3, 0, 5)], jobs=2)
     assert codes == [3, 0, 5]  # in the order given, not the order they ended
-    parent = subprocess.Popen([sys.executable, "-c", MANY_PARENT, MANY_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+    parent = subprocess.Popen([sys.executable, "-c", MANY_PARENT, CHILD, str(tmp_path)], stdout=subprocess.PIPE,
                               text=True)
     deadline = time.monotonic() + 30
     while not all((tmp_path / f"c{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:

@@ -64,6 +64,8 @@ def run_children(cmds: list[tuple[list[str], dict]], jobs: int) -> list[int]:
                 index = pending.pop(0)
                 cmd, kwargs = cmds[index]
                 running[index] = subprocess.Popen(cmd, **kwargs)
+                if caught:  # the signal came while this child was starting
+                    running[index].send_signal(caught[0])
             for index, proc in list(running.items()):
                 if proc.poll() is not None:
                     codes[index] = proc.returncode
