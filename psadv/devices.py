@@ -32,7 +32,7 @@ def deterministic_cudnn() -> None:
 
     Exact resume and "evaluation does not change training" promise bit-identical weights; cuDNN's
     default choice of backward kernels accumulates with atomics, in an order that changes from run
-    to run, so two identical GPU runs drift apart in the last bits (README, "GPUs")."""
+    to run, so two identical GPU runs drift apart in the last bits (README, "On a GPU")."""
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
