@@ -424,3 +424,16 @@ def test_run_children_keeps_to_jobs_and_a_kill_stops_every_running_child_and_sta
     assert all((tmp_path / f"c{i}.stopped").read_text() == "saved" for i in (0, 1))
     assert not (tmp_path / "c2").exists() and parent.stdout.read() == ""
 
+
+
+def test_a_child_started_after_a_signal_still_gets_it_and_the_handlers_come_back():
+    from psadv.report.child import _Forwarding
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with _Forwarding() as forwarding:
+        forwarding._forward(signal.SIGTERM, None)  # as if it came between two starts
+        proc = forwarding.start([sys.executable, "-c", "import time; time.sleep(30)"], {})
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        with pytest.raises(SystemExit) as stop:
+            forwarding.exit_if_caught()
+    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGUSR1) is before

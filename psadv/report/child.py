@@ -17,27 +17,46 @@ import time
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
+class _Forwarding:
+    """While entered: FORWARDED signals are recorded and passed on to every live child."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.live: list[subprocess.Popen] = []
+        self._signalled: set[subprocess.Popen] = set()  # children the handler reached
+
+    def __enter__(self) -> "_Forwarding":
+        self._previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _forward(self, signum, _frame) -> None:
+        self.caught.append(signum)
+        for proc in self.live:
+            proc.send_signal(signum)
+            self._signalled.add(proc)
+
+    def start(self, cmd: list[str], popen_kwargs: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, **popen_kwargs)
+        self.live.append(proc)
+        if self.caught and proc not in self._signalled:  # the signal came while it was starting
+            proc.send_signal(self.caught[0])
+        return proc
+
+    def exit_if_caught(self) -> None:
+        if self.caught:
+            raise SystemExit(128 + self.caught[0])
+
+
 def run_child(cmd: list[str], **popen_kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, **popen_kwargs)`` that forwards FORWARDED signals to the child, then exits."""
-    caught: list[int] = []
-    proc: subprocess.Popen | None = None
-
-    def forward(signum, _frame):
-        caught.append(signum)
-        if proc is not None:
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-    try:
-        with subprocess.Popen(cmd, **popen_kwargs) as proc:
-            if caught:  # the signal came while the child was starting
-                proc.send_signal(caught[0])
+    with _Forwarding() as forwarding:
+        with forwarding.start(cmd, popen_kwargs) as proc:
             stdout, stderr = proc.communicate()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        raise SystemExit(128 + caught[0])
+    forwarding.exit_if_caught()
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -47,36 +66,24 @@ def run_children(cmds: list[tuple[list[str], dict]], jobs: int) -> list[int]:
     FORWARDED signals go to every running child, no new one starts, and the script exits with
     128 + the signal's number once the running ones have stopped.
     """
-    caught: list[int] = []
-    running: dict[int, subprocess.Popen] = {}
-
-    def forward(signum, _frame):
-        caught.append(signum)
-        for proc in running.values():
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     codes: list[int | None] = [None] * len(cmds)
-    try:
+    with _Forwarding() as forwarding:
+        running: dict[int, subprocess.Popen] = {}
         pending = list(range(len(cmds)))
-        while (pending and not caught) or running:
-            while pending and len(running) < jobs and not caught:
-                index = pending.pop(0)
-                cmd, kwargs = cmds[index]
-                running[index] = subprocess.Popen(cmd, **kwargs)
-                if caught:  # the signal came while this child was starting
-                    running[index].send_signal(caught[0])
-            for index, proc in list(running.items()):
-                if proc.poll() is not None:
-                    codes[index] = proc.returncode
-                    del running[index]
-            if running:
-                time.sleep(0.2)  # a poll, not a spin: the children hold the cores
-    finally:
-        for proc in running.values():
-            proc.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        raise SystemExit(128 + caught[0])
+        try:
+            while (pending and not forwarding.caught) or running:
+                while pending and len(running) < jobs and not forwarding.caught:
+                    index = pending.pop(0)
+                    running[index] = forwarding.start(*cmds[index])
+                for index, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        codes[index] = proc.returncode
+                        forwarding.live.remove(proc)
+                        del running[index]
+                if running:
+                    time.sleep(0.2)  # a poll, not a spin: the children hold the cores
+        finally:
+            for proc in running.values():
+                proc.wait()
+    forwarding.exit_if_caught()
     return codes
