@@ -103,7 +103,7 @@ class Trial:
         final = self.evaluate(None, "eval.json")
         passed = final["robust_acc"] >= self.args.target and final["clean_acc"] >= self.args.clean_target
         return {**row, "clean_acc": final["clean_acc"], "robust_acc": final["robust_acc"],
-                "attack": final["attack"], "passed": passed, "by": "final"}
+                "attack": final["attack"], "examples": final["examples"], "passed": passed, "by": "final"}
 
 
 def search(args, name: str, recipe: list[str]) -> dict:
@@ -168,10 +168,13 @@ def grid(args) -> list[dict] | None:
 
 def render(args, results: list[dict]) -> str:
     base = results[0]
+    # what graded the runs, read from their eval.json: a grid may have been graded by another command
+    graded = sorted({(t["attack"], t["examples"]) for r in results for rows in r["trials"].values() for t in rows
+                     if t["by"] == "final"})
     lines = ["# Time to target by budget search", "",
              f"`python {shlex.join(sys.argv)}`", "",
-             f"Target: robust ≥ {args.target:.1%} and clean ≥ {args.clean_target:.1%} under `psadv eval "
-             f"{args.eval_args}`{'' if '--examples' in args.eval_args else ' on the full test set'}, for each of "
+             f"Target: robust ≥ {args.target:.1%} and clean ≥ {args.clean_target:.1%} in the final evaluation "
+             f"({'; '.join(f'{attack} on {n:,} test images' for attack, n in graded) or 'none yet'}), for each of "
              f"seeds {', '.join(map(str, args.seeds))}; " +
              (f"budgets {', '.join(f'{b:g}' for b in args.grid)} s, each for every recipe and seed"
               if args.grid else f"bisection stops within {args.tolerance:.0%}") + ". All numbers *measured*.", "",
@@ -184,13 +187,15 @@ def render(args, results: list[dict]) -> str:
         lines.append(f"| {r['name']} (`{r['flags']}`) | {ttt} | {r['bracket'][0]}–{r['bracket'][1]} | "
                      f"{'–' if rat is None else f'{rat:.2f}×'} | {tried} |")
     lines += ["", "Per trial (seed: clean / robust, wall seconds incl. start-up):", ""]
+
+    def cell(t: dict) -> str:
+        if t["by"] == "gate":
+            return f"seed {t['seed']}: gate {t['gate_robust_acc']:.1%}, {t['wall_seconds']:.0f}s"
+        by = f" ({t['attack']}, {t['examples']:,})" if len(graded) > 1 else ""
+        return f"seed {t['seed']}: {t['clean_acc']:.2%} / {t['robust_acc']:.2%}{by}, {t['wall_seconds']:.0f}s"
     for r in results:
         for budget, rows in r["trials"].items():
-            cells = "; ".join(
-                f"seed {t['seed']}: " + (f"{t['clean_acc']:.2%} / {t['robust_acc']:.2%}" if t["by"] == "final"
-                                         else f"gate {t['gate_robust_acc']:.1%}") + f", {t['wall_seconds']:.0f}s"
-                for t in rows)
-            lines.append(f"- {r['name']} at {budget}s: {cells}")
+            lines.append(f"- {r['name']} at {budget}s: {'; '.join(cell(t) for t in rows)}")
     return "\n".join(lines) + "\n"
 
 

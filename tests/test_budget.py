@@ -77,7 +77,7 @@ def test_budget_search_script_runs_trials_and_keeps_them(tmp_path, mnist_dir):
     trial = result["trials"]["2"][0]
     assert trial["passed"] and trial["wall_seconds"] > 2 and trial["versions"] > 0
     report = (out / "budget_search.md").read_text()
-    assert "| tiny" in report and "--examples 100`, for each of seeds 0" in report  # not "the full test set"
+    assert "| tiny" in report and "(PGD-1 linf eps=0.3 on 100 test images), for each of seeds 0" in report
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "psadv train" not in again.stdout  # finished trials are kept
 
@@ -104,4 +104,12 @@ def test_a_grid_trains_every_recipe_budget_and_seed_then_grades_them_apart(tmp_p
             rows = r["trials"][f"{float(budget):g}"]
             assert ok == all(t["clean_acc"] >= 0.5 for t in rows)
     assert "budgets 1 s, each for every recipe and seed" in (out / "budget_search.md").read_text()
+    # graded elsewhere by another attack: the report names what each eval.json holds, not --eval-args
+    other = next(out.glob("a/T*/seed0/eval.json"))
+    other.write_text(json.dumps({**json.loads(other.read_text()), "attack": "strong linf eps=0.3", "examples": 10000}))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "$ psadv" not in again.stdout, again.stderr
+    report = (out / "budget_search.md").read_text()
+    assert "(PGD-1 linf eps=0.3 on 100 test images; strong linf eps=0.3 on 10,000 test images)" in report
+    assert "(strong linf eps=0.3, 10,000)" in report and "(PGD-1 linf eps=0.3, 100)" in report
 
