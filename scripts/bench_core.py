@@ -9,6 +9,12 @@
         the final checkpoint with PGD-50 x 10 restarts on the full 10,000-image test set and
         reports wall-clock minutes, clean and robust accuracy
 
+    python scripts/bench_core.py arithmetic --data-dir ../shared/data
+        examples/s of one adversarial training version (PGD-k, then the training step) as psadv runs
+        it (eager, NCHW) side by side with channels_last and torch.compile, the variants taking
+        turns so that the VM's drift reaches them alike; torch.compile's first-call (compile)
+        seconds reported apart
+
     python scripts/bench_core.py madry --data-dir ../shared/data
         the per-version cost of Madry et al.'s original MNIST recipe (mnist-madry, PGD-40 of step
         0.01 at ε=0.3 from a random start, Adam 1e-4, batch 50), measured on real training steps,
@@ -81,6 +87,52 @@ def throughput(args) -> dict:
     return out
 
 
+def arithmetic(args) -> dict:
+    data = load_dataset("mnist", "train", args.data_dir)
+    x, y = torch.tensor(data.x[:args.batch_size]), torch.tensor(data.y[:args.batch_size])
+    attack = Attack(name="pgd", eps=0.3, steps=args.attack_steps)
+
+    def variant(memory_format: torch.memory_format, compiled: bool):
+        torch.manual_seed(0)
+        model = build_model(args.model, in_channels=1, num_classes=10).to(memory_format=memory_format)
+        net = torch.compile(model) if compiled else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        inputs = x.contiguous(memory_format=memory_format)
+
+        def version():
+            x_adv = perturb(net, inputs, y, attack)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x_adv), y).backward()
+            optimizer.step()
+        return version
+
+    variants = {"eager": variant(torch.contiguous_format, False),
+                "channels_last": variant(torch.channels_last, False),
+                "compile": variant(torch.contiguous_format, True)}
+    first_call = {}
+    for name, version in variants.items():  # the first call compiles (torch.compile) or warms up
+        start = time.perf_counter()
+        version()
+        version()  # eval and train mode: a compiled model is specialised on each
+        first_call[name] = round(time.perf_counter() - start, 2)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, version in variants.items():
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                version()
+                calls += 1
+            rates[name].append(calls * len(y) / (time.perf_counter() - start))
+    medians = {name: sorted(r)[len(r) // 2] for name, r in rates.items()}
+    return {"model": args.model, "batch_size": args.batch_size, "attack": f"PGD-{args.attack_steps}",
+            "machine": machine(), "rounds": args.rounds, "seconds_per_round": args.seconds,
+            "first_two_calls_s": first_call,
+            "examples_per_s_median": {name: round(r, 1) for name, r in medians.items()},
+            "examples_per_s_rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()},
+            "ratio_to_eager": {name: round(r / medians["eager"], 3) for name, r in medians.items()}}
+
+
 # Madry et al. 2018, MNIST challenge (github.com/MadryLab/mnist_challenge, config.json).
 MADRY = {"model": "mnist-madry", "eps": 0.3, "steps": 40, "step_size": 0.01, "lr": 1e-4, "batch_size": 50,
          "versions": 100_000}
@@ -136,7 +188,7 @@ def robust(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("throughput", "robust", "madry"):
+    for name in ("throughput", "robust", "madry", "arithmetic"):
         p = sub.add_parser(name)
         p.add_argument("--data-dir", default="../shared/data")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -144,12 +196,17 @@ def main() -> None:
     sub.choices["throughput"].add_argument("--model", default="mnist-small")
     sub.choices["throughput"].add_argument("--batch-size", type=int, default=100)
     sub.choices["throughput"].add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    sub.choices["arithmetic"].add_argument("--model", default="mnist-small")
+    sub.choices["arithmetic"].add_argument("--batch-size", type=int, default=100)
+    sub.choices["arithmetic"].add_argument("--attack-steps", type=int, default=5)
+    sub.choices["arithmetic"].add_argument("--seconds", type=float, default=5.0, help="seconds per variant and round")
+    sub.choices["arithmetic"].add_argument("--rounds", type=int, default=5, help="rounds; each variant once per round")
     sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
     args = parser.parse_args()
     set_threads(args.threads)
-    result = {"throughput": throughput, "robust": robust, "madry": madry}[args.what](args)
+    result = {"throughput": throughput, "robust": robust, "madry": madry, "arithmetic": arithmetic}[args.what](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
