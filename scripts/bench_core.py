@@ -107,9 +107,12 @@ def arithmetic(args) -> dict:
             optimizer.step()
         return version
 
-    variants = {"eager": variant(torch.contiguous_format, False),
-                "channels_last": variant(torch.channels_last, False),
-                "compile": variant(torch.contiguous_format, True)}
+    settings = {"eager": (torch.contiguous_format, False), "channels_last": (torch.channels_last, False),
+                "compile": (torch.contiguous_format, True)}
+    names = [name.strip() for name in args.variants.split(",")]
+    if "eager" not in names or not set(names) <= set(settings):
+        raise SystemExit(f"bench_core: --variants takes eager and any of {', '.join(settings)}")
+    variants = {name: variant(*settings[name]) for name in names}
     first_call = {}
     for name, version in variants.items():  # the first call compiles (torch.compile) or warms up
         start = time.perf_counter()
@@ -200,6 +203,8 @@ def main() -> None:
     sub.choices["arithmetic"].add_argument("--batch-size", type=int, default=100)
     sub.choices["arithmetic"].add_argument("--attack-steps", type=int, default=5)
     sub.choices["arithmetic"].add_argument("--seconds", type=float, default=5.0, help="seconds per variant and round")
+    sub.choices["arithmetic"].add_argument("--variants", default="eager,channels_last,compile",
+                                           help="what to compare with eager (the baseline, always run)")
     sub.choices["arithmetic"].add_argument("--rounds", type=int, default=5, help="rounds; each variant once per round")
     sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
