@@ -204,7 +204,7 @@ def main() -> None:
     sub.choices["arithmetic"].add_argument("--attack-steps", type=int, default=5)
     sub.choices["arithmetic"].add_argument("--seconds", type=float, default=5.0, help="seconds per variant and round")
     sub.choices["arithmetic"].add_argument("--variants", default="eager,channels_last,compile",
-                                           help="what to compare with eager (the baseline, always run)")
+                                           help="the variants to run, eager (the baseline of the ratios) among them")
     sub.choices["arithmetic"].add_argument("--rounds", type=int, default=5, help="rounds; each variant once per round")
     sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
