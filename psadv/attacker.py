@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.nn import functional as F
 
 from . import schedules, wire
 from .attacks import PerturbationMemory, perturb
 from .augment import augment_batch
 from .data import BatchStream, shard_indices
+from .gradalign import training_loss
 from .errors import CheckpointError
 from .models import build_model, flat_state, float_buffers, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
@@ -42,7 +42,7 @@ class Attacker:
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
         self.layout = wire.push_layout(self.mode, shape=train_set.x.shape[1:], batch_size=cfg.batch_size,
                                        wire_dtype=cfg.wire_dtype, model=self.model,
-                                       train_size=len(train_set) if cfg.refine_steps else None)
+                                       train_size=len(train_set) if cfg.refine_steps or cfg.grad_align else None)
         self.slots = [wire.Message(self.layout.max_bytes) for _ in range(cfg.max_in_flight)]
         self.params_in = wire.Message(self.n_state * 4)
         self.control_in = wire.Message(0)
@@ -137,7 +137,8 @@ class Attacker:
                                       y.cpu().numpy(), idx)
         else:
             self.model.train()
-            loss = F.cross_entropy(self.model(x_adv), y)
+            loss, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
+                                    norm=attack.norm)
             grads = torch.autograd.grad(loss, self.params)
             nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
                                       [b.detach().float().cpu().numpy() for b in self.buffers])

@@ -74,6 +74,12 @@ class Config:
     # collapsing (README, "Robust MNIST in a minute"). Off by default, as is FGSM-RS: see ``attack``.
     reuse_perturbations: bool = opt(False, "start each example's attack from its perturbation of the last epoch "
                                     "(kept per example; attackers keep their shard's)")
+    # One-step training collapses when the input gradients inside the ε-ball stop agreeing; GradAlign
+    # (Andriushchenko & Flammarion 2020) penalises their disagreement, at about twice FGSM training's
+    # cost (psadv.gradalign). Off by default: PGD-5 needs no help and reuse keeps FGSM-RS from
+    # collapsing for less (README, "GradAlign").
+    grad_align: float = opt(0.0, "weight λ of the GradAlign regulariser, λ·(1 − cos) of the input gradients "
+                            "at x and at a random point of the ε-ball (0 = off)", min=0.0)
 
     # --- optimisation ------------------------------------------------------------------------
     # Adam with a one-cycle peak of 5e-3 is the measured recipe (README, "Measured"): 15 epochs of

@@ -65,6 +65,12 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             # the server refines inside the ε-ball of the clean examples, which it reads unaugmented
             raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
                               "attackers' augmented batches)")
+        if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
+            from .errors import ConfigError
+
+            # the server regularises around the clean examples, which it reads unaugmented
+            raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
+                              "the attackers' augmented batches); --push gradients computes it on the attackers")
         if cfg.emulate_attackers or cfg.emulate_staleness:
             from .errors import ConfigError
 

@@ -64,9 +64,10 @@ class Server:
         self.n_state = flat_state(trainer.model).numel()
         info = dataset_info(cfg.dataset, cfg.data_dir or None)
         self.num_classes = info.num_classes
-        # --refine-steps: stale examples are attacked further from their clean originals, which
-        # the pushes name by index into the training set every rank holds
-        self.x_train = train_set.x if cfg.refine_steps and self.mode == "examples" else None
+        # --refine-steps: stale examples are attacked further from their clean originals, and
+        # --grad-align regularises around them; the pushes name them by index into the training set
+        # every rank holds
+        self.x_train = train_set.x if (cfg.refine_steps or cfg.grad_align) and self.mode == "examples" else None
         self.layout = wire.push_layout(self.mode, shape=info.shape, batch_size=cfg.batch_size,
                                        wire_dtype=cfg.wire_dtype, model=trainer.model,
                                        train_size=len(self.x_train) if self.x_train is not None else None)
@@ -205,11 +206,14 @@ class Server:
             x, y = self.layout.views(msg, count)
             x = torch.from_numpy(x).to(self.trainer.device, torch.float32)
             y = torch.from_numpy(y).to(self.trainer.device, torch.int64)
-            if self.x_train is not None and verdict.tau > 0:
+            refining = self.cfg.refine_steps and verdict.tau > 0
+            clean = None
+            if self.x_train is not None and (refining or self.cfg.grad_align):
                 clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)
+            if refining:
                 x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
                                                                      self.cfg.refine_step_ratio), start=x)
-            out = trainer.step(x, y)
+            out = trainer.step(x, y, clean=clean)
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]
             self._window["steps"] += 1

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import __version__, rundir, schedules
@@ -32,6 +31,7 @@ from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify
 from .devices import pick_device, set_threads
 from .emulate import Emulation
 from .evaluate import AccuracyJob
+from .gradalign import training_loss
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, is_factory_ref, load_flat_state_, model_args_for
 from .trackers import check_installed, open_sinks
@@ -258,12 +258,14 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def step(self, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
-        """One optimizer step on adversarial examples; the model version advances by one."""
+    def step(self, x_adv: torch.Tensor, y: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
+        """One optimizer step on adversarial examples; the model version advances by one. ``clean``:
+        the examples they were made from, which --grad-align needs."""
         lr = self._set_lr()
         self.model.train()
-        logits = self.model(x_adv)
-        loss = F.cross_entropy(logits, y)
+        attack = self.attack()
+        loss, logits = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
+                                     eps=attack.eps, norm=attack.norm)
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # before the step: the model stays as it was
             raise self.diverged(f"the training loss is {loss_value} (learning rate {lr:g})")
@@ -486,7 +488,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             if cfg.refine_steps and stale:
                 x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
                                                                               cfg.refine_step_ratio), start=x_adv)
-            out = trainer.step(x_adv, y)
+            out = trainer.step(x_adv, y, clean=x)
             if emulation:
                 emulation.applied(trainer.version)
             window["examples"] += len(y)
@@ -562,6 +564,7 @@ def adversary_line(cfg: Config) -> str:
     text = f"adversary: {name} {cfg.norm} eps={cfg.eps:g}"
     if cfg.attack_restarts > 1:
         text += f" x{cfg.attack_restarts} restarts"
+    text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""
     return text + (", reused perturbations" if cfg.reuse_perturbations else "")
 
 

@@ -13,7 +13,9 @@ roles' real methods, then runs the ordinary CLI. ``FAULT`` is ``KIND,rank=R,afte
 * ``fail-setup``: attacker R fails at start-up with a user error (after rank 0 made the run
   directory);
 * ``count-refines``: no fault: the server (R = 0) counts the pushes it refines
-  (``--refine-steps``) and prints ``refined N pushes`` on exit.
+  (``--refine-steps``) and prints ``refined N pushes`` on exit;
+* ``count-grad-align``: no fault: rank R counts the GradAlign penalties it computes
+  (``--grad-align``) and prints ``rank R: GradAlign penalties N`` on exit.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ STALL_SECONDS = 60.0
 def parse(text: str) -> tuple[str, int, int]:
     kind, *rest = text.split(",")
     fields = dict(part.split("=", 1) for part in rest)
-    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "count-refines"):
+    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "count-refines",
+                    "count-grad-align"):
         raise SystemExit(f"fault_entry: unknown fault {kind!r}")
     return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
 
@@ -46,6 +49,20 @@ def install(kind: str, rank: int, after: int) -> None:
             raise UsageError("injected start-up error (tests/fault_entry.py)")
 
         attacker.Attacker.__init__ = failing_init
+        return
+    if kind == "count-grad-align":
+        import atexit
+
+        from psadv import gradalign
+
+        real_penalty, penalties = gradalign.grad_align_penalty, [0]
+
+        def grad_align_penalty(*args, **kwargs):
+            penalties[0] += 1
+            return real_penalty(*args, **kwargs)
+
+        gradalign.grad_align_penalty = grad_align_penalty
+        atexit.register(lambda: print(f"rank {me}: GradAlign penalties {penalties[0]}", file=sys.stderr, flush=True))
         return
     if rank > 0:
         import torch

@@ -294,6 +294,28 @@ def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
 
 
 @needs_mpi
+@pytest.mark.parametrize("push,rank", [("examples", 0), ("gradients", 1)])
+def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, push, rank):
+    """Pushes of examples: the server regularises around the clean examples the indices name;
+    pushes of gradients: each attacker adds the penalty to the loss it differentiates."""
+    run = tmp_path / push
+    res = run_job(3, mnist_dir, run, "--steps", "10", "--push", push, "--attack", "fgsm", "--grad-align", "0.5",
+                  "--eps-ramp", "0", "--refine-steps", "0", *SMALL, fault=f"count-grad-align,rank={rank}")
+    assert res.returncode == 0, res.stderr
+    assert "GradAlign λ=0.5" in res.stderr or "GradAlign λ=0.5" in res.stdout
+    penalties = int(re.search(rf"rank {rank}: GradAlign penalties (\d+)", res.stderr).group(1))
+    s = summary(run)
+    if push == "examples":
+        assert penalties == s["version"] == 10  # one per optimizer step, on the server
+    else:
+        assert 0 < penalties <= s["version"] + 2  # one per push of attacker 1 (in flight at the end too)
+    if push == "examples":
+        bad = run_job(3, mnist_dir, tmp_path / "a", "--steps", "5", "--grad-align", "0.5", "--augment", "crop-flip",
+                      *SMALL)
+        assert bad.returncode == 2 and "--grad-align with --push examples needs --augment none" in bad.stderr
+
+
+@needs_mpi
 def test_attackers_reuse_their_shards_perturbations(tmp_path, mnist_dir):
     run = tmp_path / "reuse"
     res = run_job(3, mnist_dir, run, "--steps", "12", "--reuse-perturbations", "--checkpoint-every", "0", *SMALL)
