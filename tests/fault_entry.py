@@ -36,6 +36,21 @@ def parse(text: str) -> tuple[str, int, int]:
     return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
 
 
+def count_calls(module, name: str, before: str, after: str = "") -> None:
+    """Count the calls of ``module.name`` (looked up there at each call) and print
+    ``{before} N {after}`` on exit."""
+    import atexit
+
+    real, calls = getattr(module, name), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
+    atexit.register(lambda: print(f"{before} {calls[0]} {after}".rstrip(), file=sys.stderr, flush=True))
+
+
 def install(kind: str, rank: int, after: int) -> None:
     from psadv import attacker, server
 
@@ -51,18 +66,9 @@ def install(kind: str, rank: int, after: int) -> None:
         attacker.Attacker.__init__ = failing_init
         return
     if kind == "count-grad-align":
-        import atexit
-
         from psadv import gradalign
 
-        real_penalty, penalties = gradalign.grad_align_penalty, [0]
-
-        def grad_align_penalty(*args, **kwargs):
-            penalties[0] += 1
-            return real_penalty(*args, **kwargs)
-
-        gradalign.grad_align_penalty = grad_align_penalty
-        atexit.register(lambda: print(f"rank {me}: GradAlign penalties {penalties[0]}", file=sys.stderr, flush=True))
+        count_calls(gradalign, "grad_align_penalty", f"rank {me}: GradAlign penalties")
         return
     if rank > 0:
         import torch
@@ -81,16 +87,7 @@ def install(kind: str, rank: int, after: int) -> None:
         attacker.perturb = perturb
         return
     if kind == "count-refines":
-        import atexit
-
-        real_refine, refined = server.refine, [0]
-
-        def refine(*args, **kwargs):
-            refined[0] += 1
-            return real_refine(*args, **kwargs)
-
-        server.refine = refine
-        atexit.register(lambda: print(f"refined {refined[0]} pushes", file=sys.stderr, flush=True))
+        count_calls(server, "refine", "refined", "pushes")
     elif kind == "reject":
         def reject(self, msg, src):
             time.sleep(0.2)  # slower than any attacker here: the queue never empties
