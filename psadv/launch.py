@@ -16,7 +16,8 @@ import os
 
 import click
 
-from .errors import PsadvError
+from .config import Config
+from .errors import ConfigError, PsadvError
 from .training import adversary_line, check_batch_size, open_run_dir, resolve_run, summary_line, train_single
 
 
@@ -31,6 +32,22 @@ def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite:
     click.echo(f"psadv: run directory {setup.run_dir}; {adversary_line(setup.cfg)}", err=True)
     summary = train_single(setup, show_progress=show_progress)
     click.echo(summary_line(summary))
+
+
+def check_mpi_options(cfg: Config) -> None:
+    """Options that cannot work with a server and attackers: ConfigError on the first."""
+    if cfg.refine_steps and cfg.push != "examples":
+        raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
+    # the server refines, and regularises, around the clean examples, which it reads unaugmented
+    if cfg.refine_steps and cfg.augment != "none":
+        raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
+                          "attackers' augmented batches)")
+    if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
+        raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
+                          "the attackers' augmented batches); --push gradients computes it on the attackers")
+    if cfg.emulate_attackers or cfg.emulate_staleness:
+        raise ConfigError("--emulate-attackers and --emulate-staleness are for one process; under MPI "
+                          "the attackers are real")
 
 
 def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool,
@@ -55,27 +72,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             check_installed(cfg.log)
         check_batch_size(cfg.batch_size, len(train_set) // w.n_attackers,
                          f"an attacker's shard with {w.n_attackers} attackers")
-        if cfg.refine_steps and cfg.push != "examples":
-            from .errors import ConfigError
-
-            raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
-        if cfg.refine_steps and cfg.augment != "none":
-            from .errors import ConfigError
-
-            # the server refines inside the ε-ball of the clean examples, which it reads unaugmented
-            raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
-                              "attackers' augmented batches)")
-        if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
-            from .errors import ConfigError
-
-            # the server regularises around the clean examples, which it reads unaugmented
-            raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
-                              "the attackers' augmented batches); --push gradients computes it on the attackers")
-        if cfg.emulate_attackers or cfg.emulate_staleness:
-            from .errors import ConfigError
-
-            raise ConfigError("--emulate-attackers and --emulate-staleness are for one process; under MPI "
-                              "the attackers are real")
+        check_mpi_options(cfg)
     except PsadvError as exc:
         error = exc
     except BaseException as exc:  # noqa: BLE001 - any bug ends the job, never a hang

@@ -21,6 +21,9 @@ import pytest
 
 from psadv import wire
 from psadv.checkpoint import find_checkpoint, load_checkpoint
+from psadv.config import make_config
+from psadv.errors import ConfigError
+from psadv.launch import check_mpi_options
 from psadv.metrics import row_problems
 from psadv.mpi import Backoff, launched_by_mpi, launcher_mismatch
 
@@ -287,10 +290,6 @@ def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
     assert refined == stale > 0  # every applied push with τ > 0, and nothing else
     # float32 pixels, an int32 label and an int32 index per example, and the header per push of 50
     assert s["push_bytes_per_example"] == pytest.approx(28 * 28 * 4 + 4 + 4 + wire.HEADER_BYTES / 50, abs=0.1)
-    bad = run_job(3, mnist_dir, tmp_path / "g", "--steps", "5", "--refine-steps", "1", "--push", "gradients", *SMALL)
-    assert bad.returncode == 2 and "needs --push examples" in bad.stderr
-    bad = run_job(3, mnist_dir, tmp_path / "a", "--steps", "5", "--refine-steps", "1", "--augment", "crop-flip", *SMALL)
-    assert bad.returncode == 2 and "needs --augment none" in bad.stderr
 
 
 @needs_mpi
@@ -309,10 +308,22 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
         assert penalties == s["version"] == 10  # one per optimizer step, on the server
     else:
         assert 0 < penalties <= s["version"] + 2  # one per push of attacker 1 (in flight at the end too)
-    if push == "examples":
-        bad = run_job(3, mnist_dir, tmp_path / "a", "--steps", "5", "--grad-align", "0.5", "--augment", "crop-flip",
-                      *SMALL)
-        assert bad.returncode == 2 and "--grad-align with --push examples needs --augment none" in bad.stderr
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"refine_steps": 1, "push": "gradients"}, "--refine-steps continues stale adversarial examples: it needs --push examples"),
+    ({"refine_steps": 1, "augment": "crop-flip"}, "--refine-steps under MPI needs --augment none"),
+    ({"grad_align": 0.5, "augment": "crop-flip"}, "--grad-align with --push examples needs --augment none"),
+    ({"emulate_attackers": 8}, "--emulate-attackers and --emulate-staleness are for one process"),
+])
+def test_options_that_cannot_work_under_mpi_are_refused_on_every_rank(values, message):
+    """Every rank runs this check in the first collective phase, so the job ends at once with the
+    message printed once (test_user_error_on_rank0_ends_every_rank: an error on every rank)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_mpi_options(make_config(values))
+    check_mpi_options(make_config({**values, "augment": "none", "push": "examples", "refine_steps": 0,
+                                   "emulate_attackers": 0}))
+    check_mpi_options(make_config({"grad_align": 0.5, "augment": "crop-flip", "push": "gradients"}))
 
 
 @needs_mpi
