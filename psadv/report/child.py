@@ -46,6 +46,11 @@ class _Forwarding:
             proc.send_signal(self.caught[0])
         return proc
 
+    def done(self, proc: subprocess.Popen) -> None:
+        """``proc`` has exited: no signal goes to it any more."""
+        self.live.remove(proc)
+        self._signalled.discard(proc)
+
     def exit_if_caught(self) -> None:
         if self.caught:
             raise SystemExit(128 + self.caught[0])
@@ -78,7 +83,7 @@ def run_children(cmds: list[tuple[list[str], dict]], jobs: int) -> list[int]:
                 for index, proc in list(running.items()):
                     if proc.poll() is not None:
                         codes[index] = proc.returncode
-                        forwarding.live.remove(proc)
+                        forwarding.done(proc)
                         del running[index]
                 if running:
                     time.sleep(0.2)  # a poll, not a spin: the children hold the cores
