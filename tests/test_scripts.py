@@ -368,6 +368,21 @@ def test_bench_core_prices_madrys_original_recipe(mnist_dir):
     assert not total["measured"] and total["value"] == pytest.approx(per_version["value"] * 100_000 / 3600, rel=0.01)
 
 
+def test_bench_core_throughput_prices_each_attack_and_grad_aligns_step(mnist_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_core.py"), "throughput", "--data-dir",
+                          str(mnist_dir), "--threads", "1", "--seconds", "0.1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    attacks, training = result["attack_examples_per_s"], result["adversarial_training_examples_per_s"]
+    assert set(attacks) == {"fgsm", "fgsm-rs", "pgd-1", "pgd-2", "pgd-5", "pgd-10", "pgd-40"}
+    assert attacks["pgd-40"] < attacks["pgd-5"] < attacks["fgsm"]  # 40 passes, 5, 1
+    # three gradients, one of them differentiated through: GradAlign's step costs several plain ones
+    assert result["grad_align_train_step_examples_per_s"] < result["train_step_examples_per_s"] / 2
+    assert training["fgsm+gradalign"] < training["fgsm"]
+    step = result["train_step_examples_per_s"]
+    assert training["pgd-5"] == pytest.approx(1 / (1 / attacks["pgd-5"] + 1 / step), rel=1e-3)
+
+
 def test_bench_core_arithmetic_compares_variants_with_eager(mnist_dir):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_core.py"), "arithmetic", "--data-dir", str(mnist_dir),
            "--threads", "1", "--seconds", "0.2", "--rounds", "3", "--attack-steps", "1"]
