@@ -75,9 +75,9 @@ class Config:
     reuse_perturbations: bool = opt(False, "start each example's attack from its perturbation of the last epoch "
                                     "(kept per example; attackers keep their shard's)")
     # One-step training collapses when the input gradients inside the ε-ball stop agreeing; GradAlign
-    # (Andriushchenko & Flammarion 2020) penalises their disagreement, at about twice FGSM training's
-    # cost (psadv.gradalign). Off by default: PGD-5 needs no help and reuse keeps FGSM-RS from
-    # collapsing for less (README, "GradAlign").
+    # (Andriushchenko & Flammarion 2020) penalises their disagreement (psadv.gradalign), at several
+    # plain training steps' cost. Off by default: with MNIST's recipe at ε = 0.3 it did not keep FGSM
+    # or FGSM-RS from collapsing at any weight tried (README, "GradAlign").
     grad_align: float = opt(0.0, "weight λ of the GradAlign regulariser, λ·(1 − cos) of the input gradients "
                             "at x and at a random point of the ε-ball (0 = off)", min=0.0)
 
