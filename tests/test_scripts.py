@@ -234,15 +234,19 @@ def test_study_plans_the_four_parts(tmp_path):
     assert len(evals) == len(train) and all(" --save " in cmd for cmd in evals)
     sweep = [cmd for cmd in plan if "--workers" in cmd]
     assert len(sweep) == 1 and "--workers 0,1,2,3 --push examples,gradients --launcher 'mpiexec -n {n}'" in sweep[0]
-    part4 = [cmd for cmd in train if "part4-headline" in cmd]
-    assert "runs/madry-pgd40 " in part4[0] and "--attack-steps 40" in part4[0] and not part4[0].startswith("mpiexec")
-    assert all("--target-robust-acc 0.89" in cmd and "--eval-steps 50 --eval-restarts 10" in cmd for cmd in part4)
-    async_runs = [cmd for cmd in part4 if cmd.startswith("mpiexec -n 3")]
-    assert any("--attack-steps 5" in cmd for cmd in async_runs)
-    assert all("--max-in-flight 1 --refresh-every 1" in cmd for cmd in async_runs)
-    assert not any("--max-in-flight" in cmd for cmd in part4 if cmd not in async_runs)
+    # part 4: one budget search, the Madry-style baseline first (the ratios are against it)
+    search = [cmd for cmd in plan if "budget_search.py" in cmd]
+    assert len(search) == 1 and search[0].startswith("python ") and "part4-headline/search " in search[0]
+    recipes = re.findall(r"--recipe '([\w-]+)=([^']*)'", search[0])
+    assert [name for name, _ in recipes] == ["madry-pgd40", "pgd5", "pgd10"]
+    assert [re.search(r"--attack-steps (\d+)", flags).group(1) for _, flags in recipes] == ["40", "5", "10"]
+    assert all("--model mnist-small" in flags and "--eps 0.3" in flags for _, flags in recipes)
+    assert "--seeds 0,1,2 --target 0.89 --clean-target 0.98 --start 120" in search[0]
+    assert "--eval-args '--attack pgd --steps 50 --restarts 10'" in search[0]
     reports = [cmd for cmd in plan if "scaling-report" in cmd and "--workers" not in cmd]
-    assert len(reports) == 3 and reports[-1].endswith("--baseline runs/madry-pgd40")
+    assert len(reports) == 2 and not any("part4" in cmd for cmd in reports)
+    strong = study_plan(tmp_path, "--parts", "4", "--headline-target", "0.87", "--headline-eval-args", "--attack strong")
+    assert "--target 0.87" in strong[0] and "--eval-args '--attack strong'" in strong[0]
 
 
 def test_study_plans_part_5_emulated_attackers(tmp_path):
@@ -303,33 +307,27 @@ def test_study_plans_part_6_and_tabulates_masking(tmp_path):
     assert "| pgd-5 | 2 | 10 | 98.0% (0.0%) | 89.0% (2.0%) | 86.0% (0.0%) | 3.0 points | 1.5 points |" in text
 
 
-def test_study_summary_names_the_best_recipe(tmp_path):
+def test_study_summary_states_the_budget_search_against_the_baseline(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("study", STUDY)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    report_dir = tmp_path / "study" / "part4-headline" / "report"
-    report_dir.mkdir(parents=True)
-
-    def ttt(train, wall):
-        return {"training_seconds": {"value": train}, "seconds": {"value": wall}}
-
-    report = {"runs": [{"name": "runs/madry-pgd40", "time_to_target": ttt(260.0, 400.0)},
-                       {"name": "runs/single-pgd5", "time_to_target": ttt(65.0, 90.0)},
-                       {"name": "runs/psadv-pgd5-w2", "time_to_target": ttt(26.0, 50.0)},
-                       {"name": "runs/psadv-pgd10-w2", "time_to_target": None}],
-              "time_to_target_ratio": [{"run": "runs/madry-pgd40", "ratio": {"value": 1.0, "from": "x"}},
-                                       {"run": "runs/single-pgd5", "ratio": {"value": 4.0, "from": "x"}},
-                                       {"run": "runs/psadv-pgd5-w2", "ratio": {"value": 10.0, "from": "training"}},
-                                       {"run": "runs/psadv-pgd10-w2", "ratio": {"value": None, "from": "x"}}]}
-    (report_dir / "report.json").write_text(json.dumps(report))
+    search = tmp_path / "study" / "part4-headline" / "search"
+    search.mkdir(parents=True)
+    results = [{"name": "madry-pgd40", "flags": "--attack-steps 40", "time_to_target": 960.0},
+               {"name": "pgd5", "flags": "--attack-steps 5", "time_to_target": 170.0},
+               {"name": "pgd10", "flags": "--attack-steps 10", "time_to_target": None}]
+    (search / "budget_search.json").write_text(json.dumps({"results": results}))
     s = study.Study(study.parse_args(["--out", str(tmp_path / "study")]))
     summary = s.summarise()
-    assert summary["headline"]["best"]["run"] == "runs/psadv-pgd5-w2"
+    assert summary["parts"] == {"part4-headline": "part4-headline/search/budget_search.json"}
+    assert summary["headline"]["best"]["recipe"] == "pgd5"
+    assert summary["headline"]["best"]["ratio"] == pytest.approx(960 / 170)
     md = (tmp_path / "study" / "study.md").read_text()
-    assert "| runs/psadv-pgd5-w2 | 26.0 | 50.0 | 10.00× |" in md and "| runs/psadv-pgd10-w2 | – | – | – |" in md
-    assert "Best psadv recipe: runs/psadv-pgd5-w2, 10.00× faster (training)." in md
+    assert "[part4-headline](part4-headline/search/budget_search.md)" in md
+    assert "| madry-pgd40 | 960 | 1.00× |" in md and "| pgd5 | 170 | 5.65× |" in md and "| pgd10 | – | – |" in md
+    assert "Best psadv recipe: pgd5, 5.65× sooner at the target." in md
 
 
 # --- the GPU check ----------------------------------------------------------------------------------
