@@ -19,8 +19,8 @@ from . import schedules, wire
 from .attacks import PerturbationMemory, perturb
 from .augment import augment_batch
 from .data import BatchStream, shard_indices
-from .gradalign import training_loss
 from .errors import CheckpointError
+from .gradalign import training_loss
 from .models import build_model, flat_state, float_buffers, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
 

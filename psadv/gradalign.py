@@ -9,8 +9,9 @@ maximum, and the model learns to defeat that step rather than the perturbations.
 
 to the cross-entropy of the adversarial examples, so training keeps the gradients inside the ball
 aligned. The gradient at ``x`` is a constant (as in the authors' code); the one at ``x + η`` is
-differentiated through (double backpropagation), which is where the regulariser's cost lies: about
-two more forward/backward passes per example than plain FGSM training.
+differentiated through (double backpropagation). Those two gradients and the second differentiation
+are the regulariser's cost, several plain training steps per batch (``scripts/bench_core.py
+throughput`` prices it).
 
 Every trainer builds its loss here: the single process, the MPI server (pushes of examples) and the
 attackers (pushes of gradients), so the regulariser means the same everywhere.
