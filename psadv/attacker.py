@@ -137,8 +137,8 @@ class Attacker:
                                       y.cpu().numpy(), idx)
         else:
             self.model.train()
-            loss, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
-                                    norm=attack.norm)
+            loss, _, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
+                                       norm=attack.norm)
             grads = torch.autograd.grad(loss, self.params)
             nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
                                       [b.detach().float().cpu().numpy() for b in self.buffers])

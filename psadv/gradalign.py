@@ -53,14 +53,18 @@ def grad_align_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
 
 
 def training_loss(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, *, clean: torch.Tensor | None = None,
-                  weight: float = 0.0, eps: float = 0.0, norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss a trainer minimises and the logits of ``x_adv``: the mean cross-entropy of the
-    adversarial examples, plus ``weight`` × :func:`grad_align_penalty` around their clean originals
-    ``clean`` (in the model's current mode: training mode, as the cross-entropy) when ``weight`` > 0."""
+                  weight: float = 0.0, eps: float = 0.0,
+                  norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The loss a trainer minimises, the logits of ``x_adv`` and the GradAlign penalty (detached; None
+    when off): the mean cross-entropy of the adversarial examples, plus ``weight`` ×
+    :func:`grad_align_penalty` around their clean originals ``clean`` when ``weight`` > 0. The penalty
+    runs in the model's current mode (training mode, as the cross-entropy), so a model with BatchNorm
+    updates its running statistics in its passes too, as in the authors' code."""
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y)
     if weight > 0 and eps > 0:
         if clean is None:
             raise ValueError("GradAlign needs the clean examples the adversarial ones were made from")
-        loss = loss + weight * grad_align_penalty(model, clean, y, eps, norm)
-    return loss, logits
+        penalty = grad_align_penalty(model, clean, y, eps, norm)
+        return loss + weight * penalty, logits, penalty.detach()
+    return loss, logits, None

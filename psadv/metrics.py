@@ -43,7 +43,7 @@ SCHEMA: dict[str, RowKind] = {
     # examples (a server in a gradients mode has none)
     "train": RowKind.of(
         "version time examples_seen progress lr eps attack attack_steps examples_per_s",
-        "loss adv_acc "
+        "loss adv_acc grad_align "  # grad_align: the window's mean GradAlign penalty (training.grad_align_field)
         "epoch staleness rejected_in_window "  # the single process: data epoch, emulated staleness or attackers
         "push produced_per_s utilization staleness_mean staleness_max rejected_stale rejected_invalid queue"),  # server
     # the server, after each train row: what one attacker produced in the window

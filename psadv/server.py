@@ -41,7 +41,7 @@ from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
 from .schedules import refine_attack
 from .staleness import StalenessPolicy, window_stats
-from .training import ProgressBar, Trainer
+from .training import ProgressBar, Trainer, grad_align_field
 
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
 # After STOP an attacker finishes its batch, waits for its last pushes to be taken, and says DONE:
@@ -217,6 +217,8 @@ class Server:
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]
             self._window["steps"] += 1
+            if out["grad_align"] is not None:
+                self._window["align"].append(out["grad_align"])
         elif self.mode == "gradients":
             trainer.apply_gradients(*self.layout.split(torch.from_numpy(self.layout.values(msg))), count,
                                     lr_scale=verdict.lr_scale)
@@ -231,7 +233,7 @@ class Server:
     def _window_start(self) -> dict:
         return {"t": time.perf_counter(), "examples": self.trainer.state.examples_seen,
                 "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "loss": 0.0, "acc": 0.0,
-                "steps": 0, "busy": self.time["busy"], "wait": self.time["wait"]}
+                "steps": 0, "align": [], "busy": self.time["busy"], "wait": self.time["wait"]}
 
     def _log(self, out_lr: float | None) -> float:
         trainer, win = self.trainer, self._window
@@ -246,7 +248,8 @@ class Server:
                    rejected_stale=self.policy.rejected_stale, rejected_invalid=self.totals["rejected_invalid"],
                    queue=len(self.queue))
         if win["steps"]:
-            own.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"])
+            own.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"],
+                       **grad_align_field(win["align"]))
         trainer.check_finite()  # gradients and sync mode have no loss here to watch
         row = trainer.log_train(lr=out_lr, attack=trainer.attack(), rate=consumed / dt, **own)
         for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed

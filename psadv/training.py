@@ -264,15 +264,16 @@ class Trainer:
         lr = self._set_lr()
         self.model.train()
         attack = self.attack()
-        loss, logits = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
-                                     eps=attack.eps, norm=attack.norm)
+        loss, logits, penalty = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
+                                              eps=attack.eps, norm=attack.norm)
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # before the step: the model stays as it was
             raise self.diverged(f"the training loss is {loss_value} (learning rate {lr:g})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return self._advance(len(y), lr, loss_value, (logits.argmax(1) == y).float().mean().item())
+        out = self._advance(len(y), lr, loss_value, (logits.argmax(1) == y).float().mean().item())
+        return {**out, "grad_align": None if penalty is None else penalty.item()}
 
     def apply_gradients(self, grads: list[torch.Tensor], buffers: list[torch.Tensor], examples: int,
                         lr_scale: float = 1.0) -> dict:
@@ -467,7 +468,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         def stop_reason() -> str | None:
             return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
 
-        window = {"t": time.perf_counter(), "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+        window = _window()
         bar = ProgressBar(trainer, "train", show_progress)
         reason = stop_reason()
         while reason is None:
@@ -495,6 +496,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             window["loss"] += out["loss"]
             window["acc"] += out["acc"]
             window["n"] += 1
+            if out["grad_align"] is not None:
+                window["align"].append(out["grad_align"])
             bar.advanced()
 
             if trainer.due(cfg.log_every):
@@ -502,10 +505,11 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 rate = window["examples"] / max(now - window["t"], 1e-9)
                 trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
                                   loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
+                                  **grad_align_field(window["align"]),
                                   **(emulation.window_row() if emulation else
                                      {"staleness": ring.staleness() if ring else 0}))
                 bar.show(rate)
-                window = {"t": now, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0}
+                window = _window(now)
             reason = stop_reason()
             if trainer.due(cfg.eval_every) and reason is None:
                 trainer.measure_now(interrupted=lambda: signals.signum is not None)
@@ -519,6 +523,18 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
     except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
         trainer.close()
         raise
+
+
+def _window(start: float | None = None) -> dict:
+    """The single-process loop's sums between two train rows."""
+    return {"t": time.perf_counter() if start is None else start, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0,
+            "align": []}
+
+
+def grad_align_field(penalties: list[float]) -> dict:
+    """A train row's ``grad_align``: the window's mean GradAlign penalty, 1 − the mean cosine of the
+    input gradients (near 0: aligned; near 1: unrelated), when the window computed any."""
+    return {"grad_align": round(sum(penalties) / len(penalties), 5)} if penalties else {}
 
 
 def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,

@@ -104,8 +104,9 @@ def progress_of(header: np.ndarray) -> float:
 # --- layouts of the payloads -------------------------------------------------------------------
 class ExampleLayout:
     """Where ``count`` examples of ``shape`` and their labels sit in an EXAMPLES payload, and, with
-    ``train_size`` (``--refine-steps``: the server continues stale attacks from the clean examples),
-    their int32 indices into the training set after the labels."""
+    ``train_size`` (``--refine-steps``: the server continues stale attacks from the clean examples;
+    ``--grad-align``: it regularises around them), their int32 indices into the training set after
+    the labels."""
 
     kind = EXAMPLES
 

@@ -28,7 +28,9 @@
    how much PGD over-claims, the cascade's ``masking_gap`` how much Square finds beyond the gradients.
 
 Each part writes run directories under OUT/<part>/runs and a report (report.md, report.json,
-PNGs) under OUT/<part>/report; OUT/study.md and OUT/study.json collect the headline numbers.
+PNGs) under OUT/<part>/report; part 4 writes the budget search (its trials, budget_search.md and
+budget_search.json) under OUT/part4-headline/search. OUT/study.md and OUT/study.json collect the
+headline numbers.
 Every command is printed before it runs. A finished run (summary.json present) is kept when the
 study is run again; a part whose report exists is skipped unless named in --redo.
 Needs a quiet machine: every number is a wall-clock time.
@@ -147,10 +149,10 @@ class Study:
                              *self.final_eval_flags()]) != 0:
             self.failures.append(f"{run_dir} (psadv eval)")
 
-    def report(self, number: int, *extra: str) -> None:
+    def report(self, number: int) -> None:
         part_dir = self.out / PARTS[number]
         cmd = PSADV + ["scaling-report", str(part_dir / "runs"), "--out", str(part_dir / "report"), "--overwrite",
-                       "--target", str(self.args.target), "--title", TITLES[number], *extra]
+                       "--target", str(self.args.target), "--title", TITLES[number]]
         if self.run(cmd) != 0:
             self.failures.append(f"{part_dir} (report)")
 
@@ -276,7 +278,8 @@ class Study:
 
     # --- the summary ----------------------------------------------------------------------------------
     def summarise(self) -> dict:
-        summary = {"quick": self.quick, "target": self.args.target, "parts": {}, "failures": self.failures}
+        summary = {"quick": self.quick, "target": self.args.target, "headline_target": self.args.headline_target,
+                   "parts": {}, "failures": self.failures}
         for number, name in PARTS.items():
             path = self.out / name / part_result(number)
             if path.exists():
@@ -345,7 +348,7 @@ def render_masking(table: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value, fmt: str = "{:.1f}") -> str:
+def _fmt(value, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
@@ -359,7 +362,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--launcher", default="mpiexec -n {n}", help="MPI launcher, {n} = attackers + 1 [mpiexec -n {n}]")
     p.add_argument("--attackers", type=int, default=2, help="attackers of the MPI runs in part 2 [2]")
-    p.add_argument("--target", type=float, default=0.89, help="robust accuracy target [0.89]")
+    p.add_argument("--target", type=float, default=0.89, help="robust accuracy target of the reports [0.89]")
     p.add_argument("--epochs-adversary", type=float, default=10, help="part 1: epochs per adversary [10]")
     p.add_argument("--epochs-staleness", type=float, default=5, help="part 2: epochs per staleness [5]")
     p.add_argument("--staleness-steps", type=int, default=5, help="part 2: PGD steps of the training attack [5]")
@@ -388,7 +391,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs-masking", type=float, default=2, help="part 6: epochs per adversary [2]")
     p.add_argument("--eval-examples", type=int, default=1000, help="periodic evaluation slice [1000]")
     p.add_argument("--final-examples", type=int, default=1000,
-                   help="test examples of the final evaluations (10000 = the whole test set) [1000]")
+                   help="test examples of the final evaluations of parts 1, 2, 5 and 6 (10000 = the whole test set; "
+                        "part 4 grades on the whole test set) [1000]")
     p.add_argument("--quick-steps", type=int, default=30, help="--quick: versions per run [30]")
     p.add_argument("--quick-seconds", type=float, default=3, help="--quick: seconds per scaling run [3]")
     args = p.parse_args(argv)

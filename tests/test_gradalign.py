@@ -11,6 +11,7 @@ from psadv.config import make_config
 from psadv.errors import ConfigError
 from psadv.gradalign import grad_align_penalty, training_loss
 from psadv.models import build_model
+from psadv.rundir import read_metrics
 from psadv.training import adversary_line
 
 from test_training import run, weights
@@ -78,7 +79,7 @@ def test_gradients_split_by_a_kink_inside_the_ball_are_penalised():
 
 def test_the_penalty_trains_the_parameters_and_leaves_the_inputs_alone():
     model, (x, y) = small_net(), batch()
-    x.requires_grad_(False)
+    x.requires_grad_(True)  # a caller's leaf: the penalty differentiates copies of it, never it
     grad_align_penalty(model, x, y, 0.3).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
@@ -108,14 +109,15 @@ def test_minimising_the_penalty_aligns_the_gradients(mnist_dir):
 def test_training_loss_is_cross_entropy_unless_asked():
     model, (x, y) = small_net(), batch()
     x_adv = torch.clamp(x + 0.1, 0, 1)
-    plain, logits = training_loss(model, x_adv, y)
-    assert plain.item() == pytest.approx(F.cross_entropy(logits, y).item())
-    at_zero_eps, _ = training_loss(model, x_adv, y, clean=x, weight=1.0, eps=0.0)  # the start of the ε ramp
-    assert at_zero_eps.item() == pytest.approx(plain.item())
+    plain, logits, none = training_loss(model, x_adv, y)
+    assert plain.item() == pytest.approx(F.cross_entropy(logits, y).item()) and none is None
+    at_zero_eps, _, none = training_loss(model, x_adv, y, clean=x, weight=1.0, eps=0.0)  # the start of the ε ramp
+    assert at_zero_eps.item() == pytest.approx(plain.item()) and none is None
     torch.manual_seed(2)
-    aligned, _ = training_loss(model, x_adv, y, clean=x, weight=2.0, eps=0.3)
+    aligned, _, penalty = training_loss(model, x_adv, y, clean=x, weight=2.0, eps=0.3)
     torch.manual_seed(2)
-    assert aligned.item() == pytest.approx(plain.item() + 2.0 * grad_align_penalty(model, x, y, 0.3).item(), rel=1e-5)
+    assert penalty.item() == pytest.approx(grad_align_penalty(model, x, y, 0.3).item(), rel=1e-5)
+    assert aligned.item() == pytest.approx(plain.item() + 2.0 * penalty.item(), rel=1e-5)
     with pytest.raises(ValueError, match="clean examples"):
         training_loss(model, x_adv, y, weight=1.0, eps=0.3)
 
@@ -134,3 +136,8 @@ def test_grad_align_changes_single_process_training(tmp_path, mnist_dir):
     a = weights(tmp_path / "plain" / "checkpoints" / "ckpt-00000006.h5")
     b = weights(tmp_path / "aligned" / "checkpoints" / "ckpt-00000006.h5")
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+    # the train rows carry the window's mean penalty, and only when GradAlign ran
+    plain = [r for r in read_metrics(tmp_path / "plain" / "metrics.jsonl") if r["kind"] == "train"]
+    aligned = [r for r in read_metrics(tmp_path / "aligned" / "metrics.jsonl") if r["kind"] == "train"]
+    assert plain and not any("grad_align" in r for r in plain)
+    assert aligned and all(0 < r["grad_align"] < 2 for r in aligned)

@@ -306,6 +306,7 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
     s = summary(run)
     if push == "examples":
         assert penalties == s["version"] == 10  # one per optimizer step, on the server
+        assert all(0 < r["grad_align"] < 2 for r in rows(run, "train"))  # and its mean in every train row
     else:
         assert 0 < penalties <= s["version"] + 2  # one per push of attacker 1 (in flight at the end too)
 
