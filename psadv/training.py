@@ -263,9 +263,11 @@ class Trainer:
         the examples they were made from, which --grad-align needs."""
         lr = self._set_lr()
         self.model.train()
-        attack = self.attack()
+        # GradAlign's ball is the training attack's, ε ramp included; without it no schedule is read
+        attack = self.attack() if self.cfg.grad_align else None
         loss, logits, penalty = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
-                                              eps=attack.eps, norm=attack.norm)
+                                              eps=attack.eps if attack else 0.0,
+                                              norm=attack.norm if attack else "linf")
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # before the step: the model stays as it was
             raise self.diverged(f"the training loss is {loss_value} (learning rate {lr:g})")
