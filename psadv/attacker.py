@@ -19,6 +19,7 @@ from . import schedules, wire
 from .attacks import PerturbationMemory, perturb
 from .augment import augment_batch
 from .data import BatchStream, shard_indices
+from .devices import autocast, training_layout
 from .errors import CheckpointError
 from .gradalign import training_loss
 from .models import build_model, flat_state, float_buffers, load_flat_state_
@@ -34,7 +35,8 @@ class Attacker:
         self.device, self.signals = device, signals
         cfg = self.cfg
         self.mode = cfg.push
-        self.model = build_model(cfg.model, **setup.model_args).to(device)  # its weights come from the server
+        # its weights come from the server
+        self.model = training_layout(build_model(cfg.model, **setup.model_args).to(device), cfg.precision)
         self.seed = cfg.seed + w.rank  # each attacker its own random starts, seeded as its loop starts
         self.params = list(self.model.parameters())
         self.buffers = float_buffers(self.model)
@@ -129,7 +131,9 @@ class Attacker:
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
         attack = schedules.training_attack(self.progress, cfg)
         memory = self.memory
-        x_adv = perturb(self.model, x, y, attack, start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
+        with autocast(cfg.precision, self.device):
+            x_adv = perturb(self.model, x, y, attack,
+                            start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
         if memory is not None:
             memory.remember(torch.from_numpy(idx), x, x_adv)
         if self.mode == "examples":
@@ -137,8 +141,9 @@ class Attacker:
                                       y.cpu().numpy(), idx)
         else:
             self.model.train()
-            loss, _, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
-                                       norm=attack.norm)
+            with autocast(cfg.precision, self.device):
+                loss, _, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
+                                           norm=attack.norm)
             grads = torch.autograd.grad(loss, self.params)
             nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
                                       [b.detach().float().cpu().numpy() for b in self.buffers])

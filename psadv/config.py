@@ -173,6 +173,11 @@ class Config:
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N")
     # 0: all cores for one process; under MPI the cores are split between the ranks on a host.
     threads: int = opt(0, "torch threads per process (0 = automatic)", min=0)
+    # The training attack and step only: evaluation always runs in float32, so a graded number
+    # never depends on it. bf16 pays where the hardware has bfloat16 arithmetic (README, "The
+    # arithmetic, side by side").
+    precision: str = opt("fp32", "arithmetic of the training attack and step: fp32, or bf16 (bfloat16 autocast, "
+                         "channels-last weights; evaluation stays fp32)", choices=("fp32", "bf16"))
     # metrics.jsonl is always written; trackers are optional extras, so none is on by default.
     log: str = opt("", "also send every metrics row to: comma-separated tensorboard, csv, wandb")
 

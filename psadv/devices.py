@@ -47,3 +47,38 @@ def set_threads(requested: int = 0, processes_on_host: int = 1) -> int:
         n = max(1, cores // max(1, processes_on_host))
     torch.set_num_threads(n)
     return n
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the training arithmetic runs in: ``bf16`` is torch's bfloat16 autocast on
+    ``device`` (float32 weights, optimizer and loss; convolutions and matmuls in bfloat16), ``fp32``
+    changes nothing. Evaluation never runs in it, so every graded number is float32's."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_layout(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``model`` in the memory format its training arithmetic is fastest in: oneDNN's bfloat16
+    convolutions want channels-last (NHWC) weights and activations; float32 keeps NCHW, which its
+    kernels run as fast (README, "The arithmetic, side by side"). Values are unchanged, only strides."""
+    return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic in hardware. On a CPU without it, torch emulates
+    bfloat16 and ``--precision bf16`` runs slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:  # not Linux: no way to tell
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; aarch64 lists "bf16" in Features
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """A warning for ``--precision bf16`` on a device that only emulates bfloat16."""
+    if precision != "bf16" or native_bf16(device):
+        return None
+    return (f"psadv: warning: --precision bf16 on {device}, which has no bfloat16 arithmetic in hardware: "
+            "training will likely run slower than with --precision fp32")

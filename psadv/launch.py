@@ -53,7 +53,7 @@ def check_mpi_options(cfg: Config) -> None:
 def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool,
                 show_progress: bool) -> None:
     from .data import load_dataset
-    from .devices import pick_device, set_threads
+    from .devices import pick_device, precision_warning, set_threads
     from .mpi import SignalFlag, agree_on_errors, fail_job, gather_strings
 
     signals = SignalFlag().install()
@@ -107,6 +107,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
                        f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push}); {adversary_line(cfg)}",
                        err=True)
+            if warning := precision_warning(cfg.precision, device):
+                click.echo(warning, err=True)
             world_row = [dict(zip(("host", "pid", "device", "threads"), text.split()), rank=i)
                          for i, text in enumerate(ranks)]
             role.trainer.metrics.write("world", size=w.size, ranks=world_row)

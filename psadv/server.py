@@ -211,8 +211,9 @@ class Server:
             if self.x_train is not None and (refining or self.cfg.grad_align):
                 clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)
             if refining:
-                x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
-                                                                     self.cfg.refine_step_ratio), start=x)
+                with trainer.autocast():
+                    x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
+                                                                         self.cfg.refine_step_ratio), start=x)
             out = trainer.step(x, y, clean=clean)
             self._window["loss"] += out["loss"]
             self._window["acc"] += out["acc"]

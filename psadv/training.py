@@ -28,7 +28,7 @@ from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, 
 from .config import Config, make_config, parse_model_args
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
-from .devices import pick_device, set_threads
+from .devices import autocast, pick_device, precision_warning, set_threads, training_layout
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .gradalign import training_loss
@@ -191,7 +191,7 @@ def initial_model(cfg: Config, model_args: dict, device: torch.device) -> torch.
     that same stream (its checkpoints save the stream, and a resumed run restores it).
     """
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, **model_args).to(device)
+    return training_layout(build_model(cfg.model, **model_args).to(device), cfg.precision)
 
 
 class Trainer:
@@ -242,6 +242,10 @@ class Trainer:
     def attack(self):
         return schedules.training_attack(self.progress(), self.cfg)
 
+    def autocast(self):
+        """The context of the training arithmetic (``--precision``): the training attack and step."""
+        return autocast(self.cfg.precision, self.device)
+
     def stop_reason(self) -> str | None:
         if self.total_versions and self.version >= self.total_versions:
             return "version budget"
@@ -265,9 +269,10 @@ class Trainer:
         self.model.train()
         # GradAlign's ball is the training attack's, ε ramp included; without it no schedule is read
         attack = self.attack() if self.cfg.grad_align else None
-        loss, logits, penalty = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
-                                              eps=attack.eps if attack else 0.0,
-                                              norm=attack.norm if attack else "linf")
+        with self.autocast():
+            loss, logits, penalty = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
+                                                  eps=attack.eps if attack else 0.0,
+                                                  norm=attack.norm if attack else "linf")
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # before the step: the model stays as it was
             raise self.diverged(f"the training loss is {loss_value} (learning rate {lr:g})")
@@ -440,6 +445,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
     try:  # start-up: a failure here leaves no half-made run directory behind
         set_threads(cfg.threads)
         device = pick_device(cfg.device)
+        if warning := precision_warning(cfg.precision, device):
+            print(warning, file=sys.stderr)
         train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
         trainer = Trainer(setup, device=device, train_size=len(train_set))
@@ -447,7 +454,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
         separate = ring is not None or cfg.emulate_attackers > 0
-        attack_model = build_model(cfg.model, **setup.model_args).to(device) if separate else trainer.model
+        attack_model = (training_layout(build_model(cfg.model, **setup.model_args).to(device), cfg.precision)
+                        if separate else trainer.model)
         emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
                      else None)
         if setup.checkpoint is not None:
@@ -484,13 +492,15 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 load_flat_state_(attack_model, ring.oldest())
             if emulation:
                 emulation.attack_model_for_next_batch(trainer.version)
-            x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
+            with trainer.autocast():
+                x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
             if memory is not None:  # what the attacker made: under MPI the server's refinement stays with it
                 memory.remember(idx, x, x_adv)
             stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
             if cfg.refine_steps and stale:
-                x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
-                                                                              cfg.refine_step_ratio), start=x_adv)
+                with trainer.autocast():
+                    x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
+                                                                                  cfg.refine_step_ratio), start=x_adv)
             out = trainer.step(x_adv, y, clean=x)
             if emulation:
                 emulation.applied(trainer.version)
@@ -583,7 +593,8 @@ def adversary_line(cfg: Config) -> str:
     if cfg.attack_restarts > 1:
         text += f" x{cfg.attack_restarts} restarts"
     text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""
-    return text + (", reused perturbations" if cfg.reuse_perturbations else "")
+    text += ", reused perturbations" if cfg.reuse_perturbations else ""
+    return text + (", bfloat16 arithmetic" if cfg.precision == "bf16" else "")
 
 
 def summary_line(summary: dict) -> str:
