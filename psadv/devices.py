@@ -63,17 +63,27 @@ def training_layout(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
 
 
+CPUINFO = "/proc/cpuinfo"  # Linux's list of the CPU's features
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` does bfloat16 arithmetic in hardware. On a CPU without it, torch emulates
     bfloat16 and ``--precision bf16`` runs slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             words = set(f.read().split())
     except OSError:  # not Linux: no way to tell
         return False
     return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; aarch64 lists "bf16" in Features
+
+
+def auto_precision(device: torch.device) -> str:
+    """``--precision auto``: bf16 on a CPU with bfloat16 instructions, where it was measured to train
+    more robust models within a time budget (README, "bfloat16 at 60 s"); fp32 elsewhere, GPUs
+    included, where bf16 was not measured."""
+    return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
 
 
 def precision_warning(precision: str, device: torch.device) -> str | None:

@@ -28,7 +28,7 @@ from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, 
 from .config import Config, make_config, parse_model_args
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
-from .devices import autocast, pick_device, precision_warning, set_threads, training_layout
+from .devices import auto_precision, autocast, pick_device, precision_warning, set_threads, training_layout
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .gradalign import training_loss
@@ -95,6 +95,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         checkpoint = _load_resume_checkpoint(resume)
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
         base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
+        base.setdefault("precision", "fp32")  # checkpoints from before --precision trained in float32
         asked = {**file_values, **overrides}
         for key in ("model", "dataset"):
             if asked.get(key) is not None and asked[key] != base[key]:
@@ -104,6 +105,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
     cfg = make_config(base, file_values, overrides)
+    if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
+        cfg.precision = auto_precision(pick_device(cfg.device))
     home = run_dir_of(checkpoint) if checkpoint is not None else None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)

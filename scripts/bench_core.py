@@ -12,9 +12,9 @@
 
     python scripts/bench_core.py arithmetic --data-dir ../shared/data
         examples/s of one adversarial training version (PGD-k, then the training step) as psadv runs
-        it (eager, NCHW) side by side with channels_last and torch.compile, the variants taking
-        turns so that the VM's drift reaches them alike; torch.compile's first-call (compile)
-        seconds reported apart
+        it (eager, NCHW, float32) side by side with channels_last, torch.compile, bfloat16 autocast
+        and bfloat16 with channels_last (--precision bf16), the variants taking turns so that the
+        VM's drift reaches them alike; torch.compile's first-call (compile) seconds reported apart
 
     python scripts/bench_core.py madry --data-dir ../shared/data
         the per-version cost of Madry et al.'s original MNIST recipe (mnist-madry, PGD-40 of step
@@ -102,23 +102,27 @@ def arithmetic(args) -> dict:
     x, y = torch.tensor(data.x[:args.batch_size]), torch.tensor(data.y[:args.batch_size])
     attack = Attack(name="pgd", eps=0.3, steps=args.attack_steps)
 
-    def variant(memory_format: torch.memory_format, compiled: bool):
+    def variant(memory_format: torch.memory_format, compiled: bool, bf16: bool = False):
         torch.manual_seed(0)
         model = build_model(args.model, in_channels=1, num_classes=10).to(memory_format=memory_format)
         net = torch.compile(model) if compiled else model
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         inputs = x.contiguous(memory_format=memory_format)
 
-        def version():
-            x_adv = perturb(net, inputs, y, attack)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(net(x_adv), y).backward()
+        def version():  # as psadv's trainer runs it: the attack and the step's forward pass in the autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                x_adv = perturb(net, inputs, y, attack)
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(net(x_adv), y)
+            loss.backward()
             optimizer.step()
         return version
 
+    # bf16+channels_last is --precision bf16; bf16 alone shows what the layout adds to it
     settings = {"eager": (torch.contiguous_format, False), "channels_last": (torch.channels_last, False),
-                "compile": (torch.contiguous_format, True)}
+                "compile": (torch.contiguous_format, True), "bf16": (torch.contiguous_format, False, True),
+                "bf16+channels_last": (torch.channels_last, False, True)}
     names = [name.strip() for name in args.variants.split(",")]
     if "eager" not in names or not set(names) <= set(settings):
         raise SystemExit(f"bench_core: --variants takes eager and any of {', '.join(settings)}")
@@ -213,7 +217,7 @@ def main() -> None:
     sub.choices["arithmetic"].add_argument("--batch-size", type=int, default=100)
     sub.choices["arithmetic"].add_argument("--attack-steps", type=int, default=5)
     sub.choices["arithmetic"].add_argument("--seconds", type=float, default=5.0, help="seconds per variant and round")
-    sub.choices["arithmetic"].add_argument("--variants", default="eager,channels_last,compile",
+    sub.choices["arithmetic"].add_argument("--variants", default="eager,channels_last,compile,bf16,bf16+channels_last",
                                            help="the variants to run, eager (the baseline of the ratios) among them")
     sub.choices["arithmetic"].add_argument("--rounds", type=int, default=5, help="rounds; each variant once per round")
     sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")

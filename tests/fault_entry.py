@@ -15,7 +15,9 @@ roles' real methods, then runs the ordinary CLI. ``FAULT`` is ``KIND,rank=R,afte
 * ``count-refines``: no fault: the server (R = 0) counts the pushes it refines
   (``--refine-steps``) and prints ``refined N pushes`` on exit;
 * ``count-grad-align``: no fault: rank R counts the GradAlign penalties it computes
-  (``--grad-align``) and prints ``rank R: GradAlign penalties N`` on exit.
+  (``--grad-align``) and prints ``rank R: GradAlign penalties N`` on exit;
+* ``count-precision``: no fault: rank R counts the dtypes of its convolutions' outputs, in
+  evaluation and elsewhere (:class:`ConvDtypes`), and prints ``rank R: conv outputs …`` on exit.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def parse(text: str) -> tuple[str, int, int]:
     kind, *rest = text.split(",")
     fields = dict(part.split("=", 1) for part in rest)
     if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "count-refines",
-                    "count-grad-align"):
+                    "count-grad-align", "count-precision"):
         raise SystemExit(f"fault_entry: unknown fault {kind!r}")
     return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
 
@@ -51,6 +53,42 @@ def count_calls(module, name: str, before: str, after: str = "") -> None:
     atexit.register(lambda: print(f"{before} {calls[0]} {after}".rstrip(), file=sys.stderr, flush=True))
 
 
+class ConvDtypes:
+    """Counts the outputs of every ``Conv2d`` by dtype, those of psadv's evaluation (inside
+    ``AccuracyJob``) apart from the rest (the training attack and step): ``counts[phase, dtype]``."""
+
+    def __init__(self):
+        import collections
+
+        self.counts: collections.Counter = collections.Counter()
+        self.evaluating = 0
+
+    def install(self) -> ConvDtypes:
+        import torch
+        from psadv.evaluate import AccuracyJob
+
+        real_batch = AccuracyJob._batch
+
+        def batch(job, *args, **kwargs):
+            self.evaluating += 1
+            try:
+                return real_batch(job, *args, **kwargs)
+            finally:
+                self.evaluating -= 1
+
+        def hook(module, inputs, output):
+            if isinstance(module, torch.nn.Conv2d):
+                self.counts["eval" if self.evaluating else "train", str(output.dtype).removeprefix("torch.")] += 1
+
+        AccuracyJob._batch = batch
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        self.remove = lambda: (setattr(AccuracyJob, "_batch", real_batch), handle.remove())
+        return self
+
+    def line(self) -> str:
+        return ", ".join(f"{phase} {dtype} {n}" for (phase, dtype), n in sorted(self.counts.items()))
+
+
 def install(kind: str, rank: int, after: int) -> None:
     from psadv import attacker, server
 
@@ -64,6 +102,12 @@ def install(kind: str, rank: int, after: int) -> None:
             raise UsageError("injected start-up error (tests/fault_entry.py)")
 
         attacker.Attacker.__init__ = failing_init
+        return
+    if kind == "count-precision":
+        import atexit
+
+        recorder = ConvDtypes().install()
+        atexit.register(lambda: print(f"rank {me}: conv outputs {recorder.line()}", file=sys.stderr, flush=True))
         return
     if kind == "count-grad-align":
         from psadv import gradalign

@@ -294,6 +294,23 @@ def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
 
 @needs_mpi
 @pytest.mark.parametrize("push,rank", [("examples", 0), ("gradients", 1)])
+def test_bf16_reaches_the_server_step_and_the_attackers_but_not_evaluation(tmp_path, mnist_dir, push, rank):
+    """--precision bf16 under MPI: the server's steps (pushes of examples) and the attackers'
+    attacks and gradients run in bfloat16; the server's evaluation in float32."""
+    run = tmp_path / push
+    res = run_job(3, mnist_dir, run, "--steps", "10", "--push", push, "--precision", "bf16", "--refine-steps", "0",
+                  *SMALL, fault=f"count-precision,rank={rank}")
+    assert res.returncode == 0, res.stderr
+    counts = dict((f"{phase} {dtype}", int(n)) for phase, dtype, n in
+                  re.findall(r"(\w+) (\w+) (\d+)", re.search(rf"rank {rank}: conv outputs (.*)", res.stderr).group(1)))
+    assert counts.get("train bfloat16", 0) > 0 and "train float32" not in counts
+    if rank == 0:
+        assert counts.get("eval float32", 0) > 0 and "eval bfloat16" not in counts
+    assert summary(run)["version"] == 10
+
+
+@needs_mpi
+@pytest.mark.parametrize("push,rank", [("examples", 0), ("gradients", 1)])
 def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, push, rank):
     """Pushes of examples: the server regularises around the clean examples the indices name;
     pushes of gradients: each attacker adds the penalty to the loss it differentiates."""

@@ -384,14 +384,14 @@ def test_bench_core_throughput_prices_each_attack_and_grad_aligns_step(mnist_dir
 def test_bench_core_arithmetic_compares_variants_with_eager(mnist_dir):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_core.py"), "arithmetic", "--data-dir", str(mnist_dir),
            "--threads", "1", "--seconds", "0.2", "--rounds", "3", "--attack-steps", "1"]
-    out = subprocess.run([*cmd, "--variants", "eager,channels_last"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*cmd, "--variants", "eager,bf16+channels_last"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result["examples_per_s_median"]) == {"eager", "channels_last"} and result["attack"] == "PGD-1"
+    assert set(result["examples_per_s_median"]) == {"eager", "bf16+channels_last"} and result["attack"] == "PGD-1"
     assert all(len(r) == 3 and min(r) > 0 for r in result["examples_per_s_rounds"].values())
-    ratio = result["examples_per_s_median"]["channels_last"] / result["examples_per_s_median"]["eager"]
+    ratio = result["examples_per_s_median"]["bf16+channels_last"] / result["examples_per_s_median"]["eager"]
     assert result["ratio_to_eager"]["eager"] == 1.0
-    assert result["ratio_to_eager"]["channels_last"] == pytest.approx(ratio, abs=0.002)
+    assert result["ratio_to_eager"]["bf16+channels_last"] == pytest.approx(ratio, abs=0.002)
     bad = subprocess.run([*cmd, "--variants", "channels_last,jit"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--variants takes eager" in bad.stderr
 

@@ -51,9 +51,11 @@ def test_small_run_writes_config_metrics_checkpoint_summary(tmp_path, mnist_dir)
     assert ckpt.config["attack_steps"] == 2
 
 
-def test_resume_continues_exactly(tmp_path, mnist_dir):
-    """Stopping at version 8 and resuming gives bit-identical weights at 16 to a straight run."""
-    recipe = dict(steps=16, lr_schedule="onecycle", optimizer="sgd", lr=0.05, eval_every=0)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_continues_exactly(tmp_path, mnist_dir, precision):
+    """Stopping at version 8 and resuming gives bit-identical weights at 16 to a straight run
+    (with bf16, through channels-last weights written to and read from the checkpoint)."""
+    recipe = dict(steps=16, lr_schedule="onecycle", optimizer="sgd", lr=0.05, eval_every=0, precision=precision)
     run(tmp_path, mnist_dir, name="straight", checkpoint_every=0, **recipe)
     run(tmp_path, mnist_dir, name="halves", checkpoint_every=8, keep_checkpoints=5, **recipe)
     mid = tmp_path / "halves" / "checkpoints" / "ckpt-00000008.h5"
@@ -65,6 +67,74 @@ def test_resume_continues_exactly(tmp_path, mnist_dir):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_covers_the_training_arithmetic_and_never_evaluation(tmp_path, mnist_dir, precision):
+    """bf16: every convolution of the training attack and step in bfloat16, every one of the
+    periodic and final evaluations in float32; fp32: float32 throughout."""
+    from fault_entry import ConvDtypes
+
+    recorder = ConvDtypes().install()
+    try:
+        summary = run(tmp_path, mnist_dir, steps=6, eval_every=3, eps_ramp=0.0, precision=precision)
+    finally:
+        recorder.remove()
+    assert summary["version"] == 6
+    counts = recorder.counts
+    assert counts["eval", "float32"] > 0 and counts["eval", "bfloat16"] == 0
+    trained = "bfloat16" if precision == "bf16" else "float32"
+    other = "float32" if precision == "bf16" else "bfloat16"
+    # six versions, each PGD-2's two forward passes and the step's, of two convolutions each
+    assert counts["train", trained] == 6 * 3 * 2 and counts["train", other] == 0
+    line = adversary_line(make_config({"precision": precision}))
+    assert line.endswith(", bfloat16 arithmetic") == (precision == "bf16")
+
+
+def test_bf16_layout_keeps_values_and_the_warning_names_emulated_bf16(tmp_path, monkeypatch):
+    from psadv import devices
+
+    torch.manual_seed(0)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = model[2]  # 16 -> 32 channels (the first conv's one input channel is both layouts at once)
+    assert devices.training_layout(model, "fp32") is model and conv.weight.is_contiguous()
+    devices.training_layout(model, "bf16")
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    cpu = torch.device("cpu")
+    for flags, native in [("fpu sse avx512f avx2", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True),
+                          ("fp asimd bf16 sve", True)]:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "cpuinfo"))
+        assert devices.native_bf16(cpu) is native
+        assert devices.precision_warning("fp32", cpu) is None
+        warning = devices.precision_warning("bf16", cpu)
+        assert (warning is None) is native
+        if not native:
+            assert warning.startswith("psadv: warning: --precision bf16 on cpu") and "slower" in warning
+    monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "absent"))
+    assert devices.native_bf16(cpu) is False
+
+
+@pytest.mark.parametrize("flags,resolved", [("avx512f avx512_bf16 amx_bf16", "bf16"), ("avx2 avx512f", "fp32")])
+def test_auto_precision_is_resolved_when_the_run_starts_and_recorded(tmp_path, mnist_dir, monkeypatch, flags,
+                                                                     resolved):
+    from psadv import devices
+
+    (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {flags}\n")
+    monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "cpuinfo"))
+    run(tmp_path, mnist_dir, steps=2, eval_every=0, device="cpu")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["precision"] == resolved
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000002.h5"
+    assert load_checkpoint(ckpt).config["precision"] == resolved
+    # a resume keeps the run's arithmetic; a checkpoint from before --precision trained in float32
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx512_bf16\n")
+    assert resolve_run({"steps": 4}, resume=str(ckpt), prepare_dir=False).cfg.precision == resolved
+    with h5py.File(ckpt, "r+") as f:  # the checkpoint's copy of the config as psadv 0.1 wrote it
+        f.attrs["config"] = json.dumps({k: v for k, v in json.loads(f.attrs["config"]).items() if k != "precision"})
+    assert resolve_run({"steps": 4}, resume=str(ckpt), prepare_dir=False).cfg.precision == "fp32"
 
 
 def test_a_gpu_device_makes_cudnn_deterministic(monkeypatch):
