@@ -4,7 +4,9 @@ import json
 import shutil
 
 import pytest
+import torch
 
+from psadv.devices import native_bf16
 from cli_helpers import assert_one_line_error, invoke
 
 FAST = ["--steps", "6", "--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1",
@@ -17,7 +19,9 @@ def trained_run(tmp_path_factory, mnist_dir):
     result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, *FAST)
     assert result.exit_code == 0, result.output + result.stderr
     assert "stopped (version budget) at version 6" in result.output
-    assert f"run directory {run_dir}; adversary: PGD-1 linf eps=0.3\n" in result.stderr
+    # --precision auto: bfloat16 arithmetic exactly where this CPU has bfloat16 instructions
+    arithmetic = ", bfloat16 arithmetic" if native_bf16(torch.device("cpu")) else ""
+    assert f"run directory {run_dir}; adversary: PGD-1 linf eps=0.3{arithmetic}\n" in result.stderr
     return run_dir
 
 
