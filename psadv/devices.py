@@ -57,9 +57,10 @@ def autocast(precision: str, device: torch.device):
 
 
 def training_layout(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """``model`` in the memory format its training arithmetic is fastest in: oneDNN's bfloat16
-    convolutions want channels-last (NHWC) weights and activations; float32 keeps NCHW, which its
-    kernels run as fast (README, "The arithmetic, side by side"). Values are unchanged, only strides."""
+    """``model`` in the memory format for its training arithmetic: oneDNN's bfloat16 convolutions
+    want channels-last (NHWC) weights and activations. float32 keeps NCHW: channels-last paid for it
+    on one CPU measured and not on another (README, "The arithmetic, side by side"). Values are
+    unchanged, only strides."""
     return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
 
 
