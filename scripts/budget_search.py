@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from psadv.report.budget import BudgetSearch, ratio
+from psadv.report.budget import BudgetSearch, bracket_text, ratio
 from psadv.report.child import run_child, run_children
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
@@ -184,7 +184,7 @@ def render(args, results: list[dict]) -> str:
         tried = ", ".join(f"{b}{'✓' if ok else '✗'}" for b, ok in r["tried"].items())
         ttt = "–" if r["time_to_target"] is None else f"{r['time_to_target']:g}"
         rat = ratio(base, r)
-        lines.append(f"| {r['name']} (`{r['flags']}`) | {ttt} | {r['bracket'][0]}–{r['bracket'][1]} | "
+        lines.append(f"| {r['name']} (`{r['flags']}`) | {ttt} | {bracket_text(*r['bracket'])} | "
                      f"{'–' if rat is None else f'{rat:.2f}×'} | {tried} |")
     lines += ["", "Per trial (seed: clean / robust, wall seconds incl. start-up):", ""]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from psadv.report.budget import BudgetSearch, ratio
+from psadv.report.budget import BudgetSearch, bracket_text, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,13 @@ def test_a_pass_below_a_failure_is_reported_not_hidden():
     assert search.passing == 42.4 and search.failing == 30 and search.non_monotone == [50]
 
 
+def test_bracket_text_says_where_the_time_to_target_lies():
+    assert bracket_text(60.0, 120.0) == "(60, 120]"
+    assert bracket_text(60.0, None) == "> 60"
+    assert bracket_text(None, 170.0) == "≤ 170"
+    assert bracket_text(None, None) == "–"
+
+
 def test_ratio_needs_both_times():
     assert ratio({"time_to_target": 600}, {"time_to_target": 30}) == 20
     assert ratio({"time_to_target": None}, {"time_to_target": 30}) is None
@@ -78,6 +85,7 @@ def test_budget_search_script_runs_trials_and_keeps_them(tmp_path, mnist_dir):
     assert trial["passed"] and trial["wall_seconds"] > 2 and trial["versions"] > 0
     report = (out / "budget_search.md").read_text()
     assert "| tiny" in report and "(PGD-1 linf eps=0.3 on 100 test images), for each of seeds 0" in report
+    assert "| 1 | ≤ 1 |" in report  # the time to target and its bracket: nothing shorter was tried
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "psadv train" not in again.stdout  # finished trials are kept
 

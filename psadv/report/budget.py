@@ -82,3 +82,13 @@ def ratio(baseline: dict, recipe: dict) -> float | None:
     """How many times shorter the recipe's time to target is than the baseline's (None if either is missing)."""
     a, b = baseline.get("time_to_target"), recipe.get("time_to_target")
     return None if not a or not b else a / b
+
+
+def bracket_text(failing: float | None, passing: float | None) -> str:
+    """Where the time to target lies, as an interval of seconds: ``(60, 120]`` when a budget failed
+    and a longer one passed, ``> 60`` when none passed, ``≤ 120`` when none failed."""
+    if failing is not None and passing is not None:
+        return f"({failing:g}, {passing:g}]"
+    if failing is not None:
+        return f"> {failing:g}"
+    return "–" if passing is None else f"≤ {passing:g}"
