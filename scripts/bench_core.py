@@ -39,7 +39,7 @@ import torch
 
 from psadv.attacks import Attack, perturb
 from psadv.data import load_dataset
-from psadv.devices import set_threads
+from psadv.devices import autocast, set_threads
 from psadv.gradalign import training_loss
 from psadv.models import build_model
 
@@ -110,7 +110,7 @@ def arithmetic(args) -> dict:
         inputs = x.contiguous(memory_format=memory_format)
 
         def version():  # as psadv's trainer runs it: the attack and the step's forward pass in the autocast
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast("bf16" if bf16 else "fp32", torch.device("cpu")):
                 x_adv = perturb(net, inputs, y, attack)
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
