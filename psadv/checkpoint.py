@@ -51,7 +51,9 @@ The JSON in ``rng/`` uses the same tuple encoding as ``param_groups`` and encode
 as ``{"__ndarray__": [...], "dtype": "<u4"}``.
 
 Group ``extra/`` (optional): named numpy arrays the trainer wants back (a staleness ring buffer,
-a histogram, ...), one dataset each.
+a histogram, ...), one dataset each. A run with ``--ema-decay`` stores its weight average in
+``model/`` (the model it delivers, which every reader loads) and the live weights it trains on in
+``extra/live_weights``, one float32 vector (:func:`psadv.models.flat_state`'s order).
 
 Files are written atomically: to a hidden temporary file in the same directory, fsynced, then
 renamed over the final name, and the directory is fsynced. A crash never leaves a half-written

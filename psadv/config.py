@@ -92,6 +92,11 @@ class Config:
     momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "weight decay", min=0.0)
     batch_size: int = opt(100, "examples per optimizer step (and per attacker push)", min=1)
+    # Averaging the weights along the way (Polyak; Gowal et al. 2020 for robust training) smooths
+    # out the last steps' noise; the average is what the run delivers (psadv.averaging).
+    ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights, which evaluation, "
+                           "the checkpoints' model, psadv eval and export use (0 = off: the last weights)",
+                           min=0.0)
 
     # --- budget: training stops at whichever is reached first ----------------------------------
     # With none of steps/epochs/time_budget given, training runs 10 epochs.
@@ -340,6 +345,9 @@ def validate(cfg: Config) -> Config:
 
     # a file data set's shape is known once the file is read (at start-up), not here
     check_eps(cfg.eps, cfg.norm, math.prod(DATASETS[cfg.dataset].shape) if cfg.dataset in DATASETS else None)
+    if cfg.ema_decay >= 1:
+        raise ConfigError(f"--ema-decay must be below 1 (at 1 the average never leaves the initial weights), "
+                          f"got {cfg.ema_decay:g}")
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.reuse_perturbations and cfg.augment != "none":

@@ -283,14 +283,14 @@ class Server:
 
     # --- evaluation without stalling the attackers ------------------------------------------------
     def start_evaluation(self) -> None:
-        """Evaluate a snapshot of the current model in small pieces between training steps, so the
+        """Evaluate a snapshot of the current (graded) model in small pieces between training steps, so the
         server keeps consuming pushes (and the attackers keep producing) while it evaluates."""
         while self.eval_job is not None:  # the previous one is still running: finish it first
             self.eval_step()
         trainer = self.trainer
         if self.eval_model is None:
             self.eval_model = build_model(self.cfg.model, **trainer.model_args).to(trainer.device)
-        load_flat_state_(self.eval_model, flat_state(trainer.model))
+        load_flat_state_(self.eval_model, flat_state(trainer.graded_model))
         self.eval_job = (trainer.slice_accuracy_job(self.eval_model, batch_size=EVAL_PIECE), trainer.version,
                          trainer.elapsed(), trainer.state.examples_seen)
 
@@ -306,7 +306,7 @@ class Server:
         return self.eval_job is None
 
     def measure_final(self) -> None:
-        """Measure the live model to the end (the run's last measurement), unless a signal comes."""
+        """Measure the graded model to the end (the run's last measurement), unless a signal comes."""
         start = time.perf_counter()
         self.trainer.measure_now(interrupted=lambda: self.signals.signum is not None)
         self.time["eval"] += time.perf_counter() - start

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import __version__, rundir, schedules
 from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
+from .averaging import LIVE_WEIGHTS, WeightAverage
 from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
                          checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
 from .config import Config, make_config, parse_model_args
@@ -96,6 +97,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
         base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
         base.setdefault("precision", "fp32")  # checkpoints from before --precision trained in float32
+        base.setdefault("ema_decay", 0.0)  # nor did those from before --ema-decay average
         asked = {**file_values, **overrides}
         for key in ("model", "dataset"):
             if asked.get(key) is not None and asked[key] != base[key]:
@@ -215,12 +217,16 @@ class Trainer:
         self.eval_x = torch.tensor(test.x[:n_eval])
         self.eval_y = torch.tensor(test.y[:n_eval])
         self.state = TrainerState(role=role)
-        if setup.checkpoint is not None:
-            ckpt = setup.checkpoint
-            self.model.load_state_dict(ckpt.model_state)
+        ckpt = setup.checkpoint
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt.model_state)  # the weight average, if the run kept one
             if ckpt.optimizer_state is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
             self.state = TrainerState.resumed(ckpt.state, role)
+        # Averaging from a checkpoint that was not starts the average at its weights.
+        self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        if ckpt is not None and LIVE_WEIGHTS in ckpt.extra:
+            load_flat_state_(self.model, torch.from_numpy(ckpt.extra[LIVE_WEIGHTS]).to(device))
         self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
         metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(metrics_path, open_sinks(
@@ -234,6 +240,12 @@ class Trainer:
     @property
     def version(self) -> int:
         return self.state.version
+
+    @property
+    def graded_model(self) -> torch.nn.Module:
+        """The model the run delivers: evaluation grades it and checkpoints store it as their model.
+        The weight average with --ema-decay, else the live model the optimizer trains."""
+        return self.average.model if self.average else self.model
 
     def elapsed(self) -> float:
         """Wall-clock seconds of training so far, across resumes."""
@@ -305,26 +317,30 @@ class Trainer:
                                 "lower --lr (or check the data) and train again")
 
     def check_finite(self) -> None:
-        """Raise :class:`TrainingDiverged` if any parameter or buffer is NaN or infinite."""
-        for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise self.diverged(f"model tensor {name!r} holds NaN or infinite values")
+        """Raise :class:`TrainingDiverged` if any parameter or buffer is NaN or infinite (of the
+        live model or of its average)."""
+        for model in dict.fromkeys((self.model, self.graded_model)):
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise self.diverged(f"model tensor {name!r} holds NaN or infinite values")
 
     def _advance(self, examples: int, lr: float, loss, acc) -> dict:
         self.state.version += 1
         self.state.examples_seen += examples
+        if self.average:
+            self.average.update(self.model, self.state.version)
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
     def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> AccuracyJob:
-        """Measuring ``model`` (default: the live model) on the held-out evaluation slice, in pieces.
+        """Measuring ``model`` (default: :attr:`graded_model`) on the held-out evaluation slice, in pieces.
 
         Its random starts come from its own seeded generator: how often a run evaluates never
         changes its training, and every evaluation attacks from the same starts. A gated strong
         evaluation skips its strong attacks while PGD is below --target-robust-acc.
         """
         gate, attacks = schedules.eval_cascade(self.cfg)
-        return AccuracyJob(model or self.model, self.eval_x, self.eval_y, attacks, batch_size=batch_size,
+        return AccuracyJob(model or self.graded_model, self.eval_x, self.eval_y, attacks, batch_size=batch_size,
                            device=self.device, seed=self.cfg.seed + 1, gate=gate,
                            target=self.cfg.target_robust_acc)
 
@@ -382,8 +398,10 @@ class Trainer:
         # A NaN model never replaces a good checkpoint (nor makes the rotation delete one).
         self.check_finite()
         state = {**self.state.saved(self.elapsed()), **(extra_state or {})}
+        if self.average:  # model/ holds the average, which readers want; a resume needs both
+            extra = {**(extra or {}), LIVE_WEIGHTS: flat_state(self.model).cpu().numpy()}
         return self.manager.save(self.version, model_name=self.cfg.model, model_args=self.model_args,
-                                 config=self.cfg.to_dict(), state=state, model=self.model,
+                                 config=self.cfg.to_dict(), state=state, model=self.graded_model,
                                  optimizer=self.optimizer, rng=capture_rng_state(), extra=extra)
 
     def finish(self, reason: str, extra_summary: dict | None = None) -> dict:

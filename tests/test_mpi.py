@@ -261,7 +261,7 @@ def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(t
 @pytest.mark.parametrize("push", ["gradients", "sync"])
 def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push):
     run = tmp_path / push
-    res = run_job(3, mnist_dir, run, "--steps", "20", "--push", push, "--lr-damping", *SMALL,
+    res = run_job(3, mnist_dir, run, "--steps", "20", "--push", push, "--lr-damping", "--ema-decay", "0.9", *SMALL,
                   fault="nan-push,rank=2,after=2")
     assert res.returncode == 0, res.stderr
     s = summary(run)
@@ -270,6 +270,10 @@ def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push
     ckpt = load_checkpoint(find_checkpoint(run))
     assert ckpt.state["version"] == 20
     assert all(np.isfinite(t.numpy()).all() for t in ckpt.model_state.values())
+    # --ema-decay on the server: model/ holds the weight average, the live weights lie apart
+    average = np.concatenate([t.numpy().ravel() for t in ckpt.model_state.values()])
+    live = ckpt.extra["live_weights"]
+    assert live.shape == average.shape and not np.allclose(live, average, atol=1e-4)
     if push == "sync":
         # every version averages one gradient from each of the two attackers, all at staleness 0
         assert s["examples_seen"] == 20 * 2 * 50

@@ -193,6 +193,83 @@ def test_reused_perturbations_are_checkpointed_and_resume_exactly(tmp_path, mnis
     assert np.abs(a.extra["perturbations"].astype(np.float32)).max() <= 0.3 + 1e-3
 
 
+def test_ema_weight_forgets_the_initial_weights_then_settles_at_the_decay():
+    from psadv.averaging import ema_weight
+
+    assert ema_weight(1, 0.999) == pytest.approx(1 - 2 / 11)  # the first versions count for most
+    weights_ = [ema_weight(v, 0.99) for v in range(1, 2000)]
+    assert all(a >= b for a, b in zip(weights_, weights_[1:]))
+    assert weights_[-1] == pytest.approx(0.01) and ema_weight(50, 0.5) == pytest.approx(0.5)
+
+
+def test_the_weight_average_is_what_the_run_delivers_and_resumes_exactly(tmp_path, mnist_dir):
+    """--ema-decay: the checkpoints' model/ is the average of the live weights, folded version by
+    version (recomputed here from every checkpoint's live weights); the final evaluation grades it;
+    a resume continues the average and the live weights bit for bit; off, model/ is the live model."""
+    from psadv.averaging import LIVE_WEIGHTS, ema_weight
+    from psadv.models import load_flat_state_
+
+    recipe = dict(steps=20, eval_every=0, ema_decay=0.8, eval_steps=0, eval_examples=1000, eps=0.1, eps_ramp=0.0)
+    run(tmp_path, mnist_dir, name="every", checkpoint_every=1, keep_checkpoints=20, **recipe)
+    torch.manual_seed(0)
+    average = flat_state(build_model("mnist-small", in_channels=1, num_classes=10))  # the initial weights
+    for v in range(1, 21):
+        ckpt = load_checkpoint(tmp_path / "every" / "checkpoints" / f"ckpt-{v:08d}.h5")
+        live = torch.from_numpy(ckpt.extra[LIVE_WEIGHTS])
+        average = average + ema_weight(v, 0.8) * (live - average)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    model.load_state_dict(ckpt.model_state)
+    torch.testing.assert_close(flat_state(model), average)
+    assert not torch.allclose(average, live, atol=1e-3)  # the average is not the last weights
+    # the final evaluation (clean, 1,000 test images) is the average's
+    from psadv.data import load_dataset
+
+    test = load_dataset("mnist", "test", str(mnist_dir))
+    with torch.no_grad():
+        clean = (model(torch.tensor(test.x[:1000])).argmax(1) == torch.tensor(test.y[:1000])).float().mean().item()
+    summary = json.loads((tmp_path / "every" / "summary.json").read_text())
+    assert summary["last_eval"]["clean_acc"] == pytest.approx(clean)
+    load_flat_state_(model, live)
+    with torch.no_grad():
+        live_clean = (model(torch.tensor(test.x[:1000])).argmax(1) == torch.tensor(test.y[:1000])).float().mean().item()
+    assert live_clean != pytest.approx(clean)  # so the comparison above could fail
+
+    mid = tmp_path / "every" / "checkpoints" / "ckpt-00000010.h5"
+    run(tmp_path, mnist_dir, name="resumed", resume=str(mid))
+    a = ckpt
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt-00000020.h5")
+    np.testing.assert_array_equal(a.extra[LIVE_WEIGHTS], b.extra[LIVE_WEIGHTS])
+    for k in a.model_state:
+        torch.testing.assert_close(a.model_state[k], b.model_state[k], rtol=0, atol=0)
+    # without averaging there are no live weights apart: model/ is the live model
+    run(tmp_path, mnist_dir, name="plain", checkpoint_every=0, **{**recipe, "ema_decay": 0.0})
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "ckpt-00000020.h5")
+    assert LIVE_WEIGHTS not in plain.extra
+    model.load_state_dict(plain.model_state)
+    np.testing.assert_array_equal(flat_state(model).numpy(), ckpt.extra[LIVE_WEIGHTS])
+
+
+def test_averaging_can_start_or_stop_at_a_resume(tmp_path, mnist_dir):
+    """A checkpoint written without --ema-decay resumes with it (the average starts at its weights);
+    one written with it resumes without it from its live weights."""
+    from psadv.averaging import LIVE_WEIGHTS
+
+    run(tmp_path, mnist_dir, name="plain", steps=4, eval_every=0, checkpoint_every=0)
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "ckpt-00000004.h5")
+    assert plain.config["ema_decay"] == 0.0
+    run(tmp_path, mnist_dir, name="started", resume=str(plain.path), steps=6, ema_decay=0.5)
+    started = load_checkpoint(tmp_path / "started" / "checkpoints" / "ckpt-00000006.h5")
+    assert started.config["ema_decay"] == 0.5 and LIVE_WEIGHTS in started.extra
+    run(tmp_path, mnist_dir, name="stopped", resume=str(started.path), steps=8, ema_decay=0.0)
+    run(tmp_path, mnist_dir, name="averaged", resume=str(started.path), steps=8)
+    stopped = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "ckpt-00000008.h5")
+    averaged = load_checkpoint(tmp_path / "averaged" / "checkpoints" / "ckpt-00000008.h5")
+    assert LIVE_WEIGHTS not in stopped.extra
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    model.load_state_dict(stopped.model_state)  # the live weights trained on from the same ones
+    np.testing.assert_array_equal(flat_state(model).numpy(), averaged.extra[LIVE_WEIGHTS])
+
+
 def test_reused_perturbations_refuse_augmentation():
     with pytest.raises(ConfigError, match="--reuse-perturbations needs --augment none"):
         make_config({"reuse_perturbations": True, "augment": "crop-flip"})
@@ -303,7 +380,8 @@ def test_config_layers_and_unknown_keys(tmp_path):
     ({"batch_size": 0}, "--batch-size"), ({"model": "resnet9000"}, "--model"),
     ({"attack": "bim"}, "--attack"), ({"optimizer": "lbfgs"}, "--optimizer"),
     ({"attack_steps_schedule": "5@0.2"}, "schedule"), ({"attack_steps_schedule": "1,5@0.6,10@0.3"}, "schedule"),
-    ({"device": "tpu"}, "--device"),
+    ({"device": "tpu"}, "--device"), ({"ema_decay": 1.0}, "--ema-decay must be below 1"),
+    ({"ema_decay": -0.5}, "--ema-decay"),
 ])
 def test_config_validation(values, message):
     with pytest.raises(ConfigError, match=message):
