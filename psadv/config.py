@@ -82,10 +82,10 @@ class Config:
                             "at x and at a random point of the ε-ball (0 = off)", min=0.0)
 
     # --- optimisation ------------------------------------------------------------------------
-    # Adam with a one-cycle peak of 1e-2: in a 60 s budget it ended every seed more robust than
-    # 5e-3 (the peak until 2026-11-27, under which 15 epochs of PGD-10 reached 91.5% PGD-50x10),
-    # with which it ties at 180 s and with eight emulated attackers (README, "The learning rate at
-    # 60 s"). 2e-2 was worse.
+    # Adam with a one-cycle peak of 1e-2: a short budget needs the larger steps (in 60 s it trained
+    # every seed more robust than 5e-3, the peak tuned for 15 epochs of PGD-10; 2e-2 was worse), and
+    # it stays within half a point of 5e-3 at 180 s and with eight emulated attackers (README,
+    # "The learning rate at 60 s").
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
     lr: float = opt(1e-2, "(peak) learning rate", min=0.0)
     # onecycle: up to lr at 40% of training, then down to 0 (fast adversarial training's cyclic
