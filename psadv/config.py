@@ -349,8 +349,8 @@ def validate(cfg: Config) -> Config:
     # a file data set's shape is known once the file is read (at start-up), not here
     check_eps(cfg.eps, cfg.norm, math.prod(DATASETS[cfg.dataset].shape) if cfg.dataset in DATASETS else None)
     if cfg.ema_decay >= 1:
-        raise ConfigError(f"--ema-decay must be below 1 (at 1 the average never leaves the initial weights), "
-                          f"got {cfg.ema_decay:g}")
+        raise ConfigError("--ema-decay must be below 1 (at 1 the average never leaves the initial "
+                          f"weights), got {cfg.ema_decay:g}")
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
     if cfg.reuse_perturbations and cfg.augment != "none":

@@ -340,8 +340,8 @@ class Trainer:
         evaluation skips its strong attacks while PGD is below --target-robust-acc.
         """
         gate, attacks = schedules.eval_cascade(self.cfg)
-        return AccuracyJob(model or self.graded_model, self.eval_x, self.eval_y, attacks, batch_size=batch_size,
-                           device=self.device, seed=self.cfg.seed + 1, gate=gate,
+        return AccuracyJob(model or self.graded_model, self.eval_x, self.eval_y, attacks,
+                           batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1, gate=gate,
                            target=self.cfg.target_robust_acc)
 
     def record_eval(self, result: dict, version: int, time_at_version: float,
