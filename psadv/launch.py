@@ -60,7 +60,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     error = None
     setup = train_set = None
     try:  # phase 1: every rank, nothing written
-        setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False)
+        setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False,
+                            attackers=w.n_attackers)
         cfg = setup.cfg
         threads = set_threads(cfg.threads, w.local_size)
         device = pick_device(cfg.device, w.local_rank)

@@ -82,12 +82,13 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
-                overwrite: bool = False, prepare_dir: bool = True) -> RunSetup:
+                overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
     dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers,
     and the server until every rank has checked its inputs: it calls :func:`open_run_dir` then).
+    ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`.
     """
     file_values = file_values or {}
     checkpoint = None
@@ -106,7 +107,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
-    cfg = make_config(base, file_values, overrides)
+    cfg = make_config(base, file_values, overrides, attackers=attackers)
     if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
         cfg.precision = auto_precision(pick_device(cfg.device))
     home = run_dir_of(checkpoint) if checkpoint is not None else None

@@ -229,6 +229,18 @@ def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
     assert make_config({"augment": "crop-flip"}, {"refine_steps": 1}).refine_steps == 1
 
 
+def test_the_peak_learning_rate_is_lower_against_staleness():
+    from psadv.config import STALENESS_LR, make_config
+
+    assert make_config({}).lr == 1e-2 != STALENESS_LR
+    for where in ({"emulate_attackers": 8}, {"emulate_staleness": 4}):
+        assert make_config(where).lr == STALENESS_LR, where
+    assert make_config({}, attackers=2).lr == STALENESS_LR  # under MPI
+    # asked for, or set by a dataset's recipe, it stays
+    assert make_config({"emulate_attackers": 8}, {"lr": 1e-2}).lr == 1e-2
+    assert make_config({"dataset": "cifar10"}, attackers=2).lr == 0.2
+
+
 def test_a_plain_run_has_nothing_to_refine(tmp_path, mnist_dir, monkeypatch):
     calls = count_attacks(monkeypatch)
     emulated_run(tmp_path, mnist_dir, "plain", steps=4, refine_steps=3)
