@@ -371,20 +371,20 @@ def test_zero_staleness_forces_rejections(tmp_path, mnist_dir):
 
 @needs_mpi
 def test_one_push_in_flight_keeps_staleness_low(tmp_path, mnist_dir):
-    """One attacker with one push in flight and fresh parameters every version: pushes are about
-    one version old (with 3 in flight the same run measured a mean of 3.5 and a max of 6). Without
-    refinement: with this 2-step attack one refinement step costs the server as much as the attacker's
-    batch, so the server, not the pushes in flight, would set the staleness. On the CPU: where the attack
-    costs less than a server step (a GPU), the attacker fills the server's two-buffer queue and pushes
-    are about two versions old (README, *On a GPU*); the bound of 3 (one in flight, two queued) holds
-    everywhere."""
+    """One attacker with one push in flight and fresh parameters every version: pushes are one or two
+    versions old (with 3 in flight the same run measured a mean of 3.5 and a max of 6). One where the
+    attack costs more than a server step (a quiet CPU: mean ≤ 1.5), two where it costs less (a GPU,
+    or a loaded CPU): the server takes pushes into a queue of two buffers while it trains on the
+    oldest (README, *On a GPU*). At most 4 (one in flight, two queued, the parameters a message
+    behind; at most 3 measured). Without refinement: with this 2-step attack one refinement step costs the server
+    as much as the attacker's batch, so the server, not the pushes in flight, would set the staleness."""
     run = tmp_path / "inflight"
     res = run_job(2, mnist_dir, run, "--steps", "40", "--max-in-flight", "1", "--refresh-every", "1",
-                  "--refine-steps", "0", "--device", "cpu", *SMALL)
+                  "--refine-steps", "0", *SMALL)
     assert res.returncode == 0, res.stderr
     s = summary(run)
     assert s["version"] == 40 and s["rejected_stale"] == 0
-    assert s["staleness_mean"] <= 1.5 and s["staleness_max"] <= 3, s["staleness_histogram"]
+    assert s["staleness_mean"] <= 2 and s["staleness_max"] <= 4, s["staleness_histogram"]
 
 
 @needs_mpi
