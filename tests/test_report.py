@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from cli_helpers import assert_one_line_error, invoke
-from psadv.config import Config
+from psadv.config import STALENESS_LR, Config
 from psadv.report import Sweep, find_runs, load_run, scaling_report
-from psadv.report.sweep import plan
+from psadv.report.sweep import plan, reference_flags
 
 FAST = ["--batch-size", "50", "--attack-steps", "1", "--eval-examples", "50", "--eval-steps", "1", "--threads", "1",
         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0"]
@@ -267,6 +267,11 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     # under a time budget psadv train evaluates only at the end; the report needs the curve
     timed = plan(Sweep(workers=[0, 1], time_budget=30), tmp_path / "timed")
     assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
+    # the single-process reference trains the attackers' recipe: their lower peak lr, unless one is given
+    assert timed[0]["cmd"][-2:] == ["--lr", repr(STALENESS_LR)] and "--lr" not in timed[1]["cmd"]
+    given = plan(Sweep(workers=[0, 1], time_budget=30, train_args=["--lr", "0.02"]), tmp_path / "given")
+    assert [job["cmd"].count("--lr") for job in given] == [1, 1]
+    assert reference_flags(["--dataset", "cifar10"]) == ["--lr", "0.2"]  # a recipe's own peak stays
     own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
     assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags

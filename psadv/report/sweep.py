@@ -107,6 +107,23 @@ def start_flags(run_dir: Path, *, overwrite: bool, resume: bool) -> list[str] | 
     return ["--resume", str(run_dir)]
 
 
+def reference_flags(train_args: list[str]) -> list[str]:
+    """Flags that make the single-process reference train the recipe of the runs with attackers.
+
+    Their default peak learning rate is lower than one process's (``make_config``'s ``attackers``):
+    unless ``train_args`` or their TOML file set ``--lr``, the reference gets the value they resolve to.
+    """
+    from ..cli import train
+    from ..config import make_config, read_toml
+
+    params = dict(train.make_context("train", list(train_args), resilient_parsing=True).params)
+    file_values = read_toml(params["config_file"]) if params.get("config_file") else {}
+    overrides = {k: v for k, v in params.items() if k in FIELDS and v is not None}
+    if "lr" in overrides or "lr" in file_values:
+        return []
+    return ["--lr", repr(make_config(file_values, overrides, attackers=1).lr)]
+
+
 def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """The sweep's runs, checked before anything runs: one record per (push, max staleness, workers)."""
     varied = [flag for flag, values in (("--push", sweep.push), ("--max-staleness", sweep.max_staleness))
@@ -128,6 +145,8 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
     evaluation = (["--eval-every", str(FIELDS["eval_every"].default)]
                   if (sweep.time_budget is not None or "--time-budget" in given) and "--eval-every" not in given
                   else [])
+    # the single-process reference trains what the attackers train, so the report compares like with like
+    reference = reference_flags(sweep.train_args) if any(sweep.workers) else []
     jobs = []
     for push in sweep.push:
         for S in sweep.max_staleness:
@@ -144,7 +163,7 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
-                    cmd += common + evaluation + list(sweep.train_args)
+                    cmd += common + evaluation + (reference if n == 0 else []) + list(sweep.train_args)
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
     return jobs
