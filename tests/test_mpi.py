@@ -376,8 +376,9 @@ def test_one_push_in_flight_keeps_staleness_low(tmp_path, mnist_dir):
     attack costs more than a server step (a quiet CPU: mean ≤ 1.5), two where it costs less (a GPU,
     or a loaded CPU): the server takes pushes into a queue of two buffers while it trains on the
     oldest (README, *On a GPU*). At most 4 (one in flight, two queued, the parameters a message
-    behind; at most 3 measured). Without refinement: with this 2-step attack one refinement step costs the server
-    as much as the attacker's batch, so the server, not the pushes in flight, would set the staleness."""
+    behind; at most 3 measured). Without refinement: with this 2-step attack one refinement step
+    costs the server as much as the attacker's batch, so the server, not the pushes in flight, would
+    set the staleness."""
     run = tmp_path / "inflight"
     res = run_job(2, mnist_dir, run, "--steps", "40", "--max-in-flight", "1", "--refresh-every", "1",
                   "--refine-steps", "0", *SMALL)
