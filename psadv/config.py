@@ -219,7 +219,7 @@ RECIPES: dict[str, dict] = {
 
 # The peak learning rate of a run that trains on stale pushes (attackers under MPI, or emulated ones),
 # unless a recipe or the user sets one: with eight emulated attackers 1e-2 kept 0.6 points less than
-# 5e-3 under the strong cascade over four seeds (1.7 less on one, never 0.2 more) and masked more on
+# 5e-3 under the strong cascade over four seeds (1.7 less on one, at most 0.13 more) and masked more on
 # every seed (a larger step makes a stale push cost more), and every MPI measurement of the README
 # trained with 5e-3 (README, "The learning rate at 60 s").
 STALENESS_LR = 5e-3
