@@ -11,6 +11,7 @@ an exponential back-off sleep, never a spin.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -136,20 +137,25 @@ class Attacker:
                             start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
         if memory is not None:
             memory.remember(torch.from_numpy(idx), x, x_adv)
+        stats = None
         if self.mode == "examples":
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),
                                       y.cpu().numpy(), idx)
         else:
             self.model.train()
             with autocast(cfg.precision, self.device):
-                loss, _, _ = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align, eps=attack.eps,
-                                           norm=attack.norm)
+                loss, logits, penalty = training_loss(self.model, x_adv, y, clean=x, weight=cfg.grad_align,
+                                                      eps=attack.eps, norm=attack.norm)
             grads = torch.autograd.grad(loss, self.params)
             nbytes = self.layout.pack(slot, [g.float().cpu().numpy() for g in grads],
                                       [b.detach().float().cpu().numpy() for b in self.buffers])
+            stats = {wire.LOSS: loss.item(), wire.ACCURACY: (logits.argmax(1) == y).float().mean().item(),
+                     wire.PENALTY: math.nan if penalty is None else penalty.item()}
         state = self.stream.state()
         slot.set_header(self.layout.kind, self.version, count=len(y), sender=self.w.rank, progress=self.progress,
                         dtype=self.layout.dtype_code, nbytes=nbytes, epoch=state["epoch"], position=state["position"])
+        for field, value in (stats or {}).items():
+            wire.set_float(slot.header, field, value)
         slot.header[wire.COMPUTE_US] = int((time.perf_counter() - start) * 1e6)
         slot.request = self.comm.Issend([slot.buf[:slot.message_bytes()], self.MPI.BYTE], dest=0, tag=wire.TAG_PUSH)
         self.fresh = False

@@ -39,8 +39,8 @@ SERVER_SUMMARY = ("push attackers max_staleness staleness_histogram staleness_me
 SCHEMA: dict[str, RowKind] = {
     # under MPI, once at the start: every rank's host, pid, device and threads
     "world": RowKind.of("size ranks"),
-    # every --log-every versions; loss and adv_acc are means over the window's optimizer steps on
-    # examples (a server in a gradients mode has none)
+    # every --log-every versions; loss and adv_acc are means over the window's batches: the optimizer
+    # steps on examples, or a server's applied pushes of gradients (the loss each attacker differentiated)
     "train": RowKind.of(
         "version time examples_seen progress lr eps attack attack_steps examples_per_s",
         "loss adv_acc grad_align "  # grad_align: the window's mean GradAlign penalty (training.grad_align_field)

@@ -27,6 +27,7 @@ until every attacker says DONE and writes the summary. An attacker that does not
 from __future__ import annotations
 
 import collections
+import math
 import sys
 import time
 
@@ -215,12 +216,13 @@ class Server:
                     x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
                                                                          self.cfg.refine_step_ratio), start=x)
             out = trainer.step(x, y, clean=clean)
-            self._window["loss"] += out["loss"]
-            self._window["acc"] += out["acc"]
-            self._window["steps"] += 1
-            if out["grad_align"] is not None:
-                self._window["align"].append(out["grad_align"])
-        elif self.mode == "gradients":
+            self._note_batch(out["loss"], out["acc"], out["grad_align"])
+            return True
+        # a gradient's batch statistics come in its header: the loss the attacker differentiated
+        penalty = wire.get_float(h, wire.PENALTY)
+        self._note_batch(wire.get_float(h, wire.LOSS), wire.get_float(h, wire.ACCURACY),
+                         None if math.isnan(penalty) else penalty)
+        if self.mode == "gradients":
             trainer.apply_gradients(*self.layout.split(torch.from_numpy(self.layout.values(msg))), count,
                                     lr_scale=verdict.lr_scale)
         else:  # the receive buffer goes back to the pool: the policy keeps a copy until the round is complete
@@ -231,10 +233,19 @@ class Server:
         return True
 
     # --- metrics -------------------------------------------------------------------------------
+    def _note_batch(self, loss: float, acc: float, penalty: float | None) -> None:
+        """One applied batch's loss, adversarial accuracy and GradAlign penalty, for the window's means."""
+        win = self._window
+        win["loss"] += loss
+        win["acc"] += acc
+        win["batches"] += 1
+        if penalty is not None:
+            win["align"].append(penalty)
+
     def _window_start(self) -> dict:
         return {"t": time.perf_counter(), "examples": self.trainer.state.examples_seen,
                 "produced": collections.Counter(), "compute": collections.Counter(), "tau": [], "loss": 0.0, "acc": 0.0,
-                "steps": 0, "align": [], "busy": self.time["busy"], "wait": self.time["wait"]}
+                "batches": 0, "align": [], "busy": self.time["busy"], "wait": self.time["wait"]}
 
     def _log(self, out_lr: float | None) -> float:
         trainer, win = self.trainer, self._window
@@ -248,10 +259,10 @@ class Server:
                    **window_stats(taus),
                    rejected_stale=self.policy.rejected_stale, rejected_invalid=self.totals["rejected_invalid"],
                    queue=len(self.queue))
-        if win["steps"]:
-            own.update(loss=win["loss"] / win["steps"], adv_acc=win["acc"] / win["steps"],
+        if win["batches"]:
+            own.update(loss=win["loss"] / win["batches"], adv_acc=win["acc"] / win["batches"],
                        **grad_align_field(win["align"]))
-        trainer.check_finite()  # gradients and sync mode have no loss here to watch
+        trainer.check_finite()  # gradients and sync mode compute no loss here: watch the weights
         row = trainer.log_train(lr=out_lr, attack=trainer.attack(), rate=consumed / dt, **own)
         for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed
             trainer.metrics.write("attacker", version=trainer.version, time=row["time"], rank=r,

@@ -26,6 +26,10 @@ server's ε ramp and attack-steps schedule), ``DTYPE`` (0 float32, 1 float16), `
 bytes), ``EPOCH``/``POSITION`` (the sender's data stream
 position after this batch; in the first PARAMS message: where a resumed attacker continues,
 -1 = from the start), ``COMPUTE_US`` (a push: the attacker's microseconds computing it).
+A push of gradients also carries the statistics of the batch behind them, float64 values stored bit
+for bit (:func:`set_float`, :func:`get_float`): ``LOSS`` (the loss the attacker differentiated),
+``ACCURACY`` (its accuracy on the adversarial batch) and ``PENALTY`` (the GradAlign penalty, NaN
+without one), so the server's train rows show the loss in every push mode.
 
 The push payloads are laid out by :class:`ExampleLayout` and :class:`GradientLayout`, which both
 sides use to pack, unpack, size and validate them.
@@ -50,7 +54,7 @@ KIND_NAMES = {PARAMS: "params", EXAMPLES: "examples", GRADIENTS: "gradients", ST
 # --- header layout ---------------------------------------------------------------------------
 HEADER_LEN = 16
 HEADER_BYTES = HEADER_LEN * 8
-KIND, VERSION, COUNT, SENDER, PROGRESS, DTYPE, NBYTES, EPOCH, POSITION, COMPUTE_US = range(10)
+KIND, VERSION, COUNT, SENDER, PROGRESS, DTYPE, NBYTES, EPOCH, POSITION, COMPUTE_US, LOSS, ACCURACY, PENALTY = range(13)
 PROGRESS_SCALE = 1 << 40
 
 DTYPES = {"float32": 0, "float16": 1}
@@ -99,6 +103,15 @@ class Message:
 
 def progress_of(header: np.ndarray) -> float:
     return float(header[PROGRESS]) / PROGRESS_SCALE
+
+
+def set_float(header: np.ndarray, field: int, value: float) -> None:
+    """Store a float64 in an int64 header field, bit for bit."""
+    header[field:field + 1].view(np.float64)[0] = value
+
+
+def get_float(header: np.ndarray, field: int) -> float:
+    return float(header[field:field + 1].view(np.float64)[0])
 
 
 # --- layouts of the payloads -------------------------------------------------------------------
@@ -220,7 +233,12 @@ class GradientLayout:
         return None if code == self.dtype_code else f"gradient dtype code {code}, expected float32"
 
     def values_problem(self, msg: Message, count: int, num_classes: int) -> str | None:
-        return None if np.isfinite(self.values(msg)).all() else "non-finite values in the gradient"
+        if not np.isfinite(self.values(msg)).all():
+            return "non-finite values in the gradient"
+        loss, accuracy = get_float(msg.header, LOSS), get_float(msg.header, ACCURACY)
+        if not (np.isfinite(loss) and 0 <= accuracy <= 1):
+            return f"loss {loss} or accuracy {accuracy} of the batch out of range"
+        return None
 
 
 PushLayout = ExampleLayout | GradientLayout

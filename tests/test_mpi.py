@@ -145,8 +145,19 @@ def test_gradient_validation():
     nbytes = layout.pack(msg, [np.ones((2, 3), np.float32)], [np.ones(4, np.float32)])
     assert nbytes == 40
     msg.set_header(wire.GRADIENTS, version=0, count=4, sender=1, nbytes=nbytes)
+    # the batch's statistics ride in the int64 header as float64 bit patterns
+    for field, value in ((wire.LOSS, 0.6931), (wire.ACCURACY, 0.75), (wire.PENALTY, float("nan"))):
+        wire.set_float(msg.header, field, value)
+    assert (wire.get_float(msg.header, wire.LOSS), wire.get_float(msg.header, wire.ACCURACY)) == (0.6931, 0.75)
+    assert np.isnan(wire.get_float(msg.header, wire.PENALTY)) and int(msg.header[wire.COUNT]) == 4
     check = dict(batch_size=4, version=0, layout=layout, num_classes=10)
     assert wire.validate_push(msg, msg.message_bytes(), 1, **check) is None
+    wire.set_float(msg.header, wire.LOSS, float("inf"))
+    assert "loss inf" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
+    wire.set_float(msg.header, wire.LOSS, 0.5)
+    wire.set_float(msg.header, wire.ACCURACY, 1.5)
+    assert "accuracy 1.5" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
+    wire.set_float(msg.header, wire.ACCURACY, 0.5)
     layout.values(msg)[3] = np.inf
     assert "non-finite" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
     examples = wire.ExampleLayout((1, 28, 28), batch_size=4, wire_dtype="float32")
@@ -274,6 +285,10 @@ def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push
     average = np.concatenate([t.numpy().ravel() for t in ckpt.model_state.values()])
     live = ckpt.extra["live_weights"]
     assert live.shape == average.shape and not np.allclose(live, average, atol=1e-4)
+    # the attackers' batch statistics reach the server's train rows, as with pushes of examples
+    train = rows(run, "train")
+    assert train and all(np.isfinite(r["loss"]) and r["loss"] > 0 and 0 <= r["adv_acc"] <= 1 for r in train)
+    assert not any("grad_align" in r for r in train)  # no penalty without --grad-align
     if push == "sync":
         # every version averages one gradient from each of the two attackers, all at staleness 0
         assert s["examples_seen"] == 20 * 2 * 50
@@ -327,9 +342,9 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
     s = summary(run)
     if push == "examples":
         assert penalties == s["version"] == 10  # one per optimizer step, on the server
-        assert all(0 < r["grad_align"] < 2 for r in rows(run, "train"))  # and its mean in every train row
     else:
         assert 0 < penalties <= s["version"] + 2  # one per push of attacker 1 (in flight at the end too)
+    assert all(0 < r["grad_align"] < 2 for r in rows(run, "train"))  # the window's mean, in every train row
 
 
 @pytest.mark.parametrize("values,message", [
