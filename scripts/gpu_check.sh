@@ -7,7 +7,8 @@
 #   1. single process, --device cuda: 60 PGD steps of MNIST training, checkpoint and summary;
 #   2. MPI: a parameter server and 2 attackers (mpiexec -n 3, --device auto: psadv/devices.py puts
 #      local rank r on GPU r mod n_gpus), 60 versions; every rank must report a cuda device;
-#   3. psadv eval of step 1's checkpoint on the GPU (PGD-10, 500 test images).
+#   3. psadv eval of step 1's checkpoint on the GPU: the default cascade (APGD-CE, APGD-T, Square)
+#      at a small budget (10 iterations, 3 targets, 100 queries), 500 test images.
 # It prints one summary line per step. Without a CUDA device it refuses at once (exit 3).
 #
 # Environment (optional):
@@ -71,11 +72,13 @@ PY
 
 current="3. eval on cuda"
 start=$SECONDS
-result=$("${psadv[@]}" eval "$out/single" --device cuda --steps 10 --restarts 1 --examples 500 --json --no-progress)
+result=$("${psadv[@]}" eval "$out/single" --device cuda --attack strong --apgd-steps 10 --targets 3 --queries 100 \
+    --examples 500 --json --no-progress)
 summaries+=("$current: $("$python" - "$result" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
 assert 0.0 <= r["robust_acc"] <= r["clean_acc"] <= 1.0, r
+assert [a["name"] for a in r["attacks"]] == ["apgd-ce", "apgd-t", "square"], r["attacks"]
 print(f"clean {r['clean_acc']:.2%}, robust {r['robust_acc']:.2%} ({r['attack']}, 500 images)")
 PY
 ), $((SECONDS - start)) s")
