@@ -22,8 +22,8 @@
    server-side refinement, …), two seeds each; final robust accuracy at a fixed budget and the
    versions to the target; one short MPI run (one attacker) measures c_s and c_a, so the report
    predicts the time to target for each N and method.
-6. masking: does a weaker training adversary leave more gradient masking? FGSM-RS, N-FGSM and PGD-k
-   (k = 5, 10, 40) at the same epoch budget, two seeds each, graded twice: PGD-50×10 (what psadv
+6. masking: does a weaker training adversary leave more gradient masking? FGSM-RS, N-FGSM, FGSM-RS
+   with reused perturbations (psadv's one-step recipe) and PGD-k (k = 5, 10, 40) at the same epoch budget, two seeds each, graded twice: PGD-50×10 (what psadv
    reported before) and ``psadv eval``'s strong cascade (APGD-CE, APGD-T, Square); the difference is
    how much PGD over-claims, the cascade's ``masking_gap`` how much Square finds beyond the gradients.
 
@@ -58,7 +58,8 @@ ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
 STALENESS = (0, 8, 32, 64, 128)
 PARTS = {1: "part1-adversary", 2: "part2-staleness", 3: "part3-scaling", 4: "part4-headline", 5: "part5-attackers",
          6: "part6-masking"}
-MASKING_ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"]), ("n-fgsm", ["--attack", "n-fgsm"])] + [
+MASKING_ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"]), ("n-fgsm", ["--attack", "n-fgsm"]),
+                       ("fgsm-rs-reuse", ["--attack", "fgsm-rs", "--reuse-perturbations"])] + [
     (f"pgd-{k}", ["--attack", "pgd", "--attack-steps", str(k)]) for k in (5, 10, 40)]
 # part 5: what the trainer does against staleness: "none" = nothing (--refine-steps 0), "default" =
 # psadv's defaults (one refinement step of 1.25ε), or any psadv train flags
@@ -246,12 +247,13 @@ class Study:
         if self.args.dry_run:
             return
         rows = []
-        for run_dir in sorted((part_dir / "runs").glob("*-seed*")):
-            files = [run_dir / name for name in ("summary.json", FINAL_EVAL, PGD_EVAL)]
-            if all(f.exists() for f in files):
-                summary, strong, pgd = (json.loads(f.read_text()) for f in files)
-                rows.append({"adversary": run_dir.name.rsplit("-seed", 1)[0], "seed": run_dir.name.rsplit("-seed", 1)[1],
-                             "seconds": summary["elapsed"], "strong": strong, "pgd": pgd})
+        for name, _ in MASKING_ADVERSARIES:  # the table in the plan's order, from the runs that finished
+            for seed in self.args.seeds:
+                files = [part_dir / "runs" / f"{name}-seed{seed}" / f for f in ("summary.json", FINAL_EVAL, PGD_EVAL)]
+                if all(f.exists() for f in files):
+                    summary, strong, pgd = (json.loads(f.read_text()) for f in files)
+                    rows.append({"adversary": name, "seed": str(seed), "seconds": summary["elapsed"], "strong": strong,
+                                 "pgd": pgd})
         report = part_dir / "report"
         report.mkdir(parents=True, exist_ok=True)
         table = masking_table(rows)

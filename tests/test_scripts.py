@@ -282,7 +282,9 @@ def test_study_plans_part_6_and_tabulates_masking(tmp_path):
     plan = study_plan(tmp_path, "--data-dir", "DATA", "--parts", "6", "--seeds", "0,1")
     train = [cmd for cmd in plan if " train " in cmd]
     names = [re.search(r"runs/(\S+)", cmd).group(1) for cmd in train]
-    assert names == [f"{a}-seed{s}" for a in ("fgsm-rs", "n-fgsm", "pgd-5", "pgd-10", "pgd-40") for s in "01"]
+    assert names == [f"{a}-seed{s}" for a in ("fgsm-rs", "n-fgsm", "fgsm-rs-reuse", "pgd-5", "pgd-10", "pgd-40")
+                     for s in "01"]
+    assert sum("--reuse-perturbations" in cmd for cmd in train) == 2
     assert all("--epochs 2" in cmd and "--eval-every 0" in cmd for cmd in train)
     evals = [cmd for cmd in plan if " eval " in cmd]
     assert len(evals) == 2 * len(train)
