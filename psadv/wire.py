@@ -235,9 +235,10 @@ class GradientLayout:
     def values_problem(self, msg: Message, count: int, num_classes: int) -> str | None:
         if not np.isfinite(self.values(msg)).all():
             return "non-finite values in the gradient"
-        loss, accuracy = get_float(msg.header, LOSS), get_float(msg.header, ACCURACY)
-        if not (np.isfinite(loss) and 0 <= accuracy <= 1):
-            return f"loss {loss} or accuracy {accuracy} of the batch out of range"
+        loss, accuracy, penalty = (get_float(msg.header, f) for f in (LOSS, ACCURACY, PENALTY))
+        # cross-entropy plus λ·(1 − cos) is finite and non-negative; the penalty lies in [0, 2] or is off (NaN)
+        if not (np.isfinite(loss) and loss >= 0 and 0 <= accuracy <= 1 and (np.isnan(penalty) or 0 <= penalty <= 2)):
+            return f"batch statistics out of range (loss {loss}, accuracy {accuracy}, GradAlign penalty {penalty})"
         return None
 
 
@@ -262,8 +263,8 @@ def validate_push(msg: Message, nbytes_received: int, source: int, *, layout: Pu
                   version: int, num_classes: int) -> str | None:
     """Why a received push is malformed (shape, dtype, size, values), or None if it is fine.
 
-    NaN/Inf anywhere, pixels outside [0, 1] or labels out of range are rejected here, so a bad push
-    never reaches the model.
+    NaN/Inf anywhere, pixels outside [0, 1], labels out of range or a gradient's batch statistics out
+    of range are rejected here, so a bad push never reaches the model or the metrics.
     """
     h = msg.header
     if nbytes_received < HEADER_BYTES:

@@ -23,9 +23,10 @@
    versions to the target; one short MPI run (one attacker) measures c_s and c_a, so the report
    predicts the time to target for each N and method.
 6. masking: does a weaker training adversary leave more gradient masking? FGSM-RS, N-FGSM, FGSM-RS
-   with reused perturbations (psadv's one-step recipe) and PGD-k (k = 5, 10, 40) at the same epoch budget, two seeds each, graded twice: PGD-50×10 (what psadv
-   reported before) and ``psadv eval``'s strong cascade (APGD-CE, APGD-T, Square); the difference is
-   how much PGD over-claims, the cascade's ``masking_gap`` how much Square finds beyond the gradients.
+   with reused perturbations (psadv's one-step recipe) and PGD-k (k = 5, 10, 40) at the same epoch
+   budget, two seeds each, graded twice: PGD-50×10 (what psadv reported before) and ``psadv eval``'s
+   strong cascade (APGD-CE, APGD-T, Square); the difference is how much PGD over-claims, the
+   cascade's ``masking_gap`` how much Square finds beyond the gradients.
 
 Each part writes run directories under OUT/<part>/runs and a report (report.md, report.json,
 PNGs) under OUT/<part>/report; part 4 writes the budget search (its trials, budget_search.md and
@@ -247,13 +248,14 @@ class Study:
         if self.args.dry_run:
             return
         rows = []
-        for name, _ in MASKING_ADVERSARIES:  # the table in the plan's order, from the runs that finished
-            for seed in self.args.seeds:
-                files = [part_dir / "runs" / f"{name}-seed{seed}" / f for f in ("summary.json", FINAL_EVAL, PGD_EVAL)]
+        for name, _ in MASKING_ADVERSARIES:  # in the plan's order: every finished seed, of this or an earlier call
+            seeds = sorted((part_dir / "runs").glob(f"{name}-seed*"), key=lambda d: int(d.name.rsplit("seed", 1)[1]))
+            for run_dir in seeds:
+                files = [run_dir / f for f in ("summary.json", FINAL_EVAL, PGD_EVAL)]
                 if all(f.exists() for f in files):
                     summary, strong, pgd = (json.loads(f.read_text()) for f in files)
-                    rows.append({"adversary": name, "seed": str(seed), "seconds": summary["elapsed"], "strong": strong,
-                                 "pgd": pgd})
+                    rows.append({"adversary": name, "seed": run_dir.name.rsplit("seed", 1)[1],
+                                 "seconds": summary["elapsed"], "strong": strong, "pgd": pgd})
         report = part_dir / "report"
         report.mkdir(parents=True, exist_ok=True)
         table = masking_table(rows)

@@ -152,12 +152,14 @@ def test_gradient_validation():
     assert np.isnan(wire.get_float(msg.header, wire.PENALTY)) and int(msg.header[wire.COUNT]) == 4
     check = dict(batch_size=4, version=0, layout=layout, num_classes=10)
     assert wire.validate_push(msg, msg.message_bytes(), 1, **check) is None
-    wire.set_float(msg.header, wire.LOSS, float("inf"))
-    assert "loss inf" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
-    wire.set_float(msg.header, wire.LOSS, 0.5)
-    wire.set_float(msg.header, wire.ACCURACY, 1.5)
-    assert "accuracy 1.5" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
-    wire.set_float(msg.header, wire.ACCURACY, 0.5)
+    for field, bad, good in ((wire.LOSS, float("inf"), 0.5), (wire.LOSS, float("nan"), 0.5), (wire.LOSS, -1.0, 0.5),
+                             (wire.ACCURACY, 1.5, 0.5), (wire.ACCURACY, float("nan"), 0.5),
+                             (wire.PENALTY, 3.0, 0.1), (wire.PENALTY, float("-inf"), float("nan"))):
+        wire.set_float(msg.header, field, bad)
+        assert "batch statistics out of range" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
+        wire.set_float(msg.header, field, good)
+        assert wire.validate_push(msg, msg.message_bytes(), 1, **check) is None
+    wire.set_float(msg.header, wire.LOSS, float("nan"))  # a NaN gradient is named first
     layout.values(msg)[3] = np.inf
     assert "non-finite" in wire.validate_push(msg, msg.message_bytes(), 1, **check)
     examples = wire.ExampleLayout((1, 28, 28), batch_size=4, wire_dtype="float32")
@@ -344,7 +346,8 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
         assert penalties == s["version"] == 10  # one per optimizer step, on the server
     else:
         assert 0 < penalties <= s["version"] + 2  # one per push of attacker 1 (in flight at the end too)
-    assert all(0 < r["grad_align"] < 2 for r in rows(run, "train"))  # the window's mean, in every train row
+    train = rows(run, "train")
+    assert train and all(0 < r["grad_align"] < 2 for r in train)  # the window's mean, in every train row
 
 
 @pytest.mark.parametrize("values,message", [

@@ -309,6 +309,31 @@ def test_study_plans_part_6_and_tabulates_masking(tmp_path):
     assert "| pgd-5 | 2 | 10 | 98.0% (0.0%) | 89.0% (2.0%) | 86.0% (0.0%) | 3.0 points | 1.5 points |" in text
 
 
+def test_study_part_6_tabulates_every_finished_seed_in_the_plans_order(tmp_path):
+    """The table reads the runs on disk: seeds of an earlier call too, adversaries in the plan's
+    order (not the directory names' order, where pgd-10 sorts before pgd-5)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    runs = tmp_path / "study" / "part6-masking" / "runs"
+    for name, robust in (("pgd-40-seed0", 0.9), ("pgd-5-seed2", 0.86), ("pgd-5-seed0", 0.88),
+                         ("fgsm-rs-reuse-seed0", 0.85), ("pgd-10-seed0", 0.89)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"elapsed": 10.0}))
+        (runs / name / study.FINAL_EVAL).write_text(json.dumps(
+            {"robust_acc": robust, "clean_acc": 0.99, "masking_gap": 0.01, "attack": "strong", "examples": 1000}))
+        (runs / name / study.PGD_EVAL).write_text(json.dumps({"robust_acc": robust + 0.02}))
+    s = study.Study(study.parse_args(["--out", str(tmp_path / "study"), "--parts", "6", "--seeds", "0"]))
+    s.run = lambda cmd: 0  # the runs not on disk (fgsm-rs, n-fgsm) would train: nothing runs here
+    s.part6(runs.parent)
+    table = json.loads((runs.parent / "report" / "report.json").read_text())["table"]
+    assert [(r["adversary"], r["seeds"]) for r in table] == [("fgsm-rs-reuse", 1), ("pgd-5", 2), ("pgd-10", 1),
+                                                             ("pgd-40", 1)]
+    assert table[1]["strong"]["mean"] == pytest.approx(0.87) and table[1]["over_claim"]["mean"] == pytest.approx(0.02)
+
+
 def test_study_summary_states_the_budget_search_against_the_baseline(tmp_path):
     import importlib.util
 
