@@ -38,9 +38,10 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
 
     ``config`` is a :class:`psadv.Config` or a dict of ``psadv train`` options (underscores or
     dashes); keyword ``overrides`` win over it. ``resume`` continues a run (its directory or a
-    checkpoint), ``overwrite`` replaces the run in ``run_dir``. The summary is ``summary.json``'s
-    dict plus ``run_dir``. Signals (Ctrl-C) stop the run with a checkpoint, as on the command line;
-    call it from the main thread.
+    checkpoint; a ``package.module:factory`` run only when ``model`` names that factory, as
+    ``psadv train --resume`` needs ``--model``), ``overwrite`` replaces the run in ``run_dir``.
+    The summary is ``summary.json``'s dict plus ``run_dir``. Signals (Ctrl-C) stop the run with a
+    checkpoint, as on the command line; call it from the main thread.
     """
     from .training import resolve_run, train_single
 
@@ -61,14 +62,15 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
              attack: str | None = None, steps: int = 50, restarts: int = 10, step_size: float | None = None,
              loss: str = "ce", apgd_steps: int = 100, targets: int = 9, queries: int = 5000,
              examples: int | None = None, batch_size: int = 500, device: str | torch.device = "cpu",
-             seed: int = 0) -> dict:
+             seed: int = 0, trust_factory: bool | str | None = None) -> dict:
     """Clean and robust test accuracy, as ``psadv eval`` measures it.
 
     ``attack`` is any name ``psadv eval --attack`` takes (default ``strong``: APGD-CE, APGD-T and
     Square, each on the examples the earlier ones left standing); ``steps``/``restarts`` set PGD,
     ``apgd_steps``/``targets`` APGD and FAB, ``queries`` Square. ``model`` is an ``nn.Module``
-    taking [0, 1] images, or a path :func:`load_model` reads; for a path, ``dataset``, ``eps`` and
-    ``norm`` default to the ones it was trained with, otherwise to :class:`psadv.Config`'s. Returns
+    taking [0, 1] images, or a path :func:`load_model` reads (``trust_factory`` as there: needed for
+    a ``package.module:factory`` model); for a path, ``dataset``, ``eps`` and ``norm`` default to the
+    ones it was trained with, otherwise to :class:`psadv.Config`'s. Returns
     what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``, ``examples``,
     per-attack rows (``attacks``) and the ``masking_gap``. A thin wrapper over
     :func:`psadv.evaluate.measure_accuracy`.
@@ -79,7 +81,7 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
 
     meta: dict[str, str] = {}
     if not isinstance(model, nn.Module):
-        model, meta = open_model(Path(model), device)
+        model, meta = open_model(Path(model), device, trust_factory=trust_factory)
     defaults = Config()
     dataset = dataset or meta.get("dataset") or defaults.dataset
     eps = eps if eps is not None else float(meta["eps"]) if "eps" in meta else defaults.eps

@@ -1,8 +1,11 @@
 """Checkpoint files: the one place that defines their format, and the only code that reads or writes them.
 
 A checkpoint is one HDF5 file holding plain numeric datasets and JSON string attributes. No
-serialized Python objects are stored, so any HDF5 tool can open a checkpoint and loading one never
-runs code.
+serialized Python objects are stored, so any HDF5 tool can open a checkpoint and reading one
+(:func:`load_checkpoint`, :func:`describe_checkpoint`) never runs code. Building the model it records
+(:func:`build_recorded_model`) can: a ``package.module:factory`` model is the user's code, imported
+and called. A file is not trusted to choose code, so that happens only when the caller names the
+factory too (``--model``, ``trust_factory``); see :func:`check_trusted`.
 
 Format reference (``format_version`` 1)
 ---------------------------------------
@@ -63,6 +66,7 @@ process writes checkpoints into a directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -80,7 +84,9 @@ import numpy as np
 import torch
 
 from psadv import __version__
-from psadv.errors import CheckpointError, io_error_text
+from psadv.config import check_recorded
+from psadv.errors import CheckpointError, ConfigError, io_error_text
+from psadv.models import MODELS, build_factory_model, build_model, is_factory_ref
 
 FORMAT = "psadv-checkpoint"
 FORMAT_VERSION = 1
@@ -96,6 +102,13 @@ _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, Attribut
 
 class IncompatibleCheckpoint(CheckpointError):
     """The checkpoint is fine but holds a different model than the one asked for (exit code 2)."""
+
+    exit_code = 2
+
+
+class UntrustedFactory(CheckpointError):
+    """The file names a ``package.module:factory`` model that the caller did not name (exit code 2):
+    building it would run code the file chose."""
 
     exit_code = 2
 
@@ -406,6 +419,12 @@ def _fsync_dir(directory: Path) -> None:
             raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -430,6 +449,9 @@ def save_checkpoint(
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
         os.close(fd)
+        # mkstemp makes the file private (0600); a checkpoint gets the mode of every other file of
+        # the run, so colleagues sharing a cluster directory can read it
+        os.chmod(tmp_name, 0o666 & ~_umask())
     except OSError as exc:
         raise CheckpointError(f"cannot save checkpoint {path}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
@@ -487,6 +509,11 @@ class _Reader:
             raise CheckpointError(f"checkpoint {path} does not exist")
         if path.is_dir():
             raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+        try:
+            with open(path, "rb"):  # the system's reason (permission denied, ...), which HDF5 would call corruption
+                pass
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {io_error_text(exc)}") from None
         try:
             self.file = h5py.File(path, "r")
         except (OSError, ValueError) as exc:
@@ -628,6 +655,100 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
             "psadv_version": _attr_str(f.attrs["psadv_version"]),
             "file_size": reader.path.stat().st_size,
         }
+
+
+# --------------------------------------------------------------------------------------------
+# from a file to a live model
+
+# What torch, numpy and the trainer's restore code raise when a file's contents, readable as
+# such, do not fit together or with this psadv (a missing state key, a mis-shaped tensor, ...).
+_RESTORE_ERRORS = (KeyError, IndexError, ValueError, TypeError, RuntimeError, AttributeError, OverflowError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return f"missing {exc.args[0]!r}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # load_state_dict says what is wrong on the lines after its first ("Error(s) in loading ...")
+    text = " ".join(lines[1:] if isinstance(exc, RuntimeError) and len(lines) > 1 else lines[:1])
+    return text or type(exc).__name__
+
+
+def damaged(path: str | os.PathLike, reason: BaseException | str, what: str = "checkpoint") -> CheckpointError:
+    """The one-line error for a file that reads fine but whose contents psadv cannot use."""
+    text = reason if isinstance(reason, str) else _reason(reason)
+    return CheckpointError(f"{what} {path} is corrupted or incompatible: {text}")
+
+
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike):
+    """Around code that puts a checkpoint's contents back into live objects (model, optimizer,
+    counters, data stream, generators, ...): what does not fit becomes :func:`damaged`'s one line."""
+    try:
+        yield
+    except _RESTORE_ERRORS as exc:
+        raise damaged(path, exc) from None
+
+
+def check_trusted(path: str | os.PathLike, name: str, trust: bool | str | None, what: str = "checkpoint") -> None:
+    """Refuse to build a model the caller did not agree to.
+
+    ``trust`` is the model the caller names (``--model``): the file must hold that one, and naming a
+    factory is what trusts it. ``True`` trusts whatever the file holds; ``None`` or ``False`` builds
+    registry models only, since a factory named in a file is code the file's author chose.
+    """
+    if isinstance(trust, str) and trust != name:
+        raise IncompatibleCheckpoint(f"{what} {path} holds model {name}, not {trust}")
+    if is_factory_ref(name) and not (trust is True or trust == name):
+        raise UntrustedFactory(f"{what} {path} holds the factory model {name}, and psadv runs a factory named "
+                               f"in a file only if you name it too: pass --model {name} (in Python: "
+                               f"trust_factory={name!r}) if you trust that code")
+
+
+def build_recorded_model(path: str | os.PathLike, name: str, args: dict, state: dict[str, torch.Tensor], *,
+                         trust: bool | str | None = None, what: str = "checkpoint") -> torch.nn.Module:
+    """The model a file records (``name`` built with ``args``, loaded with ``state``), in eval mode.
+
+    Where every file's model becomes a live one: a factory only as :func:`check_trusted` allows, and
+    arguments or tensors that do not fit give :func:`damaged`'s one line.
+    """
+    check_trusted(path, name, trust, what)
+    if not is_factory_ref(name) and name not in MODELS:
+        raise damaged(path, f"unknown model {name!r}", what)
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the caller's generator
+        if is_factory_ref(name):
+            model = build_factory_model(name, args)  # its errors say what the factory did
+        else:
+            try:
+                model = build_model(name, **args)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise damaged(path, f"model {name} cannot be built with arguments {json.dumps(args)}: "
+                                    f"{_reason(exc)}", what) from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise damaged(path, f"its tensors do not fit model {name}: {_reason(exc)}", what) from None
+    return model.eval()
+
+
+# What psadv eval and an export's metadata read from a checkpoint's config.
+READ_CONFIG = ("dataset", "norm", "eps")
+
+
+def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                    trust_factory: bool | str | None = None) -> tuple[Checkpoint, torch.nn.Module]:
+    """A checkpoint (a file, or a run directory's newest) and its model in eval mode on ``device``.
+
+    The config values its readers need are checked here, once; ``trust_factory`` is
+    :func:`check_trusted`'s ``trust``.
+    """
+    ckpt = load_checkpoint(find_checkpoint(path))
+    try:
+        check_recorded(ckpt.config, READ_CONFIG)
+    except ConfigError as exc:
+        raise damaged(ckpt.path, str(exc)) from None
+    model = build_recorded_model(ckpt.path, ckpt.model_name, ckpt.model_args, ckpt.model_state, trust=trust_factory)
+    return ckpt, model.to(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ missing or corrupted file.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -15,7 +16,7 @@ import click
 
 from . import __version__
 from .attacks.suite import COMPOSITES, DEFAULT_EVAL, EVAL_ATTACKS
-from .config import FIELDS, choices_of, read_toml, recipe_defaults
+from .config import FIELDS, MAX_SEED, MAX_THREADS, choices_of, read_toml, recipe_defaults
 from .errors import PsadvError
 
 
@@ -29,6 +30,13 @@ class PsadvGroup(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except PsadvError as exc:
             _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            if exc.errno is None:  # not the system refusing a file: a bug, keep the traceback
+                raise
+            # the system refused a file (permission, a full disk, a missing directory): the
+            # user's environment, not psadv, so one line that names the file
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}", 1)
         except click.Abort:
             _fail("aborted", 130)
         if standalone_mode:
@@ -69,6 +77,20 @@ def config_options(command):
     return command
 
 
+def _finite(ctx, param, value):
+    """Reject inf (FloatRange lets it through without a maximum): an infinite step makes NaN images."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def model_option(command):
+    """``--model``: the model a file must hold; naming a factory is what lets psadv run its code."""
+    return click.option("--model", "expected_model", default=None, metavar="NAME",
+                        help="the model the file must hold; a package.module:factory model is imported and "
+                             "called (its code run) only if named here")(command)
+
+
 @click.group(cls=PsadvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="psadv")
 def cli():
@@ -82,7 +104,9 @@ def cli():
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of options (the command line wins)")
-@click.option("--resume", type=click.Path(), help="continue a run: its RUN_DIR or a checkpoint file")
+@click.option("--resume", type=click.Path(),
+              help="continue a run: its RUN_DIR or a checkpoint file (a package.module:factory model's run "
+                   "also needs --model naming it)")
 @click.option("--overwrite", is_flag=True, help="replace the run already in --run-dir")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 @config_options
@@ -111,14 +135,14 @@ def train(config_file, resume, overwrite, progress, **options):
 @click.option("--restarts", type=click.IntRange(min=1), default=10, show_default=True, help="PGD random restarts")
 @click.option("--eps", type=click.FloatRange(min=0), default=None,
               help="ε (default: the checkpoint's); L∞: <= 1, L2: <= sqrt(pixels)")
-@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
               help="absolute PGD step size (default: 2.5ε/steps)")
 @click.option("--loss", type=click.Choice(["ce", "margin", "dlr"]), default="ce", show_default=True,
               help="PGD loss: cross-entropy, the CW margin, or DLR")
 @click.option("--apgd-steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="iterations of apgd-ce, apgd-t and fab-t")
-@click.option("--targets", type=click.IntRange(min=1), default=9, show_default=True,
-              help="target classes of apgd-t and fab-t")
+@click.option("--targets", type=click.IntRange(min=1), default=None,
+              help="target classes of apgd-t and fab-t [default: 9, or all other classes if fewer]")
 @click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True,
               help="queries per example of square")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="threat model (default: the checkpoint's)")
@@ -126,16 +150,17 @@ def train(config_file, resume, overwrite, progress, **options):
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="dataset directory (default: the checkpoint's)")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0, max=MAX_THREADS), default=0, show_default=True,
               help="torch threads (0 = all cores)")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
               help="seed of the random draws (batch i uses SEED + i)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--save", is_flag=True,
               help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
+@model_option
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps, targets, queries, norm, examples,
-          batch_size, data_dir, device, threads, seed, as_json, save, progress):
+          batch_size, data_dir, device, threads, seed, as_json, save, progress, expected_model):
     """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
 
     An example is robust only if every attack of the cascade fails on it; each attack runs on the
@@ -143,38 +168,54 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     black-box Square attack at the checkpoint's ε. When Square flips more than 1% of the examples
     that the gradient attacks left robust, a warning on stderr reports likely gradient masking.
     """
-    import math
-
     import torch
 
     from .attacks.suite import EvalSettings, build_cascade, masking_warning
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from .checkpoint import open_checkpoint
     from .config import check_eps
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .evaluate import measure_accuracy
-    from .models import build_model
     from .report import FINAL_EVAL
     from .rundir import write_json
 
-    ckpt = load_checkpoint(find_checkpoint(checkpoint))
+    ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
     # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
     run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
     if save and run_dir is None:
         raise click.UsageError(f"--save writes into the run directory, and {ckpt.path} is not in one "
                                "(RUN_DIR/checkpoints/)")
+    if save:  # final_eval.json grades the run's final model: not one a trainer is still making, nor an older one
+        from .checkpoint import checkpoint_version, list_checkpoints
+        from .rundir import lock_existing
+
+        why = "--save records the grade of the run's final model, and"
+        try:  # held until the file is written: a resume meanwhile would leave it grading an older model
+            lock = lock_existing(run_dir)
+        except PsadvError as exc:
+            raise click.UsageError(f"{why} {exc}, or leave --save out to grade this checkpoint") from None
+        click.get_current_context().call_on_close(lock.release)
+        newest = [checkpoint_version(c) for c in list_checkpoints(run_dir / "checkpoints")][-1:]
+        if [ckpt.state.get("version")] != newest:
+            raise click.UsageError(f"{why} {ckpt.path} holds version {ckpt.state.get('version')}, not the newest of "
+                                   f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
+                                   "leave --save out to grade this checkpoint")
     cfg = ckpt.config
     norm = norm or cfg["norm"]
     eps = cfg["eps"] if eps is None else eps
     data_dir = data_dir or cfg.get("data_dir") or None
-    check_eps(eps, norm, math.prod(dataset_info(cfg["dataset"], data_dir).shape))
+    info = dataset_info(cfg["dataset"], data_dir)
+    check_eps(eps, norm, math.prod(info.shape))
+    if targets is not None and targets > info.num_classes - 1:
+        raise click.BadParameter(f"{targets} target classes, but a model of {info.num_classes} classes has "
+                                 f"{info.num_classes - 1} others", param_hint="'--targets'")
+    targets = min(EvalSettings.targets, info.num_classes - 1) if targets is None else targets
     settings = EvalSettings(norm=norm, eps=eps, steps=steps, restarts=restarts, step_size=step_size, loss=loss,
                             apgd_steps=apgd_steps, targets=targets, queries=queries)
     cascade = build_cascade(attack, settings)
     set_threads(threads)
     dev = pick_device(device)
-    model = build_model(ckpt.model_name, **ckpt.model_args).to(dev)
-    model.load_state_dict(ckpt.model_state)
+    model = model.to(dev)
     test = load_dataset(cfg["dataset"], "test", data_dir)
     changed = changed_data_warning(cfg["dataset"], data_dir, cfg.get("data_md5", ""))
     if changed:
@@ -184,20 +225,20 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
                               batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed)
     result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
-    if save:
-        write_json(run_dir / FINAL_EVAL, result)
     warning = masking_warning(result["masking_gap"])
     if warning:
         click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
-        return
-    click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
-               f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
-    if len(result["attacks"]) > 1:
-        for row in result["attacks"]:
-            click.echo(f"  after {row['attack']}: {row['robust_acc']:.2%} ({row['flipped']} flipped, "
-                       f"{row['seconds']:.0f}s)")
+    else:
+        click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
+                   f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
+        if len(result["attacks"]) > 1:
+            for row in result["attacks"]:
+                click.echo(f"  after {row['attack']}: {row['robust_acc']:.2%} ({row['flipped']} flipped, "
+                           f"{row['seconds']:.0f}s)")
+    if save:  # after printing: a write that fails must not throw away minutes of attacking
+        write_json(run_dir / FINAL_EVAL, result)
 
 
 @cli.command()
@@ -224,7 +265,8 @@ def inspect(checkpoint, as_json):
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="file to write [default: RUN_DIR/model-v<version>.<format>]")
 @click.option("--overwrite", is_flag=True, help="replace the output file if it exists")
-def export(source, fmt, output, overwrite):
+@model_option
+def export(source, fmt, output, overwrite, expected_model):
     """Write the model of SOURCE (a run directory, checkpoint or exported .safetensors) for other tools.
 
     The safetensors file holds the state dict and, in its metadata, the model name and arguments,
@@ -233,7 +275,7 @@ def export(source, fmt, output, overwrite):
     """
     from .export import export_model
 
-    click.echo(export_model(source, fmt, output, overwrite=overwrite))
+    click.echo(export_model(source, fmt, output, overwrite=overwrite, trust_factory=expected_model))
 
 
 @cli.command()

@@ -21,6 +21,10 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+MAX_SEED = 2**31 - 1
+MAX_THREADS = 1024  # more than any host has; torch.set_num_threads overflows on absurd values
+
+
 def opt(default, help: str, **meta):
     """A config field with its help text (and optional choices/min/max for validation)."""
     return field(default=default, metadata={"help": help, **meta})
@@ -172,14 +176,16 @@ class Config:
     wire_dtype: str = opt("float32", "dtype of adversarial examples on the wire", choices=("float32", "float16"))
 
     # --- run -----------------------------------------------------------------------------------
-    seed: int = opt(0, "random seed", min=0)
+    # 31 bits: the seed is offset per rank and per batch, and every generator it feeds (torch's,
+    # numpy's legacy one) must accept the sum.
+    seed: int = opt(0, "random seed", min=0, max=MAX_SEED)
     run_dir: str = opt("", "run directory (default: runs/<date>-<time>)")
     log_every: int = opt(50, "one metrics row every N versions", min=1)
     checkpoint_every: int = opt(1000, "checkpoint every N versions (0 = only at the end)", min=0)
     keep_checkpoints: int = opt(3, "checkpoints kept in the run directory", min=1)
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N")
     # 0: all cores for one process; under MPI the cores are split between the ranks on a host.
-    threads: int = opt(0, "torch threads per process (0 = automatic)", min=0)
+    threads: int = opt(0, "torch threads per process (0 = automatic)", min=0, max=MAX_THREADS)
     # The training attack and step only: evaluation always runs in float32, so a graded number
     # never depends on it. bf16 pays where the hardware has bfloat16 arithmetic: on such a CPU it
     # ran 1.6x the versions of fp32 in a 60 s budget and ended more robust (README, "bfloat16 at
@@ -364,8 +370,16 @@ def validate(cfg: Config) -> Config:
     if cfg.reuse_perturbations and cfg.augment != "none":
         # a remembered perturbation belongs to the crop and flip it was made for
         raise ConfigError("--reuse-perturbations needs --augment none (a perturbation fits only the view it was made for)")
-    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    # Options that another one makes meaningless: refused, so a run never silently does less than
+    # its config.json says.
+    if cfg.reuse_perturbations and (cfg.attack == "none" or cfg.eps == 0):
+        raise ConfigError("--reuse-perturbations needs a training attack (it keeps each example's perturbation)")
+    if cfg.attack_steps_schedule and cfg.attack != "pgd":
+        raise ConfigError(f"--attack-steps-schedule is for --attack pgd; {cfg.attack} takes a fixed number of steps")
+    if cfg.target_robust_acc and cfg.eval_every == 0:
+        raise ConfigError("--target-robust-acc needs periodic evaluation to notice it: --eval-every N > 0")
     return cfg
 
 
@@ -385,8 +399,26 @@ def read_toml(path: str | Path) -> dict:
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise ConfigError(f"unknown config key {key!r} in {path}")
+        if name in values:  # eps-ramp and eps_ramp: which one was meant?
+            raise ConfigError(f"config key {key!r} in {path} repeats {name!r} (dashes and underscores are the same key)")
         values[name] = _coerce(name, value, str(path))
     return values
+
+
+def check_recorded(values: dict, required: tuple[str, ...]) -> None:
+    """Check a config that a file recorded (a checkpoint's): the ``required`` keys are there and
+    among their field's choices, and every known key holds its field's type; ConfigError names the
+    first that does not. Unknown keys pass: a reader needs only what it reads."""
+    for name in required:
+        if name not in values:
+            raise ConfigError(f"its config has no {name!r}")
+    for name, value in values.items():
+        if name in FIELDS:
+            value = _coerce(name, value, "its config")
+            choices = choices_of(name) if name in required else None
+            if choices is not None and value not in choices:
+                raise ConfigError(f"its config has {name} {value!r}, which this psadv does not know "
+                                  f"(it knows {', '.join(choices)})")
 
 
 def make_config(*layers: dict, source: str = "", attackers: int = 0) -> Config:

@@ -36,7 +36,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from psadv.errors import CheckpointError, ConfigError, DataError
+from psadv.errors import CheckpointError, ConfigError, DataError, io_error_text
 
 DOWNLOAD_TIMEOUT_S = 20.0
 SPLITS = ("train", "test")
@@ -173,6 +173,8 @@ def _md5(path: Path, decompressed: bool = False) -> str:
                     digest.update(chunk)
         except (EOFError, zlib.error, gzip.BadGzipFile):
             return ""
+        except OSError as exc:  # unreadable (permissions, I/O): say so, on every rank alike
+            raise DataError(f"{path}: cannot read it: {io_error_text(exc)}") from None
         _MD5_CACHE[key] = digest.hexdigest()
     return _MD5_CACHE[key]
 

@@ -17,7 +17,12 @@ def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         device = torch.device(f"cuda:{local_rank % n}") if n else torch.device("cpu")
     else:
-        device = torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {spec}: psadv runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {spec}: CUDA is not available on this machine")

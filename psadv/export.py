@@ -18,7 +18,9 @@ weights needs to know:
                     very version.
 
 :func:`load_model` reads an exported file, a checkpoint or a run directory back into an
-``nn.Module`` in eval mode, without MPI. ONNX export (``pip install 'psadv[onnx]'``) writes the
+``nn.Module`` in eval mode, without MPI; a ``package.module:factory`` model only with
+``trust_factory`` (:func:`psadv.checkpoint.check_trusted`: the file does not get to choose code
+to run). ONNX export (``pip install 'psadv[onnx]'``) writes the
 same metadata as the ONNX model's ``metadata_props``, with a dynamic batch dimension.
 """
 
@@ -39,9 +41,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, build_recorded_model, damaged, open_checkpoint
 from .errors import CheckpointError, PsadvError, StorageError, UsageError, io_error_text
-from .models import MODELS, build_model
+from .models import MODELS
 
 FORMAT = "psadv-model"
 FORMAT_VERSION = "1"
@@ -106,7 +108,8 @@ def _final_eval(run_dir: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _load_safetensors(path: Path, device: str | torch.device) -> tuple[nn.Module, dict[str, str]]:
+def _load_safetensors(path: Path, device: str | torch.device,
+                      trust_factory: bool | str | None) -> tuple[nn.Module, dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -126,46 +129,44 @@ def _load_safetensors(path: Path, device: str | torch.device) -> tuple[nn.Module
         name = meta["model_name"]
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad psadv metadata ({exc})") from None
-    return _filled(path, name, args, state, device), meta
+    if not isinstance(args, dict):
+        raise damaged(path, f"its model_args {meta['model_args']} are not a JSON object", "model file")
+    model = build_recorded_model(path, name, args, state, trust=trust_factory, what="model file")
+    return model.to(device), meta
 
 
-def _filled(path: Path, name: str, args: dict, state: dict, device) -> nn.Module:
-    """Model ``name`` built with ``args`` and loaded with ``state``, in eval mode on ``device``."""
-    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the caller's generator
-        model = build_model(name, **args)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: its tensors do not fit model {name} ({first})") from None
-    return model.to(device).eval()
-
-
-def open_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, str]]:
+def open_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               trust_factory: bool | str | None = None) -> tuple[nn.Module, dict[str, str]]:
     """The model at ``path`` (an exported .safetensors, a checkpoint or a run directory) in eval
-    mode, and its metadata (see the module docstring); CheckpointError if it cannot be read."""
+    mode, and its metadata (see the module docstring); CheckpointError if it cannot be read or
+    used. ``trust_factory``: see :func:`load_model`."""
     path = Path(path)
     if path.is_file() and is_safetensors(path):
-        return _load_safetensors(path, device)
+        return _load_safetensors(path, device, trust_factory)
     if path.is_file() and path.suffix == ".onnx":
         raise CheckpointError(f"{path} is an ONNX model; load it with onnxruntime, or give psadv the "
                               ".safetensors file or the checkpoint it was exported from")
-    ckpt = load_checkpoint(find_checkpoint(path))
-    model = _filled(ckpt.path, ckpt.model_name, ckpt.model_args, ckpt.model_state, "cpu")
+    ckpt, model = open_checkpoint(path, trust_factory=trust_factory)
     meta = checkpoint_metadata(ckpt, model)
     meta["source"] = str(ckpt.path)
     meta["data_dir"] = ckpt.config.get("data_dir", "")
     return model.to(device), meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               trust_factory: bool | str | None = None) -> nn.Module:
     """A trained psadv model as a plain ``torch.nn.Module`` in eval mode.
 
     ``path`` is a ``.safetensors`` file written by ``psadv export``, a checkpoint file or a run
     directory (its newest checkpoint). Inputs are images in [0, 1] (N x C x H x W); outputs are
-    logits. No MPI is needed. A ``package.module:factory`` model imports its factory again.
+    logits. No MPI is needed.
+
+    A ``package.module:factory`` model is rebuilt by importing and calling that factory, which is
+    code: the file's name for it is used only with ``trust_factory`` set to that name (or ``True``:
+    whatever the file names), else :class:`psadv.checkpoint.UntrustedFactory`. A name that differs
+    from the file's model raises :class:`psadv.checkpoint.IncompatibleCheckpoint`.
     """
-    return open_model(path, device)[0]
+    return open_model(path, device, trust_factory=trust_factory)[0]
 
 
 def default_output(meta: dict[str, str], source: Path, fmt: str) -> Path:
@@ -176,14 +177,15 @@ def default_output(meta: dict[str, str], source: Path, fmt: str) -> Path:
 
 
 def export_model(source: str | os.PathLike, fmt: str = "safetensors", output: str | os.PathLike | None = None,
-                 *, overwrite: bool = False) -> Path:
+                 *, overwrite: bool = False, trust_factory: bool | str | None = None) -> Path:
     """Write the model of ``source`` (run directory, checkpoint or .safetensors) as ``fmt``
-    (``safetensors`` or ``onnx``) to ``output`` atomically; returns the path written."""
+    (``safetensors`` or ``onnx``) to ``output`` atomically; returns the path written.
+    ``trust_factory``: see :func:`load_model`."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
-    model, meta = open_model(source)
+    model, meta = open_model(source, trust_factory=trust_factory)
     out = Path(output) if output else default_output(meta, Path(source), fmt)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or -o another file")

@@ -105,6 +105,9 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     try:
         ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
         if w.rank == 0:
+            # only now, every rank started, is the run directory written: a resume that failed on the
+            # way left its config.json and metrics as they were
+            role.trainer.start()
             click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
                        f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push}); {adversary_line(cfg)}",
                        err=True)

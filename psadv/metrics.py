@@ -54,10 +54,43 @@ SCHEMA: dict[str, RowKind] = {
                        "attacks masking_gap"),
     # the server refused a malformed push
     "rejected": RowKind.of("version sender reason"),
-    # the run's summary (also summary.json)
+    # the run's summary (also summary.json); final_evaluation: "measured", "skipped (signal …)" or
+    # "interrupted (signal …)" (psadv.training.Trainer.end_run)
     "end": RowKind.of("stop_reason version examples_seen elapsed time_to_target target_robust_acc last_eval "
-                      "best_robust_acc", SERVER_SUMMARY + " emulated_attackers"),  # --emulate-attackers: the policy's
+                      "best_robust_acc",
+                      SERVER_SUMMARY + " emulated_attackers"  # --emulate-attackers: the policy's
+                      " final_evaluation"),
 }
+
+
+# The fields that hold text; the others hold numbers (null for NaN, which JSON lacks) or nested JSON.
+# A reader checks a row's values (``well_typed``) so that a damaged row is skipped, not plotted.
+TEXT_FIELDS = frozenset("kind attack stop_reason push reason wire_dtype final_evaluation".split())
+# Far beyond any count, rate or Unix time a run writes; a larger number is damage (and overflows plots).
+MAX_MAGNITUDE = 1e15
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_MAGNITUDE
+
+
+def well_typed(row: dict) -> bool:
+    """Whether ``row``'s values have their fields' types: text only in :data:`TEXT_FIELDS`, every
+    number finite and plausible, ``version`` (every plot's axis) a count and ``time`` a number."""
+    for key, value in row.items():
+        if key == "version":
+            ok = _number(value) and isinstance(value, int) and value >= 0
+        elif key == "time":
+            ok = _number(value)
+        elif isinstance(value, str):
+            ok = key in TEXT_FIELDS
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = _number(value)
+        else:  # null, a flag, or nested JSON (per-attack rows, histograms, per-rank dicts)
+            ok = True
+        if not ok:
+            return False
+    return True
 
 
 def row_problems(row: dict) -> list[str]:

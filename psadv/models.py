@@ -4,7 +4,9 @@ Checkpoints store the registry name and the constructor arguments, so a resumed 
 run rebuilds exactly the architecture it trained (``build_model(name, **args)``). A name of the
 form ``package.module:factory`` is the user's own model instead: a callable returning an
 ``nn.Module`` for inputs in [0, 1], imported (also from the current directory) and called with
-the ``--model-args`` JSON object as keyword arguments.
+the ``--model-args`` JSON object as keyword arguments. Building one runs that code, so a factory
+that a file names is built only through :func:`psadv.checkpoint.build_recorded_model`, which
+requires the caller to name it too.
 """
 
 from __future__ import annotations
@@ -226,7 +228,11 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(name: str, **args) -> nn.Module:
-    """Build model ``name`` (registered, or a ``module:factory``) with ``args`` (as stored in checkpoints)."""
+    """Build model ``name`` (registered, or a ``module:factory``) with ``args`` (as stored in checkpoints).
+
+    Names from the user only: a name read from a file goes through
+    :func:`psadv.checkpoint.build_recorded_model`, which builds a factory only if the caller names it.
+    """
     if is_factory_ref(name):
         return build_factory_model(name, args)
     return get_spec(name).build(**args)

@@ -6,7 +6,9 @@ Layout::
     RUN_DIR/metrics.jsonl     one JSON object per line, its kinds and fields in psadv.metrics.SCHEMA
     RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
     RUN_DIR/summary.json      final numbers, written when the run ends
-    RUN_DIR/final_eval.json   the strong final evaluation, written by ``psadv eval RUN --save``
+    RUN_DIR/final_eval.json   the strong final evaluation, written by ``psadv eval RUN --save`` (of the
+                              newest checkpoint, not while a process trains the run; a resume in place
+                              sets it aside, as the model it grades is no longer the final one)
     RUN_DIR/csv/, tensorboard/  the metrics rows again, for the trackers of ``--log`` (psadv.trackers)
     RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run
 
@@ -28,7 +30,8 @@ from pathlib import Path
 
 from .errors import StorageError, UsageError, io_error_text
 
-OWNED = ("config.json", "metrics.jsonl", "summary.json", "final_eval.json", "checkpoints", "csv", "tensorboard")
+FINAL_EVAL = "final_eval.json"  # psadv eval --save's grade of the run's final model
+OWNED = ("config.json", "metrics.jsonl", "summary.json", FINAL_EVAL, "checkpoints", "csv", "tensorboard")
 LOCK_NAME = ".lock"
 
 
@@ -57,11 +60,11 @@ class RunDir:
         ``checkpoints`` (the newer ones), the summary and final evaluation of the abandoned line
         and the whole metrics log as it was go into ``checkpoints/superseded-<time>/``; the live
         log keeps only rows of versions up to ``version``. Nothing is deleted."""
-        aside = self.path / "checkpoints" / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = self._aside()
         metrics = self.path / "metrics.jsonl"
         try:
             aside.mkdir(exist_ok=True)
-            for source in [*checkpoints, self.path / "summary.json", self.path / "final_eval.json", metrics]:
+            for source in [*checkpoints, self.path / "summary.json", self.path / FINAL_EVAL, metrics]:
                 if source.exists():
                     os.replace(source, aside / source.name)
                     self.moved.append((source, aside / source.name))
@@ -74,6 +77,23 @@ class RunDir:
         except OSError as exc:
             raise StorageError(f"cannot set the newer part of {self.path} aside: {io_error_text(exc)}") from None
         return aside
+
+    def set_aside(self, name: str) -> Path | None:
+        """Move the run's file ``name`` into ``checkpoints/superseded-<time>/`` as :meth:`supersede`
+        does (and :meth:`abandon` undoes): the folder it went to, or None if there was no such file."""
+        source, aside = self.path / name, self._aside()
+        if not source.exists():
+            return None
+        try:
+            aside.mkdir(exist_ok=True)
+            os.replace(source, aside / name)
+        except OSError as exc:
+            raise StorageError(f"cannot set {source} aside: {io_error_text(exc)}") from None
+        self.moved.append((source, aside / name))
+        return aside
+
+    def _aside(self) -> Path:
+        return self.path / "checkpoints" / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def _undo_supersede(self) -> None:
         for source, target in reversed(self.moved):
@@ -131,6 +151,15 @@ def _lock(path: Path) -> int:
     return fd
 
 
+def lock_existing(path: Path) -> RunDir:
+    """Lock the existing run in ``path`` for a process that adds to it without training it
+    (``psadv eval --save``): UsageError while another process, a trainer, holds it."""
+    try:
+        return RunDir(Path(path), _lock(Path(path)), fresh=False, created=False)
+    except OSError as exc:
+        raise UsageError(f"cannot use run directory {path}: {exc.strerror or exc}") from None
+
+
 def prepare(path: Path, *, resume: bool = False, overwrite: bool = False) -> RunDir:
     """Make ``path`` ready for a run and lock it; refuse to touch an existing run unless asked."""
     path = Path(path)
@@ -186,9 +215,12 @@ def finite_json(value):
 
 
 def read_metrics(path: Path, *, count_skipped: bool = False):
-    """Rows of a metrics.jsonl. A line that is not a JSON object (the truncated last line of a killed
-    run, bytes that are not UTF-8, a stray value) is skipped; with ``count_skipped`` the result is
+    """Rows of a metrics.jsonl. A line that is not a JSON object with values of the right types (the
+    truncated last line of a killed run, bytes that are not UTF-8, a stray value, a number turned to
+    text: :func:`psadv.metrics.well_typed`) is skipped; with ``count_skipped`` the result is
     ``(rows, number of lines skipped)``, so a reader can say how much it left out."""
+    from .metrics import well_typed  # metrics imports this module
+
     rows, skipped = [], 0
     # bytes, split on ASCII line ends only: one bad line must not make the whole file unreadable
     for line in Path(path).read_bytes().splitlines():
@@ -196,7 +228,7 @@ def read_metrics(path: Path, *, count_skipped: bool = False):
             row = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             row = None
-        if isinstance(row, dict):
+        if isinstance(row, dict) and well_typed(row):
             rows.append(row)
         else:
             skipped += 1

@@ -18,9 +18,10 @@ single-process trainer). Its loop is small pieces, like mpi4py.futures' manager:
 Periodic evaluation runs on a snapshot of the model, one small piece between training steps (or
 whenever the queue is empty), so the attackers never wait for it.
 
-On stop (version/time budget, robust-accuracy target, or a signal) the server sends STOP, runs the
-final evaluation (not after a signal), writes the final checkpoint *first*, then drains pushes
-until every attacker says DONE and writes the summary. An attacker that does not answer within
+On stop (version/time budget, robust-accuracy target, or a signal) the server sends STOP, writes
+the final checkpoint *first*, runs the final evaluation (not after a signal, and a signal cuts it
+short: :meth:`psadv.training.Trainer.end_run`), then drains pushes until every attacker says DONE
+and writes the summary. An attacker that does not answer within
 ``WIND_DOWN_SECONDS`` (hung, stopped) ends the job with a one-line error; the checkpoint is saved.
 """
 
@@ -36,6 +37,7 @@ import torch
 
 from . import wire
 from .attacks import refine
+from .checkpoint import restoring
 from .data import dataset_info
 from .errors import PsadvError
 from .models import build_model, flat_state, load_flat_state_
@@ -90,7 +92,8 @@ class Server:
                        "examples_received": 0}
         self.streams = {r: (-1, -1) for r in self.attackers}
         if checkpoint is not None:
-            self._restore(checkpoint)
+            with restoring(checkpoint.path):
+                self._restore(checkpoint)
         self.produced = collections.Counter()  # examples received per attacker (this session)
         self.compute_s = collections.Counter()  # attacker compute seconds (from the push headers)
         self.time = {"busy": 0.0, "wait": 0.0, "eval": 0.0, "checkpoint": 0.0}
@@ -316,11 +319,17 @@ class Server:
         self.time["eval"] += time.perf_counter() - start
         return self.eval_job is None
 
-    def measure_final(self) -> None:
-        """Measure the graded model to the end (the run's last measurement), unless a signal comes."""
+    def measure_final(self, interrupted) -> bool:
+        """Finish the periodic evaluation still running, then measure the graded model of the last
+        version unless that one did; False as soon as ``interrupted()``."""
+        while self.eval_job is not None:  # eval_step counts its own time
+            if interrupted():
+                return False
+            self.eval_step()
         start = time.perf_counter()
-        self.trainer.measure_now(interrupted=lambda: self.signals.signum is not None)
+        measured = self.trainer.measure_final(interrupted)
         self.time["eval"] += time.perf_counter() - start
+        return measured
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self):
@@ -383,22 +392,19 @@ class Server:
                 self.save()
         bar.close()
         stop_requests = self.send_stop()
-        # a signal now (SLURM's lead time is short) skips the rest: the checkpoint comes first
-        while self.eval_job is not None and not reason.startswith("signal") and self.signals.signum is None:
-            self.eval_step()
 
-        def save_then_wind_down() -> None:
-            # The server owns the model: it checkpoints before it waits on any attacker.
-            checkpoint = self.save()
+        def wind_down() -> dict:
+            # after the checkpoint and the final evaluation: the server owns the model, so it saves
+            # it before it waits on any attacker
             try:
                 self.wind_down(stop_requests)
             except AttackersUnresponsive as exc:
                 trainer.finish(reason, extra_summary={**self.staleness_summary(), "unfinished_attackers": exc.ranks})
-                raise AttackersUnresponsive(exc.ranks, f"{exc}; checkpoint {checkpoint} is saved, "
+                raise AttackersUnresponsive(exc.ranks, f"{exc}; checkpoint {trainer.manager.latest()} is saved, "
                                             f"--resume {trainer.run_dir} continues the run") from None
+            return self.staleness_summary()
 
-        return trainer.end_run(reason, save=save_then_wind_down, measure=self.measure_final,
-                               summary=self.staleness_summary)
+        return trainer.end_run(reason, self.save, self.signals, measure=self.measure_final, summary=wind_down)
 
     def send_stop(self) -> list:
         """Stop taking pushes and send STOP to every attacker (without waiting)."""

@@ -24,9 +24,10 @@ from . import __version__, rundir, schedules
 from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
 from .averaging import LIVE_WEIGHTS, WeightAverage
-from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, capture_rng_state,
-                         checkpoint_version, find_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state)
-from .config import Config, make_config, parse_model_args
+from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, build_recorded_model,
+                         capture_rng_state, checkpoint_version, damaged, find_checkpoint, list_checkpoints,
+                         load_checkpoint, restore_rng_state, restoring)
+from .config import FIELDS, Config, check_recorded, make_config, parse_model_args
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
 from .devices import auto_precision, autocast, pick_device, precision_warning, set_threads, training_layout
@@ -43,6 +44,18 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A checkpoint's optimizer state (moments, step counts) under ``optimizer``'s hyperparameters.
+
+    ``load_state_dict`` also restores the hyperparameters the checkpoint was written with; a resume
+    takes them from its config (``--weight-decay``, ``--momentum``, ...), which config.json records,
+    so they are put back. The learning rate is the schedule's, set before every step."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
 
 
 @dataclass
@@ -72,6 +85,25 @@ def _load_resume_checkpoint(resume: str) -> Checkpoint:
         raise
 
 
+# The config keys a resumed run takes from its checkpoint and checks against the command line.
+RESUME_CONFIG = ("model", "dataset", "norm", "eps")
+
+
+def _resumed_config(checkpoint: Checkpoint) -> dict:
+    """The checkpoint's config as the base of the resumed run's; CheckpointError if it is damaged."""
+    base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
+    try:
+        check_recorded(base, RESUME_CONFIG)
+    except ConfigError as exc:
+        raise damaged(checkpoint.path, str(exc)) from None
+    unknown = sorted(set(base) - set(FIELDS))
+    if unknown:
+        raise damaged(checkpoint.path, f"its config has keys this psadv does not know: {', '.join(unknown)}")
+    if base["model"] != checkpoint.model_name:
+        raise damaged(checkpoint.path, f"its config's model {base['model']} is not its model {checkpoint.model_name}")
+    return base
+
+
 def run_dir_of(checkpoint: Checkpoint) -> Path:
     """The run a checkpoint belongs to: RUN/checkpoints/ckpt-*.h5, or a set-aside line's
     RUN/checkpoints/superseded-*/ckpt-*.h5 (resuming that one supersedes the line after it)."""
@@ -86,20 +118,23 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
-    dataset is an error. ``prepare_dir=False`` resolves without touching the disk (MPI attackers,
-    and the server until every rank has checked its inputs: it calls :func:`open_run_dir` then).
+    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` (the
+    command line or the TOML file) names it: a checkpoint is a file, and a file does not choose code
+    to run (:func:`psadv.checkpoint.check_trusted`). ``prepare_dir=False`` resolves without
+    touching the disk (MPI attackers, and the server until every rank has checked its inputs: it
+    calls :func:`open_run_dir` then).
     ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`.
     """
     file_values = file_values or {}
+    asked = {**file_values, **overrides}
     checkpoint = None
     base: dict = {}
     if resume:
         checkpoint = _load_resume_checkpoint(resume)
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
-        base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
+        base = _resumed_config(checkpoint)
         base.setdefault("precision", "fp32")  # checkpoints from before --precision trained in float32
         base.setdefault("ema_decay", 0.0)  # nor did those from before --ema-decay average
-        asked = {**file_values, **overrides}
         for key in ("model", "dataset"):
             if asked.get(key) is not None and asked[key] != base[key]:
                 raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a {base[key]} run "
@@ -108,6 +143,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
     cfg = make_config(base, file_values, overrides, attackers=attackers)
+    if checkpoint is not None:
+        check_continuable(checkpoint, cfg)
     if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
         cfg.precision = auto_precision(pick_device(cfg.device))
     home = run_dir_of(checkpoint) if checkpoint is not None else None
@@ -117,11 +154,15 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     if cfg.dataset in FILE_DATASETS:  # recorded in the config, so a resume on a changed file is refused
         cfg.data_md5 = verify_data_file(cfg.dataset, cfg.data_dir or None, cfg.data_md5)
     info = dataset_info(cfg.dataset, cfg.data_dir or None)
-    if is_factory_ref(cfg.model):  # imported and tried on one batch on every rank, before any file is written
-        model_args = model_args_for(cfg.model, info.shape, info.num_classes,
-                                    checkpoint.model_args if checkpoint else parse_model_args(cfg.model_args))
+    # The model is built (and a factory imported) on every rank, before any file is written: a
+    # new one is tried on one batch, a checkpoint's must take its tensors.
+    if checkpoint is not None:
+        model_args = checkpoint.model_args
+        build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state, trust=asked.get("model"))
+    elif is_factory_ref(cfg.model):
+        model_args = model_args_for(cfg.model, info.shape, info.num_classes, parse_model_args(cfg.model_args))
     else:
-        model_args = checkpoint.model_args if checkpoint else model_args_for(cfg.model, info.shape, info.num_classes)
+        model_args = model_args_for(cfg.model, info.shape, info.num_classes)
     setup = RunSetup(cfg, run_dir, model_args, checkpoint, in_place=in_place)
     if prepare_dir:
         # Data problems surface before anything is written (the loads are cached for the run).
@@ -131,6 +172,21 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         check_installed(cfg.log)
         open_run_dir(setup, overwrite=overwrite)
     return setup
+
+
+def check_continuable(checkpoint: Checkpoint, cfg: Config) -> None:
+    """Refuse (:class:`IncompatibleCheckpoint`) a resumed config that the checkpoint's training state
+    cannot continue, before anything is written: its optimizer state is one optimizer's (another one
+    fails at its first step), and its data position counts batches of one size."""
+    saved = checkpoint.config
+    if saved.get("optimizer", cfg.optimizer) != cfg.optimizer:
+        raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds the state of --optimizer "
+                                     f"{saved['optimizer']}, not {cfg.optimizer}: a resume continues the run's "
+                                     "optimizer; leave --optimizer out, or train a new run")
+    if saved.get("batch_size", cfg.batch_size) != cfg.batch_size:
+        raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} was trained with --batch-size "
+                                     f"{saved['batch_size']}, not {cfg.batch_size}: its data position counts batches "
+                                     f"of {saved['batch_size']}; leave --batch-size out, or train a new run")
 
 
 def check_batch_size(batch_size: int, available: int, where: str = "the training set") -> None:
@@ -145,7 +201,9 @@ def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
     older than its newest truncates the run's future: the newer checkpoints, the abandoned line's
     summary and metrics rows are moved (never deleted) into ``checkpoints/superseded-<time>/``
     (:meth:`psadv.rundir.RunDir.supersede`), so "latest" is always on the line being trained, the
-    keep-K rotation only ever deletes checkpoints of that line, and the report reads one line.
+    keep-K rotation only ever deletes checkpoints of that line, and the report reads one line. Any
+    resume in place sets ``final_eval.json`` aside there too: it grades a model that will not be
+    the run's final one.
     """
     if setup.checkpoint is not None and not setup.in_place and rundir.holds_run(setup.run_dir):
         raise UsageError(f"--run-dir {setup.run_dir} already holds a run; --resume {setup.checkpoint.path} "
@@ -157,14 +215,20 @@ def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
         resumed = setup.checkpoint.state.get("version", 0)
         directory = setup.run_dir / "checkpoints"
         newer = [c for c in list_checkpoints(directory) if (checkpoint_version(c) or 0) > resumed]
-        if newer:
-            try:
+        try:
+            if newer:
                 aside = setup.lock.supersede(resumed, newer)
-            except BaseException:
-                setup.lock.abandon()
-                raise
-            print(f"psadv: resuming from version {resumed}: moved {len(newer)} newer checkpoint"
-                  f"{'s' if len(newer) > 1 else ''} to {aside}", file=sys.stderr, flush=True)
+                print(f"psadv: resuming from version {resumed}: moved {len(newer)} newer checkpoint"
+                      f"{'s' if len(newer) > 1 else ''} to {aside}", file=sys.stderr, flush=True)
+            # The run's final model is about to change: psadv eval --save's grade of the old one must
+            # not pass for the new one's (scaling-report, export).
+            elif aside := setup.lock.set_aside(rundir.FINAL_EVAL):
+                print(f"psadv: resuming from version {resumed}: moved {rundir.FINAL_EVAL} to {aside} (it grades "
+                      f"the model this resume trains on; psadv eval {setup.run_dir} --save grades the new final one)",
+                      file=sys.stderr, flush=True)
+        except BaseException:
+            setup.lock.abandon()
+            raise
 
 
 @dataclass
@@ -220,22 +284,32 @@ class Trainer:
         self.state = TrainerState(role=role)
         ckpt = setup.checkpoint
         if ckpt is not None:
-            self.model.load_state_dict(ckpt.model_state)  # the weight average, if the run kept one
-            if ckpt.optimizer_state is not None:
-                self.optimizer.load_state_dict(ckpt.optimizer_state)
-            self.state = TrainerState.resumed(ckpt.state, role)
+            with restoring(ckpt.path):
+                self.model.load_state_dict(ckpt.model_state)  # the weight average, if the run kept one
+                if ckpt.optimizer_state is not None:
+                    load_optimizer_state(self.optimizer, ckpt.optimizer_state)
+                self.state = TrainerState.resumed(ckpt.state, role)
         # Averaging from a checkpoint that was not starts the average at its weights.
         self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         if ckpt is not None and LIVE_WEIGHTS in ckpt.extra:
-            load_flat_state_(self.model, torch.from_numpy(ckpt.extra[LIVE_WEIGHTS]).to(device))
+            with restoring(ckpt.path):
+                load_flat_state_(self.model, torch.from_numpy(ckpt.extra[LIVE_WEIGHTS]).to(device))
         self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        self.metrics: MetricsLog | None = None  # opened by start()
+        self.final_evaluation: str | None = None  # what became of the final evaluation (end_run)
+        self._clock = time.perf_counter()
+
+    def start(self) -> None:
+        """Write config.json and open the metrics log, once the loop has restored the rest of the
+        checkpoint's state: a resume refused or failed while starting up leaves an existing run's
+        config.json and metrics as they were (and :meth:`psadv.rundir.RunDir.abandon` undoes the rest)."""
+        cfg = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(metrics_path, open_sinks(
             cfg.log, self.run_dir, existing=rundir.read_metrics(metrics_path) if metrics_path.exists() else [],
             start_version=self.state.version, config=cfg.to_dict()))
         rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
                                                          "model_args": self.model_args, "psadv_version": __version__})
-        self._clock = time.perf_counter()
 
     # --- counters and schedules -------------------------------------------------------------
     @property
@@ -384,16 +458,37 @@ class Trainer:
                                   eps=attack.eps, attack=attack.describe(), attack_steps=attack.effective_steps,
                                   examples_per_s=round(rate, 1), **fields)
 
-    def end_run(self, reason: str, save: Callable[[], object], *, measure: Callable[[], object] | None = None,
+    def end_run(self, reason: str, save: Callable[[], object], signals: SignalFlag, *,
+                measure: Callable[[Callable[[], bool]], bool] | None = None,
                 summary: Callable[[], dict] | None = None) -> dict:
-        """How every run ends: measure the final model on the evaluation slice (``measure``, default
-        :meth:`measure_now`) unless it already was or a signal asked for a quick stop, ``save`` the
-        last checkpoint, then write the summary, with the loop's own ``summary()`` fields."""
-        last = self.state.last_eval
-        if not reason.startswith("signal") and (last is None or last["version"] != self.version):
-            (measure or self.measure_now)()
+        """How every run ends: ``save`` the last checkpoint, measure the final model on the evaluation
+        slice (``measure``, default :meth:`measure_final`), then write the summary, with the loop's own
+        ``summary()`` fields.
+
+        The checkpoint comes first, so a second Ctrl-C, a kill or a failure during a long final
+        evaluation loses no training. A run stopped by a signal skips the evaluation, and a signal
+        during it cuts it short; the summary's ``final_evaluation`` says which. A measurement the
+        checkpoint lacks is saved again with it, so a resume carries on the whole record (the best
+        robust accuracy, the time to target)."""
         save()
+        recorded = self.state.last_eval
+        if reason.startswith("signal"):
+            self.final_evaluation = f"skipped ({reason})"
+        elif (measure or self.measure_final)(lambda: signals.signum is not None):
+            self.final_evaluation = "measured"
+        else:
+            self.final_evaluation = f"interrupted (signal {signals.name()})"
+        if self.state.last_eval is not recorded:
+            save()
         return self.finish(reason, extra_summary=summary() if summary else None)
+
+    def measure_final(self, interrupted: Callable[[], bool]) -> bool:
+        """Measure the model of the current version unless the last evaluation did; False if
+        ``interrupted()`` cut it short."""
+        last = self.state.last_eval
+        if last is not None and last["version"] == self.version:
+            return True
+        return self.measure_now(interrupted=interrupted) is not None
 
     def save(self, extra: dict | None = None, extra_state: dict | None = None) -> Path:
         # A NaN model never replaces a good checkpoint (nor makes the rotation delete one).
@@ -409,7 +504,9 @@ class Trainer:
         summary = {"stop_reason": reason, "version": self.version, "examples_seen": self.state.examples_seen,
                    "elapsed": round(self.elapsed(), 3), "time_to_target": self.state.time_to_target,
                    "target_robust_acc": self.cfg.target_robust_acc or None, "last_eval": self.state.last_eval,
-                   "best_robust_acc": self.state.best_robust_acc, **(extra_summary or {})}
+                   "best_robust_acc": self.state.best_robust_acc,
+                   **({"final_evaluation": self.final_evaluation} if self.final_evaluation else {}),
+                   **(extra_summary or {})}
         self.metrics.write("end", **summary)
         rundir.write_json(self.run_dir / "summary.json", summary)
         self.close()
@@ -418,7 +515,8 @@ class Trainer:
     def close(self) -> None:
         """Close the metrics log and give up the run's locks (idempotent): at the end, or when the
         run fails, so a caller in the same process can resume it."""
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.manager.close()
         if self.lock is not None:
             self.lock.release()
@@ -464,6 +562,7 @@ def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
 
 def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> dict:
     cfg = setup.cfg
+    trainer = None
     try:  # start-up: a failure here leaves no half-made run directory behind
         set_threads(cfg.threads)
         device = pick_device(cfg.device)
@@ -471,8 +570,12 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             print(warning, file=sys.stderr)
         train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
-        trainer = Trainer(setup, device=device, train_size=len(train_set))
         stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
+        ckpt = setup.checkpoint
+        if ckpt is not None:  # checked before the trainer writes into the run directory
+            with restoring(ckpt.path):
+                stream.restore(ckpt.state["data_stream"])
+        trainer = Trainer(setup, device=device, train_size=len(train_set))
         memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
         separate = ring is not None or cfg.emulate_attackers > 0
@@ -480,20 +583,22 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                         if separate else trainer.model)
         emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
                      else None)
-        if setup.checkpoint is not None:
-            ckpt = setup.checkpoint
-            stream.restore(ckpt.state["data_stream"])
-            if ckpt.rng:
-                restore_rng_state(ckpt.rng)
-            if ring and "stale_ring" in ckpt.extra:
-                ring.load_array(ckpt.extra["stale_ring"])
-            if emulation:
-                emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
-            if memory is not None and "perturbations" in ckpt.extra:
-                memory.load_arrays(ckpt.extra)
+        if ckpt is not None:
+            with restoring(ckpt.path):
+                if ckpt.rng:
+                    restore_rng_state(ckpt.rng)
+                if ring and "stale_ring" in ckpt.extra:
+                    ring.load_array(ckpt.extra["stale_ring"])
+                if emulation:
+                    emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
+                if memory is not None and "perturbations" in ckpt.extra:
+                    memory.load_arrays(ckpt.extra)
+        trainer.start()
     except BaseException:
-        if setup.lock is not None:
+        if setup.lock is not None:  # undone under the lock, which the trainer's close() gives up
             setup.lock.abandon()
+        if trainer is not None:
+            trainer.close()
         raise
 
     try:
@@ -552,7 +657,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             if trainer.due(cfg.checkpoint_every) and reason is None:
                 _save_single(trainer, stream, ring, emulation, memory)
         bar.close()
-        return trainer.end_run(reason, save=lambda: _save_single(trainer, stream, ring, emulation, memory),
+        return trainer.end_run(reason, lambda: _save_single(trainer, stream, ring, emulation, memory), signals,
                                summary=emulation.summary if emulation else None)
     except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
         trainer.close()
@@ -622,9 +727,13 @@ def adversary_line(cfg: Config) -> str:
 def summary_line(summary: dict) -> str:
     text = f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s"
     last = summary.get("last_eval")
+    final = summary.get("final_evaluation", "")
+    if final.startswith("interrupted"):
+        text += f"; final evaluation {final}"
     if last:
         text += (f"; clean {last['clean_acc']:.2%}, robust {last['robust_acc']:.2%} "
-                 f"({last['attack']}, {last['examples']} test examples)")
+                 f"({last['attack']}, {last['examples']} test examples"
+                 + (f", version {last['version']}" if last["version"] != summary["version"] else "") + ")")
     else:
         text += "; not evaluated"
     if summary.get("time_to_target") is not None:

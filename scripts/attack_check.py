@@ -27,13 +27,10 @@ import torch
 
 
 def load(run: str):
-    from psadv.checkpoint import find_checkpoint, load_checkpoint
-    from psadv.models import build_model
+    from psadv.checkpoint import open_checkpoint
 
-    ckpt = load_checkpoint(find_checkpoint(run))
-    model = build_model(ckpt.model_name, **ckpt.model_args)
-    model.load_state_dict(ckpt.model_state)
-    return model.eval(), ckpt.config
+    ckpt, model = open_checkpoint(run)  # psadv's registry models: a factory the file names is not run
+    return model, ckpt.config
 
 
 def pairs(args, norm: str, eps: float):

@@ -24,9 +24,8 @@ import time
 import torch
 
 from psadv.attacks.fab import fab_attack
-from psadv.checkpoint import find_checkpoint, load_checkpoint
+from psadv.checkpoint import open_checkpoint
 from psadv.data import load_dataset
-from psadv.models import build_model
 
 TORCHATTACKS_NORM = {"linf": "Linf", "l2": "L2"}
 
@@ -67,10 +66,7 @@ def main() -> None:
         use_psadv_projections(torchattacks.attacks.fab)
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(find_checkpoint(args.checkpoint))
-    model = build_model(ckpt.model_name, **ckpt.model_args)
-    model.load_state_dict(ckpt.model_state)
-    model.eval()
+    ckpt, model = open_checkpoint(args.checkpoint)  # psadv's registry models: a factory the file names is not run
     test = load_dataset("mnist", "test", args.data_dir)
     x, y = torch.tensor(test.x[:args.examples]), torch.tensor(test.y[:args.examples])
     with torch.no_grad():

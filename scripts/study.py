@@ -47,6 +47,7 @@ import sys
 from pathlib import Path
 
 from psadv.report import FINAL_EVAL
+from psadv.report.runs import final_eval_mismatch
 from psadv.report.budget import ratio
 from psadv.report.child import run_child
 
@@ -254,6 +255,10 @@ class Study:
                 files = [run_dir / f for f in ("summary.json", FINAL_EVAL, PGD_EVAL)]
                 if all(f.exists() for f in files):
                     summary, strong, pgd = (json.loads(f.read_text()) for f in files)
+                    stale = [final_eval_mismatch(grade, summary.get("version")) for grade in (strong, pgd)]
+                    if any(stale):  # a grade of an earlier model than the run's final one
+                        print(f"# warning: {run_dir}: {next(filter(None, stale))}", flush=True)
+                        continue
                     rows.append({"adversary": name, "seed": run_dir.name.rsplit("seed", 1)[1],
                                  "seconds": summary["elapsed"], "strong": strong, "pgd": pgd})
         report = part_dir / "report"

@@ -28,3 +28,13 @@ def raises(**kwargs):
 
 NOT_CALLABLE = 42
 
+
+
+def marker_net(marker: str) -> nn.Module:
+    """mnist-small, after writing the file ``marker``: a test sees whether psadv called the factory."""
+    from pathlib import Path
+
+    from psadv.models import MnistSmall
+
+    Path(marker).write_text("called")
+    return MnistSmall()

@@ -167,6 +167,53 @@ def test_usage_errors(tmp_path, mnist_dir, args, fragment):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--step-size", "inf"], "not a finite number"),  # an infinite step made NaN images and a bogus 0%
+    (["--device", "bogus"], "--device bogus: not a device"),
+    (["--device", "meta"], "--device meta: psadv runs on"),
+    (["--seed", str(2**31)], "--seed"),
+    (["--threads", str(10**12)], "--threads"),
+    (["--attack", "apgd-t", "--targets", "10"], "'--targets': 10 target classes, but a model of 10 classes has 9"),
+])
+def test_eval_usage_errors(trained_run, mnist_dir, args, fragment):
+    result = invoke("eval", trained_run, "--data-dir", mnist_dir, "--attack", "pgd", "--steps", 1, "--restarts", 1,
+                    "--examples", 5, "--no-progress", *args)
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_eval_save_that_cannot_write_still_prints_the_result(tmp_path, trained_run, mnist_dir, monkeypatch):
+    import psadv.rundir
+    from psadv.errors import StorageError
+
+    def full(path, obj):
+        raise StorageError(f"cannot write {path}: No space left on device")
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    monkeypatch.setattr(psadv.rundir, "write_json", full)
+    result = invoke("eval", run, "--data-dir", mnist_dir, "--attack", "pgd", "--steps", 1, "--restarts", 1,
+                    "--examples", 5, "--no-progress", "--json", "--save")
+    assert_one_line_error(result, 1, "final_eval.json: No space left on device")
+    assert json.loads(result.stdout)["examples"] == 5  # the numbers the attacks cost are on stdout
+
+
+def test_a_file_the_system_refuses_is_one_line_and_a_bug_keeps_its_traceback(trained_run, monkeypatch):
+    import psadv.report.plot_run as plot_run
+
+    def refused(path, **_):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(plot_run, "read_metrics", refused)
+    assert_one_line_error(invoke("plot", trained_run), 1, f"{trained_run / 'metrics.jsonl'}: Permission denied")
+
+    def bug(path, **_):
+        raise OSError("no errno: psadv's own mistake")
+
+    monkeypatch.setattr(plot_run, "read_metrics", bug)
+    result = invoke("plot", trained_run)
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)
+
+
 def test_unknown_config_key(tmp_path, mnist_dir):
     toml = tmp_path / "bad.toml"
     toml.write_text("epsilon = 0.3\n")

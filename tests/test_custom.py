@@ -138,23 +138,24 @@ def test_npz_train_resume_eval_and_md5(tmp_path, npz):
     md5 = config["config"]["data_md5"]
     assert len(md5) == 32 and config["model_name"] == "custom_models:tiny_net"
     assert config["model_args"] == {"side": 8, "num_classes": 3}
-    assert invoke("train", "--resume", run, "--steps", 6, "--no-progress").exit_code == 0
+    own = TINY_NET[:2]  # --model: the factory the checkpoint names runs only when named here too
+    assert invoke("train", "--resume", run, "--steps", 6, *own, "--no-progress").exit_code == 0
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
-    evaluated = invoke("eval", run, "--examples", 30, "--steps", 1, "--restarts", 1, "--json", "--no-progress")
+    evaluated = invoke("eval", run, "--examples", 30, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.output)["examples"] == 30
 
     np.savez(npz, **tiny_arrays(seed=1))  # the data file changes under the run
-    refused = invoke("train", "--resume", run, "--steps", 8, "--no-progress")
+    refused = invoke("train", "--resume", run, "--steps", 8, *own, "--no-progress")
     assert_one_line_error(refused, 1, f"the run expects {md5}", "--data-md5")
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
     # evaluating on another file may be meant: it runs, and says the file differs
-    other = invoke("eval", run, "--examples", 10, "--steps", 1, "--restarts", 1, "--json", "--no-progress")
+    other = invoke("eval", run, "--examples", 10, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
     assert other.exit_code == 0 and json.loads(other.stdout)["examples"] == 10
     assert f"not {md5} (the file the run trained on)" in other.stderr
     assert "trained on" not in evaluated.stderr
     new_md5 = refused.stderr.split("--data-md5 ")[1].split()[0]
-    assert invoke("train", "--resume", run, "--steps", 8, "--data-md5", new_md5, "--no-progress").exit_code == 0
+    assert invoke("train", "--resume", run, "--steps", 8, "--data-md5", new_md5, *own, "--no-progress").exit_code == 0
 
 
 def test_hdf5_with_three_channels_and_num_classes(tmp_path):
@@ -177,15 +178,18 @@ def test_factory_model_train_resume_eval_export(tmp_path, mnist_dir):
     ckpt = load_checkpoint(find_checkpoint(run))
     assert ckpt.model_name == "custom_models:batchnorm_net" and ckpt.model_args == {}
     assert "1.running_mean" in ckpt.model_state  # buffers travel too
-    assert invoke("train", "--resume", run, "--steps", 5, "--no-progress").exit_code == 0
-    refused = invoke("train", "--resume", run, "--steps", 6, "--model-args", '{"num_classes": 10}', "--no-progress")
+    # the factory named in the checkpoint runs only when the command names it too
+    own = ["--model", "custom_models:batchnorm_net"]
+    assert invoke("train", "--resume", run, "--steps", 5, *own, "--no-progress").exit_code == 0
+    refused = invoke("train", "--resume", run, "--steps", 6, *own, "--model-args", '{"num_classes": 10}',
+                     "--no-progress")
     assert_one_line_error(refused, 2, "--model-args {}")
-    evaluated = invoke("eval", run, "--examples", 20, "--steps", 1, "--restarts", 1, "--json", "--no-progress")
+    evaluated = invoke("eval", run, "--examples", 20, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.output)["version"] == 5
-    exported = invoke("export", run)
+    exported = invoke("export", run, *own)
     assert exported.exit_code == 0, exported.stderr
-    model = psadv.load_model(exported.output.strip())
+    model = psadv.load_model(exported.output.strip(), trust_factory="custom_models:batchnorm_net")
     assert type(model).__name__ == "Sequential" and not model.training
 
 

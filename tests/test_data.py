@@ -200,6 +200,19 @@ def test_bad_idx_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images_
         load_dataset("mnist", "test", data_dir=tmp_path, download=False)
 
 
+def test_an_unreadable_file_is_a_data_error_not_a_traceback(mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psadv.data
+
+    def refused(path, *args, **kwargs):  # a mode-000 file, which root (the CI) would still read
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(psadv.data, "_MD5_CACHE", {})  # read the file again, not a remembered digest
+    monkeypatch.setattr(psadv.data, "_ARRAY_CACHE", {})
+    monkeypatch.setattr(psadv.data, "open", refused, raising=False)
+    with pytest.raises(DataError, match=f"{TEST_FILES[0]}: cannot read it: Permission denied"):
+        load_dataset("mnist", "test", data_dir=mnist_dir, download=False)
+
+
 # --- CIFAR-10 binary release -------------------------------------------------------------
 
 

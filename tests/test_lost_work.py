@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psadv.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
+from psadv.checkpoint import IncompatibleCheckpoint, find_checkpoint, list_checkpoints, load_checkpoint
 from psadv.errors import CheckpointError, TrainingDiverged, UsageError
 from psadv.metrics import MetricsLog
+from psadv.rundir import prepare
 from psadv.training import resolve_run, train_single
-from test_mpi import MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, signal_at_version, summary, wait_for
+from test_mpi import (FAULT_ENTRY, MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, signal_at_version, summary,
+                      wait_for)
 
 from cli_helpers import assert_one_line_error, invoke
 
@@ -157,6 +159,84 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, mnist_
     assert run(tmp_path, mnist_dir, name="r", resume=str(tmp_path / "r"), steps=30)["version"] == 30
 
 
+def files_of(run_dir: Path) -> dict:
+    """Every file of a run and its bytes (the lock aside: it holds the pid of its last holder)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_with_options_the_checkpoint_cannot_continue_is_refused_before_anything_is_written(tmp_path,
+                                                                                                     mnist_dir):
+    """Another --optimizer used to fail at the first step (KeyError), after config.json had been
+    rewritten (in place) or a run directory made (a branch); another --batch-size did not fit the
+    data position."""
+    run(tmp_path, mnist_dir, name="a", steps=4)
+    before = files_of(tmp_path / "a")
+    for flags, message in ((["--optimizer", "sgd"], "holds the state of --optimizer adam, not sgd"),
+                           (["--batch-size", "30000"], "trained with --batch-size 50, not 30000")):
+        result = invoke("train", "--resume", tmp_path / "a", "--steps", 8, "--no-progress", *flags)
+        assert_one_line_error(result, 2, message, "train a new run")
+        branch = invoke("train", "--resume", tmp_path / "a", "--run-dir", tmp_path / "b", "--steps", 8,
+                        "--no-progress", *flags)
+        assert_one_line_error(branch, 2, message)
+        assert files_of(tmp_path / "a") == before and not (tmp_path / "b").exists()
+    with pytest.raises(IncompatibleCheckpoint, match="--optimizer adam, not sgd"):
+        resolve_run({"optimizer": "sgd"}, resume=str(tmp_path / "a"), prepare_dir=False)  # MPI's first phase too
+
+
+def test_a_resume_that_fails_while_starting_up_leaves_the_run_as_it_was(tmp_path, mnist_dir, monkeypatch):
+    """config.json, the metrics and final_eval.json of the run stay as they were until the resumed
+    run has restored the whole checkpoint; then the resume works."""
+    run(tmp_path, mnist_dir, name="a", steps=4)
+    (tmp_path / "a" / "final_eval.json").write_text(json.dumps({"version": 4, "robust_acc": 0.5}))
+    before = files_of(tmp_path / "a")
+
+    def fails(state):
+        raise CheckpointError("the generators' state does not fit")
+
+    monkeypatch.setattr("psadv.training.restore_rng_state", fails)  # the last piece a resume restores
+    with pytest.raises(CheckpointError, match="does not fit"):
+        run(tmp_path, mnist_dir, name="a", resume=str(tmp_path / "a"), steps=6, weight_decay=0.5)
+    assert files_of(tmp_path / "a") == before
+    monkeypatch.undo()
+    assert run(tmp_path, mnist_dir, name="a", resume=str(tmp_path / "a"), steps=6)["version"] == 6
+
+
+def test_a_resume_trains_with_the_optimizer_settings_its_config_records(tmp_path, mnist_dir):
+    """load_state_dict brings back the checkpoint's weight decay and momentum; config.json says the
+    resume's, and the optimizer must use them (its param_groups, saved in the next checkpoint)."""
+    run(tmp_path, mnist_dir, name="s", steps=2, optimizer="sgd", momentum=0.9, weight_decay=0.0)
+    before = load_checkpoint(find_checkpoint(tmp_path / "s")).optimizer_state
+    run(tmp_path, mnist_dir, name="s", resume=str(tmp_path / "s"), steps=4, momentum=0.5, weight_decay=0.25)
+    after = load_checkpoint(find_checkpoint(tmp_path / "s"))
+    assert {(g["momentum"], g["weight_decay"]) for g in after.optimizer_state["param_groups"]} == {(0.5, 0.25)}
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["config"]["weight_decay"] == 0.25
+    assert before["state"] and after.optimizer_state["state"].keys() == before["state"].keys()  # the state carried on
+
+
+def test_final_eval_json_grades_only_the_final_model(tmp_path, mnist_dir, capsys):
+    """psadv eval --save refuses a run a trainer holds and a checkpoint older than the run's newest;
+    a resume in place sets the grade of the old final model aside (never deleted)."""
+    run(tmp_path, mnist_dir, name="r", steps=4, checkpoint_every=2)
+    run_dir = tmp_path / "r"
+    grade = ["--attack", "pgd", "--steps", 1, "--restarts", 1, "--examples", 10, "--threads", 1, "--no-progress",
+             "--data-dir", mnist_dir]
+    older = invoke("eval", run_dir / "checkpoints" / "ckpt-00000002.h5", *grade, "--save")
+    assert_one_line_error(older, 2, "ckpt-00000002.h5 holds version 2, not the newest of", "(4)")
+    trainer = prepare(run_dir, resume=True)  # what a training process holds for the whole run
+    try:
+        live = invoke("eval", run_dir, *grade, "--save")
+    finally:
+        trainer.release()
+    assert_one_line_error(live, 2, f"{run_dir} is in use by another psadv process (pid {os.getpid()})")
+    assert not (run_dir / "final_eval.json").exists()
+    assert invoke("eval", run_dir, *grade, "--save").exit_code == 0  # and it lets the next trainer in:
+    capsys.readouterr()
+    assert run(tmp_path, mnist_dir, name="r", resume=str(run_dir), steps=6)["version"] == 6
+    assert "moved final_eval.json to" in capsys.readouterr().err
+    (aside,) = (run_dir / "checkpoints").glob("superseded-*/final_eval.json")
+    assert json.loads(aside.read_text())["version"] == 4 and not (run_dir / "final_eval.json").exists()
+
+
 # --- divergence -------------------------------------------------------------------------------
 def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, mnist_dir):
     run(tmp_path, mnist_dir, name="d", steps=10, checkpoint_every=5, keep_checkpoints=2)
@@ -199,6 +279,7 @@ def test_single_process_checkpoints_on_a_signal_and_resumes(tmp_path, mnist_dir,
     assert code == 0, err
     s = summary(run_dir)
     assert s["stop_reason"] == f"signal {sig.name}" and f"stopped (signal {sig.name})" in out
+    assert s["final_evaluation"] == f"skipped (signal {sig.name})"
     stopped = s["version"]
     assert load_checkpoint(find_checkpoint(run_dir)).state["version"] == stopped >= 10
     if sig == signal.SIGTERM:
@@ -207,6 +288,54 @@ def test_single_process_checkpoints_on_a_signal_and_resumes(tmp_path, mnist_dir,
                              timeout=90, env=_env())
         assert res.returncode == 0, res.stderr
         assert summary(run_dir)["version"] == stopped + 5
+
+
+# A final evaluation of minutes (10,000 examples, PGD-20, a model that is mostly right after 20 clean
+# steps), of which a signal should cost one batch.
+LONG_FINAL_EVAL = ["--steps", "20", "--attack", "none", "--batch-size", "100", "--eval-examples", "10000",
+                   "--eval-steps", "20"]
+
+
+def signal_at_final_checkpoint(cmd, run_dir, signals):
+    """Start ``cmd``, send ``signals`` (half a second apart) once its final checkpoint is written, while
+    its final evaluation runs; the process, its stdout and stderr, and the seconds it took to end."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        wait_for(lambda: list_checkpoints(run_dir / "checkpoints"), 90, proc, "the final checkpoint")
+        start = time.monotonic()
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=60)
+        return proc, out, err, time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["SIGTERM", "SIGINTx2"])
+def test_a_signal_during_the_final_evaluation_finds_the_run_saved_and_cuts_it_short(tmp_path, mnist_dir, signals):
+    """The final checkpoint used to come after the final evaluation, which ignored signals: SLURM's
+    SIGTERM waited for it, and a second Ctrl-C aborted before anything was saved."""
+    run_dir = tmp_path / "final"
+    proc, out, err, took = signal_at_final_checkpoint(psadv_train(mnist_dir, run_dir, *LONG_FINAL_EVAL), run_dir,
+                                                      signals)
+    assert took < 20 and "Traceback" not in err, (took, err)
+    assert load_checkpoint(find_checkpoint(run_dir)).state["version"] == 20
+    if proc.returncode == 0:  # the first signal was enough (two may arrive as one)
+        s = summary(run_dir)
+        assert s["stop_reason"] == "version budget" and s["version"] == 20
+        assert s["final_evaluation"] == f"interrupted (signal {signals[0].name})" and s["last_eval"] is None
+        assert f"final evaluation interrupted (signal {signals[0].name})" in out
+    else:  # a second Ctrl-C interrupts at once
+        assert (len(signals), proc.returncode) == (2, 130), err
+        assert err.strip().endswith("psadv: error: aborted")
+    res = subprocess.run([sys.executable, "-m", "psadv.cli", "train", "--resume", str(run_dir), "--steps", "22",
+                          "--eval-examples", "100", "--no-progress"], capture_output=True, text=True, timeout=90,
+                         env=_env())
+    assert res.returncode == 0, res.stderr
+    assert summary(run_dir)["version"] == 22 and summary(run_dir)["final_evaluation"] == "measured"
 
 
 # --- under MPI -----------------------------------------------------------------------------------
@@ -253,6 +382,18 @@ def test_signal_with_a_hung_attacker_checkpoints_first_and_ends_in_bounded_time(
 
 
 @needs_mpi
+def test_the_server_saves_before_its_final_evaluation_and_a_signal_cuts_that_short(tmp_path, mnist_dir):
+    """The server ends a run as the single process does (Trainer.end_run), with its attackers waiting."""
+    run_dir = tmp_path / "final"
+    proc, out, err, took = signal_at_final_checkpoint(
+        _cmd(3, mnist_dir, run_dir, *LONG_FINAL_EVAL, "--log-every", "10", "--no-progress"), run_dir, [signal.SIGTERM])
+    assert proc.returncode == 0 and took < 20, (took, err)
+    s = summary(run_dir)
+    assert s["stop_reason"] == "version budget" and s["final_evaluation"] == "interrupted (signal SIGTERM)"
+    assert load_checkpoint(find_checkpoint(run_dir)).state["version"] == s["version"] >= 20
+
+
+@needs_mpi
 def test_stop_is_checked_after_pushes_that_do_not_advance_the_model(tmp_path, mnist_dir):
     """The server rejects every push (test-only fault) while its queue never empties; the time
     budget must still end the run."""
@@ -280,6 +421,14 @@ def test_mpi_start_up_error_on_an_attacker_removes_the_new_run_directory(tmp_pat
     res = run_job(3, mnist_dir, run_dir, "--steps", "5", *MPI_SMALL, timeout=60, fault="fail-setup,rank=2")
     assert res.returncode == 2 and res.stderr.count("psadv: error:") == 1, res.stderr
     assert not run_dir.exists()
+    # a resume that an attacker fails leaves the run, config.json included, as it was
+    run(tmp_path, mnist_dir, name="gone", steps=4)
+    before = files_of(run_dir)
+    res = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(FAULT_ENTRY), "fail-setup,rank=2", "train",
+                          "--resume", str(run_dir), "--steps", "8", "--weight-decay", "0.5", "--no-progress"],
+                         capture_output=True, text=True, timeout=60, env=_env())
+    assert res.returncode == 2 and res.stderr.count("psadv: error:") == 1, res.stderr
+    assert files_of(run_dir) == before
 
 
 def test_a_resume_that_fails_to_start_puts_the_set_aside_line_back(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from psadv.metrics import SCHEMA, MetricsLog, row_problems
+from psadv.metrics import SCHEMA, MetricsLog, row_problems, well_typed
 from psadv.rundir import read_metrics
 from psadv.training import resolve_run, train_single
 
@@ -15,6 +15,9 @@ def test_rows_of_a_real_single_process_run_match_the_schema(tmp_path, mnist_dir,
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert {r["kind"] for r in rows} == {"train", "eval", "end"}
     assert [row_problems(r) for r in rows] == [[]] * len(rows)
+    # and the reader's type check keeps every one of them (it skips rows that fail it)
+    assert len(rows) == len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert all(map(well_typed, rows))
 
 
 def test_the_log_refuses_rows_outside_the_schema(tmp_path):

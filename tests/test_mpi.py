@@ -24,7 +24,7 @@ from psadv.checkpoint import find_checkpoint, load_checkpoint
 from psadv.config import STALENESS_LR, make_config
 from psadv.errors import ConfigError
 from psadv.launch import check_mpi_options
-from psadv.metrics import row_problems
+from psadv.metrics import row_problems, well_typed
 from psadv.mpi import Backoff, launched_by_mpi, launcher_mismatch
 
 MPIEXEC = shutil.which("mpiexec")
@@ -267,6 +267,7 @@ def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(t
     assert {r["rank"] for r in rows(run, "attacker")} == {1, 2}
     assert rows(run, "world")[0]["size"] == 3
     assert [row_problems(r) for r in rows(run)] == [[]] * len(rows(run))  # every row as psadv.metrics declares
+    assert all(map(well_typed, rows(run)))  # which the reports' reader keeps
     assert "stopped (version budget) at version 30" in res.stdout
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from cli_helpers import assert_one_line_error, invoke
 from psadv.config import STALENESS_LR, Config
+from psadv.errors import UsageError
 from psadv.report import Sweep, find_runs, load_run, scaling_report
 from psadv.report.sweep import plan, reference_flags
 
@@ -221,26 +222,53 @@ def test_metrics_lines_that_are_not_json_objects_are_skipped_and_counted(tmp_pat
                     summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
     with open(run / "metrics.jsonl", "ab") as fh:
         fh.write(b'42\n["train"]\n"eval"\nnull\n\xff\xfe{"kind": "train"}\n')
+        # valid JSON objects whose values have the wrong type crashed plot and report (an audit)
+        for bad in ({"version": "x"}, {"time": "abc"}, {"version": [1]}, {"time": 1e308}, {"version": True}):
+            fh.write(json.dumps({**train_rows(1)[0], "version": 55, **bad}).encode() + b"\n")
         fh.write(json.dumps({"kind": "eval", "time": 6, "version": 60, "clean_acc": 0.9, "robust_acc": 0.95}).encode())
     (run / "summary.json").write_text("[1, 2]")  # valid JSON, not an object
     (described,) = scaling_report([str(run)], tmp_path / "out", target=0.9)["runs"]
-    assert described["metrics_lines_skipped"] == 5
-    skipped = "5 metrics.jsonl lines are not JSON objects (cut off, or not UTF-8) and were skipped"
+    assert described["metrics_lines_skipped"] == 10
+    skipped = "10 metrics.jsonl lines are not metrics rows (cut off, not UTF-8, or values of the wrong type) and were skipped"
     assert skipped in described["problems"]
     assert "summary.json is not a JSON object" in described["problems"] and described["status"] == "partial"
     assert [p["version"] for p in described["accuracy_curve"]] == [50, 60]  # the rows around the bad lines count
     assert "| r | partial | " in (tmp_path / "out" / "report.md").read_text()
+    assert invoke("plot", run).exit_code == 0
+
 
 
 def test_final_eval_json_is_the_strong_evaluation_in_the_report(tmp_path):
     run = write_run(tmp_path / "r", rows=train_rows(10) + evals([(5, 50, 0.5)]),
                     summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0})
     (run / "final_eval.json").write_text(json.dumps({"clean_acc": 0.98, "robust_acc": 0.91, "examples": 10000,
-                                                     "attack": "PGD-50x10 linf eps=0.3"}))
+                                                     "attack": "PGD-50x10 linf eps=0.3", "version": 50}))
     (described,) = scaling_report([str(run)], tmp_path / "out")["runs"]
     assert described["final_eval"]["robust_acc"]["value"] == 0.91
     assert "final_eval.json (10000 test examples" in described["final_eval"]["robust_acc"]["from"]
     assert "| r | 98.00% | 91.00% |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_final_eval_json_of_another_version_than_the_final_model_is_left_out(tmp_path):
+    """Graded, then resumed (or graded while the run trained on): not the final model's numbers. A run
+    without a summary (killed) ends at its newest checkpoint."""
+    grade = {"clean_acc": 0.98, "robust_acc": 0.91, "examples": 100, "attack": "PGD-50x10 linf eps=0.3"}
+    stale = write_run(tmp_path / "stale", rows=train_rows(10) + evals([(5, 50, 0.5)]),
+                      summary={"version": 60, "examples_seen": 6000, "elapsed": 6.0})
+    (stale / "final_eval.json").write_text(json.dumps({**grade, "version": 50}))
+    killed = write_run(tmp_path / "killed", rows=train_rows(10) + evals([(5, 50, 0.5)]))
+    (killed / "checkpoints").mkdir()
+    for version in (40, 70):
+        (killed / "checkpoints" / f"ckpt-{version:08d}.h5").write_bytes(b"")
+    (killed / "final_eval.json").write_text(json.dumps({**grade, "version": 70}))
+    warnings = []
+    report = scaling_report([str(stale), str(killed)], tmp_path / "out", echo=warnings.append)
+    described = {d["name"]: d for d in report["runs"]}
+    left_out = "final_eval.json grades version 50, not the final model (version 60), and was left out"
+    assert "final_eval" not in described["stale"] and any(left_out in p for p in described["stale"]["problems"])
+    assert [w.split("; ")[0] for w in warnings] == [f"psadv: warning: stale: {left_out}"]
+    assert described["killed"]["final_eval"]["robust_acc"]["value"] == 0.91
+    assert "| stale | 98.00%" not in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
@@ -278,6 +306,24 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     fresh = plan(Sweep(workers=[0, 2], push=[None], steps=5, train_args=["--push", "gradients"]), runs, overwrite=True)
     assert [job["name"] for job in fresh] == ["single", "w2"]
     assert all("--overwrite" in job["cmd"] and job["cmd"].count("--push") == 1 for job in fresh)
+
+
+@pytest.mark.parametrize("train_args, workers, fragment", [
+    (["--eps", "5"], [0], "--eps 5 exceeds 1"),
+    (["--bogus-flag", "3"], [0, 1], "No such option '--bogus-flag'"),
+    (["--emulate-attackers", "2"], [0, 1], "--emulate-attackers and --emulate-staleness are for one process"),  # fine alone, not with attackers
+])
+def test_sweep_plan_refuses_train_flags_that_every_run_would_refuse(tmp_path, train_args, workers, fragment):
+    with pytest.raises(UsageError, match=f"psadv train flags after --: {fragment}"):
+        plan(Sweep(workers=workers, steps=2, train_args=train_args), tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_launcher_is_refused_before_the_report_directory_is_made(tmp_path, mnist_dir):
+    result = invoke("scaling-report", "--workers", "0,1", "--launcher", "no-such-launcher -n {n}", "-o",
+                    tmp_path / "out", "--steps", 2, "--data-dir", mnist_dir)
+    assert_one_line_error(result, 2, "launcher program 'no-such-launcher' (from --launcher) is not on PATH")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_stopped_by_a_signal_is_marked_resumable(tmp_path):

@@ -309,28 +309,33 @@ def test_study_plans_part_6_and_tabulates_masking(tmp_path):
     assert "| pgd-5 | 2 | 10 | 98.0% (0.0%) | 89.0% (2.0%) | 86.0% (0.0%) | 3.0 points | 1.5 points |" in text
 
 
-def test_study_part_6_tabulates_every_finished_seed_in_the_plans_order(tmp_path):
+def test_study_part_6_tabulates_every_finished_seed_in_the_plans_order(tmp_path, capsys):
     """The table reads the runs on disk: seeds of an earlier call too, adversaries in the plan's
-    order (not the directory names' order, where pgd-10 sorts before pgd-5)."""
+    order (not the directory names' order, where pgd-10 sorts before pgd-5); a grade of another
+    version than the run's final one (pgd-40-seed1: graded, then resumed) is left out."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("study", STUDY)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     runs = tmp_path / "study" / "part6-masking" / "runs"
-    for name, robust in (("pgd-40-seed0", 0.9), ("pgd-5-seed2", 0.86), ("pgd-5-seed0", 0.88),
-                         ("fgsm-rs-reuse-seed0", 0.85), ("pgd-10-seed0", 0.89)):
+    for name, robust, graded in (("pgd-40-seed0", 0.9, 300), ("pgd-5-seed2", 0.86, 300), ("pgd-5-seed0", 0.88, 300),
+                                 ("fgsm-rs-reuse-seed0", 0.85, 300), ("pgd-10-seed0", 0.89, 300),
+                                 ("pgd-40-seed1", 0.5, 200)):
         (runs / name).mkdir(parents=True)
-        (runs / name / "summary.json").write_text(json.dumps({"elapsed": 10.0}))
+        (runs / name / "summary.json").write_text(json.dumps({"elapsed": 10.0, "version": 300}))
         (runs / name / study.FINAL_EVAL).write_text(json.dumps(
-            {"robust_acc": robust, "clean_acc": 0.99, "masking_gap": 0.01, "attack": "strong", "examples": 1000}))
-        (runs / name / study.PGD_EVAL).write_text(json.dumps({"robust_acc": robust + 0.02}))
+            {"robust_acc": robust, "clean_acc": 0.99, "masking_gap": 0.01, "attack": "strong", "examples": 1000,
+             "version": graded}))
+        (runs / name / study.PGD_EVAL).write_text(json.dumps({"robust_acc": robust + 0.02, "version": graded}))
     s = study.Study(study.parse_args(["--out", str(tmp_path / "study"), "--parts", "6", "--seeds", "0"]))
     s.run = lambda cmd: 0  # the runs not on disk (fgsm-rs, n-fgsm) would train: nothing runs here
     s.part6(runs.parent)
     table = json.loads((runs.parent / "report" / "report.json").read_text())["table"]
     assert [(r["adversary"], r["seeds"]) for r in table] == [("fgsm-rs-reuse", 1), ("pgd-5", 2), ("pgd-10", 1),
                                                              ("pgd-40", 1)]
+    stale = f"# warning: {runs / 'pgd-40-seed1'}: final_eval.json grades version 200, not the final model (version 300)"
+    assert stale in capsys.readouterr().out
     assert table[1]["strong"]["mean"] == pytest.approx(0.87) and table[1]["over_claim"]["mean"] == pytest.approx(0.02)
 
 

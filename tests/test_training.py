@@ -368,6 +368,9 @@ def test_config_layers_and_unknown_keys(tmp_path):
     toml.write_text("epsilon = 0.1\n")
     with pytest.raises(ConfigError, match="unknown config key 'epsilon'"):
         read_toml(toml)
+    toml.write_text('eps-ramp = 0.1\neps_ramp = 0.3\n')
+    with pytest.raises(ConfigError, match="repeats 'eps_ramp'"):
+        read_toml(toml)
     toml.write_text('eps = "big"\n')
     with pytest.raises(ConfigError, match="eps"):
         read_toml(toml)
@@ -381,7 +384,12 @@ def test_config_layers_and_unknown_keys(tmp_path):
     ({"attack": "bim"}, "--attack"), ({"optimizer": "lbfgs"}, "--optimizer"),
     ({"attack_steps_schedule": "5@0.2"}, "schedule"), ({"attack_steps_schedule": "1,5@0.6,10@0.3"}, "schedule"),
     ({"device": "tpu"}, "--device"), ({"ema_decay": 1.0}, "--ema-decay must be below 1"),
-    ({"ema_decay": -0.5}, "--ema-decay"),
+    ({"ema_decay": -0.5}, "--ema-decay"), ({"device": "cuda:x"}, "--device"), ({"device": "cudafoo"}, "--device"),
+    ({"seed": 2**31}, "--seed must be <="), ({"threads": 10**12}, "--threads must be <="),
+    ({"attack": "none", "reuse_perturbations": True}, "--reuse-perturbations needs a training attack"),
+    ({"eps": 0.0, "reuse_perturbations": True}, "--reuse-perturbations needs a training attack"),
+    ({"attack": "fgsm", "attack_steps_schedule": "2,5@0.3"}, "is for --attack pgd"),
+    ({"target_robust_acc": 0.9, "eval_every": 0}, "--target-robust-acc needs periodic evaluation"),
 ])
 def test_config_validation(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -20,7 +20,7 @@ from ..rundir import write_json
 from .analysis import build_report
 from .render import report_blocks, make_plots, prepare_out, render_html, render_markdown
 from .runs import FINAL_EVAL, Run, find_runs, load_run
-from .sweep import Sweep, SweepResult, parse_int_list, plan, run_sweep
+from .sweep import Sweep, SweepResult, check_launcher, parse_int_list, plan, run_sweep
 
 __all__ = ["FINAL_EVAL", "Run", "Sweep", "SweepResult", "find_runs", "load_run", "run_sweep", "scaling_report",
            "write_report"]
@@ -74,8 +74,10 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
                       data_dir=data_dir, train_args=list(train_args))
     runs = find_runs(run_dirs)
     names = [r.name for r in runs]
-    if sweep:  # checks the sweep's flags before anything is written
-        names += [job["name"] for job in plan(sweep, out / "runs", overwrite=overwrite, resume=resume)]
+    if sweep:  # checks the sweep's flags and launcher before anything is written
+        jobs = plan(sweep, out / "runs", overwrite=overwrite, resume=resume)
+        check_launcher(sweep, jobs)
+        names += [job["name"] for job in jobs]
     if baseline is not None and baseline not in names:
         raise UsageError(f"--baseline {baseline!r} is not one of the runs: {', '.join(names)}")
     prepare_out(out, overwrite or resume)  # --resume keeps the sweep's runs and replaces the report
@@ -86,4 +88,7 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
             # the report waits for the whole sweep (--resume continues it)
             return {"stopped_by": result.stopped_by, "launched": len(result.run_dirs), "planned": len(result.jobs)}
         runs += [load_run(job["run_dir"], job["name"], None if job.get("kept") else job) for job in result.jobs]
+    for run in runs:  # in the report's problems too; said here, as a final number the report does not show
+        if run.stale_final_eval:
+            echo(f"psadv: warning: {run.name}: {run.stale_final_eval}")
     return write_report(runs, out, target=target, baseline=baseline, title=title)

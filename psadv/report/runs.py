@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..rundir import read_metrics
+from ..rundir import FINAL_EVAL, read_metrics
 
 # The fields the report needs in each row kind: required fields of psadv.metrics.SCHEMA (tested).
 ROW_FIELDS = {"train": ("version", "time", "examples_seen"), "eval": ("version", "time", "clean_acc", "robust_acc"),
               "world": ("size",), "end": ("version",)}
-FINAL_EVAL = "final_eval.json"  # written by `psadv eval RUN --save` (see psadv/rundir.py)
 
 
 @dataclass
@@ -35,6 +34,8 @@ class Run:
     rows: list[dict] = field(default_factory=list)
     skipped_lines: int = 0  # metrics.jsonl lines that are not a JSON object
     final_eval: dict | None = None
+    # why a final_eval.json was left out: it grades another version than the run's final one
+    stale_final_eval: str | None = None
     launch: dict | None = None
 
     @property
@@ -99,12 +100,17 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
     if (path / "metrics.jsonl").exists():
         run.rows, run.skipped_lines = read_metrics(path / "metrics.jsonl", count_skipped=True)
         if run.skipped_lines:
-            run.problems.append(f"{run.skipped_lines} metrics.jsonl lines are not JSON objects (cut off, or not "
-                                "UTF-8) and were skipped")
+            run.problems.append(f"{run.skipped_lines} metrics.jsonl lines are not metrics rows (cut off, not "
+                                "UTF-8, or values of the wrong type) and were skipped")
     else:
         run.problems.append("no metrics.jsonl")
     run.summary = _read_json(path / "summary.json", run.problems)
     run.final_eval = _read_json(path / FINAL_EVAL, run.problems)
+    if run.final_eval is not None:
+        run.stale_final_eval = final_eval_mismatch(run.final_eval, final_version(path, run.summary))
+        if run.stale_final_eval:
+            run.problems.append(run.stale_final_eval)
+            run.final_eval = None
     if run.summary is None:
         run.status = "partial"
         run.problems.append("no summary.json: the run did not finish (killed, failed or still running)")
@@ -121,6 +127,27 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
     if not run.of_kind("eval"):
         run.problems.append("no evaluation rows")
     return run
+
+
+def final_version(path: Path, summary: dict | None) -> int | None:
+    """The version of a run's final model: its summary's, else (no summary: killed, failed, still
+    running) its newest checkpoint's; None if it has neither."""
+    if summary is not None and "version" in summary:
+        return summary["version"]
+    from ..checkpoint import checkpoint_version, list_checkpoints  # torch: not for the reports of finished runs
+
+    versions = [checkpoint_version(c) for c in list_checkpoints(Path(path) / "checkpoints")]
+    return versions[-1] if versions else None
+
+
+def final_eval_mismatch(final_eval: dict, version: int | None) -> str | None:
+    """Why ``final_eval`` (a final_eval.json) does not grade the final model of version ``version``
+    (written before a resume trained on, or while the run was training), or None when it does."""
+    graded = final_eval.get("version")
+    if graded is not None and graded == version:
+        return None
+    return (f"{FINAL_EVAL} grades version {graded}, not the final model (version {version}), and was left out; "
+            "psadv eval RUN_DIR --save grades the final model")
 
 
 def natural_key(path: Path) -> list:

@@ -124,6 +124,29 @@ def reference_flags(train_args: list[str]) -> list[str]:
     return ["--lr", repr(make_config(file_values, overrides, attackers=1).lr)]
 
 
+def check_train_flags(train_cmd: list[str], attackers: int) -> None:
+    """Refuse, before any run starts, the flags a run's ``psadv train`` would refuse: a bad flag
+    would otherwise fail every run of the sweep, one launch after another, and still end in a report."""
+    import click
+
+    from ..cli import train
+    from ..config import make_config, read_toml
+    from ..launch import check_mpi_options
+
+    try:
+        params = dict(train.make_context("train", list(train_cmd)).params)
+    except click.ClickException as exc:
+        raise UsageError(f"psadv train flags after --: {exc.format_message()}") from None
+    file_values = read_toml(params["config_file"]) if params.get("config_file") else {}
+    overrides = {k: v for k, v in params.items() if k in FIELDS and v is not None}
+    try:
+        cfg = make_config(file_values, overrides, attackers=attackers)
+        if attackers:
+            check_mpi_options(cfg)
+    except PsadvError as exc:
+        raise UsageError(f"psadv train flags after --: {exc}") from None
+
+
 def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """The sweep's runs, checked before anything runs: one record per (push, max staleness, workers)."""
     varied = [flag for flag, values in (("--push", sweep.push), ("--max-staleness", sweep.max_staleness))
@@ -163,10 +186,20 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                     if n > 0:
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
-                    cmd += common + evaluation + (reference if n == 0 else []) + list(sweep.train_args)
+                    flags = common + evaluation + (reference if n == 0 else []) + list(sweep.train_args)
+                    check_train_flags(flags + (["--push", push] if push else [])
+                                      + (["--max-staleness", str(S)] if S is not None else []), n)
+                    cmd += flags
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
     return jobs
+
+
+def check_launcher(sweep: Sweep, jobs: list[dict]) -> None:
+    """UsageError if a job with attackers is to run and the launcher's program is not on PATH."""
+    program = launcher_prefix(sweep.launcher, 2)[0]
+    if any(job["attackers"] and job["cmd"] for job in jobs) and shutil.which(program) is None:
+        raise UsageError(f"launcher program {program!r} (from --launcher) is not on PATH")
 
 
 def run_sweep(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool = False,
@@ -174,9 +207,7 @@ def run_sweep(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: 
     """Run the sweep's ``psadv train`` jobs one after another into ``runs_dir``."""
     runs_dir = Path(runs_dir)
     result = SweepResult(plan(sweep, runs_dir, overwrite=overwrite, resume=resume))
-    program = launcher_prefix(sweep.launcher, 2)[0]
-    if any(job["attackers"] and job["cmd"] for job in result.jobs) and shutil.which(program) is None:
-        raise PsadvError(f"launcher program {program!r} (from --launcher) is not on PATH")
+    check_launcher(sweep, result.jobs)
     runs_dir.mkdir(parents=True, exist_ok=True)
     running: list[subprocess.Popen] = []
 
