@@ -76,7 +76,7 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     :func:`psadv.evaluate.measure_accuracy`.
     """
     from .attacks.suite import DEFAULT_EVAL, EvalSettings, build_cascade
-    from .data import load_dataset
+    from .data import dataset_info, load_dataset
     from .evaluate import measure_accuracy
 
     meta: dict[str, str] = {}
@@ -85,11 +85,13 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     defaults = Config()
     dataset = dataset or meta.get("dataset") or defaults.dataset
     eps = eps if eps is not None else float(meta["eps"]) if "eps" in meta else defaults.eps
+    test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
+    classes = dataset_info(dataset, data_dir or meta.get("data_dir") or None).num_classes
+    # a model has num_classes - 1 classes to target: the label says how many really ran
     settings = EvalSettings(norm=norm or meta.get("norm") or defaults.norm, eps=eps, steps=steps,
                             restarts=restarts, step_size=step_size, loss=loss, apgd_steps=apgd_steps,
-                            targets=targets, queries=queries)
+                            targets=min(targets, classes - 1), queries=queries)
     cascade = build_cascade(attack or DEFAULT_EVAL, settings)
-    test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
     n = min(examples or len(test), len(test))
     # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
     return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,

@@ -88,6 +88,11 @@ from psadv.config import check_recorded
 from psadv.errors import CheckpointError, ConfigError, io_error_text
 from psadv.models import MODELS, build_factory_model, build_model, is_factory_ref
 
+# The process's umask, read once at import: reading it means setting it, which would race with
+# another thread creating files if done at every save.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 FORMAT = "psadv-checkpoint"
 FORMAT_VERSION = 1
 
@@ -419,12 +424,6 @@ def _fsync_dir(directory: Path) -> None:
             raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -449,12 +448,13 @@ def save_checkpoint(
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
         os.close(fd)
-        # mkstemp makes the file private (0600); a checkpoint gets the mode of every other file of
-        # the run, so colleagues sharing a cluster directory can read it
-        os.chmod(tmp_name, 0o666 & ~_umask())
     except OSError as exc:
         raise CheckpointError(f"cannot save checkpoint {path}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
+    with contextlib.suppress(OSError):  # some shared filesystems have no modes: keep mkstemp's
+        # mkstemp makes the file private (0600); a checkpoint gets the mode of every other file of
+        # the run, so colleagues sharing a cluster directory can read it
+        tmp.chmod(0o666 & ~_UMASK)
     try:
         with h5py.File(tmp, "w") as f:
             _write_contents(
@@ -661,8 +661,14 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
 # from a file to a live model
 
 # What torch, numpy and the trainer's restore code raise when a file's contents, readable as
-# such, do not fit together or with this psadv (a missing state key, a mis-shaped tensor, ...).
-_RESTORE_ERRORS = (KeyError, IndexError, ValueError, TypeError, RuntimeError, AttributeError, OverflowError)
+# such, do not fit together or with this psadv (a missing state key, a mis-shaped tensor, a value
+# of the wrong type, ...). Not AttributeError (psadv's own mistake), and not a device's failure
+# (out of memory, a CUDA error): those are not the file's, and keep their traceback.
+_RESTORE_ERRORS = (KeyError, IndexError, ValueError, TypeError, RuntimeError, OverflowError)
+
+
+def _device_failure(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
 
 
 def _reason(exc: BaseException) -> str:
@@ -687,6 +693,8 @@ def restoring(path: str | os.PathLike):
     try:
         yield
     except _RESTORE_ERRORS as exc:
+        if _device_failure(exc):
+            raise
         raise damaged(path, exc) from None
 
 
@@ -728,6 +736,9 @@ def build_recorded_model(path: str | os.PathLike, name: str, args: dict, state: 
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise damaged(path, f"its tensors do not fit model {name}: {_reason(exc)}", what) from None
+    bad = [key for key, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # psadv checks a model before it saves one: NaN here is damage, not a run to resume or grade
+        raise damaged(path, f"tensor {bad[0]} holds NaN or infinity", what)
     return model.eval()
 
 

@@ -102,12 +102,25 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     # A user error on any rank: the run directory rank 0 has just made goes away again.
     agree_on_errors(w, error, cleanup=setup.lock.abandon if setup.lock is not None else None)
 
+    # phase 2b: only now, every rank started, does rank 0 write config.json and open the metrics: a
+    # resume that failed on the way left them as they were, and a failure here (a full disk) is
+    # undone as in phase 2
+    def undo():
+        setup.lock.abandon()
+        role.trainer.close()
+
+    try:
+        if w.rank == 0:
+            role.trainer.start()
+    except PsadvError as exc:
+        error = exc
+    except BaseException as exc:  # noqa: BLE001
+        fail_job(w, exc)
+    agree_on_errors(w, error, cleanup=undo if w.rank == 0 and setup.lock is not None else None)
+
     try:
         ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
         if w.rank == 0:
-            # only now, every rank started, is the run directory written: a resume that failed on the
-            # way left its config.json and metrics as they were
-            role.trainer.start()
             click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
                        f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push}); {adversary_line(cfg)}",
                        err=True)

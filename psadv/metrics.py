@@ -66,26 +66,29 @@ SCHEMA: dict[str, RowKind] = {
 # The fields that hold text; the others hold numbers (null for NaN, which JSON lacks) or nested JSON.
 # A reader checks a row's values (``well_typed``) so that a damaged row is skipped, not plotted.
 TEXT_FIELDS = frozenset("kind attack stop_reason push reason wire_dtype final_evaluation".split())
-# Far beyond any count, rate or Unix time a run writes; a larger number is damage (and overflows plots).
-MAX_MAGNITUDE = 1e15
+# The axes (versions, seconds, Unix time) stay far below this; a larger one is damage, and it
+# overflows a plot's range.
+MAX_AXIS = 1e15
+# Any other number: a loss of a diverging run may be huge, but psadv computes in float32 at most.
+MAX_VALUE = 3.4028234663852886e38  # float32's largest finite value
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_MAGNITUDE
+def _number(value, limit: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= limit
 
 
 def well_typed(row: dict) -> bool:
     """Whether ``row``'s values have their fields' types: text only in :data:`TEXT_FIELDS`, every
-    number finite and plausible, ``version`` (every plot's axis) a count and ``time`` a number."""
+    number finite, ``version`` a count, and the axes ``version``, ``time``, ``wall`` plausible."""
     for key, value in row.items():
         if key == "version":
-            ok = _number(value) and isinstance(value, int) and value >= 0
-        elif key == "time":
-            ok = _number(value)
+            ok = _number(value, MAX_AXIS) and isinstance(value, int) and value >= 0
+        elif key in ("time", "wall"):
+            ok = _number(value, MAX_AXIS)
         elif isinstance(value, str):
             ok = key in TEXT_FIELDS
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            ok = _number(value)
+            ok = _number(value, MAX_VALUE)
         else:  # null, a flag, or nested JSON (per-attack rows, histograms, per-rank dicts)
             ok = True
         if not ok:

@@ -8,6 +8,7 @@ drive it: one code path for configuration, checkpoints and metrics.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import sys
@@ -24,9 +25,9 @@ from . import __version__, rundir, schedules
 from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
 from .averaging import LIVE_WEIGHTS, WeightAverage
-from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, build_recorded_model,
-                         capture_rng_state, checkpoint_version, damaged, find_checkpoint, list_checkpoints,
-                         load_checkpoint, restore_rng_state, restoring)
+from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, UntrustedFactory,
+                         build_recorded_model, capture_rng_state, checkpoint_version, damaged, find_checkpoint,
+                         list_checkpoints, load_checkpoint, restore_rng_state, restoring)
 from .config import FIELDS, Config, check_recorded, make_config, parse_model_args
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
@@ -76,9 +77,19 @@ def _load_resume_checkpoint(resume: str) -> Checkpoint:
     """The checkpoint ``--resume`` names; for a run directory its newest one, and if that one is
     unreadable, an error that names the newest older checkpoint to resume from instead."""
     path = find_checkpoint(resume)
-    try:
+    with _older_hint(resume, path):
         return load_checkpoint(path)
+
+
+@contextlib.contextmanager
+def _older_hint(resume: str, path: Path):
+    """A checkpoint that does not load, or loads damaged: for a run directory's newest, the error
+    names the newest older checkpoint to resume from instead."""
+    try:
+        yield
     except CheckpointError as exc:
+        if isinstance(exc, (IncompatibleCheckpoint, UntrustedFactory)):  # the options', not the file's
+            raise
         older = [c for c in list_checkpoints(path.parent) if c != path][-1:] if Path(resume).is_dir() else []
         if older:
             raise CheckpointError(f"{exc}; resume from the previous checkpoint with --resume {older[0]}") from None
@@ -132,7 +143,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     if resume:
         checkpoint = _load_resume_checkpoint(resume)
         # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
-        base = _resumed_config(checkpoint)
+        with _older_hint(resume, checkpoint.path):
+            base = _resumed_config(checkpoint)
         base.setdefault("precision", "fp32")  # checkpoints from before --precision trained in float32
         base.setdefault("ema_decay", 0.0)  # nor did those from before --ema-decay average
         for key in ("model", "dataset"):
@@ -158,7 +170,9 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     # new one is tried on one batch, a checkpoint's must take its tensors.
     if checkpoint is not None:
         model_args = checkpoint.model_args
-        build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state, trust=asked.get("model"))
+        with _older_hint(resume, checkpoint.path):
+            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state,
+                                 trust=asked.get("model"))
     elif is_factory_ref(cfg.model):
         model_args = model_args_for(cfg.model, info.shape, info.num_classes, parse_model_args(cfg.model_args))
     else:

@@ -128,7 +128,10 @@ def main() -> None:
     results = {"host": os.uname().nodename, "cores": os.cpu_count(), "recipe": recipe or DEFAULT_RECIPE, "runs": []}
 
     if a.target:
-        base = (recipe or DEFAULT_RECIPE) + ["--target-robust-acc", str(a.target), "--time-budget", str(a.target_timeout)]
+        # a target is noticed by periodic evaluation, which the default recipe's throughput runs leave off
+        target_recipe = recipe or [("500" if f == "0" and DEFAULT_RECIPE[i - 1] == "--eval-every" else f)
+                                   for i, f in enumerate(DEFAULT_RECIPE)]
+        base = target_recipe + ["--target-robust-acc", str(a.target), "--time-budget", str(a.target_timeout)]
         for r in run_all(ranks, out / "target", a.data_dir, base):
             r["confirm"] = confirm(Path(r["run_dir"]), a.data_dir, a.confirm_examples or None)
             results["runs"].append(r)

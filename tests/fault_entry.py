@@ -12,6 +12,8 @@ roles' real methods, then runs the ordinary CLI. ``FAULT`` is ``KIND,rank=R,afte
 * ``reject``: the server (R = 0) rejects every push, slowly, so its queue never empties;
 * ``fail-setup``: attacker R fails at start-up with a user error (after rank 0 made the run
   directory);
+* ``fail-start``: the server (R = 0) fails with a storage error where it first writes into the run
+  directory (``Trainer.start``: config.json, the metrics log), after every rank started;
 * ``count-refines``: no fault: the server (R = 0) counts the pushes it refines
   (``--refine-steps``) and prints ``refined N pushes`` on exit;
 * ``count-grad-align``: no fault: rank R counts the GradAlign penalties it computes
@@ -32,7 +34,7 @@ STALL_SECONDS = 60.0
 def parse(text: str) -> tuple[str, int, int]:
     kind, *rest = text.split(",")
     fields = dict(part.split("=", 1) for part in rest)
-    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "count-refines",
+    if kind not in ("nan-push", "raise", "stall", "reject", "fail-setup", "fail-start", "count-refines",
                     "count-grad-align", "count-precision"):
         raise SystemExit(f"fault_entry: unknown fault {kind!r}")
     return kind, int(fields.get("rank", 1)), int(fields.get("after", 1))
@@ -102,6 +104,15 @@ def install(kind: str, rank: int, after: int) -> None:
             raise UsageError("injected start-up error (tests/fault_entry.py)")
 
         attacker.Attacker.__init__ = failing_init
+        return
+    if kind == "fail-start":
+        from psadv import training
+        from psadv.errors import StorageError
+
+        def failing_start(self):
+            raise StorageError(f"cannot write {self.run_dir / 'config.json'}: No space left on device (injected)")
+
+        training.Trainer.start = failing_start
         return
     if kind == "count-precision":
         import atexit

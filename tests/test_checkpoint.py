@@ -259,15 +259,14 @@ def test_keep_last_k(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == [".lock", "ckpt-100000000.h5", "ckpt-99999999.h5"]
 
 
-def test_a_checkpoint_gets_the_mode_the_umask_gives_every_other_file(tmp_path: Path) -> None:
-    """Not mkstemp's private 0600: colleagues on a shared cluster directory read each other's runs."""
-    old = os.umask(0o022)
-    try:
-        save_trained(tmp_path / "shared.h5", "adam")
-        os.umask(0o077)
-        save_trained(tmp_path / "private.h5", "adam")
-    finally:
-        os.umask(old)
+def test_a_checkpoint_gets_the_mode_the_umask_gives_every_other_file(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not mkstemp's private 0600: colleagues on a shared cluster directory read each other's runs.
+    (The umask is read once, when psadv.checkpoint is imported.)"""
+    monkeypatch.setattr(ckpt_mod, "_UMASK", 0o022)
+    save_trained(tmp_path / "shared.h5", "adam")
+    monkeypatch.setattr(ckpt_mod, "_UMASK", 0o077)
+    save_trained(tmp_path / "private.h5", "adam")
     assert (tmp_path / "shared.h5").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.h5").stat().st_mode & 0o777 == 0o600
 

@@ -55,6 +55,8 @@ DAMAGE = {
     "eps not a number": (_json_attr("config", lambda c: {**c, "eps": "big"}),
                          "eps in its config must be a float, got 'big'", "eps in its config must be a float"),
     "unknown model": (_unknown_model, "unknown model 'resnet9000'", "resnet9000"),
+    "NaN weights": (lambda f: f["model/0.weight"].__setitem__(..., np.nan), "tensor 0.weight holds NaN or infinity",
+                    "tensor 0.weight holds NaN or infinity"),
     "no data stream": (_json_attr("state", lambda s: {k: v for k, v in s.items() if k != "data_stream"}),
                        None, "missing 'data_stream'"),
 }
@@ -107,6 +109,18 @@ def test_resume_in_place_changes_nothing(run, tmp_path, case):
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert_error_line(invoke("train", "--resume", copy, *FAST[2:], "--steps", 4), 1, str(newest), DAMAGE[case][2])
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_newest_checkpoint_names_the_older_one_to_resume_from(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = find_checkpoint(copy)
+    older = newest.with_name("ckpt-00000001.h5")
+    shutil.copy(newest, older)
+    with h5py.File(newest, "r+") as f:
+        DAMAGE["missing tensor"][0](f)
+    assert_error_line(invoke("train", "--resume", copy, *FAST[2:], "--steps", 4), 1, str(newest),
+                      f"resume from the previous checkpoint with --resume {older}")
 
 
 def test_damaged_optimizer_state_on_resume(run, tmp_path):

@@ -287,3 +287,14 @@ def test_autoattack_runs_all_four_attacks_in_order(mnist_model):
     assert labels == ["APGD-CE-3", "APGD-T-3x2", "FAB-T-3x2", "Square-10"]
     after = [row["robust_acc"] for row in result["attacks"]]
     assert after == sorted(after, reverse=True) and result["robust_acc"] == after[-1] <= result["clean_acc"]
+
+
+def test_settings_refuse_an_infinite_step_and_the_api_targets_only_the_other_classes(mnist_model, mnist_dir):
+    import psadv
+
+    with pytest.raises(ConfigError, match="step size must be a finite number > 0, got inf"):
+        EvalSettings(step_size=float("inf"))  # it made NaN images, which count as misclassified
+    model, _, _ = mnist_model
+    result = psadv.evaluate(model, dataset="mnist", data_dir=mnist_dir.parent, attack="apgd-t", targets=20,
+                            examples=3, apgd_steps=1)
+    assert result["attack"].startswith("APGD-T-1x9 ")  # ten classes: nine to target, as the label says

@@ -431,6 +431,24 @@ def test_mpi_start_up_error_on_an_attacker_removes_the_new_run_directory(tmp_pat
     assert files_of(run_dir) == before
 
 
+@needs_mpi
+def test_mpi_failure_to_write_the_run_after_every_rank_started_is_undone(tmp_path, mnist_dir):
+    """Rank 0 writes config.json and the metrics only once every rank started; a failure there (a
+    full disk) ends every rank with one line and leaves no half-made run, nor a half-done resume."""
+    run_dir = tmp_path / "r"
+    res = run_job(3, mnist_dir, run_dir, "--steps", "5", *MPI_SMALL, timeout=60, fault="fail-start,rank=0")
+    assert res.returncode == 1 and res.stderr.count("psadv: error:") == 1, res.stderr
+    assert "No space left on device (injected)" in res.stderr and not run_dir.exists()
+    run(tmp_path, mnist_dir, name="r", steps=4)
+    (run_dir / "final_eval.json").write_text('{"version": 4}')  # a resume in place sets it aside first
+    before = files_of(run_dir)
+    res = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(FAULT_ENTRY), "fail-start,rank=0", "train",
+                          "--resume", str(run_dir), "--steps", "8", "--no-progress"],
+                         capture_output=True, text=True, timeout=60, env=_env())
+    assert res.returncode == 1 and res.stderr.count("psadv: error:") == 1, res.stderr
+    assert files_of(run_dir) == before
+
+
 def test_a_resume_that_fails_to_start_puts_the_set_aside_line_back(tmp_path):
     from psadv.rundir import prepare
 

@@ -261,13 +261,20 @@ def test_a_final_eval_json_of_another_version_than_the_final_model_is_left_out(t
     for version in (40, 70):
         (killed / "checkpoints" / f"ckpt-{version:08d}.h5").write_bytes(b"")
     (killed / "final_eval.json").write_text(json.dumps({**grade, "version": 70}))
+    # resumed in place and killed before its own summary: the old summary (60) lags the checkpoints (80)
+    resumed = write_run(tmp_path / "resumed", rows=train_rows(10), summary={"version": 60, "examples_seen": 6000,
+                                                                             "elapsed": 6.0})
+    (resumed / "checkpoints").mkdir()
+    (resumed / "checkpoints" / "ckpt-00000080.h5").write_bytes(b"")
+    (resumed / "final_eval.json").write_text(json.dumps({**grade, "version": 80}))
     warnings = []
-    report = scaling_report([str(stale), str(killed)], tmp_path / "out", echo=warnings.append)
+    report = scaling_report([str(stale), str(killed), str(resumed)], tmp_path / "out", echo=warnings.append)
     described = {d["name"]: d for d in report["runs"]}
     left_out = "final_eval.json grades version 50, not the final model (version 60), and was left out"
     assert "final_eval" not in described["stale"] and any(left_out in p for p in described["stale"]["problems"])
     assert [w.split("; ")[0] for w in warnings] == [f"psadv: warning: stale: {left_out}"]
     assert described["killed"]["final_eval"]["robust_acc"]["value"] == 0.91
+    assert described["resumed"]["final_eval"]["robust_acc"]["value"] == 0.91
     assert "| stale | 98.00%" not in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -311,7 +318,8 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
 @pytest.mark.parametrize("train_args, workers, fragment", [
     (["--eps", "5"], [0], "--eps 5 exceeds 1"),
     (["--bogus-flag", "3"], [0, 1], "No such option '--bogus-flag'"),
-    (["--emulate-attackers", "2"], [0, 1], "--emulate-attackers and --emulate-staleness are for one process"),  # fine alone, not with attackers
+    (["--emulate-attackers", "2"], [0, 1], "--emulate-attackers and --emulate-staleness are for one process"),
+    (["--help"], [0], "--help is not a flag to train with"),  # fine alone, not with attackers
 ])
 def test_sweep_plan_refuses_train_flags_that_every_run_would_refuse(tmp_path, train_args, workers, fragment):
     with pytest.raises(UsageError, match=f"psadv train flags after --: {fragment}"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,9 @@ class EvalSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.p_init <= 1:
             raise ConfigError(f"p_init must be in (0, 1], got {self.p_init}")
+        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+            # an infinite step makes NaN images, which no model classifies: a bogus 0% robust
+            raise ConfigError(f"step size must be a finite number > 0, got {self.step_size}")
 
 
 class EvalAttack(abc.ABC):

@@ -130,14 +130,14 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
 
 
 def final_version(path: Path, summary: dict | None) -> int | None:
-    """The version of a run's final model: its summary's, else (no summary: killed, failed, still
-    running) its newest checkpoint's; None if it has neither."""
-    if summary is not None and "version" in summary:
-        return summary["version"]
-    from ..checkpoint import checkpoint_version, list_checkpoints  # torch: not for the reports of finished runs
+    """The version of a run's final model: the newer of its summary's and its newest checkpoint's
+    (a resume killed before its own summary leaves the old one behind); None if it has neither."""
+    from ..checkpoint import checkpoint_version, list_checkpoints
 
     versions = [checkpoint_version(c) for c in list_checkpoints(Path(path) / "checkpoints")]
-    return versions[-1] if versions else None
+    if summary is not None and isinstance(summary.get("version"), int):
+        versions.append(summary["version"])
+    return max(versions) if versions else None
 
 
 def final_eval_mismatch(final_eval: dict, version: int | None) -> str | None:

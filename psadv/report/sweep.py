@@ -137,6 +137,8 @@ def check_train_flags(train_cmd: list[str], attackers: int) -> None:
         params = dict(train.make_context("train", list(train_cmd)).params)
     except click.ClickException as exc:
         raise UsageError(f"psadv train flags after --: {exc.format_message()}") from None
+    except click.exceptions.Exit:  # --help printed train's help: a sweep of it would do nothing
+        raise UsageError("psadv train flags after --: --help is not a flag to train with") from None
     file_values = read_toml(params["config_file"]) if params.get("config_file") else {}
     overrides = {k: v for k, v in params.items() if k in FIELDS and v is not None}
     try:
@@ -187,8 +189,8 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                         cmd = (launcher_prefix(sweep.launcher, n + 1) + cmd + (["--push", push] if push else [])
                                + (["--max-staleness", str(S)] if S is not None else []))
                     flags = common + evaluation + (reference if n == 0 else []) + list(sweep.train_args)
-                    check_train_flags(flags + (["--push", push] if push else [])
-                                      + (["--max-staleness", str(S)] if S is not None else []), n)
+                    check_train_flags(flags + (["--push", push] if push and n else [])
+                                      + (["--max-staleness", str(S)] if S is not None and n else []), n)
                     cmd += flags
                 jobs.append({"name": name, "attackers": n, "push": push if n else None, "max_staleness": S,
                              "run_dir": str(run_dir), "cmd": cmd})
