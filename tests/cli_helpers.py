@@ -4,6 +4,12 @@ from click.testing import CliRunner
 
 from psadv.cli import cli
 
+# A 2-version run in seconds (conftest's tiny_run), and an evaluation of it in a second.
+TINY_TRAIN = ["--steps", "2", "--batch-size", "20", "--attack-steps", "1", "--eval-examples", "10", "--eval-steps",
+              "1", "--threads", "1", "--no-progress"]
+TINY_EVAL = ["--examples", "2", "--attack", "pgd", "--steps", "1", "--restarts", "1", "--threads", "1",
+             "--no-progress"]
+
 
 def invoke(*args):
     """Run ``psadv ARGS`` with click's test runner (arguments may be paths or numbers)."""

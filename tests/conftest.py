@@ -29,3 +29,14 @@ def mnist_model(mnist_dir):
         torch.nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
         opt.step()
     return model, torch.tensor(test.x[:300]), torch.tensor(test.y[:300])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist_dir) -> Path:
+    """A 2-version mnist-small run (``TINY_TRAIN``); tests copy it before they change anything."""
+    from cli_helpers import TINY_TRAIN, invoke
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run, *TINY_TRAIN)
+    assert result.exit_code == 0, result.stderr
+    return run

@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 
 import psadv
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import TINY_EVAL, TINY_TRAIN, assert_one_line_error, invoke
 from psadv.checkpoint import describe_checkpoint, find_checkpoint, load_checkpoint
 
-FAST = ["--steps", "2", "--batch-size", "20", "--attack-steps", "1", "--eval-examples", "10", "--eval-steps", "1",
-        "--threads", "1", "--no-progress"]
-EVAL = ["--examples", "2", "--attack", "pgd", "--steps", "1", "--restarts", "1", "--threads", "1", "--no-progress"]
+FAST, EVAL = TINY_TRAIN, TINY_EVAL
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, mnist_dir):
-    run_dir = tmp_path_factory.mktemp("damaged") / "run"
-    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, *FAST)
-    assert result.exit_code == 0, result.stderr
-    return run_dir
+def run(tiny_run):
+    return tiny_run
 
 
 def _json_attr(name, change):

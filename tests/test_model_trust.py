@@ -10,22 +10,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import psadv
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import TINY_EVAL, TINY_TRAIN, assert_one_line_error, invoke
 from psadv.checkpoint import IncompatibleCheckpoint, UntrustedFactory, find_checkpoint
 
-FAST = ["--steps", "2", "--batch-size", "20", "--attack-steps", "1", "--eval-examples", "10", "--eval-steps", "1",
-        "--threads", "1", "--no-progress"]
-EVAL = ["--examples", "2", "--attack", "pgd", "--steps", "1", "--restarts", "1", "--threads", "1", "--no-progress"]
+FAST, EVAL = TINY_TRAIN, TINY_EVAL
 MARKER_NET = "custom_models:marker_net"
 
 
 @pytest.fixture(scope="module")
-def registry_run(tmp_path_factory, mnist_dir):
+def registry_run(tiny_run):
     """A 2-version mnist-small run: its tensors fit the MnistSmall that custom_models:marker_net returns."""
-    run = tmp_path_factory.mktemp("trust") / "run"
-    result = invoke("train", "--data-dir", mnist_dir, "--run-dir", run, *FAST)
-    assert result.exit_code == 0, result.stderr
-    return run
+    return tiny_run
 
 
 def plant(checkpoint, path, name, args):
