@@ -8,6 +8,7 @@ import socket
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import psadv
 from cli_helpers import TINY_EVAL, TINY_TRAIN, assert_one_line_error, invoke
@@ -156,3 +157,16 @@ def test_permission_denied_checkpoint(run, tmp_path, monkeypatch):
         result = invoke(command, path)
         assert_one_line_error(result, 1, f"cannot read checkpoint {path}: Permission denied")
         assert "corrupted" not in result.stderr
+
+
+def test_a_device_failure_while_restoring_is_not_called_damage():
+    from psadv.checkpoint import restoring
+
+    with pytest.raises(psadv.CheckpointError, match="corrupted or incompatible: size mismatch"):
+        with restoring("ckpt.h5"):
+            raise RuntimeError("Error(s) in loading state_dict:\n size mismatch")
+    for failure in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: device-side assert"),
+                    AttributeError("psadv's own mistake")):
+        with pytest.raises(type(failure)):
+            with restoring("ckpt.h5"):
+                raise failure

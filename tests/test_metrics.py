@@ -39,3 +39,11 @@ def test_the_report_reads_only_declared_fields():
 
     for kind, fields in ROW_FIELDS.items():
         assert set(fields) <= SCHEMA[kind].required, kind
+
+
+def test_well_typed_bounds_the_axes_and_keeps_a_diverging_loss():
+    row = {"kind": "train", "version": 5, "time": 1.5, "wall": 1.8e9, "attack": "PGD-5"}
+    assert well_typed(row) and well_typed({**row, "loss": 1e20})  # a diverging run's rows stay readable
+    for bad in ({"version": "5"}, {"version": -1}, {"version": 1.5}, {"time": 1e308}, {"loss": 1e300},
+                {"eps": "0.3"}):
+        assert not well_typed({**row, **bad}), bad
