@@ -52,7 +52,10 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
                           "for psadv.train")
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other")
-    setup = resolve_run(values, resume=str(resume) if resume else None, overwrite=overwrite)
+    # A Config holds every field; the options it chose are those away from their defaults.
+    given = ({name for name, f in FIELDS.items() if getattr(config, name) != f.default} | {
+        k.replace("-", "_") for k in overrides}) if isinstance(config, Config) else None
+    setup = resolve_run(values, resume=str(resume) if resume else None, overwrite=overwrite, given=given)
     summary = train_single(setup, show_progress=progress)
     return {**summary, "run_dir": str(setup.run_dir)}
 

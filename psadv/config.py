@@ -383,6 +383,36 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+BUDGETS = ("steps", "epochs", "time_budget")
+
+
+def check_given(cfg: Config, given: set[str]) -> None:
+    """Refuse an option the user gave (``given``: command line, TOML file or ``psadv.train``) that the
+    rest of ``cfg`` makes meaningless: it would be silently ignored, and the run would do less than
+    its config.json says. ConfigError, one line, naming both options. Recipe values and defaults are
+    never refused (they are not the user's choice)."""
+    from .attacks import ATTACKS
+
+    kind = ATTACKS[cfg.attack]
+    attacking = cfg.attack != "none" and cfg.eps > 0
+    steps_text = f"{kind.fixed_steps} step{'s' if kind.fixed_steps != 1 else ''}"
+    rules = {  # option: (meaningful here?, why not)
+        "momentum": (cfg.optimizer == "sgd", f"is SGD's; --optimizer {cfg.optimizer} has none"),
+        "attack_steps": (kind.fixed_steps is None, f"is PGD's; --attack {cfg.attack} always takes {steps_text}"),
+        "attack_step_ratio": (attacking, "needs a training attack (--attack other than none, --eps > 0)"),
+        "attack_restarts": (attacking and kind.random_start,
+                            f"needs a training attack with a random start; --attack {cfg.attack} has none"),
+        "refine_step_ratio": (cfg.refine_steps > 0, "sizes --refine-steps, which is 0 here"),
+        "lr_damping": (cfg.push == "gradients" or not cfg.lr_damping, "is for --push gradients"),
+    }
+    for name, (meaningful, why) in rules.items():
+        if name in given and not meaningful:
+            raise ConfigError(f"--{name.replace('_', '-')} {why}: leave it out")
+    if given & set(BUDGETS) and not any(getattr(cfg, name) for name in BUDGETS):
+        raise ConfigError("--steps, --epochs and --time-budget are all 0, which leaves the run no budget: give "
+                          "one of them > 0, or none for the default of 10 epochs")
+
+
 def read_toml(path: str | Path) -> dict:
     """Config values from a TOML file (flat keys; dashes or underscores); unknown keys are errors."""
     path = Path(path)
@@ -421,10 +451,12 @@ def check_recorded(values: dict, required: tuple[str, ...]) -> None:
                                   f"(it knows {', '.join(choices)})")
 
 
-def make_config(*layers: dict, source: str = "", attackers: int = 0) -> Config:
+def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None) -> Config:
     """Defaults, overridden by each layer in turn (e.g. file values, then command-line values).
 
     ``attackers``: the MPI job's attackers (0 in one process), for the defaults that depend on them.
+    ``given``: the options the user chose, checked by :func:`check_given` (default: every layer's
+    keys; a resume passes only what was asked this time, not the checkpoint's config).
     """
     merged: dict = {}
     for layer in layers:
@@ -441,4 +473,6 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0) -> Config:
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
     if merged.get("time_budget") and not merged.get("target_robust_acc"):
         merged.setdefault("eval_every", 0)  # the budget buys training, not monitoring (see Config.eval_every)
-    return validate(Config(**merged))
+    cfg = validate(Config(**merged))
+    check_given(cfg, {name for layer in layers for name in layer} if given is None else set(given))
+    return cfg

@@ -125,7 +125,8 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
-                overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0) -> RunSetup:
+                overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0,
+                given=None) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
@@ -134,7 +135,9 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     to run (:func:`psadv.checkpoint.check_trusted`). ``prepare_dir=False`` resolves without
     touching the disk (MPI attackers, and the server until every rank has checked its inputs: it
     calls :func:`open_run_dir` then).
-    ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`.
+    ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`. ``given``: the
+    options the user chose (default: the keys of ``overrides`` and ``file_values``), which
+    :func:`psadv.config.check_given` refuses where the rest of the config ignores them.
     """
     file_values = file_values or {}
     asked = {**file_values, **overrides}
@@ -154,7 +157,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
                                          f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
-    cfg = make_config(base, file_values, overrides, attackers=attackers)
+    cfg = make_config(base, file_values, overrides, attackers=attackers, given=asked if given is None else given)
     if checkpoint is not None:
         check_continuable(checkpoint, cfg)
     if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
@@ -731,6 +734,7 @@ def adversary_line(cfg: Config) -> str:
     if cfg.attack == "pgd" and cfg.attack_steps_schedule:
         name = f"PGD (steps {cfg.attack_steps_schedule})"
     text = f"adversary: {name} {cfg.norm} eps={cfg.eps:g}"
+    text += f" step={cfg.attack_step_ratio:g}ε" if cfg.attack_step_ratio else ""  # else the attack's published step
     if cfg.attack_restarts > 1:
         text += f" x{cfg.attack_restarts} restarts"
     text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""

@@ -11,6 +11,12 @@ TINY_EVAL = ["--examples", "2", "--attack", "pgd", "--steps", "1", "--restarts",
              "--no-progress"]
 
 
+def without(flags, option):
+    """``flags`` less ``option`` and its value (psadv refuses ``--attack-steps`` with another attack than PGD)."""
+    i = flags.index(option)
+    return [*flags[:i], *flags[i + 2:]]
+
+
 def invoke(*args):
     """Run ``psadv ARGS`` with click's test runner (arguments may be paths or numbers)."""
     return CliRunner().invoke(cli, [str(a) for a in args])

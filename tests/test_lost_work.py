@@ -25,7 +25,7 @@ from psadv.training import resolve_run, train_single
 from test_mpi import (FAULT_ENTRY, MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, signal_at_version, summary,
                       wait_for)
 
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import assert_one_line_error, invoke, without
 
 SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=0, log_every=5, threads=1)
 CLI_SMALL = ["--batch-size", "50", "--attack-steps", "2", "--eval-examples", "100", "--eval-steps", "2",
@@ -38,8 +38,9 @@ def run(tmp_path, mnist_dir, name="run", resume=None, **options):
 
 
 def psadv_train(mnist_dir, run_dir, *args) -> list[str]:
+    small = without(CLI_SMALL, "--attack-steps") if "--attack" in args else CLI_SMALL
     return [sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir), "--run-dir", str(run_dir),
-            *CLI_SMALL, *args]
+            *small, *args]
 
 
 def strict_json_lines(path: Path) -> list[dict]:

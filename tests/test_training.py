@@ -21,6 +21,8 @@ SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eva
 
 def run(tmp_path, mnist_dir, name="run", resume=None, overwrite=False, **options):
     recipe = {} if resume else SMALL  # a resumed run takes its recipe from the checkpoint
+    if options.get("attack", "pgd") != "pgd":  # --attack-steps is PGD's, refused with another attack
+        recipe = {k: v for k, v in recipe.items() if k != "attack_steps"}
     overrides = {**recipe, "data_dir": str(mnist_dir), "run_dir": str(tmp_path / name), **options}
     setup = resolve_run(overrides, resume=resume, overwrite=overwrite)
     return train_single(setup, show_progress=False)
@@ -334,6 +336,8 @@ def test_the_start_up_line_names_the_adversary():
     assert adversary_line(make_config({})) == "adversary: PGD-5 linf eps=0.3"
     assert adversary_line(make_config({"attack": "fgsm-rs", "reuse_perturbations": True})) == \
         "adversary: FGSM-RS linf eps=0.3, reused perturbations"
+    assert adversary_line(make_config({"attack": "fgsm-rs", "attack_step_ratio": 1.0})) == \
+        "adversary: FGSM-RS linf eps=0.3 step=1ε"  # a step other than the attack's published one is named
     assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
         "adversary: PGD (steps 2,5@0.5) linf eps=0.3 x2 restarts"
     assert adversary_line(make_config({"dataset": "fashion-mnist"})) == "adversary: PGD-10 linf eps=0.1"
@@ -390,10 +394,38 @@ def test_config_layers_and_unknown_keys(tmp_path):
     ({"eps": 0.0, "reuse_perturbations": True}, "--reuse-perturbations needs a training attack"),
     ({"attack": "fgsm", "attack_steps_schedule": "2,5@0.3"}, "is for --attack pgd"),
     ({"target_robust_acc": 0.9, "eval_every": 0}, "--target-robust-acc needs periodic evaluation"),
+    # given, and ignored by the rest of the config
+    ({"optimizer": "adam", "momentum": 0.5}, "--momentum is SGD's; --optimizer adam has none"),
+    ({"attack": "fgsm", "attack_steps": 7}, "--attack-steps is PGD's; --attack fgsm always takes 1 step:"),
+    ({"attack": "none", "attack_steps": 7}, "--attack none always takes 0 steps"),
+    ({"eps": 0.0, "attack_step_ratio": 1.0}, "--attack-step-ratio needs a training attack"),
+    ({"attack": "fgsm", "attack_restarts": 3}, "--attack-restarts needs .* random start; --attack fgsm has none"),
+    ({"refine_steps": 0, "refine_step_ratio": 1.0}, "--refine-step-ratio sizes --refine-steps, which is 0"),
+    ({"lr_damping": True}, "--lr-damping is for --push gradients"),
+    ({"steps": 0, "epochs": 0.0}, "all 0, which leaves the run no budget"),
 ])
 def test_config_validation(values, message):
     with pytest.raises(ConfigError, match=message):
         make_config(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"optimizer": "sgd", "momentum": 0.5}, {"attack": "pgd", "attack_steps": 7},
+    {"attack": "fgsm-rs", "attack_restarts": 2}, {"push": "gradients", "lr_damping": True},
+    {"lr_damping": False}, {"time_budget": 30.0, "epochs": 0.0},
+    {"dataset": "cifar10"},  # its recipe's momentum comes with its SGD
+    {"dataset": "fashion-mnist", "attack": "fgsm-rs"},  # the recipe's PGD-10 is not the user's
+])
+def test_options_the_config_uses_and_recipe_values_are_not_refused(values):
+    make_config(values)
+
+
+def test_a_resume_is_refused_only_what_it_asks(mnist_dir, tmp_path):
+    run(tmp_path, mnist_dir, "a", steps=2, attack="fgsm")
+    # the checkpoint's config holds attack_steps and momentum; asking nothing new is fine
+    assert resolve_run({}, resume=str(tmp_path / "a"), prepare_dir=False).cfg.attack == "fgsm"
+    with pytest.raises(ConfigError, match="--attack-steps is PGD's"):
+        resolve_run({"attack_steps": 7}, resume=str(tmp_path / "a"), prepare_dir=False)
 
 
 def test_model_and_dataset_shapes_must_fit_and_the_error_names_models_that_do():
