@@ -338,6 +338,13 @@ def check_eps(eps: float, norm: str, pixels: int | None, option: str = "--eps") 
                           "L2 distance between two images of this dataset")
 
 
+def check_device(spec: str) -> None:
+    """The devices psadv runs on, by name (whether this machine has them is
+    :func:`psadv.devices.pick_device`'s question); ConfigError, one line, otherwise."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value against its field's choices and range; ConfigError on the first bad one."""
     for name, f in FIELDS.items():
@@ -370,8 +377,7 @@ def validate(cfg: Config) -> Config:
     if cfg.reuse_perturbations and cfg.augment != "none":
         # a remembered perturbation belongs to the crop and flip it was made for
         raise ConfigError("--reuse-perturbations needs --augment none (a perturbation fits only the view it was made for)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_device(cfg.device)
     # Options that another one makes meaningless: refused, so a run never silently does less than
     # its config.json says.
     if cfg.reuse_perturbations and (cfg.attack == "none" or cfg.eps == 0):

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .config import check_device
 from .errors import ConfigError
 
 
@@ -13,16 +14,12 @@ def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: GPU ``local_rank % n_gpus`` when CUDA is present, else the CPU; or an explicit device.
 
     On a GPU, cuDNN is made deterministic (:func:`deterministic_cudnn`)."""
+    check_device(spec)
     if spec == "auto":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         device = torch.device(f"cuda:{local_rank % n}") if n else torch.device("cpu")
     else:
-        try:
-            device = torch.device(spec)
-        except (RuntimeError, ValueError, TypeError):
-            raise ConfigError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {spec}: psadv runs on auto, cpu, cuda or cuda:N")
+        device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {spec}: CUDA is not available on this machine")

@@ -169,8 +169,8 @@ def test_usage_errors(tmp_path, mnist_dir, args, fragment):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--step-size", "inf"], "not a finite number"),  # an infinite step made NaN images and a bogus 0%
-    (["--device", "bogus"], "--device bogus: not a device"),
-    (["--device", "meta"], "--device meta: psadv runs on"),
+    (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--seed", str(2**31)], "--seed"),
     (["--threads", str(10**12)], "--threads"),
     (["--attack", "apgd-t", "--targets", "10"], "'--targets': 10 target classes, but a model of 10 classes has 9"),
