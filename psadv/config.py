@@ -395,7 +395,7 @@ BUDGETS = ("steps", "epochs", "time_budget")
 def check_given(cfg: Config, given: set[str]) -> None:
     """Refuse an option the user gave (``given``: command line, TOML file or ``psadv.train``) that the
     rest of ``cfg`` makes meaningless: it would be silently ignored, and the run would do less than
-    its config.json says. ConfigError, one line, naming both options. Recipe values and defaults are
+    its config.json says. ConfigError, one line, naming the option and why. Recipe values and defaults are
     never refused (they are not the user's choice)."""
     from .attacks import ATTACKS
 
