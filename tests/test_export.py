@@ -213,6 +213,15 @@ def test_api_train_errors_raise(tmp_path, mnist_dir):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_config_object_counts_as_chosen_what_differs_from_the_defaults(tmp_path, mnist_dir):
+    # Config(momentum=...) with its default Adam: refused, as --momentum would be; the default 0.9 is not chosen
+    with pytest.raises(psadv.ConfigError, match="--momentum is SGD's"):
+        psadv.train(psadv.Config(data_dir=str(mnist_dir), momentum=0.5), run_dir=str(tmp_path / "r"))
+    with pytest.raises(psadv.ConfigError, match="--attack-steps is PGD's"):
+        psadv.train(psadv.Config(data_dir=str(mnist_dir), attack="fgsm"), run_dir=str(tmp_path / "r"), attack_steps=3)
+    assert not (tmp_path / "r").exists()
+
+
 def test_api_train_resumes(run, tmp_path):
     summary = psadv.train(resume=run, run_dir=str(tmp_path / "branch"), steps=8)
     assert summary["version"] == 8 and summary["run_dir"] == str(tmp_path / "branch")

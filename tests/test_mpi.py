@@ -340,7 +340,8 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
     pushes of gradients: each attacker adds the penalty to the loss it differentiates."""
     run = tmp_path / push
     res = run_job(3, mnist_dir, run, "--steps", "10", "--push", push, "--attack", "fgsm", "--grad-align", "0.5",
-                  "--eps-ramp", "0", "--refine-steps", "0", *without(SMALL, "--attack-steps"), fault=f"count-grad-align,rank={rank}")
+                  "--eps-ramp", "0", "--refine-steps", "0", *without(SMALL, "--attack-steps"),
+                  fault=f"count-grad-align,rank={rank}")
     assert res.returncode == 0, res.stderr
     assert "GradAlign λ=0.5" in res.stderr or "GradAlign λ=0.5" in res.stdout
     penalties = int(re.search(rf"rank {rank}: GradAlign penalties (\d+)", res.stderr).group(1))
