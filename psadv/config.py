@@ -99,7 +99,8 @@ class Config:
     weight_decay: float = opt(0.0, "weight decay", min=0.0)
     batch_size: int = opt(100, "examples per optimizer step (and per attacker push)", min=1)
     # Averaging the weights along the way (Polyak; Gowal et al. 2020 for robust training) smooths
-    # out the last steps' noise; the average is what the run delivers (psadv.averaging).
+    # out the last steps' noise; the average is what the run delivers (psadv.averaging). Early on
+    # the decay is capped, so a short run averages about its last ninth, whatever the decay.
     ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights, which evaluation, "
                            "the checkpoints' model, psadv eval and export use (0 = off: the last weights)",
                            min=0.0)
