@@ -174,6 +174,16 @@ class Config:
     max_in_flight: int = opt(1, "pushes an attacker may have in flight (more: throughput, and staleness)",
                              min=1)
     lr_damping: bool = opt(False, "gradients mode: scale the learning rate by 1/max(1, staleness)")
+    # N attackers make each gradient push about N versions stale; averaging K accepted pushes into
+    # one optimizer step makes it about N/K steps stale, and divides the server's optimizer work per
+    # push by K, which is what lets one server keep up with many attackers (results/attackers-recipe.toml).
+    accumulate: int = opt(1, "gradients mode: accepted pushes averaged into one optimizer step (a K times "
+                          "larger effective batch)", min=1)
+    # DC-ASGD's first-order correction of a stale gradient, g + λ·g⊙g⊙(w_now − w_then)/√v (Zheng et
+    # al. 2017, adaptive form with Adam's v): cheap elementwise work on the server, which keeps the
+    # parameters of the versions it sent (design/staleness.md).
+    delay_compensation: float = opt(0.0, "gradients mode: λ of delay compensation (DC-ASGD), which corrects a "
+                                    "stale gradient for the weights it is applied to (0 = off)", min=0.0)
     wire_dtype: str = opt("float32", "dtype of adversarial examples on the wire", choices=("float32", "float16"))
 
     # --- run -----------------------------------------------------------------------------------
@@ -411,6 +421,8 @@ def check_given(cfg: Config, given: set[str]) -> None:
                             f"needs a training attack with a random start; --attack {cfg.attack} has none"),
         "refine_step_ratio": (cfg.refine_steps > 0, "sizes --refine-steps, which is 0 here"),
         "lr_damping": (cfg.push == "gradients" or not cfg.lr_damping, "is for --push gradients"),
+        "accumulate": (cfg.push == "gradients" or cfg.accumulate == 1, "is for --push gradients"),
+        "delay_compensation": (cfg.push == "gradients" or not cfg.delay_compensation, "is for --push gradients"),
     }
     for name, (meaningful, why) in rules.items():
         if name in given and not meaningful:

@@ -106,14 +106,19 @@ class Emulation:
     """``--emulate-attackers N`` in the single-process trainer.
 
     Each batch is attacked with the snapshot of the version its virtual attacker computes with,
-    judged by the MPI server's own :class:`~psadv.staleness.StalenessPolicy` (examples mode), and
-    trained on when applied. A rejected push costs no attack here (nothing would use it), so an
-    emulated run costs one attack per applied batch, like a plain single-process run.
+    judged by the MPI server's own :class:`~psadv.staleness.StalenessPolicy`, and trained on when
+    applied. A rejected push costs no attack here (nothing would use it), so an emulated run costs
+    one attack per applied batch, like a plain single-process run. With ``--push gradients`` the
+    gradient is computed on that snapshot too, as a real attacker does, and applied by the server's
+    own :class:`~psadv.gradpush.GradientPushes` (delay compensation against the snapshot,
+    ``--accumulate``).
     """
 
     def __init__(self, cfg, model: torch.nn.Module, attack_model: torch.nn.Module, version: int):
         self.schedule = VirtualAttackers(cfg.emulate_attackers, cfg.refresh_every, start=version)
-        self.policy = StalenessPolicy("examples", cfg.max_staleness, cfg.emulate_attackers)
+        self.mode = "gradients" if cfg.push == "gradients" else "examples"
+        self.policy = StalenessPolicy(self.mode, cfg.max_staleness, cfg.emulate_attackers, lr_damping=cfg.lr_damping)
+        self.lr_scale = 1.0  # the policy's lr scale for the push in hand (gradients with --lr-damping)
         self.model, self.attack_model = model, attack_model
         self.store = SnapshotStore()
         self.store.take(version, flat_state(model))
@@ -133,15 +138,19 @@ class Emulation:
             self.rejected_window += 1
             self.schedule.judged(push, version, applied=False)
             self.store.take(version, flat_state(self.model))
-        self.push, self.push_tau = push, verdict.tau
+        self.push, self.push_tau, self.lr_scale = push, verdict.tau, verdict.lr_scale
         self.window.append(verdict.tau)
         if self.loaded != push.version:
             load_flat_state_(self.attack_model, self.store.get(push.version))
             self.loaded = push.version
         return self.attack_model
 
+    def snapshot_of_push(self):
+        """The flat parameters the push in hand was computed with."""
+        return self.store.get(self.push.version)
+
     def applied(self, version: int) -> None:
-        """The trainer stepped on the push: version ``version`` now exists."""
+        """The trainer used the push (stepped on it, or accumulated it): the server is at ``version``."""
         self.schedule.judged(self.push, version, applied=True)
         if version % self.schedule.refresh_every == 0:
             self.store.take(version, flat_state(self.model))

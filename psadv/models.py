@@ -257,6 +257,17 @@ def flat_state(model: nn.Module) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in float_state(model)])
 
 
+def param_views(model: nn.Module, vector: torch.Tensor) -> list[torch.Tensor]:
+    """The slices of a :func:`flat_state` vector that hold ``model.parameters()``, in that order and
+    shaped like them (views: no copy), for arithmetic on parameters kept as flat snapshots."""
+    offsets, offset = {}, 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point():
+            offsets.setdefault(id(t), offset)
+            offset += t.numel()
+    return [vector[offsets[id(p)]:offsets[id(p)] + p.numel()].view_as(p) for p in model.parameters()]
+
+
 @torch.no_grad()
 def load_flat_state_(model: nn.Module, vector: torch.Tensor) -> None:
     """Copy a vector made by :func:`flat_state` (of the same architecture) into ``model``."""

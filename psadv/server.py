@@ -40,6 +40,7 @@ from .attacks import refine
 from .checkpoint import restoring
 from .data import dataset_info
 from .errors import PsadvError
+from .gradpush import GradientPushes
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, SignalFlag, World
 from .schedules import refine_attack
@@ -87,6 +88,8 @@ class Server:
         self._flat_cache: tuple[int, np.ndarray] | None = None
         self.done: set[int] = set()
         self.policy = StalenessPolicy(self.mode, cfg.max_staleness, len(self.attackers), lr_damping=cfg.lr_damping)
+        self.gradients = GradientPushes(trainer, accumulate=cfg.accumulate, delay_compensation=cfg.delay_compensation,
+                                        keep_versions=cfg.max_staleness) if self.mode == "gradients" else None
         # Counters that survive a resume (checkpoint state "mpi", with the policy's totals).
         self.totals = {"pushes": 0, "rejected_invalid": 0, "drained": 0, "push_bytes": 0, "param_bytes": 0,
                        "examples_received": 0}
@@ -118,6 +121,8 @@ class Server:
         version = self.trainer.version
         if self._flat_cache is None or self._flat_cache[0] != version:
             self._flat_cache = (version, flat_state(self.trainer.model).cpu().numpy())
+            if self.gradients is not None:  # delay compensation needs the weights each push was made with
+                self.gradients.sent(version, self._flat_cache[1])
         return self._flat_cache[1]
 
     def send_params(self, rank: int) -> None:
@@ -226,8 +231,8 @@ class Server:
         self._note_batch(wire.get_float(h, wire.LOSS), wire.get_float(h, wire.ACCURACY),
                          None if math.isnan(penalty) else penalty)
         if self.mode == "gradients":
-            trainer.apply_gradients(*self.layout.split(torch.from_numpy(self.layout.values(msg))), count,
-                                    lr_scale=verdict.lr_scale)
+            grads, buffers = self.layout.split(torch.from_numpy(self.layout.values(msg)))
+            return self.gradients.apply(grads, buffers, count, int(h[wire.VERSION]), verdict.lr_scale)
         else:  # the receive buffer goes back to the pool: the policy keeps a copy until the round is complete
             step = self.policy.add_sync(src, torch.from_numpy(self.layout.values(msg)).clone(), count)
             if step is None:

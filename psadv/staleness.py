@@ -10,6 +10,12 @@ object:
 * ``sync``: every attacker computes on the same version, so only τ = 0 is accepted; one gradient
   per attacker is summed and, once all have arrived, averaged into one step.
 
+Two pure helpers for gradient pushes live here too, so that the server and the emulator apply a
+stale gradient the same way: :class:`GradientAccumulator` (``--accumulate K``: K accepted pushes
+averaged into one optimizer step, which divides the server's optimizer work per push by K and the
+staleness in versions of N attackers by about K) and :func:`delay_compensate` (``--delay-compensation
+λ``: DC-ASGD's first-order correction of a gradient computed at older weights).
+
 It keeps the staleness histogram and the totals that survive a resume: the checkpoint's ``mpi``
 state (``applied``, ``rejected_stale``, ``staleness_sum``, ``staleness_max``) and its
 ``staleness_hist`` extra array.
@@ -120,3 +126,53 @@ def window_stats(taus: list[int]) -> dict:
     """Mean and max staleness of the pushes applied in one metrics window (None when there were none)."""
     return {"staleness_mean": round(float(np.mean(taus)), 3) if taus else None,
             "staleness_max": int(max(taus)) if taus else None}
+
+
+class GradientAccumulator:
+    """``--accumulate K``: sum K accepted gradient pushes, then one step on their mean.
+
+    :meth:`add` copies what it is given (a receive buffer goes back to the pool right after), and
+    returns ``(mean gradients, buffers of the last push, examples, mean lr scale)`` once K have
+    arrived, else None. With K = 1 every push is one step, as before.
+    """
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"need k >= 1, not {k}")
+        self.k = k
+        self.sum: list | None = None
+        self.count = self.examples = 0
+        self.lr_scale = 0.0
+
+    def add(self, grads: list, buffers: list, examples: int, lr_scale: float = 1.0):
+        if self.sum is None:
+            self.sum = [g.clone() for g in grads]
+        else:
+            for total, g in zip(self.sum, grads):
+                total.add_(g)
+        self.count += 1
+        self.examples += examples
+        self.lr_scale += lr_scale
+        if self.count < self.k:
+            return None
+        step = ([total / self.k for total in self.sum], [b.clone() for b in buffers], self.examples,
+                self.lr_scale / self.k)
+        self.sum, self.count, self.examples, self.lr_scale = None, 0, 0, 0.0
+        return step
+
+
+def delay_compensate(grads: list, now: list, then: list, lam: float, second_moments: list | None = None) -> list:
+    """DC-ASGD's correction of gradients computed at the weights ``then`` for use at ``now``.
+
+    g(now) ≈ g(then) + H·(now − then), with the Hessian H approximated by λ·g⊙g (Zheng et al., 2017,
+    "Asynchronous SGD with delay compensation"). With ``second_moments`` (Adam's bias-corrected
+    moving mean of g², one tensor or None per parameter) λ is scaled by 1/√v per coordinate, the
+    paper's adaptive variant, so one λ suits any gradient scale. Pure: new tensors, inputs untouched.
+    """
+    out = []
+    for i, (g, w, w0) in enumerate(zip(grads, now, then)):
+        h = g * g
+        if second_moments is not None and second_moments[i] is not None:
+            h = h / (second_moments[i].sqrt() + 1e-8)
+        out.append(g + lam * h * (w - w0))
+    return out

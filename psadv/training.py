@@ -35,6 +35,7 @@ from .devices import auto_precision, autocast, pick_device, precision_warning, s
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .gradalign import training_loss
+from .gradpush import GradientPushes
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, is_factory_ref, load_flat_state_, model_args_for
 from .trackers import check_installed, open_sinks
@@ -402,6 +403,21 @@ class Trainer:
         self.optimizer.step()
         return self._advance(examples, lr, None, None)
 
+    def second_moments(self) -> list[torch.Tensor | None] | None:
+        """Adam's bias-corrected moving mean of g² per parameter (None before its first step), for
+        delay compensation's adaptive λ; None for an optimizer without one (SGD)."""
+        if not isinstance(self.optimizer, torch.optim.Adam):
+            return None
+        beta2 = self.optimizer.param_groups[0]["betas"][1]
+        out = []
+        for p in self.model.parameters():
+            state = self.optimizer.state.get(p) or {}
+            if "exp_avg_sq" not in state:
+                out.append(None)
+                continue
+            out.append(state["exp_avg_sq"] / (1 - beta2 ** float(state["step"])))
+        return out
+
     def diverged(self, what: str) -> TrainingDiverged:
         latest = self.manager.latest()
         kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written"
@@ -600,6 +616,9 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                         if separate else trainer.model)
         emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
                      else None)
+        gradient_pushes = (GradientPushes(trainer, accumulate=cfg.accumulate, delay_compensation=cfg.delay_compensation,
+                                          keep_versions=cfg.max_staleness)
+                           if emulation is not None and emulation.mode == "gradients" else None)
         if ckpt is not None:
             with restoring(ckpt.path):
                 if ckpt.rng:
@@ -645,7 +664,10 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 with trainer.autocast():
                     x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
                                                                                   cfg.refine_step_ratio), start=x_adv)
-            out = trainer.step(x_adv, y, clean=x)
+            if gradient_pushes is not None:  # the virtual attacker's gradient, applied as the server would
+                out = _emulated_gradient_push(trainer, attack_model, emulation, gradient_pushes, x_adv, y, x, attack)
+            else:
+                out = trainer.step(x_adv, y, clean=x)
             if emulation:
                 emulation.applied(trainer.version)
             window["examples"] += len(y)
@@ -654,6 +676,9 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             window["n"] += 1
             if out["grad_align"] is not None:
                 window["align"].append(out["grad_align"])
+            if not out.get("advanced", True):  # --accumulate: a push taken in, no new version yet
+                reason = stop_reason()
+                continue
             bar.advanced()
 
             if trainer.due(cfg.log_every):
@@ -679,6 +704,27 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
     except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
         trainer.close()
         raise
+
+
+def _emulated_gradient_push(trainer: Trainer, attack_model: torch.nn.Module, emulation: Emulation,
+                            pushes: GradientPushes, x_adv: torch.Tensor, y: torch.Tensor, clean: torch.Tensor,
+                            attack) -> dict:
+    """What an attacker of ``--push gradients`` computes (psadv.attacker), on the emulated attacker's
+    snapshot, then the server's use of it; the batch's loss and accuracy are the attacker's."""
+    cfg = trainer.cfg
+    attack_model.train()
+    with trainer.autocast():
+        loss, logits, penalty = training_loss(attack_model, x_adv, y, clean=clean, weight=cfg.grad_align,
+                                              eps=attack.eps, norm=attack.norm)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise trainer.diverged(f"the training loss is {loss_value}")
+    grads = torch.autograd.grad(loss, list(attack_model.parameters()))
+    pushes.sent(emulation.push.version, emulation.snapshot_of_push())
+    advanced = pushes.apply([g.float() for g in grads], [b.detach().float() for b in float_buffers(attack_model)],
+                            len(y), emulation.push.version, emulation.lr_scale)
+    return {"loss": loss_value, "acc": (logits.argmax(1) == y).float().mean().item(), "advanced": advanced,
+            "grad_align": None if penalty is None else penalty.item(), "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
 def _window(start: float | None = None) -> dict:
