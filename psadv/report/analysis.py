@@ -4,8 +4,9 @@ Pure functions of loaded runs (:class:`~psadv.report.runs.Run`). Each number is 
 ``{"value": …, "kind": "measured" | "predicted", "from": "…"}``: *measured* numbers come from the
 run directories (metrics rows and summary.json), *predicted* ones from the bottleneck model below.
 
-**The bottleneck model.** Per model version the server is busy c_s seconds (``server_seconds.busy``
-/ versions applied in the session: receiving, validating, the optimizer step); an attacker needs
+**The bottleneck model.** Per push it applies the server is busy c_s seconds (``server_seconds.busy``
+/ pushes applied in the session: receiving, validating, the optimizer step; one push is one version,
+except with ``--push gradients --accumulate K``, where K pushes make one version); an attacker needs
 c_a seconds per batch (``attacker_compute_seconds`` / batches it produced). With n attackers the
 attackers offer n / c_a batches/s and the server can apply at most 1 / c_s, so
 
@@ -143,10 +144,12 @@ def costs(run: Run) -> dict:
         return {}
     out = {}
     versions = s["version"] - _session_start_version(run)
+    k = applied_per_version(run.config)
     busy = s["server_seconds"].get("busy")
     if versions > 0 and busy is not None:
-        out["c_s"] = measured(_round(busy / versions, 6),
-                              f"summary.json server_seconds.busy {busy}s / {versions} versions of the last session")
+        per = f"{versions} versions" if k == 1 else f"({versions} versions × {k} pushes each)"
+        out["c_s"] = measured(_round(busy / (versions * k), 6),
+                              f"summary.json server_seconds.busy {busy}s / {per} of the last session")
     produced = sum(s.get("produced_examples", {}).values())
     compute = sum(s.get("attacker_compute_seconds", {}).values())
     if produced and run.batch_size:
@@ -162,6 +165,11 @@ def costs(run: Run) -> dict:
         out["n_star"] = predicted(_round(out["c_a"]["value"] / out["c_s"]["value"], 2),
                                   f"c_a / c_s of {run.name}")
     return out
+
+
+def applied_per_version(config: dict) -> int:
+    """Applied pushes per model version: ``--accumulate`` K with pushes of gradients, else one."""
+    return int(config.get("accumulate", 1) or 1) if config.get("push") == "gradients" else 1
 
 
 def staleness_of(run: Run) -> dict:
@@ -328,14 +336,19 @@ def versions_to_target(run: Run, target: float) -> int | None:
 
 
 def staleness_method(config: dict) -> tuple:
-    """What a run does against staleness: (--refine-steps, --refine-step-ratio, --reuse-perturbations)."""
+    """What a run does against staleness: (--refine-steps, --refine-step-ratio, --reuse-perturbations,
+    push mode, --accumulate, --delay-compensation)."""
+    gradients = config.get("push") == "gradients"
     return (int(config.get("refine_steps", 0) or 0), float(config.get("refine_step_ratio", 0) or 0),
-            bool(config.get("reuse_perturbations")))
+            bool(config.get("reuse_perturbations")), "gradients" if gradients else "examples",
+            applied_per_version(config), float(config.get("delay_compensation", 0) or 0) if gradients else 0.0)
 
 
 def method_label(method: tuple) -> str:
-    refine, ratio, reuse = method
+    refine, ratio, reuse, push, k, dc = method
     parts = ([f"refine {refine}" + (f" × {ratio:g}ε" if ratio else "")] if refine else []) + (["reuse"] if reuse else [])
+    if push == "gradients":
+        parts = ["gradients"] + ([f"accumulate {k}"] if k > 1 else []) + ([f"DC λ={dc:g}"] if dc else []) + parts
     return " + ".join(parts) or "none"
 
 
@@ -359,13 +372,13 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
     if not emulated:
         return None
     by_name = {r.name: r for r in runs}
-    models = [g["model"] for g in groups if g.get("model") and g["push"] == "examples"]
+    fitted = [g["model"] for g in groups if g.get("model") and g["push"] in ("examples", "gradients")]
+
+    def method_of(model):  # the staleness method of the MPI run a model was fitted on
+        return staleness_method(by_name[model["fitted_on"]].config)
 
     def refinement(model):  # (steps, step ratio) of the MPI run a model was fitted on
-        return staleness_method(by_name[model["fitted_on"]].config)[:2]
-
-    # a run with refinement measures a server doing more than c_s: it prices only its own method
-    model = next((m for m in models if refinement(m)[0] == 0), None)
+        return method_of(model)[:2]
     plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
              and not r.config.get("emulate_staleness")]
     single = None
@@ -397,19 +410,23 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         per_push = (applied + rejected) / applied if applied else 1.0
         row["pushes_per_version"] = measured(_round(per_push, 4), "(applied + rejected_stale) ÷ applied of the "
                                                                   "emulated runs")
-        # the server's seconds per version: measured on an MPI run with the same refinement, or
-        # predicted as c_s of a run without it plus K attack steps' cost
-        same = next((m for m in models if refinement(m) == method[:2]), None) if refine else None
-        fit = same or model
+        # the server's seconds per push: measured on an MPI run of the same push mode with the same
+        # method (refinement; accumulation), or, for pushes of examples, predicted as c_s of a run
+        # without refinement plus K attack steps' cost (a run with refinement measures a server doing
+        # more than c_s: it prices only its own method)
+        models = [m for m in fitted if method_of(m)[3] == method[3]]
+        same = next((m for m in models if method_of(m)[:2] == method[:2] and method_of(m)[4] == method[4]), None)
+        fit = same or (next((m for m in models if refinement(m)[0] == 0), None) if method[3] == "examples" else None)
+        k = method[4]  # pushes per version
         if fit is not None and reached is not None:
             c_s, c_a = fit["c_s"]["value"], fit["c_a"]["value"]
             steps = max(1, int(members[0].config.get("attack_steps") or 1))
             server = c_s if same or not refine else c_s + refine * c_a / steps
             how = "c_s" if same or not refine else "c_s + K·c_a / k"
-            per_version = max(c_a / n * per_push, server)
+            per_version = k * max(c_a / n * per_push, server)
             row["seconds_per_version"] = predicted(_round(per_version, 6),
-                                                   f"max(c_a / N × pushes per version, {how}) with c_s, "
-                                                   f"c_a of {fit['fitted_on']}")
+                                                   f"{f'{k} × ' if k > 1 else ''}max(c_a / N × pushes per applied "
+                                                   f"push, {how}) with c_s, c_a of {fit['fitted_on']}")
             row["n_star"] = predicted(_round(c_a / server, 2), f"c_a / ({how})")
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)
@@ -422,7 +439,7 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         if single and t:
             row["speedup_over_single_process"] = predicted(round(single["seconds"]["value"] / t, 2),
                                                            f"measured time to target of {single['run']} ÷ predicted of N")
-    return {"target": target, "model_from": ", ".join(m["fitted_on"] for m in models) or None, "single_process": single,
+    return {"target": target, "model_from": ", ".join(m["fitted_on"] for m in fitted) or None, "single_process": single,
             "rows": rows}
 
 
