@@ -340,7 +340,8 @@ class Server:
     def save(self):
         start = time.perf_counter()
         n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size *
-                      (len(self.attackers) if self.mode == "sync" else 1))
+                      (len(self.attackers) if self.mode == "sync" else self.gradients.accumulator.k
+                       if self.gradients is not None else 1))
         mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals, **self.policy.state(),
                      "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
         # data_stream lets the single-process trainer resume an MPI run (from the epoch start).

@@ -293,7 +293,10 @@ class Trainer:
         self.model_args = setup.model_args
         self.model = initial_model(cfg, setup.model_args, device)
         self.optimizer = make_optimizer(cfg, self.model)
-        self.batches_per_epoch = max(1, train_size // cfg.batch_size)
+        # a version of --push gradients --accumulate K (MPI or emulated) takes K batches: an epoch
+        # is still one pass over the training set
+        k = cfg.accumulate if cfg.push == "gradients" and (role == "server" or cfg.emulate_attackers) else 1
+        self.batches_per_epoch = max(1, train_size // (cfg.batch_size * k))
         self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
         test = load_dataset(cfg.dataset, "test", cfg.data_dir or None)
         n_eval = min(cfg.eval_examples, len(test))

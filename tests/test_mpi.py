@@ -303,6 +303,21 @@ def test_gradients_and_sync_modes_train_and_checkpoint(tmp_path, mnist_dir, push
 
 
 @needs_mpi
+def test_gradient_pushes_accumulate_k_per_version_with_delay_compensation(tmp_path, mnist_dir):
+    run = tmp_path / "acc"
+    res = run_job(3, mnist_dir, run, "--steps", "10", "--push", "gradients", "--accumulate", "2",
+                  "--delay-compensation", "1", "--refresh-every", "1", *SMALL)
+    assert res.returncode == 0, res.stderr
+    s = summary(run)
+    # two attackers' pushes, two to a version: every version steps on 2 × 50 examples
+    assert s["version"] == 10 and s["examples_seen"] == 10 * 2 * 50
+    assert s["applied"] >= 20 and s["rejected_stale"] == 0 and s["staleness_max"] >= 1
+    ckpt = load_checkpoint(find_checkpoint(run))
+    assert ckpt.state["version"] == 10
+    assert all(np.isfinite(t.numpy()).all() for t in ckpt.model_state.values())
+
+
+@needs_mpi
 def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
     run = tmp_path / "refine"
     res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-steps", "2", *SMALL,
