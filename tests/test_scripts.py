@@ -385,6 +385,27 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
+GPU_ATTACKERS = ROOT / "scripts" / "gpu_attackers.sh"
+
+
+def test_gpu_attackers_is_shellcheck_clean_and_covers_the_issue_s_steps():
+    res = subprocess.run([shutil.which("shellcheck"), "--severity=style", str(GPU_ATTACKERS)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = GPU_ATTACKERS.read_text()
+    assert "set -euo pipefail" in text and "CUDA_VISIBLE_DEVICES=" in text and "scaling-report" in text
+    assert "1 2 4 8 15" in text and "--eval-attack strong" in text
+
+
+def test_gpu_attackers_refuses_clearly_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(["bash", str(GPU_ATTACKERS), str(tmp_path), str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.strip().splitlines()[0].startswith("gpu_attackers: error: no CUDA device is visible to torch")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_core_prices_madrys_original_recipe(mnist_dir):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_core.py"), "madry", "--data-dir",
                           str(mnist_dir), "--threads", "1", "--seconds", "0.5"],
