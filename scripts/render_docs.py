@@ -53,7 +53,7 @@ def field_comments(source: str) -> tuple[dict[str, str], dict[str, str]]:
     lines = source.splitlines()
     why, section_of = {}, {}
     section = ""
-    start = cls.body[0].lineno
+    start = cls.lineno
     for node in cls.body:
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
@@ -130,8 +130,8 @@ def render_configuration(records: dict[str, dict]) -> str:
         if meta.get("max") is not None:
             limits.append(f"≤ {_value(meta['max'])}")
         recipe = config.recipe_defaults(name)
-        entry = [f"### `{flag}` {{#{name.replace('_', '-')}}}", "",
-                 _md(meta["help"][0].upper() + meta["help"][1:]) + ".", "",
+        entry = [f'<a id="{name.replace("_", "-")}"></a>', "", f"### `{flag}`", "",
+                 _md(meta["help"]) + ".", "",
                  f"- **Default**: `{_value(f.default)}`" + (f" (recipes: {recipe})" if recipe else ""),
                  f"- **TOML key**: `{name}`" + (f"; {', '.join(limits)}" if limits else "")]
         if why[name]:
@@ -160,7 +160,7 @@ def render_cli() -> str:
     out = [HEADER.format(source="psadv/cli.py"), "", "# Command line", "",
            "The `psadv` command and its subcommands, as their own `--help` prints them. Every option of "
            "`psadv train` is described with its reason in the [configuration reference](configuration.md).", ""]
-    ctx = click.Context(cli, info_name="psadv", terminal_width=100, max_content_width=100)
+    ctx = click.Context(cli, info_name="psadv", terminal_width=100, max_content_width=100, **cli.context_settings)
     out += ["## `psadv`", "", "```text", cli.get_help(ctx), "```", ""]
     for name in sorted(cli.commands):
         command = cli.commands[name]

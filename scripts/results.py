@@ -188,7 +188,9 @@ def _cell(value) -> str:
 
 def render_record(record: dict, records: dict[str, dict]) -> str:
     machine, evaluation = record["machine"], record["evaluation"]
-    lines = [f"## {record['title']} {{#{record['id']}}}", "", f"*{record['question']}*", "", record["summary"], ""]
+    # an HTML anchor rather than a heading attribute: it works on GitHub's rendering and in MkDocs alike
+    lines = [f'<a id="{record["id"]}"></a>', "", f"## {record['title']}", "", f"*{record['question']}*", "",
+             record["summary"], ""]
     columns, rows = record["table"]["columns"], record["table"]["rows"]
     lines.append("| " + " | ".join(_cell(c) for c in columns) + " |")
     lines.append("|" + "---|" * len(columns))
