@@ -196,14 +196,14 @@ def render_record(record: dict, records: dict[str, dict]) -> str:
     lines.append("|" + "---|" * len(columns))
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     lines.append("")
-    gpu = "" if machine["gpu"] in ("", "none") else f", GPU: {machine['gpu']}"
-    bf16 = "bfloat16 instructions" if machine["bfloat16"] else "no bfloat16 instructions"
+    gpu = machine["gpu"] or "none"
+    bf16 = "yes" if machine["bfloat16"] else "no"
     seeds = ", ".join(str(s) for s in record["seeds"]) or "not applicable"
     grade = ", ".join(filter(None, [evaluation["attack"],
                                     f"{evaluation['examples']:,} examples" if evaluation["examples"] else ""]))
     lines += [
-        f"- **Measured** {record['date']} at commit `{record['commit']}` on {machine['cpu']} "
-        f"({machine['cores']} cores, {bf16}{gpu})",
+        f"- **Measured**: {record['date']}, psadv commit `{record['commit']}`",
+        f"- **Machine**: {machine['cpu']}; {machine['cores']} cores; bfloat16 instructions: {bf16}; GPU: {gpu}",
         f"- **Seeds**: {seeds}",
         f"- **Evaluation**: {grade or 'not applicable'}",
         f"- **Record**: `results/{record['id']}.toml`",
@@ -227,8 +227,8 @@ def render(records: dict[str, dict]) -> dict[str, str]:
         by_page[page_of(record)].append(record)
     pages = {}
     for page, (title, about) in PAGES.items():
-        chosen = sorted(by_page[page], key=lambda r: (r["page"], r["date"], r["id"])
-                        if page == "archive" else (r["date"], r["id"]))
+        # in date order; the archive grouped by the page each record came from, in the nav's order
+        chosen = sorted(by_page[page], key=lambda r: (list(PAGES).index(r["page"]), r["date"], r["id"]))
         parts = [HEADER, "", f"# {title}", "", about, ""]
         if not chosen:
             parts += ["No records yet.", ""]

@@ -282,3 +282,31 @@ def test_a_command_that_rots_is_caught():
         (args,) = _psadv_args(line)
         with pytest.raises(click.ClickException):
             _parse(args)
+
+
+def test_the_readme_set_up_is_what_ci_runs():
+    """README's two set-up commands are the ones .ci/run runs on a clean clone (pip's -q aside)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    set_up = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in _shell_lines(set_up)]
+    assert len(commands) == 2 and commands[1] == ["python3", "-m", "pytest"]
+    ci = [[w for w in shlex.split(line, comments=True) if w != "-q"]
+          for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    for command in commands:
+        assert command in ci, f"README's {' '.join(command)!r} is not what .ci/run runs"
+
+
+def test_the_readme_links_reach_their_pages_and_records():
+    """mkdocs build --strict checks the links inside docs/; the README is outside it, so here."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", readme)
+    local = [(path, anchor) for path, anchor in links if not re.match(r"https?:", path)]
+    assert len(local) >= 20
+    for path, anchor in local:
+        target = ROOT / path
+        assert target.is_file(), f"README links to a missing file: {path}"
+        if anchor:
+            text = target.read_text(encoding="utf-8")
+            headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                        for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+            assert f'<a id="{anchor}"></a>' in text or anchor in headings, f"README: {path}#{anchor} has no anchor"
