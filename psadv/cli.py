@@ -271,7 +271,7 @@ def export(source, fmt, output, overwrite, expected_model):
 
     The safetensors file holds the state dict and, in its metadata, the model name and arguments,
     ε, norm, dataset, version and input range [0, 1]; psadv.load_model reads it back, and plain
-    safetensors + torch read it without psadv (README, "Using psadv from Python").
+    safetensors + torch read it without psadv (docs/guides/export-python-api.md).
     """
     from .export import export_model
 

@@ -61,12 +61,13 @@ class Config:
     # linearly from 0 over the first part of training avoids that stall.
     eps_ramp: float = opt(0.2, "fraction of training over which ε ramps up linearly from 0", min=0.0, max=1.0)
     # PGD, one process and MPI alike: cheaper one-step adversaries reach a PGD-only target sooner,
-    # but mask gradients more, so a black-box attack finds them weaker (README, "Robust MNIST in a
-    # minute"); the default is judged by the strongest evaluation.
+    # but mask gradients more, so a black-box attack finds them weaker
+    # (results/one-step-longer-budgets.toml); the default is judged by the strongest evaluation.
     attack: str = opt("pgd", "training attack", choices="attacks")
     # PGD-5: on MNIST it reaches 87% under the strong cascade (full test set, three seeds) sooner
     # than PGD-10 and Madry's PGD-40, and with eight emulated attackers it trains as robust a model
-    # per version as PGD-10 (README, "Robust MNIST in a minute" and "N attackers, emulated").
+    # per version as PGD-10 (results/time-to-target-float32.toml, results/time-to-target-pgd40.toml,
+    # results/emulated-attackers-refinement.toml).
     attack_steps: int = opt(5, "PGD steps k (fgsm and fgsm-rs always take 1)", min=0)
     # 0 keeps each attack's rule: 2.5/k for PGD (Madry), 1.25 for fgsm-rs (Wong), 1 for fgsm.
     attack_step_ratio: float = opt(0.0, "attack step size relative to ε (0 = attack's default)", min=0.0)
@@ -75,20 +76,20 @@ class Config:
     attack_restarts: int = opt(1, "random restarts of the training attack", min=1)
     # An example's perturbation changes little between its visits, so starting from the last one
     # makes a few steps as strong as many (ATTA); with it, one-step FGSM-RS training stopped
-    # collapsing (README, "Robust MNIST in a minute"). Off by default, as is FGSM-RS: see ``attack``.
+    # collapsing (results/one-step-exploration.toml). Off by default, as is FGSM-RS: see ``attack``.
     reuse_perturbations: bool = opt(False, "start each example's attack from its perturbation of the last epoch "
                                     "(kept per example; attackers keep their shard's)")
     # One-step training collapses when the input gradients inside the ε-ball stop agreeing; GradAlign
     # (Andriushchenko & Flammarion 2020) penalises their disagreement (psadv.gradalign), at several
     # plain training steps' cost. Off by default: with MNIST's recipe at ε = 0.3 it did not keep FGSM
-    # or FGSM-RS from collapsing at any weight tried (README, "GradAlign").
+    # or FGSM-RS from collapsing at any weight tried (results/gradalign-collapse.toml).
     grad_align: float = opt(0.0, "weight λ of the GradAlign regulariser, λ·(1 − cos) of the input gradients "
                             "at x and at a random point of the ε-ball (0 = off)", min=0.0)
 
     # --- optimisation ------------------------------------------------------------------------
     # Adam with a one-cycle peak of 1e-2: a short budget needs the larger steps (in 60 s it trained
     # every seed more robust than 5e-3, the peak tuned for 15 epochs of PGD-10; 2e-2 was worse), and
-    # it ties with 5e-3 at 180 s (README, "The learning rate at 60 s"). Against staleness the peak is
+    # it ties with 5e-3 at 180 s (results/lr-peak-60s.toml, results/lr-peak-180s.toml). Against staleness the peak is
     # STALENESS_LR instead (make_config).
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
     lr: float = opt(1e-2, "(peak) learning rate (5e-3 with attackers, real or emulated)", min=0.0)
@@ -144,7 +145,7 @@ class Config:
                                  "(0 = off)", min=0)
     # A stale push's examples were adversarial for an older model; a PGD step against the current
     # one, continuing from them, makes them adversarial again: this is what keeps many attackers'
-    # staleness from costing robustness (README, "N attackers, emulated"). It is server-side work
+    # staleness from costing robustness (results/emulated-attackers-refinement.toml). It is server-side work
     # (a forward/backward and two forward passes per push), so it lowers the number of attackers
     # one server keeps up with.
     # It acts on stale pushes of examples only: off by default in gradients and sync mode and with
@@ -166,9 +167,9 @@ class Config:
     # Around 32 versions of staleness still trains well; around 64 it can fail badly.
     max_staleness: int = opt(32, "reject pushes staler than this many versions", min=0)
     refresh_every: int = opt(4, "send parameters to attackers every N versions", min=1)
-    # Measured with 2 attackers on 2 cores (README): 2 pushes in flight per attacker give a mean
+    # Measured with 2 attackers on 2 cores (results/max-in-flight.toml): 2 pushes in flight per attacker give a mean
     # staleness of ~7 versions, 1 gives ~2.4 at ~15% fewer examples/s (the attacker waits for the
-    # server to take each push before it starts the next batch). With 2 the README recipe missed
+    # server to take each push before it starts the next batch). With 2 the 15-epoch PGD-10 recipe missed
     # 89% robust accuracy in its 15 epochs, with 1 it reached it. Raise it where the network
     # round trip, not the attack, dominates an attacker's time.
     max_in_flight: int = opt(1, "pushes an attacker may have in flight (more: throughput, and staleness)",
@@ -199,8 +200,8 @@ class Config:
     threads: int = opt(0, "torch threads per process (0 = automatic)", min=0, max=MAX_THREADS)
     # The training attack and step only: evaluation always runs in float32, so a graded number
     # never depends on it. bf16 pays where the hardware has bfloat16 arithmetic: on such a CPU it
-    # ran 1.6x the versions of fp32 in a 60 s budget and ended more robust (README, "bfloat16 at
-    # 60 s"). auto is resolved when a run starts, and config.json records what it became.
+    # ran 1.6x the versions of fp32 in a 60 s budget and ended more robust
+    # (results/bf16-60s.toml). auto is resolved when a run starts, and config.json records what it became.
     precision: str = opt("auto", "arithmetic of the training attack and step: fp32, bf16 (bfloat16 autocast, "
                          "channels-last weights; evaluation stays fp32), or auto (bf16 on a CPU with "
                          "bfloat16 instructions, else fp32)", choices=("auto", "fp32", "bf16"))
@@ -221,7 +222,7 @@ RECIPES: dict[str, dict] = {
     # ε = 0.1, the Fashion-MNIST budget of Wong & Kolter 2018 ("Provable defenses against adversarial
     # examples via the convex outer adversarial polytope", ICML) and of later robustness benchmarks;
     # the rest of the MNIST recipe (net, Adam one-cycle) carries over to these 28x28 images. PGD-10
-    # and a peak lr of 5e-3: Fashion's rows in the README were measured with them; PGD-5 and 1e-2
+    # and a peak lr of 5e-3: results/fashion-mnist.toml was measured with them; PGD-5 and 1e-2
     # were measured on MNIST only.
     "fashion-mnist": {"eps": 0.1, "attack_steps": 10, "lr": 5e-3},
     # The fast-adversarial recipe of Wong, Rice & Kolter 2020 ("Fast is better than free", ICLR):
@@ -237,8 +238,8 @@ RECIPES: dict[str, dict] = {
 # The peak learning rate of a run that trains on stale pushes (attackers under MPI, or emulated ones),
 # unless a recipe or the user sets one: with eight emulated attackers 1e-2 kept 0.6 points less than
 # 5e-3 under the strong cascade over four seeds (1.7 less on one, at most 0.13 more) and masked more on
-# every seed (a larger step makes a stale push cost more), and every MPI measurement of the README
-# trained with 5e-3 (README, "The learning rate at 60 s").
+# every seed (a larger step makes a stale push cost more), and every MPI measurement in results/
+# trained with 5e-3 (results/lr-peak-eight-attackers.toml).
 STALENESS_LR = 5e-3
 
 

@@ -34,7 +34,7 @@ def deterministic_cudnn() -> None:
 
     Exact resume and "evaluation does not change training" promise bit-identical weights; cuDNN's
     default choice of backward kernels accumulates with atomics, in an order that changes from run
-    to run, so two identical GPU runs drift apart in the last bits (README, "On a GPU")."""
+    to run, so two identical GPU runs drift apart in the last bits (results/gpu-h100-session.toml)."""
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
@@ -61,7 +61,7 @@ def autocast(precision: str, device: torch.device):
 def training_layout(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """``model`` in the memory format for its training arithmetic: oneDNN's bfloat16 convolutions
     want channels-last (NHWC) weights and activations. float32 keeps NCHW: channels-last paid for it
-    on one CPU measured and not on another (README, "The arithmetic, side by side"). Values are
+    on one CPU measured and not on another (results/arithmetic-fp32.toml, results/arithmetic-bf16.toml). Values are
     unchanged, only strides."""
     return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
 
@@ -84,7 +84,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def auto_precision(device: torch.device) -> str:
     """``--precision auto``: bf16 on a CPU with bfloat16 instructions, where it was measured to train
-    more robust models within a time budget (README, "bfloat16 at 60 s"); fp32 elsewhere, GPUs
+    more robust models within a time budget (results/bf16-60s.toml); fp32 elsewhere, GPUs
     included, where bf16 was not measured."""
     return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
 

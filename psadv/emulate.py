@@ -13,7 +13,8 @@ version ``p``; its send completes when the server takes the push, and before the
 trained on it the attacker starts its next batch with the newest version it holds; then the server
 judges the push (τ = V − p) and, if it applies it and V + 1 is due for a refresh, sends V + 1 to
 every attacker. With one attacker and ``refresh_every`` r this gives τ = 1 + ((V − 1) mod r) for
-V ≥ 1, a mean of 1 + (r − 1)/2 — 2.5 for the default r = 4, as measured on the real server (README).
+V ≥ 1, a mean of 1 + (r − 1)/2 — 2.5 for the default r = 4, as measured on the real server
+(results/emulation-vs-real.toml).
 
 In this regime (the server keeps up, N below the bottleneck model's n*) pushes never wait in the
 server's queue, so ``--max-in-flight`` adds no staleness; where the server falls behind, queued

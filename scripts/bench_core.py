@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmarks of the single-process core (numbers for the README; not a timed test).
+"""Benchmarks of the single-process core (numbers for records in results/; not a timed test).
 
     python scripts/bench_core.py throughput --data-dir ../shared/data
         examples/s of the attack (FGSM, FGSM-RS, PGD-k for k = 1, 2, 5, 10, 40) and of the training
         step, plain and with GradAlign's regulariser (--grad-align)
 
     python scripts/bench_core.py robust --data-dir ../shared/data --run-dir runs/bench-robust
-        trains the README recipe (mnist-small, PGD adversarial training at ε=0.3), then evaluates
+        trains the study recipe (mnist-small, PGD adversarial training at ε=0.3), then evaluates
         the final checkpoint with PGD-50 x 10 restarts on the full 10,000-image test set and
         reports wall-clock minutes, clean and robust accuracy
 
@@ -43,7 +43,7 @@ from psadv.devices import autocast, set_threads
 from psadv.gradalign import training_loss
 from psadv.models import build_model
 
-# The recipe behind the README's time-to-robustness number (flags of `psadv train`).
+# The recipe of the first time-to-robustness measurements (flags of `psadv train`).
 RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--attack", "pgd", "--attack-steps", "10",
           "--eps-ramp", "0.2", "--optimizer", "adam", "--lr", "5e-3", "--lr-schedule", "onecycle",
           "--batch-size", "100", "--epochs", "15", "--eval-every", "1000", "--eval-examples", "1000"]

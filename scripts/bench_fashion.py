@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train and evaluate a Fashion-MNIST model with the dataset's recipe (numbers for the README).
+"""Train and evaluate a Fashion-MNIST model with the dataset's recipe (numbers for results/fashion-mnist.toml).
 
     python scripts/bench_fashion.py --data-dir ../shared/data --run-dir runs/bench-fashion [-- TRAIN FLAGS]
 

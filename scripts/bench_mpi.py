@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the asynchronous parameter server (not a test; numbers go into the README).
+"""Benchmark the asynchronous parameter server (not a test; numbers go into records in results/).
 
 Throughput (default): one short run per world size, each with the same recipe and a time budget:
 

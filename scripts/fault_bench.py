@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fault-injection benchmark (not a test; its result goes into the README).
+"""Fault-injection benchmark (not a test; its result is results/fault-benchmark.toml).
 
 Runs N randomized fault scenarios against short MPI jobs (server + attackers) and checks that
 nothing is lost:

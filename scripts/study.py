@@ -52,7 +52,7 @@ from psadv.report.budget import ratio
 from psadv.report.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
-# The README recipe (scripts/bench_core.py) without its adversary and budget.
+# The study recipe (scripts/bench_core.py) without its adversary and budget.
 RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--eps-ramp", "0.2", "--optimizer", "adam", "--lr", "5e-3",
           "--lr-schedule", "onecycle", "--batch-size", "100", "--log-every", "50"]
 ADVERSARIES = [("fgsm-rs", ["--attack", "fgsm-rs"])] + [
@@ -380,7 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--scaling-steps", type=int, default=10, help="part 3: PGD steps of the training attack [10]")
     p.add_argument("--psadv-steps", default="5,10", help="part 4: PGD steps of the psadv recipes [5,10]")
     p.add_argument("--headline-seeds", default="0,1,2", help="part 4: seeds; every one must reach the target [0,1,2]")
-    # the budget searches of the README started here: the shortest budgets measured to reach 89% PGD-50x10
+    # the budget searches of results/ started here: the shortest budgets measured to reach 89% PGD-50x10
     # lie between 120 s (one-step) and 960 s (PGD-40), so halving or doubling from 120 s finds each soon
     p.add_argument("--headline-start", type=float, default=120, help="part 4: first budget in seconds [120]")
     p.add_argument("--headline-target", type=float, default=0.89,

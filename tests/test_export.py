@@ -103,7 +103,8 @@ def test_load_model_errors(tmp_path, exported):
 
 
 def test_plain_safetensors_and_torchattacks_without_psadv(exported, mnist_dir, run):
-    """The README's example: plain safetensors + torch rebuild the model, torchattacks attacks it."""
+    """The export guide's example (docs/guides/export-python-api.md): plain safetensors + torch rebuild
+    the model, torchattacks attacks it."""
     pytest.importorskip("torchattacks")  # pip install --no-deps torchattacks (its torchvision pin would move torch)
     block_psadv = ("import runpy, sys; sys.modules['psadv'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_path(sys.argv[0], run_name='__main__')")

@@ -88,7 +88,7 @@ def test_the_penalty_trains_the_parameters_and_leaves_the_inputs_alone():
 
 def test_minimising_the_penalty_aligns_the_gradients(mnist_dir):
     """Its parameter gradient points downhill: Adam on the penalty alone aligns a fresh net's input
-    gradients on real digits (the README's check that GradAlign's failure to help is not a bug)."""
+    gradients on real digits (results/gradalign-collapse.toml's check that GradAlign's failure to help is not a bug)."""
     from psadv.data import load_dataset
 
     data = load_dataset("mnist", "train", str(mnist_dir))

@@ -412,7 +412,7 @@ def test_one_push_in_flight_keeps_staleness_low(tmp_path, mnist_dir):
     versions old (with 3 in flight the same run measured a mean of 3.5 and a max of 6). One where the
     attack costs more than a server step (a quiet CPU: mean ≤ 1.5), two where it costs less (a GPU,
     or a loaded CPU): the server takes pushes into a queue of two buffers while it trains on the
-    oldest (README, *On a GPU*). At most 4 (one in flight, two queued, the parameters a message
+    oldest (results/gpu-h200-session.toml). At most 4 (one in flight, two queued, the parameters a message
     behind; at most 3 measured). Without refinement: with this 2-step attack one refinement step
     costs the server as much as the attacker's batch, so the server, not the pushes in flight, would
     set the staleness."""

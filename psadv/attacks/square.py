@@ -86,7 +86,7 @@ def _linf_init(x, eps, generator):
 def _corners(extent: int, s: int) -> int:
     """How many top (left) places a window of side ``s`` may take: all but the last one it fits, as in
     the authors' code and torchattacks. A window that ends on the last row or column spends the
-    budget on image border (empty on MNIST), which weakened L2 Square (README, "Evaluation attacks")."""
+    budget on image border (empty on MNIST), which weakened L2 Square (results/square-l2-windows.toml)."""
     return max(extent - s, 1)
 
 

@@ -8,7 +8,7 @@ an example counts as robust only if every attack fails on it (the worst case ove
 * ``strong``: the default of ``psadv eval``: AutoAttack without FAB-T, which costs about as much
   as APGD-T again (9 targets × 100 iterations) and is there for models whose losses APGD-T cannot
   climb; Square stays because it is the one black-box attack, the check against gradient masking
-  (on a psadv MNIST model it left fewer examples standing than APGD-T: README, "Evaluation attacks").
+  (on a psadv MNIST model it left fewer examples standing than APGD-T: results/strong-eval-cost.toml).
 """
 
 from __future__ import annotations
