@@ -232,7 +232,8 @@ def test_preemption_and_kill_9_lose_at_most_the_work_since_the_last_checkpoint(s
     assert versions(third)[0] == last_checkpoint + 1 and killed - last_checkpoint < every
     assert versions(third) == list(range(last_checkpoint + 1, budget + 1))
     assert third[-1]["stop_reason"] == "version budget" and third[-1]["examples_seen"] == 20 * budget
-    measured("preemption", preempted_at=preempted["version"], resumed_at=versions(second)[0], lost=0)
+    measured("preemption", preempted_at=preempted["version"], resumed_at=versions(second)[0],
+             lost=versions(first)[-1] - (versions(second)[0] - 1))
     measured("kill-9", killed_at=killed, last_checkpoint=last_checkpoint, resumed_at=versions(third)[0],
              lost=killed - last_checkpoint, checkpoint_every=every)
 
