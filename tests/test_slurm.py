@@ -74,8 +74,10 @@ def read(path: Path) -> str:
 
 
 def rows(run_dir: Path) -> list[dict]:
+    from psadv.rundir import read_metrics  # skips a row a killed rank left half-written
+
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(path) if path.exists() else []
 
 
 def sessions(run_dir: Path) -> list[list[dict]]:
