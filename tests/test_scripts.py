@@ -123,6 +123,33 @@ def test_9gpu_script_requeues_after_usr1_when_psadv_checkpointed_but_exited_nonz
         assert proc.returncode == 1 and "not requeueing" in err and "fake-scontrol" not in out
 
 
+def test_9gpu_script_clears_unmapped_mpich_shared_memory_when_the_job_starts_again(tmp_path):
+    """MPICH names its /dev/shm segments after the job step, and a step killed with -9 leaves them: the
+    requeued job (same job id, same step numbers) would open them and fail in MPI_Init (tests/test_slurm.py
+    kills and requeues a real job). A restarted job removes the ones no process maps; a first start
+    leaves /dev/shm alone."""
+    import mmap
+
+    stale, live = (Path("/dev/shm") / f"mpich_shm_psadvtest_{os.getpid()}_{name}" for name in ("stale", "live"))
+    fake = tmp_path / "fake-psadv"
+    fake.write_text("#!/usr/bin/env bash\nexit 0\n")
+    fake.chmod(0o755)
+    env = {**slurm_env(tmp_path, PSADV_LAUNCHER="", PSADV_RUN_DIR=str(tmp_path / "run")), "PSADV": str(fake)}
+    try:
+        for segment in (stale, live):
+            segment.write_bytes(bytes(4096))
+        with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a running step's segment
+            for restart, kept in (("0", True), ("1", False)):
+                res = subprocess.run(["bash", str(SLURM / "psadv-9gpu.sbatch")], cwd=tmp_path,
+                                     env={**env, "SLURM_RESTART_COUNT": restart}, capture_output=True, text=True,
+                                     timeout=60)
+                assert res.returncode == 0, res.stderr
+                assert stale.exists() == kept and live.exists(), restart
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
+
+
 def test_9gpu_script_without_a_checkpoint_starts_over_and_needs_slurm(tmp_path, mnist_dir):
     script = SLURM / "psadv-9gpu.sbatch"
     run_dir = tmp_path / "run"
