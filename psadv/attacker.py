@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import schedules, wire
-from .attacks import PerturbationMemory, perturb
+from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
 from .data import BatchStream, shard_indices
 from .devices import autocast, training_layout
@@ -45,7 +45,7 @@ class Attacker:
         self.x_train, self.y_train = train_set.x, train_set.y  # read-only arrays, indexed per batch
         self.layout = wire.push_layout(self.mode, shape=train_set.x.shape[1:], batch_size=cfg.batch_size,
                                        wire_dtype=cfg.wire_dtype, model=self.model,
-                                       train_size=len(train_set) if cfg.refine_steps or cfg.grad_align else None)
+                                       train_size=len(train_set) if wire.carries_indices(cfg) else None)
         self.slots = [wire.Message(self.layout.max_bytes) for _ in range(cfg.max_in_flight)]
         self.params_in = wire.Message(self.n_state * 4)
         self.control_in = wire.Message(0)
@@ -135,6 +135,8 @@ class Attacker:
         with autocast(cfg.precision, self.device):
             x_adv = perturb(self.model, x, y, attack,
                             start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
+        if cfg.refine_steps and cfg.refine_on == "attackers" and self.mode == "examples":
+            x_adv = self._refine_fresh(x, y, x_adv, attack)
         if memory is not None:
             memory.remember(torch.from_numpy(idx), x, x_adv)
         stats = None
@@ -159,6 +161,18 @@ class Attacker:
         slot.header[wire.COMPUTE_US] = int((time.perf_counter() - start) * 1e6)
         slot.request = self.comm.Issend([slot.buf[:slot.message_bytes()], self.MPI.BYTE], dest=0, tag=wire.TAG_PUSH)
         self.fresh = False
+
+    def _refine_fresh(self, x, y, x_adv, attack):
+        """--refine-on attackers: take in the newest parameters, and if they are newer than those the
+        batch was attacked with, refine its examples against them (guarded, as the server would); the
+        push then carries that newer version, for which its examples are adversarial."""
+        started = self.version
+        self.poll()
+        if self.version <= started:
+            return x_adv
+        with autocast(self.cfg.precision, self.device):
+            return refine(self.model, x, y, schedules.refine_attack(attack, self.cfg.refine_steps,
+                                                                     self.cfg.refine_step_ratio), start=x_adv)
 
     def finish(self) -> None:
         """After STOP: let every push in flight be matched (the server drains them), then DONE."""

@@ -161,6 +161,14 @@ class Config:
     # as FGSM does.
     refine_step_ratio: float = opt(1.25, "step size of --refine-steps relative to ε (0 = the training "
                                    "attack's step size)", min=0.0)
+    # The server's refinement is a forward/backward and two forward passes per push, about half of
+    # its work per version, which caps the attackers one server keeps up with (n* = c_a / c_s). An
+    # attacker can take the step instead, against the newest parameters it holds when its attack
+    # ends: a little staler than the server's, and the server is left with the training step alone
+    # (results/attackers-recipe.toml).
+    refine_on: str = opt("server", "who refines stale pushes of examples: the server, against its current model, "
+                         "or each attacker, against the newest parameters it holds when its attack ends",
+                         choices=("server", "attackers"))
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
     push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))
@@ -386,6 +394,9 @@ def validate(cfg: Config) -> Config:
                           f"weights), got {cfg.ema_decay:g}")
     if cfg.emulate_attackers and cfg.emulate_staleness:
         raise ConfigError("--emulate-attackers and --emulate-staleness exclude each other")
+    if cfg.emulate_staleness and cfg.refine_on == "attackers" and cfg.refine_steps:
+        raise ConfigError("--refine-on attackers needs attackers, real or emulated (--emulate-attackers N); "
+                          "--emulate-staleness has none")
     if cfg.reuse_perturbations and cfg.augment != "none":
         # a remembered perturbation belongs to the crop and flip it was made for
         raise ConfigError("--reuse-perturbations needs --augment none (a perturbation fits only the view it was made for)")
@@ -421,6 +432,7 @@ def check_given(cfg: Config, given: set[str]) -> None:
         "attack_restarts": (attacking and kind.random_start,
                             f"needs a training attack with a random start; --attack {cfg.attack} has none"),
         "refine_step_ratio": (cfg.refine_steps > 0, "sizes --refine-steps, which is 0 here"),
+        "refine_on": (cfg.refine_steps > 0, "places --refine-steps, which is 0 here"),
         "lr_damping": (cfg.push == "gradients" or not cfg.lr_damping, "is for --push gradients"),
         "accumulate": (cfg.push == "gradients" or cfg.accumulate == 1, "is for --push gradients"),
         "delay_compensation": (cfg.push == "gradients" or not cfg.delay_compensation, "is for --push gradients"),

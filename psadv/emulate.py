@@ -28,6 +28,8 @@ computes with, each once however many attackers share it.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +120,17 @@ class Emulation:
     def __init__(self, cfg, model: torch.nn.Module, attack_model: torch.nn.Module, version: int):
         self.schedule = VirtualAttackers(cfg.emulate_attackers, cfg.refresh_every, start=version)
         self.mode = "gradients" if cfg.push == "gradients" else "examples"
+        # --refine-on attackers: an attacker refines its batch against the newest parameters it holds
+        # when its attack ends. While it takes that last step (about one pass in the attack's k + 1)
+        # the server, keeping up, applies about N / (k + 1) other pushes: the refinement sees the last
+        # refresh at or before V − lead, where V is the version that judges the push.
+        self.refines = self.mode == "examples" and cfg.refine_steps > 0 and cfg.refine_on == "attackers"
+        from .attacks import ATTACKS
+
+        passes = (ATTACKS[cfg.attack].fixed_steps or cfg.attack_steps) + 1
+        self.lead = math.ceil(cfg.emulate_attackers / passes)
+        self.refine_model = copy.deepcopy(attack_model) if self.refines else None
+        self.refine_version: int | None = None  # the version the push in hand is refined against
         self.policy = StalenessPolicy(self.mode, cfg.max_staleness, cfg.emulate_attackers, lr_damping=cfg.lr_damping)
         self.lr_scale = 1.0  # the policy's lr scale for the push in hand (gradients with --lr-damping)
         self.model, self.attack_model = model, attack_model
@@ -133,18 +146,33 @@ class Emulation:
         """The model the next applied push was computed with (pushes judged stale are skipped)."""
         while True:
             push = self.schedule.next_push()
-            verdict = self.policy.judge(version, push.version)
+            made_for = self._refined_version(push, version) if self.refines else push.version
+            verdict = self.policy.judge(version, made_for)
             if verdict.accepted:
                 break
             self.rejected_window += 1
             self.schedule.judged(push, version, applied=False)
             self.store.take(version, flat_state(self.model))
         self.push, self.push_tau, self.lr_scale = push, verdict.tau, verdict.lr_scale
+        self.refine_version = made_for if made_for > push.version else None
         self.window.append(verdict.tau)
         if self.loaded != push.version:
             load_flat_state_(self.attack_model, self.store.get(push.version))
             self.loaded = push.version
         return self.attack_model
+
+    def _refined_version(self, push: Push, version: int) -> int:
+        """The parameters the attacker of ``push`` holds when its attack ends (see ``lead``)."""
+        r = self.schedule.refresh_every
+        last_refresh = max(0, version - self.lead) // r * r
+        return max(push.version, min(self.schedule.held[push.attacker], last_refresh))
+
+    def model_to_refine_against(self) -> torch.nn.Module | None:
+        """--refine-on attackers: the model the push in hand is refined against (None: nothing newer)."""
+        if self.refine_version is None:
+            return None
+        load_flat_state_(self.refine_model, self.store.get(self.refine_version))
+        return self.refine_model
 
     def snapshot_of_push(self):
         """The flat parameters the push in hand was computed with."""
@@ -155,7 +183,10 @@ class Emulation:
         self.schedule.judged(self.push, version, applied=True)
         if version % self.schedule.refresh_every == 0:
             self.store.take(version, flat_state(self.model))
-        self.store.keep_only(self.schedule.versions_in_use())
+        keep = self.schedule.versions_in_use()
+        if self.refines:  # the refresh a refinement may still pick up
+            keep |= {v for v in self.store.snapshots if v >= version - self.lead - self.schedule.refresh_every}
+        self.store.keep_only(keep)
 
     def window_row(self) -> dict:
         """Staleness since the last call, for a metrics row."""

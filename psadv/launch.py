@@ -39,9 +39,9 @@ def check_mpi_options(cfg: Config) -> None:
     if cfg.refine_steps and cfg.push != "examples":
         raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
     # the server refines, and regularises, around the clean examples, which it reads unaugmented
-    if cfg.refine_steps and cfg.augment != "none":
+    if cfg.refine_steps and cfg.refine_on == "server" and cfg.augment != "none":
         raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
-                          "attackers' augmented batches)")
+                          "attackers' augmented batches), or --refine-on attackers")
     if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
         raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
                           "the attackers' augmented batches); --push gradients computes it on the attackers")

@@ -71,7 +71,8 @@ class Server:
         # --refine-steps: stale examples are attacked further from their clean originals, and
         # --grad-align regularises around them; the pushes name them by index into the training set
         # every rank holds
-        self.x_train = train_set.x if (cfg.refine_steps or cfg.grad_align) and self.mode == "examples" else None
+        self.refines = bool(cfg.refine_steps) and cfg.refine_on == "server"
+        self.x_train = train_set.x if wire.carries_indices(cfg) else None
         self.layout = wire.push_layout(self.mode, shape=info.shape, batch_size=cfg.batch_size,
                                        wire_dtype=cfg.wire_dtype, model=trainer.model,
                                        train_size=len(self.x_train) if self.x_train is not None else None)
@@ -215,7 +216,7 @@ class Server:
             x, y = self.layout.views(msg, count)
             x = torch.from_numpy(x).to(self.trainer.device, torch.float32)
             y = torch.from_numpy(y).to(self.trainer.device, torch.int64)
-            refining = self.cfg.refine_steps and verdict.tau > 0
+            refining = self.refines and verdict.tau > 0
             clean = None
             if self.x_train is not None and (refining or self.cfg.grad_align):
                 clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)

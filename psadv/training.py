@@ -660,10 +660,15 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 emulation.attack_model_for_next_batch(trainer.version)
             with trainer.autocast():
                 x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
+            fresher = emulation.model_to_refine_against() if emulation else None
+            if fresher is not None:  # --refine-on attackers: the attacker's own refinement, before it pushes
+                with trainer.autocast():
+                    x_adv = refine(fresher, x, y, schedules.refine_attack(attack, cfg.refine_steps,
+                                                                          cfg.refine_step_ratio), start=x_adv)
             if memory is not None:  # what the attacker made: under MPI the server's refinement stays with it
                 memory.remember(idx, x, x_adv)
             stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
-            if cfg.refine_steps and stale:
+            if cfg.refine_steps and cfg.refine_on == "server" and stale:
                 with trainer.autocast():
                     x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
                                                                                   cfg.refine_step_ratio), start=x_adv)

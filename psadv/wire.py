@@ -254,6 +254,12 @@ def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtyp
     return GradientLayout.of(model)
 
 
+def carries_indices(cfg) -> bool:
+    """Whether pushes of examples name their clean originals by index into the training set: the
+    server needs them to refine stale pushes itself (--refine-on server) and for --grad-align."""
+    return cfg.push == "examples" and (bool(cfg.refine_steps and cfg.refine_on == "server") or bool(cfg.grad_align))
+
+
 def float_view(msg: Message, n: int) -> np.ndarray:
     """The first ``n`` float32 values of the payload (PARAMS and GRADIENTS)."""
     return msg.payload(n * 4).view(np.float32)

@@ -146,3 +146,51 @@ def test_gradient_push_options_are_refused_for_pushes_of_examples(option):
     with pytest.raises(ConfigError, match="is for --push gradients"):
         make_config(option)
     make_config({**option, "push": "gradients"})
+
+
+# --- refinement on the attackers (--refine-on attackers) -------------------------------------------
+def test_attackers_refine_against_their_newest_parameters_and_push_that_version(tmp_path, mnist_dir, monkeypatch):
+    from psadv import training
+    from psadv.models import flat_state
+
+    from test_emulate import count_attacks
+
+    seen = []
+    real_refine = training.refine
+
+    def which_model(model, x, y, attack, start):
+        seen.append(flat_state(model))
+        return real_refine(model, x, y, attack, start=start)
+
+    calls = count_attacks(monkeypatch)
+    monkeypatch.setattr(training, "refine", which_model)
+    # eight attackers of PGD-2 (3 passes a batch): the last step sees the refresh ceil(8 / 3) = 3 versions back
+    s = emulated_run(tmp_path, mnist_dir, "attackers", steps=30, emulate_attackers=8, refresh_every=1,
+                     refine_on="attackers")
+    taus = {int(t): n for t, n in s["staleness_histogram"].items()}
+    assert max(taus) == 3 and taus[3] >= 20  # without it eight attackers' pushes are 8 versions old
+    assert len([c for c in calls if not c[0]]) == 30  # one attack per applied batch
+    # every push made with an older version was refined, each against the snapshot of its own version
+    assert len(seen) >= 20
+    assert len({tuple(v[:50].tolist()) for v in seen}) >= 20
+
+
+def test_refine_on_needs_refinement_and_attackers():
+    from psadv.config import make_config
+    from psadv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--refine-on places --refine-steps, which is 0 here"):
+        make_config({"refine_on": "attackers", "refine_steps": 0})
+    with pytest.raises(ConfigError, match="needs attackers, real or emulated"):
+        make_config({"refine_on": "attackers", "emulate_staleness": 4})
+    make_config({"refine_on": "attackers", "emulate_attackers": 4})
+
+
+def test_attackers_refine_augmented_batches_the_server_could_not():
+    from psadv.config import make_config
+    from psadv.errors import ConfigError
+    from psadv.launch import check_mpi_options
+
+    with pytest.raises(ConfigError, match="or --refine-on attackers"):
+        check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1}, attackers=2))
+    check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1, "refine_on": "attackers"}, attackers=2))

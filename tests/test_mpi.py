@@ -318,6 +318,18 @@ def test_gradient_pushes_accumulate_k_per_version_with_delay_compensation(tmp_pa
 
 
 @needs_mpi
+def test_attackers_refine_their_own_pushes_and_send_no_indices(tmp_path, mnist_dir):
+    run = tmp_path / "ra"
+    res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-on", "attackers", "--refresh-every", "1", *SMALL)
+    assert res.returncode == 0, res.stderr
+    s = summary(run)
+    # the payload has no indices (the server refines nothing): a push of the server-refining layout
+    # would be refused as invalid
+    assert s["version"] == 20 and s["rejected_invalid"] == 0 and "rejected a push" not in res.stderr
+    assert s["staleness_mean"] is not None
+
+
+@needs_mpi
 def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
     run = tmp_path / "refine"
     res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-steps", "2", *SMALL,
