@@ -135,7 +135,8 @@ class Attacker:
         with autocast(cfg.precision, self.device):
             x_adv = perturb(self.model, x, y, attack,
                             start=memory.starts(torch.from_numpy(idx), x, attack) if memory else None)
-        if cfg.refine_steps and cfg.refine_on == "attackers" and self.mode == "examples":
+        # (at ε = 0, the start of an ε ramp, there is nothing to refine)
+        if cfg.refine_steps and cfg.refine_on == "attackers" and self.mode == "examples" and attack.eps > 0:
             x_adv = self._refine_fresh(x, y, x_adv, attack)
         if memory is not None:
             memory.remember(torch.from_numpy(idx), x, x_adv)

@@ -661,7 +661,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
             with trainer.autocast():
                 x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
             fresher = emulation.model_to_refine_against() if emulation else None
-            if fresher is not None:  # --refine-on attackers: the attacker's own refinement, before it pushes
+            if fresher is not None and attack.eps > 0:  # --refine-on attackers: the attacker's refinement
                 with trainer.autocast():
                     x_adv = refine(fresher, x, y, schedules.refine_attack(attack, cfg.refine_steps,
                                                                           cfg.refine_step_ratio), start=x_adv)
