@@ -11,11 +11,14 @@ dilation where the cores suffice. From each run directory it collects examples/s
 (the scaling report's medians over train-row windows), staleness, rejected fraction, server
 utilization, c_s and c_a, and the bottleneck model's n* and predicted speedup (``psadv
 scaling-report`` on the dilated runs, fitted on the smallest N), and writes OUT/sweep.json, OUT/sweep.md
-and, with ``--record``, a results record (results/attackers-dilated-scaling.toml).
+and ``dilation_sweep.py record`` makes a results record of it (results/attackers-dilated-scaling.toml).
 
 The factor: k = max(--min-factor, ceil((N + 1) / --cores)), so the job's CPU demand (N + 1) / k
-stays within --cores however many attackers there are. k differs between N; every time is
-compared ÷ k and every rate × k ("undilated-equivalent"), and n* = c_a / c_s needs neither.
+stays within --cores however many attackers there are, and at least --min-factor (6): on a machine
+shared with others (load 6 to 15 on 2 cores during results/attackers-dilated-scaling.toml) a unit
+slowed by more than k cannot be padded back, and at k = 4 a third of the attackers' time overran
+(the "overrun share" column says whether k sufficed). k differs between N; every time is compared
+÷ k and every rate × k ("undilated-equivalent"), and n* = c_a / c_s needs neither.
 """
 
 from __future__ import annotations
@@ -301,7 +304,55 @@ def markdown(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def toml_value(v) -> str:
+    if v is None:
+        return '""'  # the results schema: values that do not apply are "" / 0
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def write_record(result: dict, path: Path, fields: dict, notes: str) -> None:
+    """results/<id>.toml (schema in the team's COMMON.md) with the sweep's table and commands."""
+    commands = [r["command"] for rec in result["recipes"] for r in rec["dilated"] + rec["undilated"]]
+    commands += [rec["model"]["command"] for rec in result["recipes"] if rec.get("model", {}).get("command")]
+    head = {**fields, "commands": commands}
+    lines = [f"{k} = {toml_value(v)}" for k, v in head.items()]
+    # the results schema has one table: the undilated check goes into the notes
+    notes = (notes.strip() + "\n\n**Dilated vs undilated** (ratio = dilated undilated-equivalent ÷ undilated):\n\n"
+             + markdown(CHECK_COLUMNS, check_rows(result)))
+    lines.append('notes = """\n' + notes.replace("\\", "\\\\").replace('"""', '\\"\\"\\"') + '\n"""')
+    lines.append('links = ["design/staleness.md", "guides/scaling-report.md"]')
+    lines += ["[machine]", 'cpu = "AMD EPYC VM (2 vCPUs)"', "cores = 2", "bfloat16 = true", 'gpu = "none"',
+              "[evaluation]", 'attack = ""', "examples = 0", "[table]",
+              f"columns = {toml_value(TABLE_COLUMNS)}", "rows = ["]
+    lines += [f"  {toml_value(row)}," for row in table_rows(result)]
+    lines.append("]")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def record_main(argv) -> None:
+    p = argparse.ArgumentParser(prog="dilation_sweep.py record",
+                                description="write a results record from a finished sweep's sweep.json")
+    p.add_argument("sweep_json", type=Path)
+    p.add_argument("record", type=Path)
+    p.add_argument("--fields", type=Path, required=True,
+                   help="JSON object of the record's id, title, question, status, date, commit, page, seeds, summary")
+    p.add_argument("--notes", type=Path, required=True, help="markdown file of the record's notes")
+    args = p.parse_args(argv)
+    write_record(json.loads(args.sweep_json.read_text()), args.record, json.loads(args.fields.read_text()),
+                 args.notes.read_text())
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["record"]:
+        record_main(argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for the runs, sweep.json and sweep.md")
     p.add_argument("--data-dir", required=True)
