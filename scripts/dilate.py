@@ -78,7 +78,8 @@ class Dilator:
         self.debt = 0.0  # padding owed (negative: a sleep overshot, credited to the next)
         self.mark = None  # (cpu, wall) where the running unit's unpaid part began
         self.unit_cpu = 0.0  # CPU seconds of the running unit so far
-        self.stats = {"units": 0, "cpu_s": 0.0, "wall_s": 0.0, "slept_s": 0.0, "overrun_s": 0.0, "sleeps": 0, "sends_paid": 0,
+        self.stats = {"units": 0, "cpu_s": 0.0, "wall_s": 0.0, "slept_s": 0.0, "overrun_s": 0.0, "sleeps": 0,
+                      "sends_paid": 0,
                       "by_unit": {}}
 
     # --- the bookkeeping -------------------------------------------------------------------------

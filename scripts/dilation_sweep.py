@@ -213,8 +213,9 @@ def sweep(args) -> dict:
                 row.update(collect(run_dir, k))
                 row["dilation"] = dilation_stats(run_dir)
                 dirs.append(run_dir)
-            print(f"    -> {json.dumps({x: row.get(x) for x in ('rc', 'wall_s', 'examples_per_s_equiv', 'c_s_equiv', 'c_a_equiv', 'staleness_mean', 'utilization', 'lowest_mem_available_mib')})}",
-                  flush=True)
+            shown = ("rc", "wall_s", "examples_per_s_equiv", "c_s_equiv", "c_a_equiv", "staleness_mean", "utilization",
+                     "lowest_mem_available_mib")
+            print(f"    -> {json.dumps({x: row.get(x) for x in shown})}", flush=True)
             rec["dilated"].append(row)
         for n in checks:
             run_dir = out / name / "undilated" / f"n{n:02d}" / "run"
@@ -224,8 +225,8 @@ def sweep(args) -> dict:
             row = {"attackers": n, "command": shlex.join(cmd), **info}
             if info["rc"] == 0:
                 row.update(collect(run_dir, 1.0))
-            print(f"    -> {json.dumps({x: row.get(x) for x in ('rc', 'examples_per_s', 'c_s', 'c_a', 'staleness_mean')})}",
-                  flush=True)
+            shown = ("rc", "examples_per_s", "c_s", "c_a", "staleness_mean")
+            print(f"    -> {json.dumps({x: row.get(x) for x in shown})}", flush=True)
             rec["undilated"].append(row)
         rec["model"] = scaling_report(out / name, dirs) if dirs else {"error": "no dilated run finished"}
         speedups(rec)
@@ -268,7 +269,8 @@ def table_rows(result: dict) -> list[list]:
             def ms(x):
                 return None if x is None else round(x * 1e3, 2)
 
-            rows.append([rec["name"], r["attackers"], r.get("k"), r.get("examples_per_s"), r.get("examples_per_s_equiv"),
+            rows.append([rec["name"], r["attackers"], r.get("k"), r.get("examples_per_s"),
+                         r.get("examples_per_s_equiv"),
                          r.get("speedup"), r.get("predicted_speedup"), r.get("versions_per_s_equiv"),
                          ms(r.get("c_s_equiv")), ms(r.get("c_a_equiv")), r.get("n_star"), r.get("staleness_mean"),
                          r.get("staleness_max"), r.get("rejected_fraction"), r.get("utilization"),
@@ -286,7 +288,8 @@ def check_rows(result: dict) -> list[list]:
                 return None if x is None else round(x * 1e3, 2)
 
             ratio = u.get("dilated_vs_undilated") or {}
-            rows.append([rec["name"], u["attackers"], d.get("k"), u.get("examples_per_s"), d.get("examples_per_s_equiv"),
+            rows.append([rec["name"], u["attackers"], d.get("k"), u.get("examples_per_s"),
+                         d.get("examples_per_s_equiv"),
                          ratio.get("examples_per_s"), ms(u.get("c_s")), ms(d.get("c_s_equiv")), ratio.get("c_s"),
                          ms(u.get("c_a")), ms(d.get("c_a_equiv")), ratio.get("c_a"), u.get("staleness_mean"),
                          d.get("staleness_mean"), u.get("load_before"), d.get("load_before")])
@@ -316,10 +319,13 @@ def toml_value(v) -> str:
     return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
-def write_record(result: dict, path: Path, fields: dict, notes: str) -> None:
+def write_record(result: dict, path: Path, fields: dict, notes: str, also: list[dict] = ()) -> None:
     """results/<id>.toml (schema in the team's COMMON.md) with the sweep's table and commands."""
-    commands = [r["command"] for rec in result["recipes"] for r in rec["dilated"] + rec["undilated"]]
-    commands += [rec["model"]["command"] for rec in result["recipes"] if rec.get("model", {}).get("command")]
+    fields = dict(fields)
+    commands = list(fields.pop("commands", []))  # the sweeps' own command lines first
+    for res in [result, *also]:
+        commands += [r["command"] for rec in res["recipes"] for r in rec["dilated"] + rec["undilated"]]
+        commands += [rec["model"]["command"] for rec in res["recipes"] if rec.get("model", {}).get("command")]
     head = {**fields, "commands": commands}
     lines = [f"{k} = {toml_value(v)}" for k, v in head.items()]
     # the results schema has one table: the undilated check goes into the notes
@@ -343,9 +349,11 @@ def record_main(argv) -> None:
     p.add_argument("--fields", type=Path, required=True,
                    help="JSON object of the record's id, title, question, status, date, commit, page, seeds, summary")
     p.add_argument("--notes", type=Path, required=True, help="markdown file of the record's notes")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another sweep.json whose commands the record lists (checks quoted in the notes)")
     args = p.parse_args(argv)
     write_record(json.loads(args.sweep_json.read_text()), args.record, json.loads(args.fields.read_text()),
-                 args.notes.read_text())
+                 args.notes.read_text(), [json.loads(a.read_text()) for a in args.also])
 
 
 def main(argv=None) -> None:

@@ -145,14 +145,15 @@ def test_bad_command_lines_are_one_line_errors():
 
 
 def test_a_dilated_mpi_job_reports_k_times_its_compute(tmp_path, mnist_dir):
-    """mpiexec -n 2 with k = 6: c_a (COMPUTE_US) and c_s (busy) come out about k × the CPU time the
-    ranks' units took, and the attacker spent most of its time asleep."""
+    """mpiexec -n 2 with k = 12: c_a (COMPUTE_US) and c_s (busy) come out about k × the CPU time the
+    ranks' units took, and the attacker's padded time is k × its CPU time, the rest asleep. (Undilated,
+    the ratios are the machine's contention, 1 to ~5 here: far below k.)"""
     assert shutil.which("mpiexec"), "mpiexec (pip MPICH) must be on PATH"
-    k = 6
+    k = 12
     run_dir, stats = tmp_path / "run", tmp_path / "stats"
     cmd = ["mpiexec", "-n", "2", sys.executable, str(ROOT / "scripts" / "dilate.py"), "--factor", str(k),
            "--stats", str(stats), "--", "train", "--data-dir", str(mnist_dir.parent), "--threads", "1",
-           "--steps", "12", "--eval-examples", "20", "--eval-steps", "1", "--log-every", "4", "--no-progress",
+           "--steps", "10", "--eval-examples", "20", "--eval-steps", "1", "--log-every", "4", "--no-progress",
            "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -161,9 +162,45 @@ def test_a_dilated_mpi_job_reports_k_times_its_compute(tmp_path, mnist_dir):
     server, attacker = (json.loads((stats / f"dilation-rank{i}.json").read_text()) for i in (0, 1))
     push_cpu = attacker["by_unit"]["Attacker.push"]["cpu_s"]
     stamped = summary["attacker_compute_seconds"]["1"]
-    # the overrun credit evens timings out over units: allow the first and last pushes' slack
-    assert 0.75 * k < stamped / push_cpu < 1.3 * k, (stamped, push_cpu)
+    # upper bounds loose: a machine slowing the work by more than k cannot be padded back
+    assert 0.75 * k < stamped / push_cpu < 2 * k, (stamped, push_cpu)
     use_cpu = server["by_unit"]["Server.use"]["cpu_s"]
     assert summary["server_seconds"]["busy"] > 0.75 * k * use_cpu, (summary["server_seconds"], use_cpu)
-    asleep = attacker["slept_s"] / (attacker["wall_s"] + attacker["slept_s"])
-    assert asleep > 0.5, attacker  # ideally (k - 1) / k = 0.83; less where the machine is busy
+    padded = attacker["wall_s"] + attacker["slept_s"]
+    assert 0.9 * k < padded / attacker["cpu_s"] < 2 * k and attacker["slept_s"] > 0, attacker
+
+
+sweep_spec = importlib.util.spec_from_file_location("dilation_sweep", ROOT / "scripts" / "dilation_sweep.py")
+sweep = importlib.util.module_from_spec(sweep_spec)
+sweep_spec.loader.exec_module(sweep)
+
+
+def test_the_sweep_keeps_cpu_demand_within_the_cores_and_compares_rates_times_k():
+    assert [sweep.factor_for(n, 1.5, 6) for n in (1, 2, 4, 8, 16, 32)] == [6, 6, 6, 6, 12, 22]
+    assert sweep.factor_for(2, 1.5, 1) == 2
+    # N = 2 at k = 12 producing half the dilated rate of N = 1 at k = 6 is the same equivalent rate: speedup 2
+    rec = {"dilated": [{"attackers": 1, "examples_per_s_equiv": 100.0 * 6},
+                       {"attackers": 2, "examples_per_s_equiv": 100.0 * 12}],
+           "undilated": [{"attackers": 1, "examples_per_s": 300.0, "c_s": 0.01, "c_a": 0.02, "staleness_mean": 2.0}],
+           "model": {"predicted_speedup": {"1": 1.0, "2": 2.0}}}
+    rec["dilated"][0].update(c_s_equiv=0.01, c_a_equiv=0.03, staleness_mean=2.2)
+    sweep.speedups(rec)
+    assert [r["speedup"] for r in rec["dilated"]] == [1.0, 2.0]
+    assert rec["undilated"][0]["dilated_vs_undilated"]["examples_per_s"] == 2.0
+    assert rec["undilated"][0]["dilated_vs_undilated"]["c_a"] == 1.5
+
+
+def test_the_record_is_valid_toml_with_the_schema_keys(tmp_path):
+    import tomllib
+
+    result = {"recipes": [{"name": "examples", "dilated": [{"attackers": 1, "k": 6.0, "command": "mpiexec -n 2 x",
+                                                            "examples_per_s": 10.0, "dilation": None}],
+                           "undilated": [], "model": {"command": "psadv scaling-report 'a\"b'"}}]}
+    fields = {"id": "r", "title": "t", "question": "q", "status": "current", "date": "2026-12-06", "commit": "abc",
+              "page": "scaling", "seeds": [5], "summary": "s", "commands": ["python scripts/dilation_sweep.py"]}
+    sweep.write_record(result, tmp_path / "r.toml", fields, 'notes with """ and \\ inside')
+    d = tomllib.loads((tmp_path / "r.toml").read_text())
+    assert d["commands"] == ["python scripts/dilation_sweep.py", "mpiexec -n 2 x", "psadv scaling-report 'a\"b'"]
+    assert d["notes"].startswith('notes with """ and \\ inside')
+    assert d["table"]["rows"][0][:4] == ["examples", 1, 6.0, 10.0] and d["table"]["rows"][0][5] == ""
+    assert {"machine", "evaluation", "seeds", "page"} <= d.keys()
