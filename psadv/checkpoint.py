@@ -814,6 +814,19 @@ class CheckpointManager:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd
+        self.stale_removed = self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of checkpoint writes that a kill (SIGKILL, a lost node) cut
+        short: each can be a checkpoint's size, and nothing else removes them. Safe only under the
+        lock: no other process is writing one now."""
+        removed = []
+        for tmp in self.directory.glob(f".{self.prefix}-*.h5.tmp-*"):
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete: leave it
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
 
     def close(self) -> None:
         """Release the directory lock. Idempotent."""

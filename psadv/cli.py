@@ -175,9 +175,12 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .config import check_eps
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
+    from .errors import Interrupted
     from .evaluate import measure_accuracy
+    from .mpi import SignalFlag
     from .report import FINAL_EVAL
     from .rundir import write_json
+    from .stop import Stopped
 
     ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
     # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
@@ -222,8 +225,18 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
         click.echo(changed, err=True)
     n = min(examples or len(test), len(test))
     start = time.perf_counter()
-    result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
-                              batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed)
+    # A signal ends the evaluation within one attack iteration (psadv/stop.py), with one line and
+    # exit 128 + its number: minutes of a strong batch never outlive SLURM's grace period.
+    signals = SignalFlag().install()
+    try:
+        result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
+                                  batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed,
+                                  stop=signals.stop_requested)
+    except Stopped:
+        raise Interrupted(f"evaluation of {ckpt.path} interrupted by {signals.name()} after "
+                          f"{time.perf_counter() - start:.0f}s; nothing was recorded", signals.signum) from None
+    finally:
+        signals.restore()
     result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
     warning = masking_warning(result["masking_gap"])
     if warning:

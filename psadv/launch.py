@@ -88,7 +88,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
 
             open_run_dir(setup, overwrite=overwrite)
             train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
-            trainer = Trainer(setup, device=device, train_size=train_size, role="server")
+            trainer = Trainer(setup, device=device, train_size=train_size, role="server",
+                              stop_requested=signals.stop_requested)
             role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
                           train_set=train_set)
         else:

@@ -284,8 +284,12 @@ def initial_model(cfg: Config, model_args: dict, device: torch.device) -> torch.
 class Trainer:
     """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
 
-    def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single"):
+    def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single",
+                 stop_requested: Callable[[], bool] | None = None):
         cfg = self.cfg = setup.cfg
+        # what cuts an evaluation short within one attack iteration (psadv/stop.py): the runner's
+        # signal flag, so a SIGTERM during a strong evaluation never outlives SLURM's grace period
+        self.stop_requested = stop_requested
         self.run_dir = setup.run_dir
         self.lock = setup.lock
         self.device = device
@@ -424,8 +428,10 @@ class Trainer:
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
-    def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> AccuracyJob:
-        """Measuring ``model`` (default: :attr:`graded_model`) on the held-out evaluation slice, in pieces.
+    def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500,
+                           stop: Callable[[], bool] | None = None) -> AccuracyJob:
+        """Measuring ``model`` (default: :attr:`graded_model`) on the held-out evaluation slice, in pieces;
+        ``stop`` (default: :attr:`stop_requested`) cuts it short within one attack iteration.
 
         Its random starts come from its own seeded generator: how often a run evaluates never
         changes its training, and every evaluation attacks from the same starts. A gated strong
@@ -434,11 +440,14 @@ class Trainer:
         gate, attacks = schedules.eval_cascade(self.cfg)
         return AccuracyJob(model or self.graded_model, self.eval_x, self.eval_y, attacks,
                            batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1, gate=gate,
-                           target=self.cfg.target_robust_acc)
+                           target=self.cfg.target_robust_acc, stop=stop or self.stop_requested)
 
-    def record_eval(self, result: dict, version: int, time_at_version: float,
-                          examples_at_version: int | None = None) -> dict:
-        """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in."""
+    def record_eval(self, result: dict | None, version: int, time_at_version: float,
+                          examples_at_version: int | None = None) -> dict | None:
+        """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in.
+        ``None`` (a job a stop request cut short, :meth:`psadv.evaluate.AccuracyJob.result`) records nothing."""
+        if result is None:
+            return None
         self.state.last_eval = {**result, "version": version, "time": time_at_version}
         best = self.state.best_robust_acc
         self.state.best_robust_acc = result["robust_acc"] if best is None else max(best, result["robust_acc"])
@@ -451,11 +460,12 @@ class Trainer:
                            else examples_at_version, **result)
         return result
 
-    def measure_now(self, progress: bool = False, interrupted=lambda: False) -> dict | None:
+    def measure_now(self, progress: bool = False, interrupted: Callable[[], bool] | None = None) -> dict | None:
         """Measure the live model on the evaluation slice now, to the end, and record it; None (nothing
         recorded) if ``interrupted()`` turns true on the way, so a signal never waits for a long one."""
         version, started = self.version, self.elapsed()
-        job = self.slice_accuracy_job()
+        interrupted = interrupted or self.stop_requested or (lambda: False)
+        job = self.slice_accuracy_job(stop=interrupted)
         with tqdm(total=len(self.eval_y), desc=f"eval v{version}", unit="ex", disable=not progress,
                   leave=False) as bar:
             while not job.done:
@@ -491,7 +501,7 @@ class Trainer:
         recorded = self.state.last_eval
         if reason.startswith("signal"):
             self.final_evaluation = f"skipped ({reason})"
-        elif (measure or self.measure_final)(lambda: signals.signum is not None):
+        elif (measure or self.measure_final)(signals.stop_requested):
             self.final_evaluation = "measured"
         else:
             self.final_evaluation = f"interrupted (signal {signals.name()})"
@@ -592,7 +602,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         if ckpt is not None:  # checked before the trainer writes into the run directory
             with restoring(ckpt.path):
                 stream.restore(ckpt.state["data_stream"])
-        trainer = Trainer(setup, device=device, train_size=len(train_set))
+        trainer = Trainer(setup, device=device, train_size=len(train_set), stop_requested=signals.stop_requested)
         memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
         separate = ring is not None or cfg.emulate_attackers > 0
@@ -668,7 +678,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 window = _window(now)
             reason = stop_reason()
             if trainer.due(cfg.eval_every) and reason is None:
-                trainer.measure_now(interrupted=lambda: signals.signum is not None)
+                trainer.measure_now(interrupted=signals.stop_requested)
                 bar.show()
                 reason = stop_reason()
             if trainer.due(cfg.checkpoint_every) and reason is None:
