@@ -108,9 +108,12 @@ def cli():
               help="continue a run: its RUN_DIR or a checkpoint file (a package.module:factory model's run "
                    "also needs --model naming it)")
 @click.option("--overwrite", is_flag=True, help="replace the run already in --run-dir")
+@click.option("--trust-config-code", is_flag=True,
+              help="import the package.module:factory model that --config names (else only a --model given "
+                   "here is imported: a config file does not choose code to run)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 @config_options
-def train(config_file, resume, overwrite, progress, **options):
+def train(config_file, resume, overwrite, trust_config_code, progress, **options):
     """Adversarially train a model.
 
     One process runs the classic loop (attack each batch, then step). Under MPI with N >= 2
@@ -123,7 +126,8 @@ def train(config_file, resume, overwrite, progress, **options):
     file_values = read_toml(config_file) if config_file else {}
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    launch(overrides, file_values, resume=resume, overwrite=overwrite, show_progress=progress)
+    launch(overrides, file_values, resume=resume, overwrite=overwrite, show_progress=progress,
+           trust_config_code=trust_config_code)
 
 
 @cli.command("eval")

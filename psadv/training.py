@@ -126,13 +126,15 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
                 overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0,
-                given=None) -> RunSetup:
+                given=None, trust_config_code: bool = False) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
-    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` (the
-    command line or the TOML file) names it: a checkpoint is a file, and a file does not choose code
-    to run (:func:`psadv.checkpoint.check_trusted`). ``prepare_dir=False`` resolves without
+    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` on the
+    command line (``overrides``) names it: a checkpoint or a shared ``--config`` file is a file, and a
+    file does not choose code to run (:func:`psadv.checkpoint.check_trusted`), unless
+    ``trust_config_code`` (``--trust-config-code``) trusts the factory that ``file_values`` names
+    (docs/design/security.md). ``prepare_dir=False`` resolves without
     touching the disk (MPI attackers, and the server until every rank has checked its inputs: it
     calls :func:`open_run_dir` then).
     ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`. ``given``: the
@@ -141,6 +143,12 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     """
     file_values = file_values or {}
     asked = {**file_values, **overrides}
+    # the factory the user named: on the command line, or in their --config with --trust-config-code
+    trusted = overrides.get("model") or (file_values.get("model") if trust_config_code else None)
+    if is_factory_ref(str(asked.get("model") or "")) and asked["model"] != trusted:
+        raise UsageError(f"the --config file names the factory model {asked['model']}, and importing it runs its "
+                         f"code: psadv runs code only when you name it, so pass --model {asked['model']} (or "
+                         "--trust-config-code if you trust that file)")
     checkpoint = None
     base: dict = {}
     if resume:
@@ -174,8 +182,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     if checkpoint is not None:
         model_args = checkpoint.model_args
         with _older_hint(resume, checkpoint.path):
-            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state,
-                                 trust=asked.get("model"))
+            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state, trust=trusted)
     elif is_factory_ref(cfg.model):
         model_args = model_args_for(cfg.model, info.shape, info.num_classes, parse_model_args(cfg.model_args))
     else:

@@ -23,7 +23,7 @@ from psadv import stop
 from psadv.attacks.suite import EvalSettings, build_cascade
 from psadv.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint
 from psadv.evaluate import AccuracyJob, measure_accuracy
-from test_mpi import _env, rows, summary, wait_for
+from test_mpi import _cmd, _env, needs_mpi, rows, summary, wait_for
 
 # A signal must end the work within this many seconds (the issue's bound; SLURM's default grace
 # period, KillWait, is 30 s).
@@ -195,3 +195,23 @@ def tmp_run_copy(tmp_path, tiny_run) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)
     return copy
+
+
+@needs_mpi
+def test_the_server_ends_a_periodic_strong_evaluation_within_seconds(tmp_path, mnist_dir):
+    """The server evaluates in pieces of 50 examples between pushes; one piece of the strong cascade
+    still took longer than SLURM's grace period before its attacks checked the signal."""
+    run_dir = tmp_path / "mpi"
+    proc = subprocess.Popen(_cmd(2, mnist_dir, run_dir, "--steps", "100000", "--eval-every", "5",
+                                 "--checkpoint-every", "0", *SLOW_STRONG),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        wait_for(lambda: rows(run_dir, "train"), 60, proc, "the first train row")
+        time.sleep(2)  # the evaluation of version 5 runs (minutes long)
+        out, err, took = _signal_and_time(proc, signal.SIGTERM)
+    finally:
+        _kill(proc)
+    assert proc.returncode == 0 and took < WITHIN_S and "Traceback" not in err, (took, err)
+    s = summary(run_dir)
+    assert s["stop_reason"] == "signal SIGTERM" and not rows(run_dir, "eval")
+    assert load_checkpoint(find_checkpoint(run_dir)).state["version"] == s["version"] >= 5
