@@ -165,7 +165,8 @@ def train(config_file, resume, overwrite, trust_config_code, progress, **options
 @model_option
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps, targets, queries, norm, examples,
           batch_size, data_dir, device, threads, seed, as_json, save, progress, expected_model):
-    """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
+    """Clean and robust test accuracy of CHECKPOINT (a checkpoint file, a run directory, or a .safetensors
+    that psadv export wrote; give an export of npz/hdf5 data its --data-dir).
 
     An example is robust only if every attack of the cascade fails on it; each attack runs on the
     examples the earlier ones left standing. The default, `strong`, is APGD-CE, APGD-T and the
@@ -186,11 +187,22 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .rundir import write_json
     from .stop import Stopped
 
-    ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
-    # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
-    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
+    from pathlib import Path
+
+    from .export import is_safetensors, metadata_version, open_model
+
+    if Path(checkpoint).is_file() and is_safetensors(Path(checkpoint)):  # an export (psadv export)
+        model, meta = open_model(checkpoint, trust_factory=expected_model)  # its metadata checked there
+        source, version, run_dir = Path(checkpoint), metadata_version(meta), None
+        cfg = {"dataset": meta["dataset"], "norm": meta["norm"], "eps": json.loads(meta["eps"]),
+               "data_md5": meta.get("data_md5", "")}
+    else:
+        ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
+        source, version, cfg = ckpt.path, ckpt.state.get("version"), ckpt.config
+        # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
+        run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
     if save and run_dir is None:
-        raise click.UsageError(f"--save writes into the run directory, and {ckpt.path} is not in one "
+        raise click.UsageError(f"--save writes into the run directory, and {source} is not in one "
                                "(RUN_DIR/checkpoints/)")
     if save:  # final_eval.json grades the run's final model: not one a trainer is still making, nor an older one
         from .checkpoint import checkpoint_version, list_checkpoints
@@ -203,11 +215,10 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
             raise click.UsageError(f"{why} {exc}, or leave --save out to grade this checkpoint") from None
         click.get_current_context().call_on_close(lock.release)
         newest = [checkpoint_version(c) for c in list_checkpoints(run_dir / "checkpoints")][-1:]
-        if [ckpt.state.get("version")] != newest:
-            raise click.UsageError(f"{why} {ckpt.path} holds version {ckpt.state.get('version')}, not the newest of "
+        if [version] != newest:
+            raise click.UsageError(f"{why} {source} holds version {version}, not the newest of "
                                    f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
                                    "leave --save out to grade this checkpoint")
-    cfg = ckpt.config
     norm = norm or cfg["norm"]
     eps = cfg["eps"] if eps is None else eps
     data_dir = data_dir or cfg.get("data_dir") or None
@@ -237,18 +248,18 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
                                   batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed,
                                   stop=signals.stop_requested)
     except Stopped:
-        raise Interrupted(f"evaluation of {ckpt.path} interrupted by {signals.name()} after "
+        raise Interrupted(f"evaluation of {source} interrupted by {signals.name()} after "
                           f"{time.perf_counter() - start:.0f}s; nothing was recorded", signals.signum) from None
     finally:
         signals.restore()
-    result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
+    result.update(checkpoint=str(source), version=version, seconds=round(time.perf_counter() - start, 2))
     warning = masking_warning(result["masking_gap"])
     if warning:
         click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:
-        click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
+        click.echo(f"{source}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
                    f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
         if len(result["attacks"]) > 1:
             for row in result["attacks"]:

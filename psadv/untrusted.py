@@ -152,7 +152,12 @@ def check_structure(f: h5py.File, fail: Fail, what: str, *, byte_budget: int | N
         attr_id = h5py.h5a.open(f.id, attr.encode())
         if attr_id.shape not in ((), None):
             raise fail(f"{what}: root attribute {attr!r} is not one value (shape {attr_id.shape})")
-    f.visit_links(lambda name: visit(name, f.get(name, getlink=True)))
+    # Names first, checks after: an exception raised inside h5py's visit callback does not come
+    # back out cleanly (a SystemError); a non-None return stops the walk.
+    names: list[str] = []
+    f.visit_links(lambda name: names.append(name) or (True if len(names) > MAX_OBJECTS else None))
+    for name in names:
+        visit(name, f.get(name, getlink=True))
     return total
 
 
