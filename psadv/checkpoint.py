@@ -926,4 +926,6 @@ def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
         found = list_checkpoints(directory, prefix) if directory.is_dir() else []
         if found:
             return found[-1]
-    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}")
+    hint = (f": the run there stopped before its first checkpoint (see its metrics.jsonl); train it again with "
+            f"--overwrite --run-dir {path}") if (path / "config.json").is_file() else ""
+    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}{hint}")

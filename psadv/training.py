@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -174,6 +175,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
     in_place = home is not None and run_dir.resolve() == home.resolve()
+    if cfg.data_dir:  # recorded as typed, a relative path fails psadv eval or --resume from another directory
+        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
     if cfg.dataset in FILE_DATASETS:  # recorded in the config, so a resume on a changed file is refused
         cfg.data_md5 = verify_data_file(cfg.dataset, cfg.data_dir or None, cfg.data_md5)
     info = dataset_info(cfg.dataset, cfg.data_dir or None)
@@ -415,9 +418,13 @@ class Trainer:
 
     def diverged(self, what: str) -> TrainingDiverged:
         latest = self.manager.latest()
-        kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written"
-        return TrainingDiverged(f"training diverged at version {self.version}: {what}; {kept}; "
-                                "lower --lr (or check the data) and train again")
+        if latest:
+            return TrainingDiverged(f"training diverged at version {self.version}: {what}; the last good checkpoint, "
+                                    f"{latest}, is kept; lower --lr (or check the data) and --resume {self.run_dir}")
+        # Nothing to resume: the directory is reused, its metrics (the divergence's evidence) replaced.
+        return TrainingDiverged(f"training diverged at version {self.version}: {what}; no checkpoint had been written, "
+                                f"so there is nothing to resume: lower --lr (or check the data) and train again with "
+                                f"--overwrite --run-dir {self.run_dir}")
 
     def check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` if any parameter or buffer is NaN or infinite (of the
