@@ -373,7 +373,17 @@ def scaling_report(run_dirs, out, target, baseline, overwrite, resume, workers, 
 
 
 def main():
-    cli()
+    try:
+        cli()
+    finally:
+        # The command has ended and saved what it had: a Ctrl-C or SIGTERM while the interpreter exits
+        # (torch's teardown takes a moment) would only turn that end into a kill by the signal.
+        import signal
+
+        from .mpi import STOP_SIGNALS
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
