@@ -93,7 +93,8 @@ def mutate_checkpoint(f: h5py.File, rng: random.Random, box: Sandbox) -> str:
     if op == 0:
         key = rng.choice(["format", "format_version", "model_name", "model_args", "config", "state", "created"])
         value = junk(rng)
-        f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        raw = isinstance(value, (str, float)) or (isinstance(value, int) and abs(value) < 2**63)
+        f.attrs[key] = value if raw else json.dumps(value)  # as a raw attribute, or as JSON text
     elif op == 1:
         state = _json(f, "state")
         state[rng.choice(["version", "examples_seen", "elapsed", "data_stream", "last_eval"])] = junk(rng)
