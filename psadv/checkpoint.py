@@ -70,6 +70,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import random
 import re
@@ -83,10 +84,10 @@ import h5py
 import numpy as np
 import torch
 
-from psadv import __version__
+from psadv import __version__, untrusted
 from psadv.config import check_recorded
 from psadv.errors import CheckpointError, ConfigError, io_error_text
-from psadv.models import MODELS, build_factory_model, build_model, is_factory_ref
+from psadv.models import MODELS, build_factory_model, build_model, is_factory_ref, registry_args_problem
 
 # The process's umask, read once at import: reading it means setting it, which would race with
 # another thread creating files if done at every save.
@@ -530,6 +531,12 @@ class _Reader:
     def _validate(self, f: h5py.File) -> None:
         path = self.path
         try:
+            # Before any value is read: no link out of the file, no external storage, no virtual
+            # dataset, scalar attributes, and no more declared bytes than the file holds (psadv
+            # writes contiguous, unfiltered datasets): a crafted file neither reads another file
+            # nor allocates beyond its own size (docs/design/security.md).
+            untrusted.check_structure(f, CheckpointError, f"checkpoint {path}", byte_budget=path.stat().st_size,
+                                      stored_as_written=True)
             fmt = f.attrs.get("format")
             if fmt is None or _attr_str(fmt) != FORMAT:
                 raise CheckpointError(f"{path} is not a psadv checkpoint (no format={FORMAT!r} attribute)")
@@ -546,6 +553,7 @@ class _Reader:
             for name in _ROOT_JSON_ATTRS + _ROOT_STR_ATTRS:
                 if name not in f.attrs:
                     raise CheckpointError(f"checkpoint {path} lacks the {name!r} attribute (corrupted?)")
+                untrusted.check_attribute(f, name, CheckpointError, f"checkpoint {path}", "str")
             if not isinstance(f.get("model"), h5py.Group):
                 raise CheckpointError(f"checkpoint {path} has no model/ group (corrupted?)")
         except _READ_ERRORS as exc:
@@ -563,6 +571,25 @@ def _root_json(f: h5py.File, name: str, path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"checkpoint {path} is corrupted: attribute {name!r} is not a JSON object")
     return value
+
+
+# The counters of a checkpoint's state that psadv computes with and builds file names from
+# (``model-v<version>``): counts, never text such as "480x" or a path (docs/design/security.md).
+_STATE_COUNTS = ("version", "examples_seen")
+
+
+def _check_state(state: dict, path: Path) -> dict:
+    """``state`` if its counters are non-negative integers and its elapsed time a finite number
+    >= 0 (where present); else :func:`damaged`'s one line."""
+    for key in _STATE_COUNTS:
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise damaged(path, f"its state's {key} is {value!r}, not a count (an integer >= 0)")
+    elapsed = state.get("elapsed", 0.0)
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not math.isfinite(elapsed) \
+            or elapsed < 0:
+        raise damaged(path, f"its state's elapsed time is {elapsed!r}, not a number of seconds")
+    return state
 
 
 def _read_optimizer(group: h5py.Group) -> dict:
@@ -590,7 +617,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             model_name=_attr_str(f.attrs["model_name"]),
             model_args=_root_json(f, "model_args", reader.path),
             config=_root_json(f, "config", reader.path),
-            state=_root_json(f, "state", reader.path),
+            state=_check_state(_root_json(f, "state", reader.path), reader.path),
             model_state=model_state,
             optimizer_state=_read_optimizer(f["optimizer"]) if "optimizer" in f else None,
             rng=_read_rng(f["rng"]) if "rng" in f else None,
@@ -633,7 +660,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
                 parameter_count += count
             else:
                 buffer_count += count
-        state = _root_json(f, "state", reader.path)
+        state = _check_state(_root_json(f, "state", reader.path), reader.path)
         return {
             "path": str(reader.path),
             "format": FORMAT,
@@ -720,6 +747,14 @@ def build_recorded_model(path: str | os.PathLike, name: str, args: dict, state: 
     Where every file's model becomes a live one: a factory only as :func:`check_trusted` allows, and
     arguments or tensors that do not fit give :func:`damaged`'s one line.
     """
+    model = recorded_architecture(path, name, args, trust=trust, what=what)
+    return load_recorded_state(model, path, name, state, what)
+
+
+def recorded_architecture(path: str | os.PathLike, name: str, args: dict, *, trust: bool | str | None = None,
+                          what: str = "checkpoint") -> torch.nn.Module:
+    """The model a file records, built but not loaded: its state dict says which tensors, of which
+    shapes, the file must hold (read before any of them is: :func:`psadv.export.open_model`)."""
     check_trusted(path, name, trust, what)
     if not is_factory_ref(name) and name not in MODELS:
         raise damaged(path, f"unknown model {name!r}", what)
@@ -727,11 +762,19 @@ def build_recorded_model(path: str | os.PathLike, name: str, args: dict, state: 
         if is_factory_ref(name):
             model = build_factory_model(name, args)  # its errors say what the factory did
         else:
+            if problem := registry_args_problem(name, args):
+                raise damaged(path, problem, what)
             try:
                 model = build_model(name, **args)
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise damaged(path, f"model {name} cannot be built with arguments {json.dumps(args)}: "
                                     f"{_reason(exc)}", what) from None
+    return model
+
+
+def load_recorded_state(model: torch.nn.Module, path: str | os.PathLike, name: str, state: dict[str, torch.Tensor],
+                        what: str = "checkpoint") -> torch.nn.Module:
+    """``model`` loaded with a file's ``state``, in eval mode; :func:`damaged` if they do not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -814,6 +857,19 @@ class CheckpointManager:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd
+        self.stale_removed = self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of checkpoint writes that a kill (SIGKILL, a lost node) cut
+        short: each can be a checkpoint's size, and nothing else removes them. Safe only under the
+        lock: no other process is writing one now."""
+        removed = []
+        for tmp in self.directory.glob(f".{self.prefix}-*.h5.tmp-*"):
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete: leave it
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
 
     def close(self) -> None:
         """Release the directory lock. Idempotent."""
@@ -870,4 +926,6 @@ def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
         found = list_checkpoints(directory, prefix) if directory.is_dir() else []
         if found:
             return found[-1]
-    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}")
+    hint = (f": the run there stopped before its first checkpoint (see its metrics.jsonl); train it again with "
+            f"--overwrite --run-dir {path}") if (path / "config.json").is_file() else ""
+    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}{hint}")

@@ -108,9 +108,12 @@ def cli():
               help="continue a run: its RUN_DIR or a checkpoint file (a package.module:factory model's run "
                    "also needs --model naming it)")
 @click.option("--overwrite", is_flag=True, help="replace the run already in --run-dir")
+@click.option("--trust-config-code", is_flag=True,
+              help="import the package.module:factory model that --config names (else only a --model given "
+                   "here is imported: a config file does not choose code to run)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 @config_options
-def train(config_file, resume, overwrite, progress, **options):
+def train(config_file, resume, overwrite, trust_config_code, progress, **options):
     """Adversarially train a model.
 
     One process runs the classic loop (attack each batch, then step). Under MPI with N >= 2
@@ -123,7 +126,8 @@ def train(config_file, resume, overwrite, progress, **options):
     file_values = read_toml(config_file) if config_file else {}
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    launch(overrides, file_values, resume=resume, overwrite=overwrite, show_progress=progress)
+    launch(overrides, file_values, resume=resume, overwrite=overwrite, show_progress=progress,
+           trust_config_code=trust_config_code)
 
 
 @cli.command("eval")
@@ -161,7 +165,8 @@ def train(config_file, resume, overwrite, progress, **options):
 @model_option
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps, targets, queries, norm, examples,
           batch_size, data_dir, device, threads, seed, as_json, save, progress, expected_model):
-    """Clean and robust test accuracy of CHECKPOINT (a file or a run directory).
+    """Clean and robust test accuracy of CHECKPOINT (a checkpoint file, a run directory, or a .safetensors
+    that psadv export wrote; give an export of npz/hdf5 data its --data-dir).
 
     An example is robust only if every attack of the cascade fails on it; each attack runs on the
     examples the earlier ones left standing. The default, `strong`, is APGD-CE, APGD-T and the
@@ -175,15 +180,29 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .config import check_eps
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
+    from .errors import Interrupted
     from .evaluate import measure_accuracy
+    from .mpi import SignalFlag
     from .report import FINAL_EVAL
     from .rundir import write_json
+    from .stop import Stopped
 
-    ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
-    # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
-    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
+    from pathlib import Path
+
+    from .export import is_safetensors, metadata_version, open_model
+
+    if Path(checkpoint).is_file() and is_safetensors(Path(checkpoint)):  # an export (psadv export)
+        model, meta = open_model(checkpoint, trust_factory=expected_model)  # its metadata checked there
+        source, version, run_dir = Path(checkpoint), metadata_version(meta), None
+        cfg = {"dataset": meta["dataset"], "norm": meta["norm"], "eps": json.loads(meta["eps"]),
+               "data_md5": meta.get("data_md5", "")}
+    else:
+        ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
+        source, version, cfg = ckpt.path, ckpt.state.get("version"), ckpt.config
+        # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
+        run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
     if save and run_dir is None:
-        raise click.UsageError(f"--save writes into the run directory, and {ckpt.path} is not in one "
+        raise click.UsageError(f"--save writes into the run directory, and {source} is not in one "
                                "(RUN_DIR/checkpoints/)")
     if save:  # final_eval.json grades the run's final model: not one a trainer is still making, nor an older one
         from .checkpoint import checkpoint_version, list_checkpoints
@@ -196,11 +215,10 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
             raise click.UsageError(f"{why} {exc}, or leave --save out to grade this checkpoint") from None
         click.get_current_context().call_on_close(lock.release)
         newest = [checkpoint_version(c) for c in list_checkpoints(run_dir / "checkpoints")][-1:]
-        if [ckpt.state.get("version")] != newest:
-            raise click.UsageError(f"{why} {ckpt.path} holds version {ckpt.state.get('version')}, not the newest of "
+        if [version] != newest:
+            raise click.UsageError(f"{why} {source} holds version {version}, not the newest of "
                                    f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
                                    "leave --save out to grade this checkpoint")
-    cfg = ckpt.config
     norm = norm or cfg["norm"]
     eps = cfg["eps"] if eps is None else eps
     data_dir = data_dir or cfg.get("data_dir") or None
@@ -222,16 +240,26 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
         click.echo(changed, err=True)
     n = min(examples or len(test), len(test))
     start = time.perf_counter()
-    result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
-                              batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed)
-    result.update(checkpoint=str(ckpt.path), version=ckpt.state.get("version"), seconds=round(time.perf_counter() - start, 2))
+    # A signal ends the evaluation within one attack iteration (psadv/stop.py), with one line and
+    # exit 128 + its number: minutes of a strong batch never outlive SLURM's grace period.
+    signals = SignalFlag().install()
+    try:
+        result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
+                                  batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed,
+                                  stop=signals.stop_requested)
+    except Stopped:
+        raise Interrupted(f"evaluation of {source} interrupted by {signals.name()} after "
+                          f"{time.perf_counter() - start:.0f}s; nothing was recorded", signals.signum) from None
+    finally:
+        signals.restore()
+    result.update(checkpoint=str(source), version=version, seconds=round(time.perf_counter() - start, 2))
     warning = masking_warning(result["masking_gap"])
     if warning:
         click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:
-        click.echo(f"{ckpt.path}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
+        click.echo(f"{source}: clean {result['clean_acc']:.2%}, robust {result['robust_acc']:.2%} "
                    f"under {result['attack']} on {n} test examples ({result['seconds']:.0f}s)")
         if len(result["attacks"]) > 1:
             for row in result["attacks"]:
@@ -345,7 +373,17 @@ def scaling_report(run_dirs, out, target, baseline, overwrite, resume, workers, 
 
 
 def main():
-    cli()
+    try:
+        cli()
+    finally:
+        # The command has ended and saved what it had: a Ctrl-C or SIGTERM while the interpreter exits
+        # (torch's teardown takes a moment) would only turn that end into a kill by the signal.
+        import signal
+
+        from .mpi import STOP_SIGNALS
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

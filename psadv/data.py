@@ -36,10 +36,12 @@ from typing import Literal
 import h5py
 import numpy as np
 
+from psadv import untrusted
 from psadv.errors import CheckpointError, ConfigError, DataError, io_error_text
 
 DOWNLOAD_TIMEOUT_S = 20.0
 SPLITS = ("train", "test")
+MAX_CLASSES = untrusted.MAX_CLASSES
 _SUPPLY_HINT = "pass --data-dir DIR (or set PSADV_DATA_DIR)"
 
 
@@ -376,12 +378,35 @@ def changed_data_warning(name: str, data_dir: str | os.PathLike[str] | None, tra
             "the run trained on): its test split may differ from the one the run was measured on")
 
 
+_READ_KEYS = (*FILE_KEYS, "num_classes")
+
+
+def _check_declared(declared: dict[str, tuple[np.dtype, tuple]], path: Path, source: str) -> None:
+    """Bound what reading and converting the arrays will allocate, from their declared dtypes and
+    shapes alone (:mod:`psadv.untrusted`): a small file must not declare gigabytes."""
+    for key, (_, shape) in declared.items():
+        if key == "num_classes" and shape != ():
+            raise DataError(f"{source}: num_classes must be one integer >= 2, got an array of shape {shape}")
+        if key.startswith("x_") and len(shape) not in (3, 4):
+            raise DataError(f"{source}: {key} has shape {shape}; images must be N x C x H x W (or N x H x W)")
+        if key.startswith("y_") and len(shape) != 1:
+            raise DataError(f"{source}: {key} has shape {shape}; labels must be one integer per image")
+    total = 0
+    for key, (dtype, shape) in declared.items():
+        converted = 4 if key.startswith("x_") else 8  # float32 images, int64 labels
+        total += untrusted.declared_bytes(shape, dtype.itemsize) + untrusted.declared_bytes(shape, converted)
+    untrusted.check_data_bytes(total, path, DataError, source)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise DataError(f"npz file {path} is not an npz archive (np.savez writes one)")
+    source = f"npz file {path}"
+    declared = untrusted.npz_headers(path, _READ_KEYS, DataError, source)
+    _check_declared(declared, path, source)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        with np.load(path, allow_pickle=False) as archive:  # only the arrays psadv uses are read
+            return {key: archive[key] for key in declared}
     except ValueError as exc:  # object arrays: they would need pickle
         raise DataError(f"npz file {path} holds an array psadv cannot read without pickle ({exc}); store "
                         "numeric arrays") from None
@@ -390,15 +415,22 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
+    source = f"hdf5 file {path}"
     try:
         with h5py.File(path, "r") as f:
-            arrays = {}
-            for key in (*FILE_KEYS, "num_classes"):
-                if key in f:
-                    if not isinstance(f[key], h5py.Dataset):
-                        raise DataError(f"hdf5 file {path}: {key!r} is a group, not a dataset")
-                    arrays[key] = np.asarray(f[key][()])
-            return arrays
+            datasets = {}
+            for key in _READ_KEYS:
+                obj = untrusted.hard_member(f, key, DataError, source)
+                if obj is None:
+                    continue
+                if not isinstance(obj, h5py.Dataset):
+                    raise DataError(f"hdf5 file {path}: {key!r} is a group, not a dataset")
+                untrusted.check_dataset(obj, DataError, source)
+                if obj.shape is None:
+                    raise DataError(f"{source}: {key} is an empty dataset (no shape)")
+                datasets[key] = obj
+            _check_declared({key: (ds.dtype, tuple(ds.shape)) for key, ds in datasets.items()}, path, source)
+            return {key: np.asarray(ds[()]) for key, ds in datasets.items()}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"hdf5 file {path} is not a readable HDF5 file (truncated or corrupted?): {first}") from None
@@ -459,10 +491,12 @@ def check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[st
         raise DataError(f"{source}: train images are {splits['train'][0].shape[1:]} but test images "
                         f"{splits['test'][0].shape[1:]} (C x H x W)")
     top = max(int(y.max()) for _, y in splits.values())
+    if top >= MAX_CLASSES:  # the model's last layer grows with it: a crafted label must not allocate gigabytes
+        raise DataError(f"{source}: labels reach {top}; psadv takes at most {MAX_CLASSES} classes")
     if "num_classes" in arrays:
         given = np.asarray(arrays["num_classes"])
-        if given.shape != () or given.dtype.kind not in "iu" or int(given) < 2:
-            raise DataError(f"{source}: num_classes must be one integer >= 2, got {given!r}")
+        if given.shape != () or given.dtype.kind not in "iu" or not 2 <= int(given) <= MAX_CLASSES:
+            raise DataError(f"{source}: num_classes must be one integer from 2 to {MAX_CLASSES}, got {given!r}")
         num_classes = int(given)
         if top >= num_classes:
             raise DataError(f"{source}: labels reach {top}, but num_classes is {num_classes} (labels 0.."

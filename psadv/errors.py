@@ -37,6 +37,15 @@ class StorageError(PsadvError):
     """Writing a run's files failed (disk full, file too large, read-only, ...)."""
 
 
+class Interrupted(PsadvError):
+    """A signal stopped work that has nothing to save (``psadv eval``): exit code 128 + the signal's
+    number, as a shell reports a process the signal killed (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 def io_error_text(exc: BaseException) -> str:
     """One line for a failed read or write. HDF5 wraps the system's reason in a long multi-line
     report (``... errno = 28, error message = 'No space left on device', ...``): keep the reason."""

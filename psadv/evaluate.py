@@ -2,18 +2,21 @@
 
 :class:`AccuracyJob` works in pieces (one batch per :meth:`AccuracyJob.step`), so the parameter
 server can interleave an evaluation with training and keep consuming the attackers' pushes;
-:func:`measure_accuracy` runs one to the end.
+:func:`measure_accuracy` runs one to the end. A job given ``stop`` ends within one attack iteration
+of ``stop()`` turning true (:mod:`psadv.stop`): it is then :attr:`AccuracyJob.done`, records nothing
+(:meth:`AccuracyJob.result` is None) and :attr:`AccuracyJob.stopped` says why.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import stop as _stop
 from .attacks import Attack
 from .attacks.suite import EvalAttack, EvalSettings, PgdFamily, describe_cascade, masking_gap, skip_after_gate
 
@@ -49,8 +52,9 @@ class AccuracyJob:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = 500,
                  device: torch.device | str = "cpu", seed: int | None = None,
-                 gate: Sequence[EvalAttack] = (), target: float = 0.0):
+                 gate: Sequence[EvalAttack] = (), target: float = 0.0, stop: Callable[[], bool] | None = None):
         self.model, self.x, self.y = model, x, y
+        self.stop, self.stopped = stop, False
         self.batch_size, self.device, self.seed, self.target = batch_size, torch.device(device), seed, target
         self.stages = [list(gate), as_cascade(attack)] if gate else [as_cascade(attack)]
         self.attacks = [a for stage in self.stages for a in stage]
@@ -63,14 +67,27 @@ class AccuracyJob:
 
     @property
     def done(self) -> bool:
-        return self.stage >= len(self.stages)
+        """Finished, or cut short by ``stop`` (then :attr:`stopped`)."""
+        return self.stopped or self.stage >= len(self.stages)
 
     @property
     def robust(self) -> int:
         return self.clean - sum(self.flipped)
 
     def step(self) -> int:
-        """Attack the next batch of the current stage; returns how many examples it held."""
+        """Attack the next batch of the current stage; returns how many examples it held (0 when
+        ``stop`` cut it short: the batch counts for nothing, and the job is :attr:`done`)."""
+        if self.stopped:
+            return 0
+        try:
+            with _stop.stoppable(self.stop):
+                _stop.check()
+                return self._step()
+        except _stop.Stopped:
+            self.stopped = True
+            return 0
+
+    def _step(self) -> int:
         idx = self.todo[self.cursor:self.cursor + self.batch_size]
         xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
         was_training = self.model.training
@@ -121,10 +138,13 @@ class AccuracyJob:
         while not self.done and len(self.todo) == 0:  # nothing left to attack
             self.stage += 1
 
-    def result(self) -> dict:
-        """``clean_acc``, ``robust_acc`` (the worst case over the attacks), ``attack``, ``examples``;
+    def result(self) -> dict | None:
+        """None for a job that ``stop`` cut short (a part of an evaluation grades nothing); else
+        ``clean_acc``, ``robust_acc`` (the worst case over the attacks), ``attack``, ``examples``;
         per attack (``attacks``) the robust accuracy after it and how many examples it flipped;
         ``masking_gap`` (see :func:`psadv.attacks.suite.masking_gap`)."""
+        if self.stopped:
+            return None
         n = max(self.position, 1)
         ran = len(self.attacks) if not self.skipped else len(self.stages[0])
         rows, robust = [], self.clean
@@ -143,10 +163,13 @@ class AccuracyJob:
 def measure_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = 500,
                      device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval",
-                     seed: int | None = None) -> dict:
-    """Clean and robust accuracy: an :class:`AccuracyJob` run to the end (with a progress bar on request)."""
-    job = AccuracyJob(model, x, y, attack, batch_size=batch_size, device=device, seed=seed)
+                     seed: int | None = None, stop: Callable[[], bool] | None = None) -> dict:
+    """Clean and robust accuracy: an :class:`AccuracyJob` run to the end (with a progress bar on request).
+    Raises :class:`psadv.stop.Stopped` if ``stop()`` turned true on the way."""
+    job = AccuracyJob(model, x, y, attack, batch_size=batch_size, device=device, seed=seed, stop=stop)
     with tqdm(total=len(y), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         while not job.done:
             bar.update(job.step())
+    if job.stopped:
+        raise _stop.Stopped
     return job.result()

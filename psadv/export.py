@@ -41,8 +41,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import Checkpoint, build_recorded_model, damaged, open_checkpoint
-from .errors import CheckpointError, PsadvError, StorageError, UsageError, io_error_text
+from .checkpoint import (READ_CONFIG, Checkpoint, damaged, load_recorded_state, open_checkpoint,
+                         recorded_architecture)
+from .config import check_recorded
+from .errors import CheckpointError, ConfigError, PsadvError, StorageError, UsageError, io_error_text
 from .models import MODELS
 
 FORMAT = "psadv-model"
@@ -108,30 +110,77 @@ def _final_eval(run_dir: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _load_safetensors(path: Path, device: str | torch.device,
-                      trust_factory: bool | str | None) -> tuple[nn.Module, dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+# Metadata keys an export never writes (open_model adds them for a checkpoint, from this machine):
+# in a file they would steer where psadv reads or writes, so a file's own are dropped.
+LOCAL_KEYS = ("source", "data_dir")
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            meta = dict(handle.metadata() or {})
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+def _checked_metadata(meta: dict, path: Path) -> tuple[str, dict]:
+    """The model name and arguments of an export's metadata, after checking every value psadv
+    computes with: the format, a version that is a count, ε, norm and dataset (docs/design/security.md)."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file without psadv's metadata (format={FORMAT!r}); "
                               "load its tensors with safetensors.torch.load_file into your own model")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has psadv-model format version {meta.get('format_version')!r}; this psadv "
-                              f"{__version__} reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has psadv-model format version {str(meta.get('format_version'))[:40]!r}; "
+                              f"this psadv {__version__} reads version {FORMAT_VERSION}")
     try:
         args = json.loads(meta["model_args"])
         name = meta["model_name"]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad psadv metadata ({exc})") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise damaged(path, f"bad psadv metadata ({_short(exc)})", "model file") from None
     if not isinstance(args, dict):
-        raise damaged(path, f"its model_args {meta['model_args']} are not a JSON object", "model file")
-    model = build_recorded_model(path, name, args, state, trust=trust_factory, what="model file")
+        raise damaged(path, f"its model_args {meta['model_args'][:80]} are not a JSON object", "model file")
+    if "version" in meta and metadata_version(meta) is None:
+        raise damaged(path, f"its version {meta['version'][:40]!r} is not a count (an integer >= 0)", "model file")
+    recorded = {key: meta[key] for key in READ_CONFIG if key in meta}
+    try:
+        if "eps" in recorded:
+            recorded["eps"] = json.loads(recorded["eps"])
+        check_recorded(recorded, READ_CONFIG)
+    except (ConfigError, ValueError, RecursionError) as exc:
+        raise damaged(path, _short(exc), "model file") from None
+    return name, args
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def metadata_version(meta: dict) -> int | None:
+    """An export's ``version`` as an integer, or None when it has none or it is not a count."""
+    text = meta.get("version")
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 19 else None
+
+
+def _load_safetensors(path: Path, device: str | torch.device,
+                      trust_factory: bool | str | None) -> tuple[nn.Module, dict[str, str]]:
+    """The model of an export: its metadata checked, its model built, and then only the tensors that
+    model has, of its shapes, read (a crafted header cannot make psadv allocate more than the model)."""
+    from safetensors import SafetensorError, safe_open
+
+    what = "model file"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = {k: v for k, v in (handle.metadata() or {}).items() if k not in LOCAL_KEYS}
+            name, args = _checked_metadata(meta, path)
+            model = recorded_architecture(path, name, args, trust=trust_factory, what=what)
+            expected = model.state_dict()
+            keys = list(handle.keys())
+            missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
+            if missing or unexpected:
+                which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+                raise damaged(path, f"its tensors do not fit model {name}: {which}", what)
+            for key in keys:
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != tuple(expected[key].shape):
+                    raise damaged(path, f"its tensors do not fit model {name}: {key} has shape {shape}, the model's "
+                                        f"{tuple(expected[key].shape)}", what)
+            state = {key: handle.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {_short(exc)}") from None
+    model = load_recorded_state(model, path, name, state, what)
     return model.to(device), meta
 
 
@@ -147,7 +196,7 @@ def open_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{path} is an ONNX model; load it with onnxruntime, or give psadv the "
                               ".safetensors file or the checkpoint it was exported from")
     ckpt, model = open_checkpoint(path, trust_factory=trust_factory)
-    meta = checkpoint_metadata(ckpt, model)
+    meta = checkpoint_metadata(ckpt, model)  # its version a count: load_checkpoint checks the state
     meta["source"] = str(ckpt.path)
     meta["data_dir"] = ckpt.config.get("data_dir", "")
     return model.to(device), meta
@@ -169,11 +218,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     return open_model(path, device, trust_factory=trust_factory)[0]
 
 
-def default_output(meta: dict[str, str], source: Path, fmt: str) -> Path:
-    """``RUN_DIR/model-v<version>.<fmt>`` for a checkpoint in a run, else beside ``source``."""
-    origin = Path(meta.get("source", source))
+def default_output(origin: Path, version: int | None, fmt: str) -> Path:
+    """``RUN_DIR/model-v<version>.<fmt>`` for a checkpoint in a run, else beside ``origin`` (the
+    checkpoint or export file the user named). Built only from that path and a validated integer:
+    nothing a file says can move it elsewhere (docs/design/security.md)."""
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+        raise TypeError(f"version {version!r} is not a count")  # the readers check it: psadv's own mistake
     base = origin.parent.parent if origin.parent.name == "checkpoints" else origin.parent
-    return base / f"model-v{meta.get('version', 'unknown')}.{fmt}"
+    return base / f"model-v{'unknown' if version is None else version}.{fmt}"
 
 
 def export_model(source: str | os.PathLike, fmt: str = "safetensors", output: str | os.PathLike | None = None,
@@ -185,8 +237,14 @@ def export_model(source: str | os.PathLike, fmt: str = "safetensors", output: st
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
+    source = Path(source)
     model, meta = open_model(source, trust_factory=trust_factory)
-    out = Path(output) if output else default_output(meta, Path(source), fmt)
+    if output:
+        out = Path(output)
+    elif "source" in meta:  # a checkpoint: its path came from the user's argument (find_checkpoint)
+        out = default_output(Path(meta["source"]), metadata_version(meta), fmt)
+    else:  # an export: beside it
+        out = default_output(source, metadata_version(meta), fmt)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or -o another file")
     if out.is_dir():

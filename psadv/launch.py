@@ -21,14 +21,17 @@ from .errors import ConfigError, PsadvError
 from .training import adversary_line, check_batch_size, open_run_dir, resolve_run, summary_line, train_single
 
 
-def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool) -> None:
+def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool,
+           trust_config_code: bool = False) -> None:
     from .mpi import world
 
     w = world()
     if w is not None:
-        _launch_mpi(w, overrides, file_values, resume=resume, overwrite=overwrite, show_progress=show_progress)
+        _launch_mpi(w, overrides, file_values, resume=resume, overwrite=overwrite, show_progress=show_progress,
+                    trust_config_code=trust_config_code)
         return
-    setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite)
+    setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite,
+                        trust_config_code=trust_config_code)
     click.echo(f"psadv: run directory {setup.run_dir}; {adversary_line(setup.cfg)}", err=True)
     summary = train_single(setup, show_progress=show_progress)
     click.echo(summary_line(summary))
@@ -51,7 +54,7 @@ def check_mpi_options(cfg: Config) -> None:
 
 
 def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool,
-                show_progress: bool) -> None:
+                show_progress: bool, trust_config_code: bool = False) -> None:
     from .data import load_dataset
     from .devices import pick_device, precision_warning, set_threads
     from .mpi import SignalFlag, agree_on_errors, fail_job, gather_strings
@@ -61,7 +64,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     setup = train_set = None
     try:  # phase 1: every rank, nothing written
         setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite, prepare_dir=False,
-                            attackers=w.n_attackers)
+                            attackers=w.n_attackers, trust_config_code=trust_config_code)
         cfg = setup.cfg
         threads = set_threads(cfg.threads, w.local_size)
         device = pick_device(cfg.device, w.local_rank)
@@ -88,7 +91,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
 
             open_run_dir(setup, overwrite=overwrite)
             train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
-            trainer = Trainer(setup, device=device, train_size=train_size, role="server")
+            trainer = Trainer(setup, device=device, train_size=train_size, role="server",
+                              stop_requested=signals.stop_requested)
             role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
                           train_set=train_set)
         else:

@@ -116,6 +116,7 @@ class MetricsLog:
         self.path = Path(path)
         self._file = open(self.path, "a", buffering=1)
         self.sinks = list(sinks or [])
+        self.failed = False  # a write failed: its StorageError was raised, and closing must not replace it
 
     def write(self, kind: str, **fields) -> dict:
         row = {"kind": kind, "wall": round(time.time(), 3), **fields}
@@ -128,11 +129,25 @@ class MetricsLog:
             for sink in self.sinks:
                 sink.write(clean)
         except OSError as exc:
+            self.failed = True
             raise StorageError(f"cannot write {self.path}: {io_error_text(exc)}") from None
         return row
 
     def close(self) -> None:
-        self._file.close()  # idempotent
-        for sink in self.sinks:
-            sink.close()
-        self.sinks.clear()
+        """Close the log and its sinks (idempotent). After a failed write the first error stands: a
+        full disk fails the flush at close again, and that bare "No space left on device" (no file
+        named) used to replace the error that named the log."""
+        try:
+            self._file.close()
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                raise StorageError(f"cannot write {self.path}: {io_error_text(exc)}") from None
+        finally:
+            sinks, self.sinks = self.sinks, []
+            for sink in sinks:
+                try:
+                    sink.close()
+                except OSError:
+                    if not self.failed:
+                        raise

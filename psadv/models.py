@@ -3,7 +3,7 @@
 Checkpoints store the registry name and the constructor arguments, so a resumed or evaluated
 run rebuilds exactly the architecture it trained (``build_model(name, **args)``). A name of the
 form ``package.module:factory`` is the user's own model instead: a callable returning an
-``nn.Module`` for inputs in [0, 1], imported (also from the current directory) and called with
+``nn.Module`` for inputs in [0, 1], imported (also from the current directory, searched last) and called with
 the ``--model-args`` JSON object as keyword arguments. Building one runs that code, so a factory
 that a file names is built only through :func:`psadv.checkpoint.build_recorded_model`, which
 requires the caller to name it too.
@@ -139,13 +139,14 @@ def _one_line(exc: BaseException) -> str:
 def import_factory(ref: str) -> Callable[..., nn.Module]:
     """The callable ``package.module:factory`` names; ConfigError (one line) if it cannot be had.
 
-    The current directory is searched too, as ``python -m`` does, so a factory beside the command
-    works from the ``psadv`` script as well.
+    The current directory is searched too, so a factory beside the command works from the ``psadv``
+    script as ``python -m`` would run it, but *last*: a stray ``safetensors.py`` or ``torch.py``
+    there must never shadow a package psadv imports later (docs/design/security.md).
     """
     module_name, _, attr = ref.partition(":")
     cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         target = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -219,6 +220,24 @@ def model_args_for(name: str, input_shape: tuple[int, int, int], num_classes: in
         hint = f"; models for {got} inputs: {', '.join(fitting)}" if fitting else ""
         raise ConfigError(f"model {name} expects {want} inputs, but the dataset has {got}{hint}")
     return {"in_channels": int(input_shape[0]), "num_classes": int(num_classes)}
+
+
+def registry_args_problem(name: str, args: dict) -> str | None:
+    """What is wrong with a file's arguments for registry model ``name`` (its builders take
+    ``in_channels`` and ``num_classes``, integers in bounds: a crafted num_classes of 10**12 would
+    allocate terabytes in the last layer), or None."""
+    from .untrusted import MAX_CHANNELS, MAX_CLASSES
+
+    bounds = {"in_channels": (1, MAX_CHANNELS), "num_classes": (2, MAX_CLASSES)}
+    why = f"model {name} cannot be built with arguments {json.dumps(args)[:200]}"
+    unknown = sorted(set(args) - set(bounds))
+    if unknown:
+        return f"{why}: unexpected keyword argument {unknown[0]!r}"
+    for key, value in args.items():
+        low, high = bounds[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"{why}: {key} must be an integer from {low} to {high}"
+    return None
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -134,6 +134,10 @@ class SignalFlag:
         if self.signum is None:
             self.signum = signum
 
+    def stop_requested(self) -> bool:
+        """Whether this rank must stop: a signal caught here, or one an attacker forwarded."""
+        return (self.signum or self.forwarded) is not None
+
     def name(self) -> str:
         """The signal that stops this rank (caught here, else forwarded), or "" if none."""
         signum = self.signum or self.forwarded

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -127,13 +128,15 @@ def run_dir_of(checkpoint: Checkpoint) -> Path:
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
                 overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0,
-                given=None) -> RunSetup:
+                given=None, trust_config_code: bool = False) -> RunSetup:
     """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
 
     With ``resume`` the architecture comes from the checkpoint; asking for another model or
-    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` (the
-    command line or the TOML file) names it: a checkpoint is a file, and a file does not choose code
-    to run (:func:`psadv.checkpoint.check_trusted`). ``prepare_dir=False`` resolves without
+    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` on the
+    command line (``overrides``) names it: a checkpoint or a shared ``--config`` file is a file, and a
+    file does not choose code to run (:func:`psadv.checkpoint.check_trusted`), unless
+    ``trust_config_code`` (``--trust-config-code``) trusts the factory that ``file_values`` names
+    (docs/design/security.md). ``prepare_dir=False`` resolves without
     touching the disk (MPI attackers, and the server until every rank has checked its inputs: it
     calls :func:`open_run_dir` then).
     ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`. ``given``: the
@@ -142,6 +145,12 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     """
     file_values = file_values or {}
     asked = {**file_values, **overrides}
+    # the factory the user named: on the command line, or in their --config with --trust-config-code
+    trusted = overrides.get("model") or (file_values.get("model") if trust_config_code else None)
+    if is_factory_ref(str(asked.get("model") or "")) and asked["model"] != trusted:
+        raise UsageError(f"the --config file names the factory model {asked['model']}, and importing it runs its "
+                         f"code: psadv runs code only when you name it, so pass --model {asked['model']} (or "
+                         "--trust-config-code if you trust that file)")
     checkpoint = None
     base: dict = {}
     if resume:
@@ -167,6 +176,8 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
     in_place = home is not None and run_dir.resolve() == home.resolve()
+    if cfg.data_dir:  # recorded as typed, a relative path fails psadv eval or --resume from another directory
+        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
     if cfg.dataset in FILE_DATASETS:  # recorded in the config, so a resume on a changed file is refused
         cfg.data_md5 = verify_data_file(cfg.dataset, cfg.data_dir or None, cfg.data_md5)
     info = dataset_info(cfg.dataset, cfg.data_dir or None)
@@ -175,8 +186,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
     if checkpoint is not None:
         model_args = checkpoint.model_args
         with _older_hint(resume, checkpoint.path):
-            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state,
-                                 trust=asked.get("model"))
+            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state, trust=trusted)
     elif is_factory_ref(cfg.model):
         model_args = model_args_for(cfg.model, info.shape, info.num_classes, parse_model_args(cfg.model_args))
     else:
@@ -285,8 +295,12 @@ def initial_model(cfg: Config, model_args: dict, device: torch.device) -> torch.
 class Trainer:
     """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
 
-    def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single"):
+    def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single",
+                 stop_requested: Callable[[], bool] | None = None):
         cfg = self.cfg = setup.cfg
+        # what cuts an evaluation short within one attack iteration (psadv/stop.py): the runner's
+        # signal flag, so a SIGTERM during a strong evaluation never outlives SLURM's grace period
+        self.stop_requested = stop_requested
         self.run_dir = setup.run_dir
         self.lock = setup.lock
         self.device = device
@@ -423,9 +437,13 @@ class Trainer:
 
     def diverged(self, what: str) -> TrainingDiverged:
         latest = self.manager.latest()
-        kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written"
-        return TrainingDiverged(f"training diverged at version {self.version}: {what}; {kept}; "
-                                "lower --lr (or check the data) and train again")
+        if latest:
+            return TrainingDiverged(f"training diverged at version {self.version}: {what}; the last good checkpoint, "
+                                    f"{latest}, is kept; lower --lr (or check the data) and --resume {self.run_dir}")
+        # Nothing to resume: the directory is reused, its metrics (the divergence's evidence) replaced.
+        return TrainingDiverged(f"training diverged at version {self.version}: {what}; no checkpoint had been written, "
+                                f"so there is nothing to resume: lower --lr (or check the data) and train again with "
+                                f"--overwrite --run-dir {self.run_dir}")
 
     def check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` if any parameter or buffer is NaN or infinite (of the
@@ -443,8 +461,10 @@ class Trainer:
         return {"lr": lr, "loss": loss, "acc": acc}
 
     # --- evaluation, metrics, checkpoints ---------------------------------------------------
-    def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500) -> AccuracyJob:
-        """Measuring ``model`` (default: :attr:`graded_model`) on the held-out evaluation slice, in pieces.
+    def slice_accuracy_job(self, model: torch.nn.Module | None = None, batch_size: int = 500,
+                           stop: Callable[[], bool] | None = None) -> AccuracyJob:
+        """Measuring ``model`` (default: :attr:`graded_model`) on the held-out evaluation slice, in pieces;
+        ``stop`` (default: :attr:`stop_requested`) cuts it short within one attack iteration.
 
         Its random starts come from its own seeded generator: how often a run evaluates never
         changes its training, and every evaluation attacks from the same starts. A gated strong
@@ -453,11 +473,14 @@ class Trainer:
         gate, attacks = schedules.eval_cascade(self.cfg)
         return AccuracyJob(model or self.graded_model, self.eval_x, self.eval_y, attacks,
                            batch_size=batch_size, device=self.device, seed=self.cfg.seed + 1, gate=gate,
-                           target=self.cfg.target_robust_acc)
+                           target=self.cfg.target_robust_acc, stop=stop or self.stop_requested)
 
-    def record_eval(self, result: dict, version: int, time_at_version: float,
-                          examples_at_version: int | None = None) -> dict:
-        """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in."""
+    def record_eval(self, result: dict | None, version: int, time_at_version: float,
+                          examples_at_version: int | None = None) -> dict | None:
+        """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in.
+        ``None`` (a job a stop request cut short, :meth:`psadv.evaluate.AccuracyJob.result`) records nothing."""
+        if result is None:
+            return None
         self.state.last_eval = {**result, "version": version, "time": time_at_version}
         best = self.state.best_robust_acc
         self.state.best_robust_acc = result["robust_acc"] if best is None else max(best, result["robust_acc"])
@@ -470,11 +493,12 @@ class Trainer:
                            else examples_at_version, **result)
         return result
 
-    def measure_now(self, progress: bool = False, interrupted=lambda: False) -> dict | None:
+    def measure_now(self, progress: bool = False, interrupted: Callable[[], bool] | None = None) -> dict | None:
         """Measure the live model on the evaluation slice now, to the end, and record it; None (nothing
         recorded) if ``interrupted()`` turns true on the way, so a signal never waits for a long one."""
         version, started = self.version, self.elapsed()
-        job = self.slice_accuracy_job()
+        interrupted = interrupted or self.stop_requested or (lambda: False)
+        job = self.slice_accuracy_job(stop=interrupted)
         with tqdm(total=len(self.eval_y), desc=f"eval v{version}", unit="ex", disable=not progress,
                   leave=False) as bar:
             while not job.done:
@@ -510,7 +534,7 @@ class Trainer:
         recorded = self.state.last_eval
         if reason.startswith("signal"):
             self.final_evaluation = f"skipped ({reason})"
-        elif (measure or self.measure_final)(lambda: signals.signum is not None):
+        elif (measure or self.measure_final)(signals.stop_requested):
             self.final_evaluation = "measured"
         else:
             self.final_evaluation = f"interrupted (signal {signals.name()})"
@@ -611,7 +635,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
         if ckpt is not None:  # checked before the trainer writes into the run directory
             with restoring(ckpt.path):
                 stream.restore(ckpt.state["data_stream"])
-        trainer = Trainer(setup, device=device, train_size=len(train_set))
+        trainer = Trainer(setup, device=device, train_size=len(train_set), stop_requested=signals.stop_requested)
         memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
         ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
         separate = ring is not None or cfg.emulate_attackers > 0
@@ -701,7 +725,7 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> 
                 window = _window(now)
             reason = stop_reason()
             if trainer.due(cfg.eval_every) and reason is None:
-                trainer.measure_now(interrupted=lambda: signals.signum is not None)
+                trainer.measure_now(interrupted=signals.stop_requested)
                 bar.show()
                 reason = stop_reason()
             if trainer.due(cfg.checkpoint_every) and reason is None:

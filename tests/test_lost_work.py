@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from psadv.checkpoint import IncompatibleCheckpoint, find_checkpoint, list_checkpoints, load_checkpoint
-from psadv.errors import CheckpointError, TrainingDiverged, UsageError
+from psadv.errors import CheckpointError, StorageError, TrainingDiverged, UsageError
 from psadv.metrics import MetricsLog
 from psadv.rundir import prepare
 from psadv.training import resolve_run, train_single
@@ -468,3 +468,43 @@ def test_a_resume_that_fails_to_start_puts_the_set_aside_line_back(tmp_path):
     run.abandon()  # e.g. the resumed run's device does not exist
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before and not aside.exists()
+
+
+# --- smaller ways to lose work (issue 35) ------------------------------------------------------------
+def test_a_run_that_diverges_before_its_first_checkpoint_says_how_to_reuse_its_directory(tmp_path, mnist_dir):
+    """Its directory could be neither resumed (no checkpoint) nor reused (it holds a run), and the
+    error said neither."""
+    run_dir = tmp_path / "x"
+    diverged = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, "--steps", "3", "--lr", "1e30",
+                      "--lr-schedule", "constant", *CLI_SMALL)
+    errors = [line for line in diverged.stderr.splitlines() if line.startswith("psadv: error:")]
+    assert diverged.exit_code == 1 and len(errors) == 1, diverged.stderr
+    assert "no checkpoint had been written" in errors[0] and errors[0].endswith(f"--overwrite --run-dir {run_dir}")
+    assert_one_line_error(invoke("train", "--resume", run_dir, "--no-progress"), 1,
+                          "stopped before its first checkpoint", f"--overwrite --run-dir {run_dir}")
+    again = invoke("train", "--data-dir", mnist_dir, "--run-dir", run_dir, "--steps", "2", "--overwrite", *CLI_SMALL)
+    assert again.exit_code == 0, again.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["version"] == 2
+
+
+def test_a_relative_data_file_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    x = np.zeros((40, 1, 28, 28), np.uint8)
+    y = np.arange(40) % 10
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "mine.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    monkeypatch.chdir(tmp_path / "data")
+    setup = resolve_run({"dataset": "npz", "data_dir": "mine.npz", "model": "mnist-small", "run_dir": str(tmp_path / "r"),
+                         "batch_size": 20}, prepare_dir=False)
+    assert setup.cfg.data_dir == str(tmp_path / "data" / "mine.npz")
+
+
+def test_a_full_disk_while_writing_metrics_names_the_file_and_keeps_the_first_error():
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    log = MetricsLog(Path("/dev/full"))
+    with pytest.raises(StorageError, match=r"cannot write /dev/full: No space left on device"):
+        log.write("rejected", version=1, sender=1, reason="x" * 10)
+    log.close()  # the cleanup's own failure does not replace the first error
+    fresh = MetricsLog(Path("/dev/full"))
+    fresh._file.write("unflushed")  # buffered: only the close flushes it
+    with pytest.raises(StorageError, match="cannot write /dev/full"):
+        fresh.close()

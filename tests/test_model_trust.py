@@ -125,3 +125,48 @@ def test_model_must_match_the_file(registry_run, planted):
     assert not marker.exists()
     # a registry model needs no opt-in, and may be named
     assert invoke("eval", registry_run, *EVAL, "--model", "mnist-small").exit_code == 0
+
+
+# --- code named by a config file, and the current directory ----------------------------------------
+def test_a_factory_named_by_a_config_file_runs_only_with_the_command_lines_consent(tmp_path, mnist_dir, planted):
+    """A shared --config used to be trusted like the command line: its factory was imported and called."""
+    path, marker = planted
+    config = tmp_path / "shared.toml"
+    config.write_text(f'model = "{MARKER_NET}"\nmodel_args = \'{{"marker": "{marker}"}}\'\n')
+    refused = ("the --config file names the factory model", f"--model {MARKER_NET}", "--trust-config-code")
+    assert_one_line_error(invoke("train", "--config", config, "--data-dir", mnist_dir, "--run-dir",
+                                 tmp_path / "new", *FAST), 2, *refused)
+    assert_one_line_error(invoke("train", "--config", config, "--resume", path, "--run-dir", tmp_path / "branch",
+                                 *FAST[2:]), 2, *refused)
+    assert not marker.exists() and not (tmp_path / "new").exists() and not (tmp_path / "branch").exists()
+    named = invoke("train", "--config", config, "--model", MARKER_NET, "--data-dir", mnist_dir, "--run-dir",
+                   tmp_path / "named", *FAST)
+    assert named.exit_code == 0, named.stderr
+    assert marker.exists()
+    marker.unlink()
+    trusted = invoke("train", "--config", config, "--trust-config-code", "--data-dir", mnist_dir, "--run-dir",
+                     tmp_path / "trusted", *FAST)
+    assert trusted.exit_code == 0, trusted.stderr
+    assert marker.exists()
+
+
+def test_trusting_a_factory_never_lets_the_current_directory_shadow_a_package(registry_run, tmp_path):
+    """`psadv export --model mymodels:net` put the current directory first on sys.path, so the
+    safetensors.py lying there ran instead of the safetensors package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shadow = work / "shadow-ran"
+    (work / "safetensors.py").write_text(f"open({str(shadow)!r}, 'w').write('ran')\n")
+    (work / "mymodels.py").write_text("from psadv.models import MnistSmall\n\ndef net():\n    return MnistSmall()\n")
+    planted = plant(find_checkpoint(registry_run), work / "ckpt.h5", "mymodels:net", {})
+    root = Path(psadv.__file__).resolve().parents[1]  # the psadv under test
+    # -P: as the psadv script starts, without the current directory on sys.path
+    res = subprocess.run([sys.executable, "-P", "-m", "psadv.cli", "export", str(planted), "--model", "mymodels:net",
+                          "-o", str(work / "out.safetensors")], cwd=work, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr
+    assert not shadow.exists() and (work / "out.safetensors").exists()

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .. import stop
 from .losses import LOSSES, targeted_dlr_loss
 from .threats import THREATS, ThreatModel
 
@@ -68,6 +69,7 @@ def _single_run(model, x, y, target, loss_fn, threat: ThreatModel, steps: int,
     fooled = logits.argmax(1) != y
     check_at, last_check = set(checkpoints(steps)), 0
     for k in range(steps + 1):
+        stop.check()  # one iteration, not the batch, between a signal and the stop (psadv/stop.py)
         if fooled.any():  # finished rows leave the working set for good
             out[origin[fooled]] = s["x_k"][fooled]
             fooled_out[origin[fooled]] = True

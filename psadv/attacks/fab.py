@@ -30,6 +30,7 @@ import math
 import torch
 from torch import nn
 
+from .. import stop
 from ..errors import ConfigError
 from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 
@@ -165,6 +166,7 @@ def _targeted_run(model, x0, y, target, *, norm, eps, steps, start):
     live = torch.arange(len(x0), device=x0.device)
     x0l, yl, tl, x1 = x0, y, target, start
     for _ in range(steps):
+        stop.check()  # one step, not the batch, between a signal and the stop (psadv/stop.py)
         gap, grad = _gap_and_grad(model, x1, yl, tl)
         x1 = _fab_step(x1, x0l, gap, grad, norm)
         with torch.no_grad():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import stop
 from ..errors import ConfigError
 from .losses import LOSSES
 from .threats import THREATS, ThreatModel
@@ -130,6 +131,7 @@ def _single_run(model: nn.Module, x, y, attack: Attack, threat: ThreatModel, los
     x_adv = initial_point(attack, x) if start is None else threat.project(start.detach(), x)
     step_size = attack.effective_step_size
     for _ in range(attack.effective_steps):
+        stop.check()  # a signal during an evaluation waits for one step, not the batch (psadv/stop.py)
         # A fresh leaf each step: the gradient is computed anew, never accumulated.
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():  # also when called under torch.no_grad()

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from .. import stop
 from .losses import margin_loss
 from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 
@@ -190,6 +191,7 @@ def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tens
     for i in range(queries - 1):  # the initial point took the first query
         if len(live) == 0:
             break
+        stop.check()  # one query, not 5,000, between a signal and the stop (psadv/stop.py)
         if norm == "linf":
             s, vh, vw = windows[i]
             win = best[:, :, vh:vh + s, vw:vw + s]  # a view: the proposal is queried in place
