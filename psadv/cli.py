@@ -71,9 +71,9 @@ class Number(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            number = parse_number(value, param.opts[0] if param else "value")
-        except ConfigError:
-            self.fail(f"{value!r} is not a number or a fraction such as 8/255", param, ctx)
+            number = parse_number(value, "it")
+        except ConfigError as exc:  # "it must be …, got …": the option is click's to name
+            self.fail(f"{value!r} is not {str(exc).split(' must be ', 1)[1].split(', got')[0]}", param, ctx)
         if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
             self.fail(f"{value} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
         return number

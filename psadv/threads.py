@@ -56,7 +56,8 @@ def choose_threads(requested: int, cores: int, quota: float | None = None, load:
     (rounded down: threads beyond the quota are throttled for the rest of each period), split between
     the ranks on the host, less what the ``load`` average says other work keeps busy (read at
     start-up, before this job adds to it), and at least 1. A warning when the load plus this job's
-    threads exceed the usable cores: psadv will run, slower than on an idle machine.
+    threads exceed the usable cores (psadv will run, slower than on an idle machine), or when the
+    user's count alone does.
     """
     cores = max(1, int(cores))
     ranks = max(1, int(ranks_per_node))
@@ -69,17 +70,22 @@ def choose_threads(requested: int, cores: int, quota: float | None = None, load:
     else:
         share = max(1, usable // ranks)
         free = usable - (load or 0.0)
-        threads = max(1, min(share, math.floor(free / ranks)))
+        # a core counts as busy once the load keeps more than half of it so: a shell or a short
+        # command does not cost a thread, a busy-loop job does
+        threads = max(1, min(share, math.floor(free / ranks + 0.5)))
         why = f"automatic: {limit}" + (f" for {ranks} ranks" if ranks > 1 else "")
         if threads < share:
             why += f", load average {load:.1f}"
     warning = None
-    total = (load or 0.0) + threads * ranks
-    if total > usable + OVERSUBSCRIBED_SLACK:
-        busy = f"load average {load:.1f} and " if load else ""
-        warning = (f"psadv: warning: the machine is oversubscribed ({busy}{threads * ranks} psadv thread"
-                   f"{'s' if threads * ranks != 1 else ''} on {limit}): expect it to run slower than on an "
-                   "idle machine" + ("" if requested > 0 else "; --threads N sets the count"))
+    ours = threads * ranks
+    if requested > 0 and ours > usable:  # the user's own count: the load is theirs to judge
+        warning = (f"psadv: warning: --threads {requested} x {ranks} rank{'s' if ranks != 1 else ''} on {limit} "
+                   "oversubscribes them: expect it to run slower than with fewer threads")
+    elif requested == 0 and (load or 0.0) + ours > usable + OVERSUBSCRIBED_SLACK:
+        busy = f"load average {load:.1f} before psadv, and " if load else ""
+        warning = (f"psadv: warning: the machine is oversubscribed ({busy}{ours} psadv thread{'s' if ours != 1 else ''}"
+                   f"{f' in {ranks} ranks' if ranks > 1 else ''} on {limit}): expect it to run slower than on an "
+                   "idle machine; --threads N sets the count")
     return ThreadChoice(threads, why, warning)
 
 

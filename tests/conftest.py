@@ -37,6 +37,18 @@ def require_program(name: str, why: str = "") -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def idle_load_average():
+    """In-process runs choose their threads as on an idle machine: the load average of a machine
+    that runs this suite (and other jobs) would otherwise change thread counts from run to run and
+    add warnings to the output tests read. test_threads.py gives the choice its load itself."""
+    import psadv.threads
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psadv.threads, "load_average", lambda: None)
+        yield
+
+
 @pytest.fixture
 def mpiexec() -> str:
     """The MPI launcher the MPI tests start jobs with (``pytest.mark.usefixtures("mpiexec")``)."""

@@ -187,7 +187,8 @@ def test_factory_model_train_resume_eval_export(tmp_path, mnist_dir):
     refused = invoke("train", "--resume", run, "--steps", 6, *own, "--model-args", '{"num_classes": 10}',
                      "--no-progress")
     assert_one_line_error(refused, 2, "--model-args {}")
-    evaluated = invoke("eval", run, "--examples", 20, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
+    evaluated = invoke("eval", run, "--examples", 20, "--attack", "pgd", "--steps", 1, "--restarts", 1, "--json",
+                       "--no-progress", *own)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.output)["version"] == 5
     exported = invoke("export", run, *own)
@@ -229,7 +230,7 @@ def test_mpi_factory_model_on_npz_data(tmp_path, npz):
     assert ckpt.model_name == "custom_models:tiny_net" and ckpt.config["dataset"] == "npz"
     # a factory the attackers cannot build ends every rank with the same one line, and no run dir
     bad = subprocess.run([*cmd[:cmd.index("--run-dir")], "--run-dir", str(tmp_path / "bad"), "--steps", "2",
-                          "--model", "custom_models:raises", *FAST[2:]], capture_output=True, text=True, timeout=120,
+                          "--model", "custom_models:raises", "--eps", "8/255", *FAST[2:]], capture_output=True, text=True, timeout=120,
                          env=env, cwd=tmp_path)
     assert bad.returncode == 2, bad.stderr[-3000:]
     errors = [line for line in bad.stderr.splitlines() if line.startswith("psadv: error:")]
