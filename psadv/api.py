@@ -61,41 +61,68 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
 
 
 def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None,
-             data_dir: str | os.PathLike | None = None, eps: float | None = None, norm: str | None = None,
-             attack: str | None = None, steps: int = 50, restarts: int = 10, step_size: float | None = None,
-             loss: str = "ce", apgd_steps: int = 100, targets: int = 9, queries: int = 5000,
-             examples: int | None = None, batch_size: int = 500, device: str | torch.device = "cpu",
-             seed: int = 0, trust_factory: bool | str | None = None) -> dict:
+             data_dir: str | os.PathLike | None = None, eps: float | str | None = None, norm: str | None = None,
+             attack: str | None = None, steps: int | None = None, restarts: int | None = None,
+             step_size: float | str | None = None, loss: str | None = None, apgd_steps: int | None = None,
+             targets: int | None = None, queries: int | None = None, examples: int | None = None,
+             batch_size: int = 500, device: str | torch.device = "cpu", seed: int = 0, threads: int = 0,
+             trust_factory: bool | str | None = None) -> dict:
     """Clean and robust test accuracy, as ``psadv eval`` measures it.
 
     ``attack`` is any name ``psadv eval --attack`` takes (default ``strong``: APGD-CE, APGD-T and
-    Square, each on the examples the earlier ones left standing); ``steps``/``restarts`` set PGD,
-    ``apgd_steps``/``targets`` APGD and FAB, ``queries`` Square. ``model`` is an ``nn.Module``
-    taking [0, 1] images, or a path :func:`load_model` reads (``trust_factory`` as there: needed for
-    a ``package.module:factory`` model); for a path, ``dataset``, ``eps`` and ``norm`` default to the
-    ones it was trained with, otherwise to :class:`psadv.Config`'s. Returns
-    what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``, ``examples``,
-    per-attack rows (``attacks``) and the ``masking_gap``. A thin wrapper over
+    Square, each on the examples the earlier ones left standing); ``steps``/``restarts``/
+    ``step_size``/``loss`` set PGD (and FGSM), ``apgd_steps``/``targets`` APGD-T and FAB-T,
+    ``queries`` Square, and one that none of the chosen attacks reads is a ConfigError, as on the
+    command line; left out, each has ``psadv eval``'s default. ``model`` is an ``nn.Module`` taking
+    [0, 1] images, or a path :func:`load_model` reads (``trust_factory`` as there: needed for a
+    ``package.module:factory`` model); for a path, ``dataset``, ``eps`` and ``norm`` default to the
+    ones it was trained with, otherwise to :class:`psadv.Config`'s. ``eps`` may be a fraction such
+    as ``"8/255"``, ``norm`` ``"Linf"`` or ``"L2"``. ``threads``: torch's threads while it runs
+    (0, the default: chosen as ``psadv eval`` chooses them; the caller's setting is restored after).
+    Returns what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``,
+    ``examples``, per-attack rows (``attacks``, with their ``settings``), the ``masking_gap``, and
+    ``dataset``, ``norm``, ``eps``, ``model``, ``version``, ``psadv_version``. A thin wrapper over
     :func:`psadv.evaluate.measure_accuracy`.
     """
-    from .attacks.suite import DEFAULT_EVAL, EvalSettings, build_cascade
-    from .data import dataset_info, load_dataset
-    from .evaluate import measure_accuracy
+    import math
+    import sys
 
+    from .attacks.suite import resolve
+    from .config import MAX_THREADS, check_eps, parse_number, parse_norm
+    from .data import dataset_info, load_dataset
+    from .devices import set_threads
+    from .evaluate import evaluation_record, measure_accuracy
+
+    if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):
+        raise ConfigError(f"threads must be an integer from 0 (automatic) to {MAX_THREADS}, got {threads!r}")
     meta: dict[str, str] = {}
+    name = type(model).__name__
     if not isinstance(model, nn.Module):
         model, meta = open_model(Path(model), device, trust_factory=trust_factory)
+        name = meta.get("model_name", name)
     defaults = Config()
     dataset = dataset or meta.get("dataset") or defaults.dataset
-    eps = eps if eps is not None else float(meta["eps"]) if "eps" in meta else defaults.eps
+    eps = (parse_number(eps, "eps") if eps is not None else float(meta["eps"]) if "eps" in meta
+           else defaults.eps)
+    norm = parse_norm(norm or meta.get("norm") or defaults.norm, "norm")
+    step_size = parse_number(step_size, "step_size") if step_size is not None else None
+    info = dataset_info(dataset, data_dir or meta.get("data_dir") or None)
+    check_eps(eps, norm, math.prod(info.shape), option="eps")
+    cascade = resolve(attack, dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss,
+                                   apgd_steps=apgd_steps, targets=targets, queries=queries),
+                      norm=norm, eps=eps, classes=info.num_classes)
     test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
-    classes = dataset_info(dataset, data_dir or meta.get("data_dir") or None).num_classes
-    # a model has num_classes - 1 classes to target: the label says how many really ran
-    settings = EvalSettings(norm=norm or meta.get("norm") or defaults.norm, eps=eps, steps=steps,
-                            restarts=restarts, step_size=step_size, loss=loss, apgd_steps=apgd_steps,
-                            targets=min(targets, classes - 1), queries=queries)
-    cascade = build_cascade(attack or DEFAULT_EVAL, settings)
     n = min(examples or len(test), len(test))
-    # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
-    return measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
-                            batch_size=batch_size, device=device, seed=seed)
+    before = torch.get_num_threads()
+    chosen = set_threads(threads)
+    if chosen.warning:
+        print(chosen.warning, file=sys.stderr)
+    try:
+        # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
+        result = measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
+                                  batch_size=batch_size, device=device, seed=seed)
+    finally:
+        torch.set_num_threads(before)
+    version = meta.get("version")
+    return evaluation_record(result, cascade, dataset=dataset, model=name,
+                             version=int(version) if version and version.isdigit() else None)

@@ -7,17 +7,28 @@ missing or corrupted file.
 
 from __future__ import annotations
 
-import json
-import math
-import sys
-import time
+import os
 
-import click
+from .threads import quiet_openmp
 
-from . import __version__
-from .attacks.suite import COMPOSITES, DEFAULT_EVAL, EVAL_ATTACKS
-from .config import FIELDS, MAX_SEED, MAX_THREADS, choices_of, read_toml, recipe_defaults
-from .errors import PsadvError
+# Before anything imports torch, whose OpenMP runtime reads its wait policy once, as it loads: idle
+# threads then sleep instead of spinning on the cores other work needs (psadv/threads.py).
+quiet_openmp(os.environ)
+
+import json  # noqa: E402 - after the OpenMP settings
+import math  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .attacks.losses import LOSSES  # noqa: E402
+from .attacks.suite import COMPOSITES, DEFAULT_EVAL, EVAL_ATTACKS, EvalSettings  # noqa: E402
+from .config import (FIELDS, MAX_SEED, MAX_THREADS, choices_of, parse_number, read_toml,  # noqa: E402
+                     recipe_defaults)
+from .errors import ConfigError, PsadvError  # noqa: E402
 
 
 class PsadvGroup(click.Group):
@@ -49,12 +60,33 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+class Number(click.ParamType):
+    """A finite number or a fraction such as ``8/255`` (ε and step sizes are published in 1/255
+    units), at least ``min`` (above it with ``min_open``)."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, min_open: bool = False):
+        self.min, self.min_open = min, min_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = parse_number(value, "it")
+        except ConfigError as exc:  # "it must be …, got …": the option is click's to name
+            self.fail(f"{value!r} is not {str(exc).split(' must be ', 1)[1].split(', got')[0]}", param, ctx)
+        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
+            self.fail(f"{value} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        return number
+
+
 def _click_type(name: str):
     f = FIELDS[name]
     choices = choices_of(name)
     if choices:
-        return click.Choice(choices)
+        return click.Choice(choices, case_sensitive=not f.metadata.get("fold_case"))
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if f.metadata.get("fraction"):
+        return Number(min=lo)
     if f.type == "int":
         return click.IntRange(min=lo, max=hi)
     if f.type == "float":
@@ -130,75 +162,104 @@ def train(config_file, resume, overwrite, trust_config_code, progress, **options
            trust_config_code=trust_config_code)
 
 
+LOSS_NAMES = tuple(LOSSES)
+
+
+def _default(name: str) -> str:
+    """An evaluation setting's default, for --help: :class:`EvalSettings` holds the defaults that
+    ``psadv eval`` and ``psadv.evaluate`` share."""
+    return f"[default: {getattr(EvalSettings, name)}]"
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--attack", type=click.Choice(EVAL_ATTACKS), default=DEFAULT_EVAL, show_default=True,
               help="attack, or cascade of attacks (" + ", ".join(f"{k}: {'+'.join(v)}" for k, v in COMPOSITES.items())
               + ")")
-@click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True, help="PGD steps")
-@click.option("--restarts", type=click.IntRange(min=1), default=10, show_default=True, help="PGD random restarts")
-@click.option("--eps", type=click.FloatRange(min=0), default=None,
-              help="ε (default: the checkpoint's); L∞: <= 1, L2: <= sqrt(pixels)")
-@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
-              help="absolute PGD step size (default: 2.5ε/steps)")
-@click.option("--loss", type=click.Choice(["ce", "margin", "dlr"]), default="ce", show_default=True,
-              help="PGD loss: cross-entropy, the CW margin, or DLR")
-@click.option("--apgd-steps", type=click.IntRange(min=1), default=100, show_default=True,
-              help="iterations of apgd-ce, apgd-t and fab-t")
+# Not given (None) is not the default: an option the chosen attacks do not read is refused.
+@click.option("--steps", type=click.IntRange(min=0), default=None,
+              help="steps of pgd " + _default("steps"))
+@click.option("--restarts", type=click.IntRange(min=1), default=None,
+              help="random restarts of pgd and fgsm-rs " + _default("restarts"))
+@click.option("--eps", type=Number(min=0), default=None,
+              help="ε, a number or a fraction such as 8/255 (default: the checkpoint's); L∞: <= 1, L2: <= sqrt(pixels)")
+@click.option("--step-size", type=Number(min=0, min_open=True), default=None,
+              help="absolute step size of pgd, fgsm and fgsm-rs, e.g. 2/255 (default: 2.5ε/steps for pgd)")
+@click.option("--loss", type=click.Choice(LOSS_NAMES), default=None,
+              help="loss of pgd, fgsm and fgsm-rs: cross-entropy, the CW margin, or DLR " + _default("loss"))
+@click.option("--apgd-steps", type=click.IntRange(min=1), default=None,
+              help="iterations of apgd-ce, apgd-t and fab-t " + _default("apgd_steps"))
 @click.option("--targets", type=click.IntRange(min=1), default=None,
               help="target classes of apgd-t and fab-t [default: 9, or all other classes if fewer]")
-@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True,
-              help="queries per example of square")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="threat model (default: the checkpoint's)")
+@click.option("--queries", type=click.IntRange(min=1), default=None,
+              help="queries per example of square " + _default("queries"))
+@click.option("--norm", type=click.Choice(["linf", "l2"], case_sensitive=False), default=None,
+              help="threat model, Linf or L2 (default: the checkpoint's)")
 @click.option("--examples", type=click.IntRange(min=1), default=None, help="first N test examples (default: all)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="dataset directory (default: the checkpoint's)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=0, max=MAX_THREADS), default=0, show_default=True,
-              help="torch threads (0 = all cores)")
+              help="torch threads (0 = automatic: the usable cores less those other work keeps busy)")
 @click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
               help="seed of the random draws (batch i uses SEED + i)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--save", is_flag=True,
               help="also write the JSON object to RUN_DIR/final_eval.json (read by scaling-report)")
+@click.option("--claim", "claim_file", type=click.Path(dir_okay=False), default=None,
+              help="with --attack autoattack: also write a RobustBench-style claim (clean and AutoAttack accuracy, "
+                   "dataset, threat model, ε, model, and how it was measured) to this new JSON file")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar on stderr")
 @model_option
 def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps, targets, queries, norm, examples,
-          batch_size, data_dir, device, threads, seed, as_json, save, progress, expected_model):
+          batch_size, data_dir, device, threads, seed, as_json, save, claim_file, progress, expected_model):
     """Clean and robust test accuracy of CHECKPOINT (a checkpoint file, a run directory, or a .safetensors
     that psadv export wrote; give an export of npz/hdf5 data its --data-dir).
 
     An example is robust only if every attack of the cascade fails on it; each attack runs on the
     examples the earlier ones left standing. The default, `strong`, is APGD-CE, APGD-T and the
-    black-box Square attack at the checkpoint's ε. When Square flips more than 1% of the examples
-    that the gradient attacks left robust, a warning on stderr reports likely gradient masking.
+    black-box Square attack at the checkpoint's ε; `autoattack` adds FAB-T (AutoAttack's standard
+    four). When Square flips more than 1% of the examples that the gradient attacks left robust, a
+    warning on stderr reports likely gradient masking. An option that none of the chosen attacks
+    reads (--steps with the strong cascade, --queries with pgd) is refused.
     """
+    from pathlib import Path
+
     import torch
 
-    from .attacks.suite import EvalSettings, build_cascade, masking_warning
+    from .attacks.suite import masking_warning, resolve
     from .checkpoint import open_checkpoint
+    from .claim import CLAIM_ATTACK, make_claim
     from .config import check_eps
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .errors import Interrupted
-    from .evaluate import measure_accuracy
+    from .evaluate import evaluation_record, measure_accuracy
     from .mpi import SignalFlag
     from .report import FINAL_EVAL
     from .rundir import write_json
     from .stop import Stopped
 
-    from pathlib import Path
-
     from .export import is_safetensors, metadata_version, open_model
 
+    if claim_file is not None:  # checked before minutes of attacking, and never over an existing file
+        if attack != CLAIM_ATTACK:
+            raise click.UsageError(f"--claim records AutoAttack's accuracy, as RobustBench lists it: add --attack "
+                                   f"{CLAIM_ATTACK} (not {attack})")
+        claim_path = Path(claim_file)
+        if claim_path.exists():
+            raise click.UsageError(f"--claim {claim_path} exists; name a new file")
+        if not claim_path.parent.is_dir():
+            raise click.UsageError(f"--claim {claim_path}: directory {claim_path.parent} does not exist")
     if Path(checkpoint).is_file() and is_safetensors(Path(checkpoint)):  # an export (psadv export)
         model, meta = open_model(checkpoint, trust_factory=expected_model)  # its metadata checked there
         source, version, run_dir = Path(checkpoint), metadata_version(meta), None
         cfg = {"dataset": meta["dataset"], "norm": meta["norm"], "eps": json.loads(meta["eps"]),
                "data_md5": meta.get("data_md5", "")}
+        model_name = meta["model_name"]
     else:
         ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
-        source, version, cfg = ckpt.path, ckpt.state.get("version"), ckpt.config
+        source, version, cfg, model_name = ckpt.path, ckpt.state.get("version"), ckpt.config, ckpt.model_name
         # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
         run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
     if save and run_dir is None:
@@ -219,19 +280,17 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
             raise click.UsageError(f"{why} {source} holds version {version}, not the newest of "
                                    f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
                                    "leave --save out to grade this checkpoint")
-    norm = norm or cfg["norm"]
+    norm = (norm or cfg["norm"]).lower()
     eps = cfg["eps"] if eps is None else eps
     data_dir = data_dir or cfg.get("data_dir") or None
     info = dataset_info(cfg["dataset"], data_dir)
     check_eps(eps, norm, math.prod(info.shape))
-    if targets is not None and targets > info.num_classes - 1:
-        raise click.BadParameter(f"{targets} target classes, but a model of {info.num_classes} classes has "
-                                 f"{info.num_classes - 1} others", param_hint="'--targets'")
-    targets = min(EvalSettings.targets, info.num_classes - 1) if targets is None else targets
-    settings = EvalSettings(norm=norm, eps=eps, steps=steps, restarts=restarts, step_size=step_size, loss=loss,
-                            apgd_steps=apgd_steps, targets=targets, queries=queries)
-    cascade = build_cascade(attack, settings)
-    set_threads(threads)
+    cascade = resolve(attack, dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss,
+                                   apgd_steps=apgd_steps, targets=targets, queries=queries),
+                      norm=norm, eps=eps, classes=info.num_classes)
+    chosen = set_threads(threads)
+    if chosen.warning:
+        click.echo(chosen.warning, err=True)
     dev = pick_device(device)
     model = model.to(dev)
     test = load_dataset(cfg["dataset"], "test", data_dir)
@@ -252,7 +311,8 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
                           f"{time.perf_counter() - start:.0f}s; nothing was recorded", signals.signum) from None
     finally:
         signals.restore()
-    result.update(checkpoint=str(source), version=version, seconds=round(time.perf_counter() - start, 2))
+    result = evaluation_record(result, cascade, dataset=cfg["dataset"], model=model_name, version=version)
+    result.update(checkpoint=str(source), seconds=round(time.perf_counter() - start, 2), threads=chosen.threads)
     warning = masking_warning(result["masking_gap"])
     if warning:
         click.echo(warning, err=True)
@@ -265,8 +325,28 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
             for row in result["attacks"]:
                 click.echo(f"  after {row['attack']}: {row['robust_acc']:.2%} ({row['flipped']} flipped, "
                            f"{row['seconds']:.0f}s)")
-    if save:  # after printing: a write that fails must not throw away minutes of attacking
+    if claim_file is not None:  # after printing: a write that fails must not throw away minutes of attacking
+        command = _eval_command(source, cascade, data_dir=data_dir, examples=n, test_size=len(test), seed=seed,
+                                model=expected_model)
+        claim = make_claim(result, name=(run_dir or source).name, command=command, test_size=len(test),
+                           classes=info.num_classes)
+        write_json(claim_path, claim)
+        click.echo(f"psadv: wrote the claim to {claim_path}", err=True)
+    if save:
         write_json(run_dir / FINAL_EVAL, result)
+
+
+def _eval_command(path, cascade, *, data_dir, examples: int, test_size: int, seed: int, model) -> str:
+    """The ``psadv eval`` command that measures the same again, every setting spelled out (so a
+    change of psadv's defaults does not change what it runs)."""
+    s = cascade[0].settings
+    args = ["psadv", "eval", str(path), "--attack", "autoattack", "--norm", s.norm, "--eps", repr(s.eps),
+            "--apgd-steps", str(s.apgd_steps), "--targets", str(s.targets), "--queries", str(s.queries),
+            "--seed", str(seed)]
+    args += ["--examples", str(examples)] if examples < test_size else []
+    args += ["--data-dir", str(data_dir)] if data_dir else []
+    args += ["--model", str(model)] if model else []
+    return shlex.join(args)
 
 
 @cli.command()

@@ -53,10 +53,14 @@ class Config:
                           "e.g. '{\"width\": 64}'")
 
     # --- the training adversary --------------------------------------------------------------
-    norm: str = opt("linf", "threat model", choices="norms")
+    # Case folded: RobustBench, AutoAttack and torchattacks write Linf and L2.
+    norm: str = opt("linf", "threat model (Linf and L2 also accepted)", choices="norms", fold_case=True)
     # The MNIST challenge budget: ε=0.3 in L∞ on [0,1] pixels. The upper bound depends on the norm
     # (≤ 1 in L∞, ≤ √pixels in L2, where MNIST's standard is 2): see check_eps.
-    eps: float = opt(0.3, "perturbation budget ε (pixels in [0,1]; L∞: <= 1, L2: <= sqrt(pixels))", min=0.0)
+    # A fraction such as 8/255 is read as its value: budgets are published in 1/255 units. A file
+    # data set (npz, hdf5) has no recipe and so no ε of its own: make_config asks for one.
+    eps: float = opt(0.3, "perturbation budget ε (pixels in [0,1]; L∞: <= 1, L2: <= sqrt(pixels)); a number "
+                     "or a fraction such as 8/255", min=0.0, fraction=True)
     # ε=0.3 MNIST training from scratch can sit at ~11% accuracy for many epochs; growing ε
     # linearly from 0 over the first part of training avoids that stall.
     eps_ramp: float = opt(0.2, "fraction of training over which ε ramps up linearly from 0", min=0.0, max=1.0)
@@ -275,10 +279,42 @@ def choices_of(name: str) -> tuple[str, ...] | None:
     return _choices(FIELDS[name])
 
 
+def parse_number(value, option: str) -> float:
+    """A number, or a fraction such as ``8/255`` (ε and step sizes are published in 1/255 units),
+    as a float; ConfigError, one line, for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    top, slash, bottom = text.partition("/")
+    try:
+        number = float(top) / float(bottom) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{option} must be a number or a fraction such as 8/255, got {text!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{option} must be a finite number, got {text!r}")
+    return number
+
+
+def parse_norm(value, option: str = "--norm") -> str:
+    """A threat model's name as psadv spells it: ``Linf``/``LINF`` -> ``linf``, ``L2`` -> ``l2``;
+    ConfigError, one line, for another."""
+    from .attacks.threats import THREATS
+
+    name = str(value).strip().lower()
+    if name not in THREATS:
+        raise ConfigError(f"{option}: unknown value {value!r}; choose one of: {', '.join(THREATS)} "
+                          "(Linf and L2 also accepted)")
+    return name
+
+
 def _coerce(name: str, value, source: str):
     f = FIELDS[name]
     kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
     where = f" in {source}" if source else ""
+    if f.metadata.get("fraction") and isinstance(value, str):
+        value = parse_number(value, f"{name}{where}")
+    if f.metadata.get("fold_case") and isinstance(value, str):
+        value = parse_norm(value, f"{name}{where}")
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}{where} must be true or false, got {value!r}")
@@ -490,6 +526,8 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
     ``given``: the options the user chose, checked by :func:`check_given` (default: every layer's
     keys; a resume passes only what was asked this time, not the checkpoint's config).
     """
+    from .data import FILE_DATASETS
+
     merged: dict = {}
     for layer in layers:
         for name, value in layer.items():
@@ -503,6 +541,10 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
     if (merged.get("push", FIELDS["push"].default) != "examples"
             or merged.get("augment", FIELDS["augment"].default) != "none"):
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
+    if merged.get("dataset") in FILE_DATASETS and "eps" not in merged:
+        # MNIST's 0.3 would be a silent guess: the budget belongs to the data, which psadv does not know
+        raise ConfigError(f"--dataset {merged['dataset']} has no recipe of defaults, so no ε of its own: give "
+                          "--eps (e.g. 8/255 for CIFAR-like images, 0.3 for MNIST-like digits)")
     if merged.get("time_budget") and not merged.get("target_robust_acc"):
         merged.setdefault("eval_every", 0)  # the budget buys training, not monitoring (see Config.eval_every)
     cfg = validate(Config(**merged))

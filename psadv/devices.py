@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .config import check_device
 from .errors import ConfigError
+from .threads import ThreadChoice, pick_threads
 
 
 def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
@@ -39,16 +38,14 @@ def deterministic_cudnn() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def set_threads(requested: int = 0, processes_on_host: int = 1) -> int:
-    """Set torch's intra-op threads: ``requested`` if > 0, else the host's cores split between
-    the processes running on it (so MPI ranks on one host don't oversubscribe it)."""
-    if requested > 0:
-        n = requested
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, cores // max(1, processes_on_host))
-    torch.set_num_threads(n)
-    return n
+def set_threads(requested: int = 0, processes_on_host: int = 1) -> ThreadChoice:
+    """Set torch's intra-op threads: ``requested`` if > 0, else the automatic choice of
+    :func:`psadv.threads.choose_threads` (the cores this process may use, its CPU quota and the load
+    average, split between the processes on the host, so MPI ranks on one host don't oversubscribe
+    it). Returns the choice, with its reason and any warning for the caller to print."""
+    choice = pick_threads(requested, processes_on_host)
+    torch.set_num_threads(choice.threads)
+    return choice
 
 
 def autocast(precision: str, device: torch.device):

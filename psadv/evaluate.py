@@ -151,8 +151,9 @@ class AccuracyJob:
         for i, attack in enumerate(self.attacks):
             robust -= self.flipped[i]
             rows.append({"name": attack.name, "attack": attack.describe(), "black_box": attack.black_box,
-                         "flipped": self.flipped[i], "robust_acc": robust / n if i < ran else None,
-                         "seconds": round(self.seconds[i], 3), "skipped": i >= ran})
+                         "settings": attack.used_settings(), "flipped": self.flipped[i],
+                         "robust_acc": robust / n if i < ran else None, "seconds": round(self.seconds[i], 3),
+                         "skipped": i >= ran})
         text = describe_cascade(self.attacks)
         if self.skipped:
             text += f" (after {describe_cascade(self.stages[0])}: below the target, the rest skipped)"
@@ -173,3 +174,16 @@ def measure_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if job.stopped:
         raise _stop.Stopped
     return job.result()
+
+
+def evaluation_record(result: dict, attacks: Sequence[EvalAttack], *, dataset: str, model: str, version) -> dict:
+    """What ``psadv eval --json`` prints and ``psadv.evaluate`` returns: ``result`` (of
+    :meth:`AccuracyJob.result`, each attack's ``settings`` in its row) with the threat model and
+    the model named as other tools name them: ``dataset``, ``norm``, ``eps``, ``model`` (its
+    architecture), ``version`` (the model's, from its checkpoint; None for a module) and
+    ``psadv_version``."""
+    from . import __version__
+
+    settings = attacks[0].settings
+    return {**result, "dataset": dataset, "norm": settings.norm, "eps": settings.eps, "model": model,
+            "version": version, "psadv_version": __version__}

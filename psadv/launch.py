@@ -18,7 +18,8 @@ import click
 
 from .config import Config
 from .errors import ConfigError, PsadvError
-from .training import adversary_line, check_batch_size, open_run_dir, resolve_run, summary_line, train_single
+from .training import (adversary_line, budget_line, check_batch_size, open_run_dir, resolve_run, summary_line,
+                       train_single)
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool,
@@ -30,11 +31,25 @@ def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite:
         _launch_mpi(w, overrides, file_values, resume=resume, overwrite=overwrite, show_progress=show_progress,
                     trust_config_code=trust_config_code)
         return
+    from .devices import set_threads
+
     setup = resolve_run(overrides, file_values, resume=resume, overwrite=overwrite,
                         trust_config_code=trust_config_code)
-    click.echo(f"psadv: run directory {setup.run_dir}; {adversary_line(setup.cfg)}", err=True)
-    summary = train_single(setup, show_progress=show_progress)
+    threads = set_threads(setup.cfg.threads)
+    click.echo(start_up_line(f"psadv: run directory {setup.run_dir}", setup.cfg, threads), err=True)
+    if threads.warning:
+        click.echo(threads.warning, err=True)
+    summary = train_single(setup, show_progress=show_progress, threads=threads)
     click.echo(summary_line(summary))
+
+
+def start_up_line(head: str, cfg: Config, threads=None) -> str:
+    """The line ``psadv train`` starts with: where the run goes, the adversary, what a time budget
+    covers, and the threads (per process) with why."""
+    parts = [head, adversary_line(cfg), budget_line(cfg)]
+    if threads is not None:
+        parts.append(f"{threads.threads} thread{'s' if threads.threads != 1 else ''} ({threads.why})")
+    return "; ".join(part for part in parts if part)
 
 
 def check_mpi_options(cfg: Config) -> None:
@@ -123,11 +138,13 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
     agree_on_errors(w, error, cleanup=undo if w.rank == 0 and setup.lock is not None else None)
 
     try:
-        ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads}")
+        ranks = gather_strings(w, f"{w.host} {os.getpid()} {device} {threads.threads}")
         if w.rank == 0:
-            click.echo(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + {w.n_attackers} "
-                       f"attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push}); {adversary_line(cfg)}",
-                       err=True)
+            click.echo(start_up_line(f"psadv: run directory {setup.run_dir} ({w.size} ranks: server + "
+                                     f"{w.n_attackers} attacker{'s' if w.n_attackers > 1 else ''}, push {cfg.push})",
+                                     cfg, threads), err=True)
+            if threads.warning:
+                click.echo(threads.warning, err=True)
             if warning := precision_warning(cfg.precision, device):
                 click.echo(warning, err=True)
             world_row = [dict(zip(("host", "pid", "device", "threads"), text.split()), rank=i)

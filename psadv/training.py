@@ -33,6 +33,7 @@ from .config import FIELDS, Config, check_recorded, make_config, parse_model_arg
 from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
 from .devices import auto_precision, autocast, pick_device, precision_warning, set_threads, training_layout
+from .threads import ThreadChoice
 from .emulate import Emulation
 from .evaluate import AccuracyJob
 from .gradalign import training_loss
@@ -605,26 +606,30 @@ class StaleRing:
         self.ring.extend(torch.from_numpy(np.ascontiguousarray(row)) for row in array)
 
 
-def train_single(setup: RunSetup, *, show_progress: bool = True) -> dict:
+def train_single(setup: RunSetup, *, show_progress: bool = True, threads: ThreadChoice | None = None) -> dict:
     """The classic loop: attack the batch with the current (or an S-versions-old) model, step.
 
     SIGTERM, SIGUSR1 and SIGINT stop it as they stop the parameter server: a checkpoint, the
-    summary, exit 0, and ``--resume`` continues the run.
+    summary, exit 0, and ``--resume`` continues the run. ``threads``: the thread count the caller
+    has already set (``psadv train`` does, for its start-up line), else chosen here.
     """
     signals = SignalFlag().install()
     try:
-        return _train_single(setup, signals, show_progress)
+        return _train_single(setup, signals, show_progress, threads)
     finally:
         signals.restore()
         if setup.lock is not None:  # a run that failed half-way: its files stay, its lock goes
             setup.lock.release()
 
 
-def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool) -> dict:
+def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool, threads: ThreadChoice | None) -> dict:
     cfg = setup.cfg
     trainer = None
     try:  # start-up: a failure here leaves no half-made run directory behind
-        set_threads(cfg.threads)
+        if threads is None:
+            threads = set_threads(cfg.threads)
+            if threads.warning:
+                print(threads.warning, file=sys.stderr)
         device = pick_device(cfg.device)
         if warning := precision_warning(cfg.precision, device):
             print(warning, file=sys.stderr)
@@ -781,15 +786,40 @@ def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,
 
 
 class ProgressBar:
-    """The progress bar of both loops: versions, with examples/s and the last robust accuracy."""
+    """The progress bar of both loops: versions, with examples/s and the last robust accuracy.
 
-    def __init__(self, trainer: Trainer, desc: str, show: bool):
+    Under a time budget the bar runs over the run's progress (:meth:`Trainer.progress`: the larger
+    of the time and version fractions), so it shows the share done and the time left; the version
+    count moves into its text."""
+
+    SCALE = 1000  # steps of the bar under a time budget
+
+    def __init__(self, trainer: Trainer, desc: str, show: bool, file=None):
         self.trainer = trainer
-        self.bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc=desc,
-                        disable=not show, dynamic_ncols=True)
+        self.timed = bool(trainer.cfg.time_budget)
+        self.text = ""
+        if self.timed:
+            self.bar = tqdm(total=self.SCALE, initial=self._position(), desc=desc, disable=not show,
+                            dynamic_ncols=True, file=file,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} left{postfix}")
+            self._postfix()
+        else:
+            self.bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc=desc,
+                            disable=not show, dynamic_ncols=True, file=file)
+
+    def _position(self) -> int:
+        return min(self.SCALE, int(self.trainer.progress() * self.SCALE))
+
+    def _postfix(self) -> None:
+        version = f"v{self.trainer.version}"
+        self.bar.set_postfix_str(f"{version} {self.text}" if self.text else version, refresh=False)
 
     def advanced(self) -> None:
-        self.bar.update(1)
+        if self.timed:
+            self._postfix()
+            self.bar.update(self._position() - self.bar.n)
+        else:
+            self.bar.update(1)
 
     def show(self, rate: float | None = None) -> None:
         """Refresh the text: ``rate`` examples/s (after a train row), the last robust accuracy."""
@@ -797,7 +827,12 @@ class ProgressBar:
         parts = [f"{rate:,.0f} ex/s"] if rate else []
         if last:
             parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")
-        self.bar.set_postfix_str(" ".join(parts))
+        self.text = " ".join(parts)
+        if self.timed:
+            self._postfix()
+            self.bar.refresh()
+        else:
+            self.bar.set_postfix_str(self.text)
 
     def close(self) -> None:
         self.bar.close()
@@ -818,6 +853,15 @@ def adversary_line(cfg: Config) -> str:
     text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""
     text += ", reused perturbations" if cfg.reuse_perturbations else ""
     return text + (", bfloat16 arithmetic" if cfg.precision == "bf16" else "")
+
+
+def budget_line(cfg: Config) -> str:
+    """What a time budget covers, for the start-up line: the training loop's wall-clock time
+    (periodic evaluations and checkpoints included), not start-up nor the final evaluation."""
+    if not cfg.time_budget:
+        return ""
+    return (f"time budget {cfg.time_budget:g}s of training, periodic evaluations included (start-up and the "
+            "final evaluation come on top)")
 
 
 def summary_line(summary: dict) -> str:

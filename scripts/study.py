@@ -119,7 +119,7 @@ class Study:
 
     def final_eval_flags(self) -> list[str]:
         if self.quick:
-            return ["--examples", "100", "--steps", "5", "--restarts", "2", "--threads", "1"]
+            return ["--examples", "100", "--attack", "pgd", "--steps", "5", "--restarts", "2", "--threads", "1"]
         return ["--examples", str(self.args.final_examples)]  # psadv eval's default: the strong cascade
 
     def launcher(self, attackers: int) -> list[str]:

@@ -1,8 +1,58 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and ``require``: a missing optional dependency skips a test on a
+developer's machine and fails it in CI."""
 
+import importlib
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+# CI sets it (.ci/run): there every test must run, so a dependency that did not install is a failure,
+# not a quiet skip that leaves a cross-check unchecked.
+REQUIRE_ALL = "PSADV_REQUIRE_ALL"
+
+
+def missing(message: str) -> None:
+    """Skip the calling test (``message``: what is missing and how to install it), or fail it where
+    $PSADV_REQUIRE_ALL is 1."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{message}, and ${REQUIRE_ALL}=1 requires every test's dependencies", pytrace=False)
+    pytest.skip(message)
+
+
+def require(module: str, why: str = "") -> object:
+    """The imported ``module``, or :func:`missing` (``why``: how to install it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # not installed, or a dependency of it is not (torchattacks without scipy)
+        missing(f"cannot import {module} ({exc}); {why or f'pip install {module}'}")
+
+
+def require_program(name: str, why: str = "") -> str:
+    """The path of the program ``name`` on PATH, or :func:`missing`."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} is not on PATH; {why}" if why else f"{name} is not on PATH")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def idle_load_average():
+    """In-process runs choose their threads as on an idle machine: the load average of a machine
+    that runs this suite (and other jobs) would otherwise change thread counts from run to run and
+    add warnings to the output tests read. test_threads.py gives the choice its load itself."""
+    import psadv.threads
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psadv.threads, "load_average", lambda: None)
+        yield
+
+
+@pytest.fixture
+def mpiexec() -> str:
+    """The MPI launcher the MPI tests start jobs with (``pytest.mark.usefixtures("mpiexec")``)."""
+    return require_program("mpiexec", "pip install 'psadv[mpich]'")
 
 
 @pytest.fixture(scope="session")

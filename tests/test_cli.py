@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory, mnist_dir):
     assert "stopped (version budget) at version 6" in result.output
     # --precision auto: bfloat16 arithmetic exactly where this CPU has bfloat16 instructions
     arithmetic = ", bfloat16 arithmetic" if native_bf16(torch.device("cpu")) else ""
-    assert f"run directory {run_dir}; adversary: PGD-1 linf eps=0.3{arithmetic}\n" in result.stderr
+    assert f"run directory {run_dir}; adversary: PGD-1 linf eps=0.3{arithmetic}; 1 thread (--threads)\n" in result.stderr
     return run_dir
 
 
@@ -173,7 +173,7 @@ def test_usage_errors(tmp_path, mnist_dir, args, fragment):
     (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--seed", str(2**31)], "--seed"),
     (["--threads", str(10**12)], "--threads"),
-    (["--attack", "apgd-t", "--targets", "10"], "'--targets': 10 target classes, but a model of 10 classes has 9"),
+    (["--attack", "pgd", "--targets", "10"], "--targets 10: a model of 10 classes has 9 other classes to target"),
 ])
 def test_eval_usage_errors(trained_run, mnist_dir, args, fragment):
     result = invoke("eval", trained_run, "--data-dir", mnist_dir, "--attack", "pgd", "--steps", 1, "--restarts", 1,

@@ -21,7 +21,8 @@ from psadv.errors import ConfigError, DataError
 TESTS = Path(__file__).resolve().parent
 FAST = ["--batch-size", "20", "--attack-steps", "1", "--eval-examples", "20", "--eval-steps", "1", "--threads", "1",
         "--log-every", "2", "--no-progress"]
-TINY_NET = ["--model", "custom_models:tiny_net", "--model-args", '{"side": 8, "num_classes": 3}']
+# and the ε of its data: a file data set has no recipe to take one from
+TINY_NET = ["--model", "custom_models:tiny_net", "--model-args", '{"side": 8, "num_classes": 3}', "--eps", "8/255"]
 
 
 def tiny_arrays(seed=0, n_train=120, n_test=30, classes=3):
@@ -141,7 +142,8 @@ def test_npz_train_resume_eval_and_md5(tmp_path, npz):
     own = TINY_NET[:2]  # --model: the factory the checkpoint names runs only when named here too
     assert invoke("train", "--resume", run, "--steps", 6, *own, "--no-progress").exit_code == 0
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
-    evaluated = invoke("eval", run, "--examples", 30, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
+    evaluated = invoke("eval", run, "--examples", 30, "--attack", "pgd", "--steps", 1, "--restarts", 1, "--json",
+                       "--no-progress", *own)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.output)["examples"] == 30
 
@@ -150,7 +152,8 @@ def test_npz_train_resume_eval_and_md5(tmp_path, npz):
     assert_one_line_error(refused, 1, f"the run expects {md5}", "--data-md5")
     assert load_checkpoint(find_checkpoint(run)).state["version"] == 6
     # evaluating on another file may be meant: it runs, and says the file differs
-    other = invoke("eval", run, "--examples", 10, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
+    other = invoke("eval", run, "--examples", 10, "--attack", "pgd", "--steps", 1, "--restarts", 1, "--json",
+                   "--no-progress", *own)
     assert other.exit_code == 0 and json.loads(other.stdout)["examples"] == 10
     assert f"not {md5} (the file the run trained on)" in other.stderr
     assert "trained on" not in evaluated.stderr
@@ -165,7 +168,7 @@ def test_hdf5_with_three_channels_and_num_classes(tmp_path):
                                             "num_classes": 5})
     summary = psadv.train(dataset="hdf5", data_dir=str(path), run_dir=str(tmp_path / "run"), steps=3, batch_size=20,
                           model="custom_models:tiny_net", model_args='{"side": 8, "in_channels": 3, "num_classes": 5}',
-                          attack_steps=1, eval_examples=20, eval_steps=1, threads=1)
+                          attack_steps=1, eval_examples=20, eval_steps=1, threads=1, eps="8/255")
     assert summary["version"] == 3 and summary["last_eval"]["examples"] == 20
 
 
@@ -184,7 +187,8 @@ def test_factory_model_train_resume_eval_export(tmp_path, mnist_dir):
     refused = invoke("train", "--resume", run, "--steps", 6, *own, "--model-args", '{"num_classes": 10}',
                      "--no-progress")
     assert_one_line_error(refused, 2, "--model-args {}")
-    evaluated = invoke("eval", run, "--examples", 20, "--steps", 1, "--restarts", 1, "--json", "--no-progress", *own)
+    evaluated = invoke("eval", run, "--examples", 20, "--attack", "pgd", "--steps", 1, "--restarts", 1, "--json",
+                       "--no-progress", *own)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.output)["version"] == 5
     exported = invoke("export", run, *own)
@@ -212,7 +216,7 @@ def test_bad_factory_is_one_line_and_leaves_no_run(tmp_path, mnist_dir, model, m
 
 # --- under MPI: every rank imports the factory and reads the file --------------------------------
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not on PATH")
+@pytest.mark.usefixtures("mpiexec")
 def test_mpi_factory_model_on_npz_data(tmp_path, npz):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
@@ -226,7 +230,7 @@ def test_mpi_factory_model_on_npz_data(tmp_path, npz):
     assert ckpt.model_name == "custom_models:tiny_net" and ckpt.config["dataset"] == "npz"
     # a factory the attackers cannot build ends every rank with the same one line, and no run dir
     bad = subprocess.run([*cmd[:cmd.index("--run-dir")], "--run-dir", str(tmp_path / "bad"), "--steps", "2",
-                          "--model", "custom_models:raises", *FAST[2:]], capture_output=True, text=True, timeout=120,
+                          "--model", "custom_models:raises", "--eps", "8/255", *FAST[2:]], capture_output=True, text=True, timeout=120,
                          env=env, cwd=tmp_path)
     assert bad.returncode == 2, bad.stderr[-3000:]
     errors = [line for line in bad.stderr.splitlines() if line.startswith("psadv: error:")]

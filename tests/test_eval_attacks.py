@@ -295,6 +295,8 @@ def test_settings_refuse_an_infinite_step_and_the_api_targets_only_the_other_cla
     with pytest.raises(ConfigError, match="step size must be a finite number > 0, got inf"):
         EvalSettings(step_size=float("inf"))  # it made NaN images, which count as misclassified
     model, _, _ = mnist_model
-    result = psadv.evaluate(model, dataset="mnist", data_dir=mnist_dir.parent, attack="apgd-t", targets=20,
-                            examples=3, apgd_steps=1)
+    with pytest.raises(ConfigError, match="--targets 20: a model of 10 classes has 9 other classes"):
+        psadv.evaluate(model, dataset="mnist", data_dir=mnist_dir.parent, attack="apgd-t", targets=20)
+    result = psadv.evaluate(model, dataset="mnist", data_dir=mnist_dir.parent, attack="apgd-t", examples=3,
+                            apgd_steps=1, threads=1)
     assert result["attack"].startswith("APGD-T-1x9 ")  # ten classes: nine to target, as the label says

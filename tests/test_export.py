@@ -14,10 +14,14 @@ from safetensors.torch import load_file, save_file
 
 import psadv
 from cli_helpers import assert_one_line_error, invoke
+from conftest import require
 from psadv.checkpoint import find_checkpoint, load_checkpoint
 from psadv.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+# how the optional dependencies install (pyproject.toml's extras)
+CROSSCHECK = "pip install 'psadv[crosscheck]' and pip install --no-deps torchattacks==3.5.1"
+ONNX = "pip install 'psadv[onnx]'"
 TINY = {"steps": 6, "batch_size": 50, "attack_steps": 1, "eval_examples": 50, "eval_steps": 1, "threads": 1}
 
 
@@ -27,8 +31,8 @@ def run(tmp_path_factory, mnist_dir):
     run_dir = tmp_path_factory.mktemp("export") / "run"
     summary = psadv.train(psadv.Config(data_dir=str(mnist_dir)), run_dir=str(run_dir), **TINY)
     assert summary["version"] == 6 and summary["run_dir"] == str(run_dir)
-    result = invoke("eval", run_dir, "--examples", 40, "--steps", 1, "--restarts", 1, "--save", "--no-progress",
-                    "--threads", 1)
+    result = invoke("eval", run_dir, "--examples", 40, "--attack", "pgd", "--steps", 1, "--restarts", 1, "--save",
+                    "--no-progress", "--threads", 1)
     assert result.exit_code == 0, result.stderr
     return run_dir
 
@@ -105,7 +109,7 @@ def test_load_model_errors(tmp_path, exported):
 def test_plain_safetensors_and_torchattacks_without_psadv(exported, mnist_dir, run):
     """The export guide's example (docs/guides/export-python-api.md): plain safetensors + torch rebuild
     the model, torchattacks attacks it."""
-    pytest.importorskip("torchattacks")  # pip install --no-deps torchattacks (its torchvision pin would move torch)
+    require("torchattacks", CROSSCHECK)
     block_psadv = ("import runpy, sys; sys.modules['psadv'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_path(sys.argv[0], run_name='__main__')")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -121,8 +125,8 @@ def test_plain_safetensors_and_torchattacks_without_psadv(exported, mnist_dir, r
 
 
 def test_onnx_export_checks_and_matches_torch(run, tmp_path, mnist_dir):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = require("onnx", ONNX)
+    ort = require("onnxruntime", ONNX)
     out = tmp_path / "model.onnx"
     result = invoke("export", run, "--format", "onnx", "-o", out)
     assert result.exit_code == 0, result.stderr
@@ -149,7 +153,7 @@ def test_onnx_missing_packages_is_one_line(run, tmp_path, monkeypatch):
 
 
 def test_onnx_export_failure_is_one_line_and_leaves_nothing(run, tmp_path, monkeypatch):
-    pytest.importorskip("onnxscript")
+    require("onnxscript", ONNX)
 
     def refuse(*args, **kwargs):
         print("exporter chatter")
@@ -188,18 +192,20 @@ def test_api_names():
 
 def test_api_evaluate_path_and_module_agree(run, mnist_dir):
     rng = torch.get_rng_state()
-    tiny = dict(examples=60, steps=2, restarts=1, apgd_steps=2, targets=1, queries=5)
-    by_path = psadv.evaluate(run, attack="pgd", **tiny)  # dataset, ε, data dir: the run's
+    pgd = dict(examples=60, steps=2, restarts=1)
+    by_path = psadv.evaluate(run, attack="pgd", **pgd)  # dataset, ε, data dir: the run's
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's generator is left alone
-    by_module = psadv.evaluate(psadv.load_model(run), data_dir=mnist_dir, attack="pgd", **tiny)
+    by_module = psadv.evaluate(psadv.load_model(run), data_dir=mnist_dir, attack="pgd", **pgd)
 
-    def timeless(result):
-        return {**result, "attacks": [{k: v for k, v in row.items() if k != "seconds"} for row in result["attacks"]]}
+    def timeless(result):  # the numbers; a module has no name nor version of its own
+        return {**{k: v for k, v in result.items() if k not in ("model", "version")},
+                "attacks": [{k: v for k, v in row.items() if k != "seconds"} for row in result["attacks"]]}
 
     assert timeless(by_path) == timeless(by_module)
     assert by_path["examples"] == 60 and by_path["attack"] == "PGD-2 linf eps=0.3"
     assert 0 <= by_path["robust_acc"] <= by_path["clean_acc"] <= 1
-    strong = psadv.evaluate(run, **tiny)  # the default: psadv eval's cascade
+    assert (by_path["model"], by_path["version"], by_path["dataset"]) == ("mnist-small", 6, "mnist")
+    strong = psadv.evaluate(run, examples=60, apgd_steps=2, targets=1, queries=5)  # the default: psadv eval's cascade
     assert [row["attack"].split()[0] for row in strong["attacks"]] == ["APGD-CE-2", "APGD-T-2x1", "Square-5"]
     assert strong["robust_acc"] <= strong["attacks"][0]["robust_acc"] and "masking_gap" in strong
 

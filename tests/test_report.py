@@ -357,6 +357,14 @@ def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
     staleness = {r["name"]: r["staleness"] for r in report["runs"]}
     assert staleness["runs/s64"] == {"kind": "emulated", "S": {"value": 64, "kind": "measured",
                                                                 "from": "config.json emulate_staleness"}}
+    # a plain one-process run has no staleness: not "emulated, 0", yet the S = 0 point of the series
+    assert staleness["runs/s0"]["kind"] == "none"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| runs/s0 | none (one process) |" in md and "| runs/s0 | emulated |" not in md
+    from psadv.report.analysis import staleness_series
+
+    (series,) = staleness_series(report["runs"]).values()
+    assert sorted(point[0] for point in series) == [0, 8, 64]
     assert staleness["runs/sync"]["staleness_histogram"]["value"] == {"0": 3, "1": 5}
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .apgd import apgd, apgd_targeted
+from .losses import LOSSES
 from .pgd import ATTACKS, Attack, perturb
 from .square import square_attack
 
@@ -57,11 +58,26 @@ class EvalSettings:
             raise ConfigError(f"step size must be a finite number > 0, got {self.step_size}")
 
 
+# The settings a user chooses per attack (``psadv eval --steps`` …, ``psadv.evaluate(steps=…)``), in
+# the order the refusal names them, with what each one sets: an option no attack of the cascade
+# reads is refused (check_given), as ``psadv train`` refuses one its config ignores.
+OPTIONS = {
+    "steps": "sets the steps of PGD",
+    "restarts": "sets the random restarts of PGD and FGSM-RS",
+    "step_size": "sets the step of PGD, FGSM and FGSM-RS",
+    "loss": "sets the loss of PGD, FGSM and FGSM-RS",
+    "apgd_steps": "sets the iterations of APGD-CE, APGD-T and FAB-T",
+    "targets": "sets the target classes of APGD-T and FAB-T",
+    "queries": "sets the queries of Square",
+}
+
+
 class EvalAttack(abc.ABC):
     """One evaluation attack with its settings; ``run`` returns points of the ε-ball around ``x``."""
 
     name: str
     black_box = False
+    reads: tuple[str, ...] = ()  # the OPTIONS it reads (ε and the norm: every attack)
 
     def __init__(self, settings: EvalSettings):
         self.settings = settings
@@ -78,6 +94,11 @@ class EvalAttack(abc.ABC):
     def describe(self) -> str:
         return f"{self.label()} {self.settings.norm} eps={self.settings.eps:g}"
 
+    def used_settings(self) -> dict:
+        """The settings this attack ran with, as the evaluation JSON records them."""
+        return {"norm": self.settings.norm, "eps": self.settings.eps,
+                **{name: getattr(self.settings, name) for name in self.reads}}
+
 
 class PgdFamily(EvalAttack):
     """``none``, ``fgsm``, ``fgsm-rs``, ``pgd``: :func:`psadv.attacks.perturb`; a restart attacks only
@@ -91,6 +112,10 @@ class PgdFamily(EvalAttack):
         self.attack = Attack(name=name, eps=s.eps, steps=s.steps, restarts=s.restarts, step_size=s.step_size,
                              norm=s.norm, loss=s.loss)
         self._single = dataclasses.replace(self.attack, restarts=1)
+        kind = ATTACKS[name]
+        # fgsm and fgsm-rs fix their steps; a restart without a random start repeats the same run
+        self.reads = () if name == "none" else (*(("steps",) if kind.fixed_steps is None else ()),
+                                                *(("restarts",) if kind.random_start else ()), "step_size", "loss")
 
     def run(self, model, x, y, generator=None):
         x_adv = x.detach().clone()
@@ -113,6 +138,7 @@ class PgdFamily(EvalAttack):
 
 class ApgdCE(EvalAttack):
     name = "apgd-ce"
+    reads = ("apgd_steps",)
 
     def run(self, model, x, y, generator=None):
         s = self.settings
@@ -124,6 +150,7 @@ class ApgdCE(EvalAttack):
 
 class ApgdT(EvalAttack):
     name = "apgd-t"
+    reads = ("apgd_steps", "targets")
 
     def run(self, model, x, y, generator=None):
         s = self.settings
@@ -136,6 +163,7 @@ class ApgdT(EvalAttack):
 
 class FabT(EvalAttack):
     name = "fab-t"
+    reads = ("apgd_steps", "targets")
 
     def run(self, model, x, y, generator=None):
         from .fab import fab_attack  # written apart; imported only when FAB-T runs
@@ -151,6 +179,7 @@ class FabT(EvalAttack):
 class Square(EvalAttack):
     name = "square"
     black_box = True
+    reads = ("queries",)
 
     def run(self, model, x, y, generator=None):
         s = self.settings
@@ -181,6 +210,41 @@ def build_cascade(name: str, settings: EvalSettings) -> list[EvalAttack]:
     if name in COMPOSITES:
         return [SINGLE[part](settings) for part in COMPOSITES[name]]
     raise ConfigError(f"unknown evaluation attack {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
+
+
+def check_given(name: str, cascade: Sequence[EvalAttack], given) -> None:
+    """Refuse an option the user gave (``given``: names of :data:`OPTIONS`) that no attack of the
+    cascade ``name`` reads: it would be silently ignored, and the result would claim less than the
+    user asked for (``--steps 20`` with the strong cascade is not PGD-20). ConfigError, one line."""
+    read = {option for attack in cascade for option in attack.reads}
+    for option, what in OPTIONS.items():
+        if option in given and option not in read:
+            parts = f" ({'+'.join(COMPOSITES[name])})" if name in COMPOSITES else ""
+            raise ConfigError(f"--{option.replace('_', '-')} {what}, and --attack {name}{parts} does not "
+                              "read it: leave it out, or choose an attack that does")
+
+
+def resolve(attack: str | None, given: dict, *, norm: str, eps: float, classes: int) -> list[EvalAttack]:
+    """The cascade of ``psadv eval`` and ``psadv.evaluate``, the one place their defaults live
+    (:class:`EvalSettings`): ``given`` holds the :data:`OPTIONS` the user chose (None: not chosen),
+    checked against what the cascade reads. A model of ``classes`` classes has ``classes - 1`` to
+    target: by default at most 9 (AutoAttack's), and asking for more is an error."""
+    from ..config import parse_norm
+
+    name = attack or DEFAULT_EVAL
+    if name not in EVAL_ATTACKS:
+        raise ConfigError(f"--attack: unknown value {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
+    chosen = {key: value for key, value in given.items() if value is not None}
+    if chosen.get("targets", 0) > classes - 1:
+        raise ConfigError(f"--targets {chosen['targets']}: a model of {classes} classes has {classes - 1} other "
+                          "classes to target")
+    if chosen.get("loss") is not None and chosen["loss"] not in LOSSES:
+        raise ConfigError(f"--loss: unknown value {chosen['loss']!r}; choose one of: {', '.join(LOSSES)}")
+    settings = EvalSettings(norm=parse_norm(norm), eps=eps,
+                            **{"targets": min(EvalSettings.targets, classes - 1), **chosen})
+    cascade = build_cascade(name, settings)
+    check_given(name, cascade, chosen)
+    return cascade
 
 
 def describe_cascade(attacks: Sequence[EvalAttack]) -> str:

@@ -173,11 +173,12 @@ def applied_per_version(config: dict) -> int:
 
 
 def staleness_of(run: Run) -> dict:
-    """Staleness numbers: emulated S of a single-process run, or what the server measured (or the
-    emulation of N attackers recorded)."""
+    """Staleness numbers: none for a plain single-process run (each batch attacked with the model
+    it trains), emulated S of a single-process run with --emulate-staleness, or what the server
+    measured (or the emulation of N attackers recorded)."""
     if not run.is_mpi and not run.config.get("emulate_attackers"):
         S = int(run.config.get("emulate_staleness", 0) or 0)
-        return {"kind": "emulated", "S": measured(S, "config.json emulate_staleness")}
+        return {"kind": "emulated" if S else "none", "S": measured(S, "config.json emulate_staleness")}
     s = run.summary or {}
     out = {"kind": "real" if run.is_mpi else f"{run.config['emulate_attackers']} emulated attackers",
            "max_staleness": measured(run.config.get("max_staleness"), "config.json"),
@@ -501,12 +502,14 @@ def staleness_series(runs: list[dict]) -> dict:
     def robust(d):  # the strong final evaluation when there is one
         return d.get("final_eval", d.get("final", {})).get("robust_acc", {}).get("value")
 
+    # a plain one-process run is the series' S = 0
     emulated = [(d["staleness"]["S"]["value"], robust(d), d["name"])
-                for d in runs if d["staleness"]["kind"] == "emulated" and robust(d) is not None]
+                for d in runs if d["staleness"]["kind"] in ("emulated", "none") and robust(d) is not None]
 
     def mean_tau(mode):
         return [(d["staleness"]["staleness_mean"]["value"], robust(d), d["name"])
-                for d in runs if d["mode"] == mode and d["staleness"]["kind"] != "emulated" and robust(d) is not None
+                for d in runs if d["mode"] == mode and d["staleness"]["kind"] not in ("emulated", "none")
+                and robust(d) is not None
                 and (d["staleness"].get("staleness_mean") or {}).get("value") is not None]
 
     real, attackers = mean_tau("mpi"), mean_tau("single")

@@ -311,7 +311,9 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
     rows = []
     for d in runs:
         st = d["staleness"]
-        if st["kind"] == "emulated":
+        if st["kind"] == "none":  # one process, each batch attacked with the model it trains
+            rows.append([d["name"], "none (one process)", "–", "–", "–", "–", "–"])
+        elif st["kind"] == "emulated":
             rows.append([d["name"], "emulated", _v(st["S"]), "–", "–", "–", "–"])
         else:
             rows.append([d["name"], st["kind"], _v(st.get("max_staleness", {})), _v(st.get("staleness_mean", {}), "{:.2f}"),
