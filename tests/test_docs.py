@@ -245,13 +245,13 @@ def _parse(args: list[str]) -> None:
 def _check_config(params: dict) -> None:
     """A fresh run's options as psadv train checks them before it starts (ranges, and options the
     rest of the config would ignore), without a checkpoint, a TOML file or a factory to import."""
-    from psadv.config import make_config
+    from psadv.config import FIELDS, make_config
     from psadv.errors import PsadvError
 
     if params["resume"] or params["config_file"] or ":" in (params.get("model") or ""):
         return
-    options = {k: v for k, v in params.items()
-               if v is not None and k not in ("config_file", "resume", "overwrite", "progress")}
+    # the config's own fields: the command's other flags (--overwrite, --progress, ...) are not config
+    options = {k: v for k, v in params.items() if v is not None and k in FIELDS}
     try:
         make_config(options)
     except PsadvError as exc:
