@@ -389,47 +389,49 @@ def test_study_summary_states_the_budget_search_against_the_baseline(tmp_path):
     assert "Best psadv recipe: pgd5, 5.65× sooner at the target." in md
 
 
-# --- the GPU check ----------------------------------------------------------------------------------
+# --- the GPU scripts ---------------------------------------------------------------------------------
 GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+GPU_ATTACKERS = ROOT / "scripts" / "gpu_attackers.sh"
+NO_CUDA = "error: no CUDA device is visible to torch (torch.cuda.is_available() is False); run this on a " \
+          "GPU machine with a CUDA build of torch"
+
+
+def shellcheck_clean_text(script: Path) -> str:
+    res = subprocess.run([shutil.which("shellcheck"), "--severity=style", str(script)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    return text
+
+
+def refused_without_cuda(script: Path, args: list[str], **env) -> list[str]:
+    """The script's stderr lines when torch sees no GPU; it must exit 3 and print nothing on stdout."""
+    res = subprocess.run(["bash", str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+    assert res.returncode == 3 and res.stdout == ""
+    return res.stderr.strip().splitlines()
 
 
 def test_gpu_check_is_shellcheck_clean_and_fails_loudly():
-    res = subprocess.run([shutil.which("shellcheck"), "--severity=style", str(GPU_CHECK)], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = GPU_CHECK.read_text()
-    assert "set -euo pipefail" in text and "--device cuda" in text and "mpiexec -n 3" in text and " eval " in text
+    text = shellcheck_clean_text(GPU_CHECK)
+    assert "--device cuda" in text and "mpiexec -n 3" in text and " eval " in text
 
 
 def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_DIR": str(tmp_path / "runs")}
-    res = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 3 and res.stdout == ""
-    assert res.stderr.strip().splitlines() == [
-        "gpu_check: error: no CUDA device is visible to torch (torch.cuda.is_available() is False); run this on a "
-        "GPU machine with a CUDA build of torch"]
+    assert refused_without_cuda(GPU_CHECK, [str(tmp_path)], GPU_CHECK_DIR=str(tmp_path / "runs")) == [
+        f"gpu_check: {NO_CUDA}"]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
-GPU_ATTACKERS = ROOT / "scripts" / "gpu_attackers.sh"
-
-
 def test_gpu_attackers_is_shellcheck_clean_and_covers_the_issue_s_steps():
-    res = subprocess.run([shutil.which("shellcheck"), "--severity=style", str(GPU_ATTACKERS)], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = GPU_ATTACKERS.read_text()
-    assert "set -euo pipefail" in text and "CUDA_VISIBLE_DEVICES=" in text and "scaling-report" in text
+    text = shellcheck_clean_text(GPU_ATTACKERS)
+    assert "CUDA_VISIBLE_DEVICES=" in text and "scaling-report" in text
     assert "1 2 4 8 15" in text and "--eval-attack strong" in text
 
 
 def test_gpu_attackers_refuses_clearly_without_cuda(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(["bash", str(GPU_ATTACKERS), str(tmp_path), str(tmp_path / "out")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 3 and res.stdout == ""
-    assert res.stderr.strip().splitlines()[0].startswith("gpu_attackers: error: no CUDA device is visible to torch")
+    assert refused_without_cuda(GPU_ATTACKERS, [str(tmp_path), str(tmp_path / "out")]) == [f"gpu_attackers: {NO_CUDA}"]
     assert not (tmp_path / "out").exists()
 
 
