@@ -494,7 +494,7 @@ def test_a_relative_data_file_is_recorded_as_an_absolute_path(tmp_path, monkeypa
     np.savez(tmp_path / "data" / "mine.npz", x_train=x, y_train=y, x_test=x, y_test=y)
     monkeypatch.chdir(tmp_path / "data")
     setup = resolve_run({"dataset": "npz", "data_dir": "mine.npz", "model": "mnist-small", "run_dir": str(tmp_path / "r"),
-                         "batch_size": 20}, prepare_dir=False)
+                         "batch_size": 20, "eps": 0.3}, prepare_dir=False)
     assert setup.cfg.data_dir == str(tmp_path / "data" / "mine.npz")
 
 

@@ -29,7 +29,7 @@ SCRIPTS = ROOT / "scripts" / "slurm"
 # three tasks on this machine's cores (-O: overcommit), no GPUs; the script's own directives otherwise
 CPU_JOB = ["-O", "--cpus-per-task=1", "--gres=none"]
 TINY = ["--batch-size", "20", "--attack-steps", "1", "--eval-examples", "20", "--eval-steps", "1", "--eval-every", "0",
-        "--log-every", "1", "--keep-checkpoints", "20"]
+        "--log-every", "1", "--keep-checkpoints", "1000"]  # every checkpoint a start resumed from stays to be checked
 
 
 def job_env(slurm, **extra) -> dict:
