@@ -131,6 +131,7 @@ class Emulation:
         self.lead = math.ceil(cfg.emulate_attackers / passes)
         self.refine_model = copy.deepcopy(attack_model) if self.refines else None
         self.refine_version: int | None = None  # the version the push in hand is refined against
+        self.refine_loaded: int | None = None  # the version refine_model holds
         self.policy = StalenessPolicy(self.mode, cfg.max_staleness, cfg.emulate_attackers, lr_damping=cfg.lr_damping)
         self.lr_scale = 1.0  # the policy's lr scale for the push in hand (gradients with --lr-damping)
         self.model, self.attack_model = model, attack_model
@@ -171,7 +172,9 @@ class Emulation:
         """--refine-on attackers: the model the push in hand is refined against (None: nothing newer)."""
         if self.refine_version is None:
             return None
-        load_flat_state_(self.refine_model, self.store.get(self.refine_version))
+        if self.refine_loaded != self.refine_version:
+            load_flat_state_(self.refine_model, self.store.get(self.refine_version))
+            self.refine_loaded = self.refine_version
         return self.refine_model
 
     def snapshot_of_push(self):

@@ -31,6 +31,14 @@ class GradientPushes:
         self.keep_versions = keep_versions
         self.snapshots: dict[int, torch.Tensor] = {}  # version -> flat state (only with compensation)
 
+    @classmethod
+    def of(cls, trainer) -> "GradientPushes":
+        """The server side a trainer's config asks for (--accumulate, --delay-compensation; the
+        versions kept are those --max-staleness still accepts)."""
+        cfg = trainer.cfg
+        return cls(trainer, accumulate=cfg.accumulate, delay_compensation=cfg.delay_compensation,
+                   keep_versions=cfg.max_staleness)
+
     def sent(self, version: int, flat) -> None:
         """The parameters of ``version`` went to some attacker (a flat state vector: tensor or array)."""
         if not self.lam or version in self.snapshots:

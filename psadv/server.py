@@ -89,8 +89,7 @@ class Server:
         self._flat_cache: tuple[int, np.ndarray] | None = None
         self.done: set[int] = set()
         self.policy = StalenessPolicy(self.mode, cfg.max_staleness, len(self.attackers), lr_damping=cfg.lr_damping)
-        self.gradients = GradientPushes(trainer, accumulate=cfg.accumulate, delay_compensation=cfg.delay_compensation,
-                                        keep_versions=cfg.max_staleness) if self.mode == "gradients" else None
+        self.gradients = GradientPushes.of(trainer) if self.mode == "gradients" else None
         # Counters that survive a resume (checkpoint state "mpi", with the policy's totals).
         self.totals = {"pushes": 0, "rejected_invalid": 0, "drained": 0, "push_bytes": 0, "param_bytes": 0,
                        "examples_received": 0}

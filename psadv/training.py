@@ -648,9 +648,8 @@ def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool, thr
                         if separate else trainer.model)
         emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
                      else None)
-        gradient_pushes = (GradientPushes(trainer, accumulate=cfg.accumulate, delay_compensation=cfg.delay_compensation,
-                                          keep_versions=cfg.max_staleness)
-                           if emulation is not None and emulation.mode == "gradients" else None)
+        gradient_pushes = (GradientPushes.of(trainer) if emulation is not None and emulation.mode == "gradients"
+                           else None)
         if ckpt is not None:
             with restoring(ckpt.path):
                 if ckpt.rng:
