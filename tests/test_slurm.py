@@ -231,7 +231,9 @@ def test_preemption_and_kill_9_lose_at_most_the_work_since_the_last_checkpoint(s
     assert preempted["kind"] == "end" and preempted["stop_reason"] == "signal SIGTERM"
     assert versions(second)[0] == preempted["version"] + 1  # preemption lost nothing
     assert not [row for row in second if row["kind"] == "end"]  # killed: no end row
-    assert versions(third)[0] == last_checkpoint + 1 and killed - last_checkpoint < every
+    # at most one checkpoint interval lost: a kill that lands while version `last + every` is being
+    # saved (its train row written, its checkpoint not yet renamed into place) loses exactly `every`
+    assert versions(third)[0] == last_checkpoint + 1 and killed - last_checkpoint <= every
     assert versions(third) == list(range(last_checkpoint + 1, budget + 1))
     assert third[-1]["stop_reason"] == "version budget" and third[-1]["examples_seen"] == 20 * budget
     measured("preemption", preempted_at=preempted["version"], resumed_at=versions(second)[0],
