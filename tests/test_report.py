@@ -514,11 +514,14 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
                   summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "applied": 2000,
                            "last_eval": {"version": 2000, "clean_acc": 0.98, "robust_acc": robust},
                            "emulated_attackers": 8})
-    write_run(tmp_path / "runs" / "single", rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
+    write_run(tmp_path / "runs" / "single", config={"attack_steps": 10}, rows=train_rows(30) + evals([(60.0, 900, 0.9)]),
               summary={"version": 2000, "examples_seen": 200000, "elapsed": 90.0, "last_eval": None})
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out", target=0.89)
     buy = report["attackers_buy"]
-    assert buy["model_from"] == "runs/w1" and buy["single_process"]["run"] == "runs/single"
+    assert buy["model_from"] == "runs/w1" and buy["single_process"]["runs"] == ["runs/single"]
+    # one process: 900 versions to target × 1/30 s per version (its train rows) = 30 s
+    assert buy["single_process"]["versions_to_target"]["value"] == 900
+    assert buy["single_process"]["seconds"]["value"] == 30.0
     rows = {(r["attackers"], r["method"]): r for r in buy["rows"]}
     one, eight, refined = rows[(1, "none")], rows[(8, "none")], rows[(8, "refine 1")]
     both = rows[(8, "refine 1 × 1.25ε + reuse")]
@@ -533,7 +536,7 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     # one refinement step costs the server c_a / k = 0.004 s more per version: n* = 0.04 / 0.014
     assert refined["seconds_per_version"]["value"] == pytest.approx(0.014)
     assert refined["n_star"]["value"] == pytest.approx(2.86) and refined["time_to_target"]["value"] == 15.4
-    assert eight["speedup_over_single_process"]["value"] == 4.0  # measured 60 s ÷ predicted 15 s
+    assert eight["speedup_over_single_process"]["value"] == 2.0  # predicted 30 s ÷ predicted 15 s
     assert rows[(32, "none")]["versions_to_target"]["value"] is None and "time_to_target" not in rows[(32, "none")]
     assert rows[(32, "none")]["pushes_per_version"]["value"] == 1.2 and eight["pushes_per_version"]["value"] == 1.0
     text = (tmp_path / "out" / "report.md").read_text()
@@ -551,3 +554,17 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     alone = scaling_report([str(runs / "w1-refined"), str(runs / "n8-k0-s0"), str(runs / "n8-k0-s1")], tmp_path / "out3",
                            target=0.89)["attackers_buy"]["rows"]
     assert "seconds_per_version" not in alone[0]  # a refining server's c_s does not price an unrefined method
+    # refinement on the attackers is its own method, priced only by an MPI run whose attackers refined
+    write_run(runs / "n8-ra-s0", config={"emulate_attackers": 8, "refine_steps": 1, "refine_on": "attackers",
+                                         "refine_step_ratio": 0, "attack_steps": 10, "seed": 0},
+              rows=train_rows(30) + evals([(1, 500, 0.5), (2, 1000, 0.9)]),
+              summary={"version": 2000, "examples_seen": 200000, "elapsed": 60.0, "applied": 2000, "last_eval": None,
+                       "emulated_attackers": 8})
+    picked = [str(runs / n) for n in ("w1", "w1-refined", "n8-ra-s0")]
+    row = scaling_report(picked, tmp_path / "out4", target=0.89)["attackers_buy"]["rows"][0]
+    assert row["method"] == "refine 1 on attackers" and "seconds_per_version" not in row
+    write_run(runs / "w1-ra", config={"refine_steps": 1, "refine_on": "attackers", "refine_step_ratio": 0},
+              rows=train_rows(25), summary=mpi_summary(1, versions=1000, busy=10.0, compute=48.0, batches=1000))
+    row = scaling_report(picked + [str(runs / "w1-ra")], tmp_path / "out5", target=0.89)["attackers_buy"]["rows"][0]
+    assert row["n_star"]["value"] == 4.8 and row["time_to_target"]["value"] == 10.0  # 1,000 × max(0.048 / 8, 0.01)
+    assert "w1-ra" in row["seconds_per_version"]["from"]

@@ -338,16 +338,19 @@ def versions_to_target(run: Run, target: float) -> int | None:
 
 def staleness_method(config: dict) -> tuple:
     """What a run does against staleness: (--refine-steps, --refine-step-ratio, --reuse-perturbations,
-    push mode, --accumulate, --delay-compensation)."""
+    push mode, --accumulate, --delay-compensation, --refine-on)."""
     gradients = config.get("push") == "gradients"
-    return (int(config.get("refine_steps", 0) or 0), float(config.get("refine_step_ratio", 0) or 0),
+    refine = int(config.get("refine_steps", 0) or 0)
+    return (refine, float(config.get("refine_step_ratio", 0) or 0),
             bool(config.get("reuse_perturbations")), "gradients" if gradients else "examples",
-            applied_per_version(config), float(config.get("delay_compensation", 0) or 0) if gradients else 0.0)
+            applied_per_version(config), float(config.get("delay_compensation", 0) or 0) if gradients else 0.0,
+            (config.get("refine_on") or "server") if refine and not gradients else "server")
 
 
 def method_label(method: tuple) -> str:
-    refine, ratio, reuse, push, k, dc = method
-    parts = ([f"refine {refine}" + (f" × {ratio:g}ε" if ratio else "")] if refine else []) + (["reuse"] if reuse else [])
+    refine, ratio, reuse, push, k, dc, where = method
+    parts = ([f"refine {refine}" + (f" × {ratio:g}ε" if ratio else "") + (" on attackers" if where == "attackers" else "")]
+             if refine else []) + (["reuse"] if reuse else [])
     if push == "gradients":
         parts = ["gradients"] + ([f"accumulate {k}"] if k > 1 else []) + ([f"DC λ={dc:g}"] if dc else []) + parts
     return " + ".join(parts) or "none"
@@ -380,15 +383,7 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
 
     def refinement(model):  # (steps, step ratio) of the MPI run a model was fitted on
         return method_of(model)[:2]
-    plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
-             and not r.config.get("emulate_staleness")]
-    single = None
-    for r in plain:
-        ttt = time_to_target(r, target) or {}
-        seconds = next((ttt[k] for k in ("training_seconds", "seconds") if ttt.get(k, {}).get("value")), None)
-        if seconds:
-            single = {"run": r.name, "seconds": seconds}
-            break
+    single = single_process_to_target(runs, emulated[0].config, target)
     rows = []
     for key in sorted({(int(r.config["emulate_attackers"]), staleness_method(r.config)) for r in emulated}):
         n, method = key
@@ -416,8 +411,11 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         # without refinement plus K attack steps' cost (a run with refinement measures a server doing
         # more than c_s: it prices only its own method)
         models = [m for m in fitted if method_of(m)[3] == method[3]]
-        same = next((m for m in models if method_of(m)[:2] == method[:2] and method_of(m)[4] == method[4]), None)
-        fit = same or (next((m for m in models if refinement(m)[0] == 0), None) if method[3] == "examples" else None)
+        same = next((m for m in models if method_of(m)[:2] == method[:2] and method_of(m)[4] == method[4]
+                     and method_of(m)[6] == method[6]), None)
+        # refinement on the attackers moves its cost into c_a: only a run that did the same prices it
+        estimable = method[3] == "examples" and method[6] == "server"
+        fit = same or (next((m for m in models if refinement(m)[0] == 0), None) if estimable else None)
         k = method[4]  # pushes per version
         if fit is not None and reached is not None:
             c_s, c_a = fit["c_s"]["value"], fit["c_a"]["value"]
@@ -437,11 +435,43 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         if base and t and base.get("time_to_target"):
             row["speedup_over_one_attacker"] = predicted(round(base["time_to_target"]["value"] / t, 2),
                                                          "time to target of 1 attacker ÷ of N")
-        if single and t:
+        if single and single.get("seconds") and t:
             row["speedup_over_single_process"] = predicted(round(single["seconds"]["value"] / t, 2),
-                                                           f"measured time to target of {single['run']} ÷ predicted of N")
+                                                           "time to target of one process ÷ of N attackers, both "
+                                                           "versions to target × seconds per version")
     return {"target": target, "model_from": ", ".join(m["fitted_on"] for m in fitted) or None, "single_process": single,
             "rows": rows}
+
+
+# Config fields that make one process's seconds per version comparable with the emulated runs'
+# attackers: the same attack, batch and threads per rank (one core per attacker in the model).
+RECIPE_KEYS = ("model", "attack", "attack_steps", "attack_step_ratio", "batch_size", "threads", "precision")
+
+
+def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict | None:
+    """One process's time to ``target``, priced the way N attackers' is: the versions plain
+    single-process runs took (the slowest seed among those with periodic evaluations) × the seconds per
+    version of the fastest plain run of the same recipe (``RECIPE_KEYS`` as in ``like``; the median
+    over its train rows, so a quiet timing run without evaluations can price seeds graded elsewhere).
+    None when the report holds no plain run of that recipe."""
+    plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
+             and not r.config.get("emulate_staleness")
+             and all(r.config.get(k) == like.get(k) for k in RECIPE_KEYS)]
+    graded = sorted((r for r in plain if r.of_kind("eval")), key=lambda r: r.name)
+    timed = [(throughput(r)["versions_per_s"]["value"], r.name) for r in plain if throughput(r)]
+    if not graded and not timed:
+        return None
+    per_seed = [versions_to_target(r, target) for r in graded]
+    reached = None if not per_seed or None in per_seed else max(per_seed)
+    out = {"runs": [r.name for r in graded],
+           "versions_to_target": measured(reached, f"first periodic evaluation ≥ {target:.0%}, slowest of "
+                                                   f"{len(per_seed)} run(s): {per_seed}")}
+    if timed:
+        rate, name = max(timed)
+        out["seconds_per_version"] = measured(_round(1 / rate, 6), f"1 / median versions/s of {name}")
+        if reached is not None:
+            out["seconds"] = predicted(round(reached / rate, 1), "versions to target × seconds per version")
+    return out
 
 
 # --- the report as one object ---------------------------------------------------------------------

@@ -336,8 +336,7 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
                        + ". K is --refine-steps (server-side work), k the attack's steps; the method is what the "
                          "runs did against staleness (`--refine-steps`, `--refine-step-ratio`, `--reuse-perturbations`), "
                          "and final robust the mean (spread) of the final models, *measured*."
-                       + (f" The single process is {buy['single_process']['run']} (measured)." if buy["single_process"]
-                          else "")))
+                       + single_process_sentence(buy.get("single_process"))))
         b.append(("table", ["attackers", "method", "final robust (spread)", "versions to target", "n*",
                             "s per version", "time to target", "speedup vs 1 attacker", "vs single process"],
                   [[str(r["attackers"]), r["method"], _final(r), _v(r["versions_to_target"], "{:,}"),
@@ -427,3 +426,18 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         if (out / name).exists():
             (out / name).unlink()
 
+
+
+def single_process_sentence(single: dict | None) -> str:
+    """How "vs single process" was priced: one process's versions to target (measured, its slowest
+    seed) × its seconds per version (measured on the fastest plain run of the same recipe)."""
+    if not single:
+        return " No plain single-process run of the same recipe is in this report, so no comparison with one process."
+    v, spv = single["versions_to_target"]["value"], single.get("seconds_per_version", {}).get("value")
+    runs = ", ".join(single["runs"]) or "none with periodic evaluations"
+    if v is None or spv is None:
+        why = "did not all reach the target" if v is None else "have no train rows to time"
+        return f" One process ({runs}): its runs {why}, so no comparison with one process."
+    return (f" One process ({runs}) needs {v:,} versions (slowest seed, *measured*) × {spv:.4f} s per version "
+            f"({single['seconds_per_version']['from']}, *measured*) = {single['seconds']['value']:,.0f} s, *predicted* "
+            f"the same way as N attackers' time.")
