@@ -21,6 +21,14 @@
         0.01 at ε=0.3 from a random start, Adam 1e-4, batch 50), measured on real training steps,
         and its 100,000 versions' total on this machine, predicted from it
 
+    python scripts/bench_core.py roofline --data-dir ../shared/data --threads 2
+        a roofline of the training step: the machine's measured matmul peak (float32, bfloat16) beside
+        the achieved GFLOP/s (FLOPs counted by torch's flop counter) of each part of a version (data,
+        attack, training pass, optimizer) for PGD-5 and PGD-40 at batch sizes 50-2,000; a profile of
+        where a version's time goes (convolutions and matmuls, dtype casts, allocations, other ops,
+        Python and dispatch outside any op); and the real loop's examples/s from short `psadv train`
+        runs, whose difference from the parts is the loop's bookkeeping
+
 Each command prints one JSON object (and writes it with --out). Run on a quiet machine: a
 second busy process on the same cores distorts every number.
 """
@@ -35,11 +43,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from psadv import schedules
 from psadv.attacks import Attack, perturb
+from psadv.config import Config
 from psadv.data import load_dataset
-from psadv.devices import autocast, set_threads
+from psadv.devices import auto_precision, autocast, set_threads, training_layout
 from psadv.gradalign import training_loss
 from psadv.models import build_model
 
@@ -202,10 +214,198 @@ def robust(args) -> dict:
             "test_examples": result["examples"], "target_met": result["robust_acc"] >= 0.89 and result["clean_acc"] >= 0.98}
 
 
+# --- roofline ------------------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, n: int, seconds: float) -> float:
+    """GFLOP/s of an n × n matmul in ``dtype`` with the threads set: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        calls += 1
+    return 2 * n ** 3 * calls / (time.perf_counter() - start) / 1e9
+
+
+# Profiler op names by what they cost: arithmetic the roofline counts, and the overheads around it.
+OP_KINDS = (("convolutions and matmuls", ("conv", "mm", "addmm", "linear", "matmul", "bmm")),
+            ("dtype casts and copies", ("aten::to", "_to_copy", "copy_", "contiguous", "clone")),
+            ("allocations", ("empty", "zeros", "ones", "full", "resize_")))
+
+
+def op_kind(name: str) -> str:
+    return next((kind for kind, keys in OP_KINDS if any(k in name for k in keys)), "other ops")
+
+
+class StepParts:
+    """One version of psadv's single-process loop taken apart: data, attack, training pass,
+    optimizer, each timed on its own (the same calls the trainer makes, the same arithmetic:
+    ``--precision``'s autocast and layout, the default recipe's attack at full ε)."""
+
+    PARTS = ("data", "attack", "training pass", "optimizer")
+
+    def __init__(self, x_train, y_train, *, steps: int, batch: int, precision: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg = Config(attack_steps=steps, batch_size=batch)
+        self.attack = schedules.training_attack(1.0, self.cfg)
+        self.precision, self.device = precision, torch.device("cpu")
+        self.model = training_layout(build_model(self.cfg.model, in_channels=1, num_classes=10), precision)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.x_train, self.y_train, self.batch = x_train, y_train, batch
+        self.rng = np.random.default_rng(seed)
+
+    def data(self):
+        idx = torch.from_numpy(self.rng.integers(0, len(self.y_train), self.batch))
+        self.x, self.y = self.x_train[idx], self.y_train[idx]
+
+    def attack_part(self):
+        with autocast(self.precision, self.device):
+            self.x_adv = perturb(self.model, self.x, self.y, self.attack)
+
+    def training_pass(self):
+        self.model.train()
+        with autocast(self.precision, self.device):
+            loss = training_loss(self.model, self.x_adv, self.y, clean=self.x)[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.loss = loss.item()  # the trainer reads the loss (divergence check, metrics)
+
+    def optimizer_part(self):
+        self.optimizer.step()
+
+    def calls(self):
+        return dict(zip(self.PARTS, (self.data, self.attack_part, self.training_pass, self.optimizer_part)))
+
+    def version(self):
+        for call in self.calls().values():
+            call()
+
+    def attack_step_flops(self) -> int:
+        """FLOPs of one attack step (forward, then the input's gradient), counted by torch's counter
+        on the same model, batch and autocast; the counter cannot follow ``torch.autograd.grad``
+        (which the attack calls), so the step is replayed with ``backward(inputs=[x])``, which
+        computes the same input gradient and no weight gradients."""
+        x = self.x.clone().requires_grad_(True)
+        self.model.eval()
+        with FlopCounterMode(display=False) as counter:
+            with autocast(self.precision, self.device):
+                loss = torch.nn.functional.cross_entropy(self.model(x), self.y)
+            loss.backward(inputs=[x])
+        return counter.get_total_flops()
+
+    def flops(self) -> dict:
+        """FLOPs per version of each part: the attack's as steps × restarts × one step's."""
+        out = {}
+        for name, call in self.calls().items():
+            if name == "attack":
+                call()
+                out[name] = self.attack.steps * self.attack.restarts * self.attack_step_flops()
+                continue
+            with FlopCounterMode(display=False) as counter:
+                call()
+            out[name] = counter.get_total_flops()
+        return out
+
+    def seconds(self, budget: float) -> tuple[dict, int]:
+        """Seconds per version of each part, over versions run for ``budget`` seconds."""
+        self.version()  # warm-up
+        spent, versions, start = dict.fromkeys(self.PARTS, 0.0), 0, time.perf_counter()
+        while time.perf_counter() - start < budget or versions < 3:
+            for name, call in self.calls().items():
+                t = time.perf_counter()
+                call()
+                spent[name] += time.perf_counter() - t
+            versions += 1
+        return {k: v / versions for k, v in spent.items()}, versions
+
+    def profile(self, versions: int = 10) -> dict:
+        """Shares of a version's wall time by op kind (self CPU time of each op on the main thread)
+        and outside every op (Python, dispatch, the profiler's own cost)."""
+        self.version()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(versions):
+                self.version()
+            wall = time.perf_counter() - start
+        kinds: dict[str, float] = {}
+        ops = 0
+        for event in prof.key_averages():
+            kinds[op_kind(event.key)] = kinds.get(op_kind(event.key), 0.0) + event.self_cpu_time_total / 1e6
+            ops += event.count
+        inside = sum(kinds.values())
+        shares = {k: round(v / wall, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        shares["outside any op (Python, dispatch, profiler)"] = round(max(wall - inside, 0.0) / wall, 3)
+        return {"versions": versions, "wall_ms_per_version_profiled": round(1e3 * wall / versions, 2),
+                "ops_per_version": round(ops / versions), "share_of_wall": shares}
+
+
+def real_loop(args, steps: int, batch: int) -> dict:
+    """examples/s of `psadv train` itself (median over its train rows), the same recipe and threads."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["psadv", "train", "--data-dir", args.data_dir, "--time-budget", str(args.loop_seconds),
+               "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10", "--no-progress",
+               "--attack-steps", str(steps),
+               "--batch-size", str(batch), "--threads", str(torch.get_num_threads()), "--seed", "0",
+               "--eval-examples", "100", "--eval-attack", "pgd", "--eval-steps", "1", "--run-dir", f"{tmp}/run"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    rates = [(b["examples_seen"] - a["examples_seen"]) / (b["time"] - a["time"]) for a, b in zip(train, train[1:])
+             if b["time"] > a["time"]]
+    return {"command": " ".join(cmd).replace(tmp, "TMP"), "windows": len(rates),
+            "examples_per_s_median": round(sorted(rates)[len(rates) // 2], 1) if rates else None}
+
+
+def roofline(args) -> dict:
+    precision = auto_precision(torch.device("cpu")) if args.precision == "auto" else args.precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peaks = {name: round(matmul_peak(d, args.peak_size, args.seconds), 1)
+             for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peak = peaks["bfloat16" if dtype == torch.bfloat16 else "float32"]
+    data = load_dataset("mnist", "train", args.data_dir)
+    x_train, y_train = torch.tensor(data.x), torch.tensor(data.y)
+    model = build_model("mnist-small", in_channels=1, num_classes=10)
+    with FlopCounterMode(display=False) as counter:
+        model(x_train[:100])
+    out = {"machine": machine(), "precision": precision, "matmul_size": args.peak_size,
+           "matmul_peak_gflop_s": peaks, "peak_in_training_dtype": peak,
+           "forward_mflop_per_example": round(counter.get_total_flops() / 100 / 1e6, 3), "recipes": []}
+    for steps in (int(s) for s in args.attack_steps.split(",")):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            parts = StepParts(x_train, y_train, steps=steps, batch=batch, precision=precision)
+            flops = parts.flops()
+            seconds, versions = parts.seconds(args.seconds)
+            total = sum(seconds.values())
+            row = {"attack": f"PGD-{steps}", "batch_size": batch, "versions_timed": versions,
+                   "examples_per_s_parts": round(batch / total, 1),
+                   "gflop_s_whole_version": round(sum(flops.values()) / total / 1e9, 2),
+                   "share_of_peak_whole_version": round(sum(flops.values()) / total / 1e9 / peak, 4),
+                   "parts": {name: {"ms_per_version": round(1e3 * seconds[name], 3),
+                                    "share_of_version": round(seconds[name] / total, 3),
+                                    "gflop_per_version": round(flops[name] / 1e9, 4),
+                                    "gflop_s": round(flops[name] / seconds[name] / 1e9, 2) if seconds[name] else None,
+                                    "share_of_peak": round(flops[name] / seconds[name] / 1e9 / peak, 4)
+                                    if seconds[name] else None}
+                             for name in StepParts.PARTS}}
+            if batch == args.profile_batch:
+                row["profile"] = parts.profile()
+            if batch == args.loop_batch and args.loop_seconds > 0:
+                loop = real_loop(args, steps, batch)
+                row["psadv_train"] = loop
+                if loop["examples_per_s_median"]:
+                    per_version = batch / loop["examples_per_s_median"]
+                    row["bookkeeping_ms_per_version"] = round(1e3 * (per_version - total), 3)
+                    row["bookkeeping_share"] = round((per_version - total) / per_version, 3)
+            out["recipes"].append(row)
+            print(json.dumps({k: row[k] for k in ("attack", "batch_size", "examples_per_s_parts",
+                                                  "gflop_s_whole_version")}), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("throughput", "robust", "madry", "arithmetic"):
+    for name in ("throughput", "robust", "madry", "arithmetic", "roofline"):
         p = sub.add_parser(name)
         p.add_argument("--data-dir", default="../shared/data")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -221,11 +421,21 @@ def main() -> None:
                                            help="the variants to run, eager (the baseline of the ratios) among them")
     sub.choices["arithmetic"].add_argument("--rounds", type=int, default=5, help="rounds; each variant once per round")
     sub.choices["madry"].add_argument("--seconds", type=float, default=60.0, help="seconds of training to time")
+    roof = sub.choices["roofline"]
+    roof.add_argument("--attack-steps", default="5,40", help="PGD steps of the recipes (5: the default; 40: Madry's)")
+    roof.add_argument("--batch-sizes", default="50,100,200,500,1000,2000")
+    roof.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    roof.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
+    roof.add_argument("--peak-size", type=int, default=2048, help="n of the n × n matmul that measures the peak")
+    roof.add_argument("--profile-batch", type=int, default=100, help="batch size of the op profile")
+    roof.add_argument("--loop-batch", type=int, default=100, help="batch size of the `psadv train` comparison")
+    roof.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of it (0: skip)")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
     args = parser.parse_args()
     set_threads(args.threads)
-    result = {"throughput": throughput, "robust": robust, "madry": madry, "arithmetic": arithmetic}[args.what](args)
+    result = {"throughput": throughput, "robust": robust, "madry": madry, "arithmetic": arithmetic,
+              "roofline": roofline}[args.what](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
