@@ -236,8 +236,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .errors import Interrupted
     from .evaluate import evaluation_record, measure_accuracy
     from .mpi import SignalFlag
-    from .report import FINAL_EVAL
-    from .rundir import write_json
+    from .rundir import FINAL_EVAL, write_json
     from .stop import Stopped
 
     from .export import is_safetensors, metadata_version, open_model

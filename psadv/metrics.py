@@ -8,12 +8,23 @@ the server in :mod:`psadv.server`) and the readers (``psadv scaling-report``) ag
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StorageError, io_error_text
-from .rundir import finite_json
+
+
+def finite_json(value):
+    """``value`` with every NaN or infinity replaced by None: bare ``NaN`` is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
