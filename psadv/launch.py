@@ -1,7 +1,8 @@
 """``psadv train``: pick the single-process trainer or the MPI roles, and run.
 
 Under an MPI launcher with N >= 2 ranks, rank 0 is the parameter server (:mod:`psadv.server`) and
-ranks 1..N-1 are attackers (:mod:`psadv.attacker`); otherwise the single-process trainer runs.
+ranks 1..N-1 are attackers (:mod:`psadv.attacker`); otherwise the single-process trainer
+(:mod:`psadv.single`) runs.
 
 MPI start-up is two collective checks (:func:`psadv.mpi.agree_on_errors`): first every rank
 resolves the config and loads the data without touching the disk; then rank 0 prepares the run
@@ -18,8 +19,9 @@ import click
 
 from .config import Config
 from .errors import ConfigError, PsadvError
-from .training import (adversary_line, budget_line, check_batch_size, open_run_dir, resolve_run, summary_line,
-                       train_single)
+from .console import adversary_line, budget_line, summary_line
+from .runsetup import check_batch_size, open_run_dir, resolve_run
+from .single import train_single
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool,
@@ -72,7 +74,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
                 show_progress: bool, trust_config_code: bool = False) -> None:
     from .data import load_dataset
     from .devices import pick_device, precision_warning, set_threads
-    from .mpi import SignalFlag, agree_on_errors, fail_job, gather_strings
+    from .mpi import agree_on_errors, fail_job, gather_strings
+    from .stop import SignalFlag
 
     signals = SignalFlag().install()
     error = None
