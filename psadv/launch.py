@@ -18,8 +18,9 @@ import os
 import click
 
 from .config import Config
-from .errors import ConfigError, PsadvError
 from .console import adversary_line, budget_line, summary_line
+from .errors import ConfigError, PsadvError
+from .pushmodes import push_mode
 from .runsetup import check_batch_size, open_run_dir, resolve_run
 from .single import train_single
 
@@ -56,13 +57,13 @@ def start_up_line(head: str, cfg: Config, threads=None) -> str:
 
 def check_mpi_options(cfg: Config) -> None:
     """Options that cannot work with a server and attackers: ConfigError on the first."""
-    if cfg.refine_steps and cfg.push != "examples":
+    if cfg.refine_steps and not push_mode(cfg.push).sends_examples:
         raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
     # the server refines, and regularises, around the clean examples, which it reads unaugmented
     if cfg.refine_steps and cfg.refine_on == "server" and cfg.augment != "none":
         raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
                           "attackers' augmented batches), or --refine-on attackers")
-    if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
+    if cfg.grad_align and push_mode(cfg.push).sends_examples and cfg.augment != "none":
         raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
                           "the attackers' augmented batches); --push gradients computes it on the attackers")
     if cfg.emulate_attackers or cfg.emulate_staleness:
@@ -108,7 +109,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             from .training import Trainer
 
             open_run_dir(setup, overwrite=overwrite)
-            train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
+            train_size = push_mode(cfg.push).epoch_size(len(train_set), w.n_attackers)
             trainer = Trainer(setup, device=device, train_size=train_size, role="server",
                               stop_requested=signals.stop_requested)
             role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,

@@ -28,6 +28,7 @@ from .evaluate import AccuracyJob
 from .gradalign import training_loss
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_
+from .pushmodes import push_mode
 from .stop import SignalFlag
 from .trackers import open_sinks
 
@@ -103,7 +104,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         # a version of --push gradients --accumulate K (MPI or emulated) takes K batches: an epoch
         # is still one pass over the training set
-        k = cfg.accumulate if cfg.push == "gradients" and (role == "server" or cfg.emulate_attackers) else 1
+        k = push_mode(cfg.push).batches_per_version(cfg.accumulate) if role == "server" or cfg.emulate_attackers else 1
         self.batches_per_epoch = max(1, train_size // (cfg.batch_size * k))
         self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
         test = load_dataset(cfg.dataset, "test", cfg.data_dir or None)
