@@ -43,7 +43,8 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
     The summary is ``summary.json``'s dict plus ``run_dir``. Signals (Ctrl-C) stop the run with a
     checkpoint, as on the command line; call it from the main thread.
     """
-    from .training import resolve_run, train_single
+    from .runsetup import resolve_run
+    from .single import train_single
 
     values = {**_config_values(config), **{k.replace("-", "_"): v for k, v in overrides.items()}}
     unknown = sorted(set(values) - set(FIELDS))

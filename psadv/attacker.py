@@ -24,7 +24,8 @@ from .devices import autocast, training_layout
 from .errors import CheckpointError
 from .gradalign import training_loss
 from .models import build_model, flat_state, float_buffers, load_flat_state_
-from .mpi import Backoff, SignalFlag, World
+from .mpi import Backoff, World
+from .stop import SignalFlag
 
 
 class Attacker:

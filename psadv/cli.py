@@ -235,10 +235,8 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .devices import pick_device, set_threads
     from .errors import Interrupted
     from .evaluate import evaluation_record, measure_accuracy
-    from .mpi import SignalFlag
-    from .report import FINAL_EVAL
-    from .rundir import write_json
-    from .stop import Stopped
+    from .rundir import FINAL_EVAL, write_json
+    from .stop import SignalFlag, Stopped
 
     from .export import is_safetensors, metadata_version, open_model
 
@@ -460,7 +458,7 @@ def main():
         # (torch's teardown takes a moment) would only turn that end into a kill by the signal.
         import signal
 
-        from .mpi import STOP_SIGNALS
+        from .stop import STOP_SIGNALS
 
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .pushmodes import OWNED_OPTIONS, PUSH_MODES, owners
 
 
 MAX_SEED = 2**31 - 1
@@ -175,7 +176,7 @@ class Config:
                          choices=("server", "attackers"))
 
     # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
-    push: str = opt("examples", "what attackers push", choices=("examples", "gradients", "sync"))
+    push: str = opt("examples", "what attackers push", choices=tuple(PUSH_MODES))
     # Around 32 versions of staleness still trains well; around 64 it can fail badly.
     max_staleness: int = opt(32, "reject pushes staler than this many versions", min=0)
     refresh_every: int = opt(4, "send parameters to attackers every N versions", min=1)
@@ -469,9 +470,9 @@ def check_given(cfg: Config, given: set[str]) -> None:
                             f"needs a training attack with a random start; --attack {cfg.attack} has none"),
         "refine_step_ratio": (cfg.refine_steps > 0, "sizes --refine-steps, which is 0 here"),
         "refine_on": (cfg.refine_steps > 0, "places --refine-steps, which is 0 here"),
-        "lr_damping": (cfg.push == "gradients" or not cfg.lr_damping, "is for --push gradients"),
-        "accumulate": (cfg.push == "gradients" or cfg.accumulate == 1, "is for --push gradients"),
-        "delay_compensation": (cfg.push == "gradients" or not cfg.delay_compensation, "is for --push gradients"),
+        # a push mode's own options (psadv.pushmodes), at their default with any other mode
+        **{name: (name in PUSH_MODES[cfg.push].own_options or getattr(cfg, name) == FIELDS[name].default,
+                  "is for " + " or ".join(f"--push {mode.name}" for mode in owners(name))) for name in OWNED_OPTIONS},
     }
     for name, (meaningful, why) in rules.items():
         if name in given and not meaningful:
@@ -538,8 +539,8 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
         merged.setdefault(name, value)
     if attackers or merged.get("emulate_attackers") or merged.get("emulate_staleness"):
         merged.setdefault("lr", STALENESS_LR)
-    if (merged.get("push", FIELDS["push"].default) != "examples"
-            or merged.get("augment", FIELDS["augment"].default) != "none"):
+    push = PUSH_MODES.get(merged.get("push", FIELDS["push"].default))  # None: validate refuses it below
+    if push is None or not push.sends_examples or merged.get("augment", FIELDS["augment"].default) != "none":
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
     if merged.get("dataset") in FILE_DATASETS and "eps" not in merged:
         # MNIST's 0.3 would be a silent guess: the budget belongs to the data, which psadv does not know

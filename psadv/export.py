@@ -101,7 +101,7 @@ def checkpoint_metadata(ckpt: Checkpoint, model: nn.Module) -> dict[str, str]:
 
 
 def _final_eval(run_dir: Path) -> dict | None:
-    from .report import FINAL_EVAL
+    from .rundir import FINAL_EVAL
 
     try:
         value = json.loads((run_dir / FINAL_EVAL).read_text())

@@ -1,7 +1,8 @@
 """``psadv train``: pick the single-process trainer or the MPI roles, and run.
 
 Under an MPI launcher with N >= 2 ranks, rank 0 is the parameter server (:mod:`psadv.server`) and
-ranks 1..N-1 are attackers (:mod:`psadv.attacker`); otherwise the single-process trainer runs.
+ranks 1..N-1 are attackers (:mod:`psadv.attacker`); otherwise the single-process trainer
+(:mod:`psadv.single`) runs.
 
 MPI start-up is two collective checks (:func:`psadv.mpi.agree_on_errors`): first every rank
 resolves the config and loads the data without touching the disk; then rank 0 prepares the run
@@ -17,9 +18,11 @@ import os
 import click
 
 from .config import Config
+from .console import adversary_line, budget_line, summary_line
 from .errors import ConfigError, PsadvError
-from .training import (adversary_line, budget_line, check_batch_size, open_run_dir, resolve_run, summary_line,
-                       train_single)
+from .pushmodes import push_mode
+from .runsetup import check_batch_size, open_run_dir, resolve_run
+from .single import train_single
 
 
 def launch(overrides: dict, file_values: dict, *, resume: str | None, overwrite: bool, show_progress: bool,
@@ -54,13 +57,13 @@ def start_up_line(head: str, cfg: Config, threads=None) -> str:
 
 def check_mpi_options(cfg: Config) -> None:
     """Options that cannot work with a server and attackers: ConfigError on the first."""
-    if cfg.refine_steps and cfg.push != "examples":
+    if cfg.refine_steps and not push_mode(cfg.push).sends_examples:
         raise ConfigError("--refine-steps continues stale adversarial examples: it needs --push examples")
     # the server refines, and regularises, around the clean examples, which it reads unaugmented
     if cfg.refine_steps and cfg.refine_on == "server" and cfg.augment != "none":
         raise ConfigError("--refine-steps under MPI needs --augment none (the server does not see the "
                           "attackers' augmented batches), or --refine-on attackers")
-    if cfg.grad_align and cfg.push == "examples" and cfg.augment != "none":
+    if cfg.grad_align and push_mode(cfg.push).sends_examples and cfg.augment != "none":
         raise ConfigError("--grad-align with --push examples needs --augment none (the server does not see "
                           "the attackers' augmented batches); --push gradients computes it on the attackers")
     if cfg.emulate_attackers or cfg.emulate_staleness:
@@ -72,7 +75,8 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
                 show_progress: bool, trust_config_code: bool = False) -> None:
     from .data import load_dataset
     from .devices import pick_device, precision_warning, set_threads
-    from .mpi import SignalFlag, agree_on_errors, fail_job, gather_strings
+    from .mpi import agree_on_errors, fail_job, gather_strings
+    from .stop import SignalFlag
 
     signals = SignalFlag().install()
     error = None
@@ -105,7 +109,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             from .training import Trainer
 
             open_run_dir(setup, overwrite=overwrite)
-            train_size = len(train_set) // w.n_attackers if cfg.push == "sync" else len(train_set)
+            train_size = push_mode(cfg.push).epoch_size(len(train_set), w.n_attackers)
             trainer = Trainer(setup, device=device, train_size=train_size, role="server",
                               stop_requested=signals.stop_requested)
             role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,

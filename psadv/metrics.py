@@ -1,19 +1,30 @@
 """``metrics.jsonl``: the one declaration of its row kinds and fields, and the log that writes them.
 
 Every row has ``kind`` and ``wall`` (Unix time of writing). :class:`MetricsLog` refuses a row that
-does not match :data:`SCHEMA`, so the writers (the single-process loop in :mod:`psadv.training`,
+does not match :data:`SCHEMA`, so the writers (the single-process loop in :mod:`psadv.single`,
 the server in :mod:`psadv.server`) and the readers (``psadv scaling-report``) agree on one list.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StorageError, io_error_text
-from .rundir import finite_json
+
+
+def finite_json(value):
+    """``value`` with every NaN or infinity replaced by None: bare ``NaN`` is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,7 @@ SCHEMA: dict[str, RowKind] = {
     # steps on examples, or a server's applied pushes of gradients (the loss each attacker differentiated)
     "train": RowKind.of(
         "version time examples_seen progress lr eps attack attack_steps examples_per_s",
-        "loss adv_acc grad_align "  # grad_align: the window's mean GradAlign penalty (training.grad_align_field)
+        "loss adv_acc grad_align "  # grad_align: the window's mean GradAlign penalty (grad_align_field)
         "epoch staleness rejected_in_window "  # the single process: data epoch, emulated staleness or attackers
         "push produced_per_s utilization staleness_mean staleness_max rejected_stale rejected_invalid queue"),  # server
     # the server, after each train row: what one attacker produced in the window
@@ -151,3 +162,9 @@ class MetricsLog:
                 except OSError:
                     if not self.failed:
                         raise
+
+
+def grad_align_field(penalties: list[float]) -> dict:
+    """A train row's ``grad_align``: the window's mean GradAlign penalty, 1 − the mean cosine of the
+    input gradients (near 0: aligned; near 1: unrelated), when the window computed any."""
+    return {"grad_align": round(sum(penalties) / len(penalties), 5)} if penalties else {}

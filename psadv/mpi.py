@@ -1,4 +1,4 @@
-"""MPI plumbing: is this an MPI job, who am I, back-off, signals, failures.
+"""MPI plumbing: is this an MPI job, who am I, back-off, failures.
 
 ``mpi4py`` is imported only when the environment says the process was started by an MPI launcher
 (``mpiexec``/``mpirun``/``srun``), so a plain ``psadv train`` never initialises MPI.
@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import time
@@ -104,49 +103,6 @@ class Backoff:
     def wait(self) -> None:
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.cap)
-
-
-# --- signals ---------------------------------------------------------------------------------
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class SignalFlag:
-    """Catches SIGTERM/SIGUSR1/SIGINT (what SLURM and mpiexec send) and remembers the first one.
-
-    The roles poll :attr:`signum` between batches: the server checkpoints and stops the job cleanly.
-    A second SIGINT interrupts at once. The server also records a signal an attacker caught and
-    forwarded (:attr:`forwarded`), apart from its own: only a second SIGINT *here* interrupts.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.forwarded: int | None = None
-        self._previous = {}
-
-    def install(self) -> SignalFlag:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signum is None:
-            self.signum = signum
-
-    def stop_requested(self) -> bool:
-        """Whether this rank must stop: a signal caught here, or one an attacker forwarded."""
-        return (self.signum or self.forwarded) is not None
-
-    def name(self) -> str:
-        """The signal that stops this rank (caught here, else forwarded), or "" if none."""
-        signum = self.signum or self.forwarded
-        return signal.Signals(signum).name if signum else ""
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # --- failures ---------------------------------------------------------------------------------

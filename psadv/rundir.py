@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import shutil
 import time
 from pathlib import Path
 
 from .errors import StorageError, UsageError, io_error_text
+from .metrics import finite_json, well_typed
 
 FINAL_EVAL = "final_eval.json"  # psadv eval --save's grade of the run's final model
 OWNED = ("config.json", "metrics.jsonl", "summary.json", FINAL_EVAL, "checkpoints", "csv", "tensorboard")
@@ -203,24 +203,11 @@ def write_json(path: Path, obj) -> None:
         raise StorageError(f"cannot write {path}: {io_error_text(exc)}") from None
 
 
-def finite_json(value):
-    """``value`` with every NaN or infinity replaced by None: bare ``NaN`` is not JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
 def read_metrics(path: Path, *, count_skipped: bool = False):
     """Rows of a metrics.jsonl. A line that is not a JSON object with values of the right types (the
     truncated last line of a killed run, bytes that are not UTF-8, a stray value, a number turned to
     text: :func:`psadv.metrics.well_typed`) is skipped; with ``count_skipped`` the result is
     ``(rows, number of lines skipped)``, so a reader can say how much it left out."""
-    from .metrics import well_typed  # metrics imports this module
-
     rows, skipped = [], 0
     # bytes, split on ASCII line ends only: one bad line must not make the whole file unreadable
     for line in Path(path).read_bytes().splitlines():

@@ -38,14 +38,17 @@ import torch
 from . import wire
 from .attacks import refine
 from .checkpoint import restoring
+from .console import ProgressBar
 from .data import dataset_info
 from .errors import PsadvError
 from .gradpush import GradientPushes
+from .metrics import grad_align_field
 from .models import build_model, flat_state, load_flat_state_
-from .mpi import Backoff, SignalFlag, World
+from .mpi import Backoff, World
 from .schedules import refine_attack
 from .staleness import StalenessPolicy, window_stats
-from .training import ProgressBar, Trainer, grad_align_field
+from .stop import SignalFlag
+from .training import Trainer
 
 EVAL_PIECE = 50  # examples per evaluation piece, interleaved with training steps
 # After STOP an attacker finishes its batch, waits for its last pushes to be taken, and says DONE:

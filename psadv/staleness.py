@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pushmodes import push_mode
+
 HIST_BINS = 1024  # histogram bins for τ = 0..1023 at the most, then one bin for larger τ
 TOTALS = ("applied", "rejected_stale", "staleness_sum", "staleness_max")
 
@@ -50,11 +52,10 @@ class SyncStep:
 
 class StalenessPolicy:
     def __init__(self, mode: str, max_staleness: int, attackers: int, *, lr_damping: bool = False):
-        if mode not in ("examples", "gradients", "sync"):
-            raise ValueError(f"unknown push mode {mode!r}")
+        self.push = push_mode(mode)  # ValueError for an unknown mode
         self.mode, self.max_staleness, self.attackers, self.lr_damping = mode, max_staleness, attackers, lr_damping
         # In sync mode anything but τ = 0 is rejected: the limit the histogram is cut at is 0.
-        limit = 0 if mode == "sync" else max_staleness
+        limit = self.push.staleness_limit(max_staleness)
         # Bins τ = 0..B-1, then the last bin for τ ≥ B, with B = limit + 1 (so the last bin counts
         # the rejections) capped at HIST_BINS (then it also counts accepted τ ≥ HIST_BINS).
         self.hist = np.zeros(min(limit + 1, HIST_BINS) + 1, dtype=np.int64)
@@ -67,7 +68,7 @@ class StalenessPolicy:
     def judge(self, version: int, push_version: int) -> Verdict:
         """Accept or reject a push of ``push_version`` at server ``version``, and count it."""
         tau = version - push_version
-        accepted = tau == 0 if self.mode == "sync" else tau <= self.max_staleness
+        accepted = tau == 0 if self.push.synchronous else tau <= self.max_staleness
         # A rejection always lands in the last bin, so the numbered bins hold only applied pushes.
         self.hist[min(tau, len(self.hist) - 1) if accepted else -1] += 1
         if not accepted:
@@ -76,7 +77,7 @@ class StalenessPolicy:
         self.applied += 1
         self.staleness_sum += tau
         self.staleness_max = max(self.staleness_max, tau)
-        damped = self.mode == "gradients" and self.lr_damping
+        damped = self.push.damps(self.lr_damping)
         return Verdict(tau, True, 1.0 / max(1, tau) if damped else 1.0)
 
     def add_sync(self, sender: int, gradient, examples: int) -> SyncStep | None:

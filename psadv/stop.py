@@ -1,4 +1,8 @@
-"""Cancelling long work within seconds: a stop request reaches every attack's inner loop.
+"""Stop requests: the signals that ask a run to stop, and cancelling long work within seconds.
+
+:class:`SignalFlag` catches SIGTERM, SIGUSR1 and SIGINT and only records them; the loop that owns
+the work (the single-process loop, the server, an attacker, ``psadv eval``) decides what a stop
+means (checkpoint first, then end); a request reaches every attack's inner loop.
 
 An evaluation batch of the strong cascade (APGD-CE, APGD-T's 9 targets × 100 iterations, Square's
 5,000 queries) takes minutes on a CPU; a SIGTERM that waited for the batch to end outlived SLURM's
@@ -12,13 +16,12 @@ short in :func:`stoppable`::
 
 Outside any :func:`stoppable` block :func:`check` does nothing, so code that must finish what it
 started (an MPI attacker's batch, which the server expects whole) is never cut short by accident.
-Nothing here catches a signal itself: :class:`psadv.mpi.SignalFlag` does, and its owner decides
-what a stop means (checkpoint first, then end).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator
 
 _requests: list[Callable[[], bool]] = []
@@ -55,3 +58,46 @@ def check() -> None:
     (a handful of Python calls: nothing next to a forward pass)."""
     if _requests and requested():
         raise Stopped
+
+
+# --- signals: what asks a run to stop ---------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class SignalFlag:
+    """Catches SIGTERM/SIGUSR1/SIGINT (what SLURM and mpiexec send) and remembers the first one.
+
+    The roles poll :attr:`signum` between batches: the server checkpoints and stops the job cleanly.
+    A second SIGINT interrupts at once. The server also records a signal an attacker caught and
+    forwarded (:attr:`forwarded`), apart from its own: only a second SIGINT *here* interrupts.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.forwarded: int | None = None
+        self._previous = {}
+
+    def install(self) -> SignalFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def stop_requested(self) -> bool:
+        """Whether this rank must stop: a signal caught here, or one an attacker forwarded."""
+        return (self.signum or self.forwarded) is not None
+
+    def name(self) -> str:
+        """The signal that stops this rank (caught here, else forwarded), or "" if none."""
+        signum = self.signum or self.forwarded
+        return signal.Signals(signum).name if signum else ""
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,47 +1,39 @@
-"""Adversarial training: the state both trainers share, and the single-process loop.
+"""The state both trainers share: :class:`Trainer` owns the model, optimizer, schedules, counters,
+periodic evaluation, metrics and checkpoints of one run.
 
-:class:`Trainer` owns the model, optimizer, schedules, counters, periodic evaluation, metrics and
-checkpoints. The single-process loop (:func:`train_single`) and the MPI parameter server both
-drive it: one code path for configuration, checkpoints and metrics.
+The single-process loop (:mod:`psadv.single`) and the MPI parameter server (:mod:`psadv.server`)
+both drive it: one code path for configuration, checkpoints and metrics.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import json
 import math
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import __version__, rundir, schedules
-from .attacks import PerturbationMemory, perturb, refine
-from .augment import augment_batch
 from .averaging import LIVE_WEIGHTS, WeightAverage
-from .checkpoint import (Checkpoint, CheckpointManager, IncompatibleCheckpoint, UntrustedFactory,
-                         build_recorded_model, capture_rng_state, checkpoint_version, damaged, find_checkpoint,
-                         list_checkpoints, load_checkpoint, restore_rng_state, restoring)
-from .config import FIELDS, Config, check_recorded, make_config, parse_model_args
-from .errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
-from .data import FILE_DATASETS, BatchStream, dataset_info, load_dataset, verify_data_file
-from .devices import auto_precision, autocast, pick_device, precision_warning, set_threads, training_layout
-from .threads import ThreadChoice
-from .emulate import Emulation
+from .checkpoint import CheckpointManager, capture_rng_state, restoring
+from .config import Config
+from .data import load_dataset
+from .devices import autocast, training_layout
+from .errors import TrainingDiverged
 from .evaluate import AccuracyJob
 from .gradalign import training_loss
-from .gradpush import GradientPushes
 from .metrics import MetricsLog
-from .models import build_model, flat_state, float_buffers, is_factory_ref, load_flat_state_, model_args_for
-from .trackers import check_installed, open_sinks
-from .mpi import SignalFlag
+from .models import build_model, flat_state, float_buffers, load_flat_state_
+from .pushmodes import push_mode
+from .stop import SignalFlag
+from .trackers import open_sinks
+
+if TYPE_CHECKING:
+    from .runsetup import RunSetup
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -60,204 +52,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, values in zip(optimizer.param_groups, configured):
         group.update(values)
-
-
-@dataclass
-class RunSetup:
-    """Everything resolved before training starts."""
-
-    cfg: Config
-    run_dir: Path
-    model_args: dict
-    checkpoint: Checkpoint | None
-    # True when the run continues in its checkpoint's own directory; False for a new run, and
-    # for a branch (``--resume A --run-dir B``: a new run in B that starts from A's checkpoint).
-    in_place: bool = False
-    lock: rundir.RunDir | None = None  # set by open_run_dir; held until the run ends
-
-
-def _load_resume_checkpoint(resume: str) -> Checkpoint:
-    """The checkpoint ``--resume`` names; for a run directory its newest one, and if that one is
-    unreadable, an error that names the newest older checkpoint to resume from instead."""
-    path = find_checkpoint(resume)
-    with _older_hint(resume, path):
-        return load_checkpoint(path)
-
-
-@contextlib.contextmanager
-def _older_hint(resume: str, path: Path):
-    """A checkpoint that does not load, or loads damaged: for a run directory's newest, the error
-    names the newest older checkpoint to resume from instead."""
-    try:
-        yield
-    except CheckpointError as exc:
-        if isinstance(exc, (IncompatibleCheckpoint, UntrustedFactory)):  # the options', not the file's
-            raise
-        older = [c for c in list_checkpoints(path.parent) if c != path][-1:] if Path(resume).is_dir() else []
-        if older:
-            raise CheckpointError(f"{exc}; resume from the previous checkpoint with --resume {older[0]}") from None
-        raise
-
-
-# The config keys a resumed run takes from its checkpoint and checks against the command line.
-RESUME_CONFIG = ("model", "dataset", "norm", "eps")
-
-
-def _resumed_config(checkpoint: Checkpoint) -> dict:
-    """The checkpoint's config as the base of the resumed run's; CheckpointError if it is damaged."""
-    base = {k: v for k, v in checkpoint.config.items() if k != "run_dir"}
-    try:
-        check_recorded(base, RESUME_CONFIG)
-    except ConfigError as exc:
-        raise damaged(checkpoint.path, str(exc)) from None
-    unknown = sorted(set(base) - set(FIELDS))
-    if unknown:
-        raise damaged(checkpoint.path, f"its config has keys this psadv does not know: {', '.join(unknown)}")
-    if base["model"] != checkpoint.model_name:
-        raise damaged(checkpoint.path, f"its config's model {base['model']} is not its model {checkpoint.model_name}")
-    return base
-
-
-def run_dir_of(checkpoint: Checkpoint) -> Path:
-    """The run a checkpoint belongs to: RUN/checkpoints/ckpt-*.h5, or a set-aside line's
-    RUN/checkpoints/superseded-*/ckpt-*.h5 (resuming that one supersedes the line after it)."""
-    parent = checkpoint.path.parent
-    if parent.name.startswith("superseded-") and parent.parent.name == "checkpoints":
-        return parent.parent.parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
-def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
-                overwrite: bool = False, prepare_dir: bool = True, attackers: int = 0,
-                given=None, trust_config_code: bool = False) -> RunSetup:
-    """Resolve the config (defaults < checkpoint < file < command line) and the run directory.
-
-    With ``resume`` the architecture comes from the checkpoint; asking for another model or
-    dataset is an error, and a ``package.module:factory`` model is built only if ``--model`` on the
-    command line (``overrides``) names it: a checkpoint or a shared ``--config`` file is a file, and a
-    file does not choose code to run (:func:`psadv.checkpoint.check_trusted`), unless
-    ``trust_config_code`` (``--trust-config-code``) trusts the factory that ``file_values`` names
-    (docs/design/security.md). ``prepare_dir=False`` resolves without
-    touching the disk (MPI attackers, and the server until every rank has checked its inputs: it
-    calls :func:`open_run_dir` then).
-    ``attackers``: the MPI job's attackers, for :func:`psadv.config.make_config`. ``given``: the
-    options the user chose (default: the keys of ``overrides`` and ``file_values``), which
-    :func:`psadv.config.check_given` refuses where the rest of the config ignores them.
-    """
-    file_values = file_values or {}
-    asked = {**file_values, **overrides}
-    # the factory the user named: on the command line, or in their --config with --trust-config-code
-    trusted = overrides.get("model") or (file_values.get("model") if trust_config_code else None)
-    if is_factory_ref(str(asked.get("model") or "")) and asked["model"] != trusted:
-        raise UsageError(f"the --config file names the factory model {asked['model']}, and importing it runs its "
-                         f"code: psadv runs code only when you name it, so pass --model {asked['model']} (or "
-                         "--trust-config-code if you trust that file)")
-    checkpoint = None
-    base: dict = {}
-    if resume:
-        checkpoint = _load_resume_checkpoint(resume)
-        # The run continues where its checkpoint lies (a moved or copied run stays self-contained).
-        with _older_hint(resume, checkpoint.path):
-            base = _resumed_config(checkpoint)
-        base.setdefault("precision", "fp32")  # checkpoints from before --precision trained in float32
-        base.setdefault("ema_decay", 0.0)  # nor did those from before --ema-decay average
-        for key in ("model", "dataset"):
-            if asked.get(key) is not None and asked[key] != base[key]:
-                raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a {base[key]} run "
-                                             f"({key} {base[key]!r}), not {key} {asked[key]!r}")
-        if asked.get("model_args") is not None and parse_model_args(asked["model_args"]) != checkpoint.model_args:
-            raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds a model built with --model-args "
-                                         f"{json.dumps(checkpoint.model_args)}, not {asked['model_args']}")
-    cfg = make_config(base, file_values, overrides, attackers=attackers, given=asked if given is None else given)
-    if checkpoint is not None:
-        check_continuable(checkpoint, cfg)
-    if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
-        cfg.precision = auto_precision(pick_device(cfg.device))
-    home = run_dir_of(checkpoint) if checkpoint is not None else None
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
-    cfg.run_dir = str(run_dir)
-    in_place = home is not None and run_dir.resolve() == home.resolve()
-    if cfg.data_dir:  # recorded as typed, a relative path fails psadv eval or --resume from another directory
-        cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
-    if cfg.dataset in FILE_DATASETS:  # recorded in the config, so a resume on a changed file is refused
-        cfg.data_md5 = verify_data_file(cfg.dataset, cfg.data_dir or None, cfg.data_md5)
-    info = dataset_info(cfg.dataset, cfg.data_dir or None)
-    # The model is built (and a factory imported) on every rank, before any file is written: a
-    # new one is tried on one batch, a checkpoint's must take its tensors.
-    if checkpoint is not None:
-        model_args = checkpoint.model_args
-        with _older_hint(resume, checkpoint.path):
-            build_recorded_model(checkpoint.path, cfg.model, model_args, checkpoint.model_state, trust=trusted)
-    elif is_factory_ref(cfg.model):
-        model_args = model_args_for(cfg.model, info.shape, info.num_classes, parse_model_args(cfg.model_args))
-    else:
-        model_args = model_args_for(cfg.model, info.shape, info.num_classes)
-    setup = RunSetup(cfg, run_dir, model_args, checkpoint, in_place=in_place)
-    if prepare_dir:
-        # Data problems surface before anything is written (the loads are cached for the run).
-        train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
-        load_dataset(cfg.dataset, "test", cfg.data_dir or None)
-        check_batch_size(cfg.batch_size, len(train))
-        check_installed(cfg.log)
-        open_run_dir(setup, overwrite=overwrite)
-    return setup
-
-
-def check_continuable(checkpoint: Checkpoint, cfg: Config) -> None:
-    """Refuse (:class:`IncompatibleCheckpoint`) a resumed config that the checkpoint's training state
-    cannot continue, before anything is written: its optimizer state is one optimizer's (another one
-    fails at its first step), and its data position counts batches of one size."""
-    saved = checkpoint.config
-    if saved.get("optimizer", cfg.optimizer) != cfg.optimizer:
-        raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} holds the state of --optimizer "
-                                     f"{saved['optimizer']}, not {cfg.optimizer}: a resume continues the run's "
-                                     "optimizer; leave --optimizer out, or train a new run")
-    if saved.get("batch_size", cfg.batch_size) != cfg.batch_size:
-        raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} was trained with --batch-size "
-                                     f"{saved['batch_size']}, not {cfg.batch_size}: its data position counts batches "
-                                     f"of {saved['batch_size']}; leave --batch-size out, or train a new run")
-
-
-def check_batch_size(batch_size: int, available: int, where: str = "the training set") -> None:
-    if batch_size > available:
-        raise ConfigError(f"--batch-size {batch_size} exceeds {where} ({available} examples)")
-
-
-def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
-    """Lock and prepare the run directory (:func:`psadv.rundir.prepare`).
-
-    A branch must go to a directory that holds no run. Resuming a run in place from a checkpoint
-    older than its newest truncates the run's future: the newer checkpoints, the abandoned line's
-    summary and metrics rows are moved (never deleted) into ``checkpoints/superseded-<time>/``
-    (:meth:`psadv.rundir.RunDir.supersede`), so "latest" is always on the line being trained, the
-    keep-K rotation only ever deletes checkpoints of that line, and the report reads one line. Any
-    resume in place sets ``final_eval.json`` aside there too: it grades a model that will not be
-    the run's final one.
-    """
-    if setup.checkpoint is not None and not setup.in_place and rundir.holds_run(setup.run_dir):
-        raise UsageError(f"--run-dir {setup.run_dir} already holds a run; --resume {setup.checkpoint.path} "
-                         f"with another --run-dir starts a new run there from that checkpoint (a branch), so "
-                         f"choose an empty --run-dir, or leave --run-dir out to continue in "
-                         f"{run_dir_of(setup.checkpoint)}")
-    setup.lock = rundir.prepare(setup.run_dir, resume=setup.in_place, overwrite=overwrite)
-    if setup.in_place:
-        resumed = setup.checkpoint.state.get("version", 0)
-        directory = setup.run_dir / "checkpoints"
-        newer = [c for c in list_checkpoints(directory) if (checkpoint_version(c) or 0) > resumed]
-        try:
-            if newer:
-                aside = setup.lock.supersede(resumed, newer)
-                print(f"psadv: resuming from version {resumed}: moved {len(newer)} newer checkpoint"
-                      f"{'s' if len(newer) > 1 else ''} to {aside}", file=sys.stderr, flush=True)
-            # The run's final model is about to change: psadv eval --save's grade of the old one must
-            # not pass for the new one's (scaling-report, export).
-            elif aside := setup.lock.set_aside(rundir.FINAL_EVAL):
-                print(f"psadv: resuming from version {resumed}: moved {rundir.FINAL_EVAL} to {aside} (it grades "
-                      f"the model this resume trains on; psadv eval {setup.run_dir} --save grades the new final one)",
-                      file=sys.stderr, flush=True)
-        except BaseException:
-            setup.lock.abandon()
-            raise
 
 
 @dataclass
@@ -310,7 +104,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         # a version of --push gradients --accumulate K (MPI or emulated) takes K batches: an epoch
         # is still one pass over the training set
-        k = cfg.accumulate if cfg.push == "gradients" and (role == "server" or cfg.emulate_attackers) else 1
+        k = push_mode(cfg.push).batches_per_version(cfg.accumulate) if role == "server" or cfg.emulate_attackers else 1
         self.batches_per_epoch = max(1, train_size // (cfg.batch_size * k))
         self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
         test = load_dataset(cfg.dataset, "test", cfg.data_dir or None)
@@ -581,300 +375,3 @@ class Trainer:
         self.manager.close()
         if self.lock is not None:
             self.lock.release()
-
-
-class StaleRing:
-    """The model states of the last S+1 versions, to attack with the state from S versions ago."""
-
-    def __init__(self, staleness: int):
-        self.ring: collections.deque[torch.Tensor] = collections.deque(maxlen=staleness + 1)
-
-    def push(self, model: torch.nn.Module) -> None:
-        self.ring.append(flat_state(model))
-
-    def oldest(self) -> torch.Tensor:
-        return self.ring[0]
-
-    def staleness(self) -> int:
-        return len(self.ring) - 1
-
-    def to_array(self) -> np.ndarray:
-        return torch.stack(list(self.ring)).cpu().numpy()
-
-    def load_array(self, array: np.ndarray) -> None:
-        self.ring.clear()
-        self.ring.extend(torch.from_numpy(np.ascontiguousarray(row)) for row in array)
-
-
-def train_single(setup: RunSetup, *, show_progress: bool = True, threads: ThreadChoice | None = None) -> dict:
-    """The classic loop: attack the batch with the current (or an S-versions-old) model, step.
-
-    SIGTERM, SIGUSR1 and SIGINT stop it as they stop the parameter server: a checkpoint, the
-    summary, exit 0, and ``--resume`` continues the run. ``threads``: the thread count the caller
-    has already set (``psadv train`` does, for its start-up line), else chosen here.
-    """
-    signals = SignalFlag().install()
-    try:
-        return _train_single(setup, signals, show_progress, threads)
-    finally:
-        signals.restore()
-        if setup.lock is not None:  # a run that failed half-way: its files stay, its lock goes
-            setup.lock.release()
-
-
-def _train_single(setup: RunSetup, signals: SignalFlag, show_progress: bool, threads: ThreadChoice | None) -> dict:
-    cfg = setup.cfg
-    trainer = None
-    try:  # start-up: a failure here leaves no half-made run directory behind
-        if threads is None:
-            threads = set_threads(cfg.threads)
-            if threads.warning:
-                print(threads.warning, file=sys.stderr)
-        device = pick_device(cfg.device)
-        if warning := precision_warning(cfg.precision, device):
-            print(warning, file=sys.stderr)
-        train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
-        x_train, y_train = torch.tensor(train_set.x), torch.tensor(train_set.y)
-        stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
-        ckpt = setup.checkpoint
-        if ckpt is not None:  # checked before the trainer writes into the run directory
-            with restoring(ckpt.path):
-                stream.restore(ckpt.state["data_stream"])
-        trainer = Trainer(setup, device=device, train_size=len(train_set), stop_requested=signals.stop_requested)
-        memory = PerturbationMemory(len(train_set), train_set.x.shape[1:]) if cfg.reuse_perturbations else None
-        ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
-        separate = ring is not None or cfg.emulate_attackers > 0
-        attack_model = (training_layout(build_model(cfg.model, **setup.model_args).to(device), cfg.precision)
-                        if separate else trainer.model)
-        emulation = (Emulation(cfg, trainer.model, attack_model, trainer.version) if cfg.emulate_attackers
-                     else None)
-        gradient_pushes = (GradientPushes.of(trainer) if emulation is not None and emulation.mode == "gradients"
-                           else None)
-        if ckpt is not None:
-            with restoring(ckpt.path):
-                if ckpt.rng:
-                    restore_rng_state(ckpt.rng)
-                if ring and "stale_ring" in ckpt.extra:
-                    ring.load_array(ckpt.extra["stale_ring"])
-                if emulation:
-                    emulation.restore(ckpt.state.get("emulation"), ckpt.extra)
-                if memory is not None and "perturbations" in ckpt.extra:
-                    memory.load_arrays(ckpt.extra)
-        trainer.start()
-    except BaseException:
-        if setup.lock is not None:  # undone under the lock, which the trainer's close() gives up
-            setup.lock.abandon()
-        if trainer is not None:
-            trainer.close()
-        raise
-
-    try:
-        def stop_reason() -> str | None:
-            return f"signal {signals.name()}" if signals.signum else trainer.stop_reason()
-
-        window = _window()
-        bar = ProgressBar(trainer, "train", show_progress)
-        reason = stop_reason()
-        while reason is None:
-            position = stream.state()
-            idx = torch.from_numpy(stream.next())
-            x = torch.from_numpy(augment_batch(cfg.augment, x_train[idx].numpy(), cfg.seed, 0, position)).to(device)
-            y = y_train[idx].to(device)
-            attack = trainer.attack()
-            if ring:
-                ring.push(trainer.model)
-                load_flat_state_(attack_model, ring.oldest())
-            if emulation:
-                emulation.attack_model_for_next_batch(trainer.version)
-            with trainer.autocast():
-                x_adv = perturb(attack_model, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)
-            fresher = emulation.model_to_refine_against() if emulation else None
-            if fresher is not None and attack.eps > 0:  # --refine-on attackers: the attacker's refinement
-                with trainer.autocast():
-                    x_adv = refine(fresher, x, y, schedules.refine_attack(attack, cfg.refine_steps,
-                                                                          cfg.refine_step_ratio), start=x_adv)
-            if memory is not None:  # what the attacker made: under MPI the server's refinement stays with it
-                memory.remember(idx, x, x_adv)
-            stale = ring.staleness() > 0 if ring else emulation is not None and emulation.push_tau > 0
-            if cfg.refine_steps and cfg.refine_on == "server" and stale:
-                with trainer.autocast():
-                    x_adv = refine(trainer.model, x, y, schedules.refine_attack(attack, cfg.refine_steps,
-                                                                                  cfg.refine_step_ratio), start=x_adv)
-            if gradient_pushes is not None:  # the virtual attacker's gradient, applied as the server would
-                out = _emulated_gradient_push(trainer, attack_model, emulation, gradient_pushes, x_adv, y, x, attack)
-            else:
-                out = trainer.step(x_adv, y, clean=x)
-            if emulation:
-                emulation.applied(trainer.version)
-            window["examples"] += len(y)
-            window["loss"] += out["loss"]
-            window["acc"] += out["acc"]
-            window["n"] += 1
-            if out["grad_align"] is not None:
-                window["align"].append(out["grad_align"])
-            if not out.get("advanced", True):  # --accumulate: a push taken in, no new version yet
-                reason = stop_reason()
-                continue
-            bar.advanced()
-
-            if trainer.due(cfg.log_every):
-                now = time.perf_counter()
-                rate = window["examples"] / max(now - window["t"], 1e-9)
-                trainer.log_train(lr=out["lr"], attack=attack, rate=rate, epoch=stream.epoch,
-                                  loss=window["loss"] / window["n"], adv_acc=window["acc"] / window["n"],
-                                  **grad_align_field(window["align"]),
-                                  **(emulation.window_row() if emulation else
-                                     {"staleness": ring.staleness() if ring else 0}))
-                bar.show(rate)
-                window = _window(now)
-            reason = stop_reason()
-            if trainer.due(cfg.eval_every) and reason is None:
-                trainer.measure_now(interrupted=signals.stop_requested)
-                bar.show()
-                reason = stop_reason()
-            if trainer.due(cfg.checkpoint_every) and reason is None:
-                _save_single(trainer, stream, ring, emulation, memory)
-        bar.close()
-        return trainer.end_run(reason, lambda: _save_single(trainer, stream, ring, emulation, memory), signals,
-                               summary=emulation.summary if emulation else None)
-    except BaseException:  # diverged, disk full, interrupted: the files stay, the locks go
-        trainer.close()
-        raise
-
-
-def _emulated_gradient_push(trainer: Trainer, attack_model: torch.nn.Module, emulation: Emulation,
-                            pushes: GradientPushes, x_adv: torch.Tensor, y: torch.Tensor, clean: torch.Tensor,
-                            attack) -> dict:
-    """What an attacker of ``--push gradients`` computes (psadv.attacker), on the emulated attacker's
-    snapshot, then the server's use of it; the batch's loss and accuracy are the attacker's."""
-    cfg = trainer.cfg
-    attack_model.train()
-    with trainer.autocast():
-        loss, logits, penalty = training_loss(attack_model, x_adv, y, clean=clean, weight=cfg.grad_align,
-                                              eps=attack.eps, norm=attack.norm)
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise trainer.diverged(f"the training loss is {loss_value}")
-    grads = torch.autograd.grad(loss, list(attack_model.parameters()))
-    pushes.sent(emulation.push.version, emulation.snapshot_of_push())
-    advanced = pushes.apply([g.float() for g in grads], [b.detach().float() for b in float_buffers(attack_model)],
-                            len(y), emulation.push.version, emulation.lr_scale)
-    return {"loss": loss_value, "acc": (logits.argmax(1) == y).float().mean().item(), "advanced": advanced,
-            "grad_align": None if penalty is None else penalty.item(), "lr": trainer.optimizer.param_groups[0]["lr"]}
-
-
-def _window(start: float | None = None) -> dict:
-    """The single-process loop's sums between two train rows."""
-    return {"t": time.perf_counter() if start is None else start, "examples": 0, "loss": 0.0, "acc": 0.0, "n": 0,
-            "align": []}
-
-
-def grad_align_field(penalties: list[float]) -> dict:
-    """A train row's ``grad_align``: the window's mean GradAlign penalty, 1 − the mean cosine of the
-    input gradients (near 0: aligned; near 1: unrelated), when the window computed any."""
-    return {"grad_align": round(sum(penalties) / len(penalties), 5)} if penalties else {}
-
-
-def _save_single(trainer: Trainer, stream: BatchStream, ring: StaleRing | None,
-                 emulation: Emulation | None, memory: PerturbationMemory | None) -> Path:
-    extra = {"stale_ring": ring.to_array()} if ring else emulation.extra() if emulation else {}
-    if memory is not None:
-        extra.update(memory.to_arrays())
-    state = {"data_stream": stream.state(), **({"emulation": emulation.state()} if emulation else {})}
-    return trainer.save(extra=extra, extra_state=state)
-
-
-class ProgressBar:
-    """The progress bar of both loops: versions, with examples/s and the last robust accuracy.
-
-    Under a time budget the bar runs over the run's progress (:meth:`Trainer.progress`: the larger
-    of the time and version fractions), so it shows the share done and the time left; the version
-    count moves into its text."""
-
-    SCALE = 1000  # steps of the bar under a time budget
-
-    def __init__(self, trainer: Trainer, desc: str, show: bool, file=None):
-        self.trainer = trainer
-        self.timed = bool(trainer.cfg.time_budget)
-        self.text = ""
-        if self.timed:
-            self.bar = tqdm(total=self.SCALE, initial=self._position(), desc=desc, disable=not show,
-                            dynamic_ncols=True, file=file,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} left{postfix}")
-            self._postfix()
-        else:
-            self.bar = tqdm(total=trainer.total_versions or None, initial=trainer.version, unit="v", desc=desc,
-                            disable=not show, dynamic_ncols=True, file=file)
-
-    def _position(self) -> int:
-        return min(self.SCALE, int(self.trainer.progress() * self.SCALE))
-
-    def _postfix(self) -> None:
-        version = f"v{self.trainer.version}"
-        self.bar.set_postfix_str(f"{version} {self.text}" if self.text else version, refresh=False)
-
-    def advanced(self) -> None:
-        if self.timed:
-            self._postfix()
-            self.bar.update(self._position() - self.bar.n)
-        else:
-            self.bar.update(1)
-
-    def show(self, rate: float | None = None) -> None:
-        """Refresh the text: ``rate`` examples/s (after a train row), the last robust accuracy."""
-        last = self.trainer.state.last_eval
-        parts = [f"{rate:,.0f} ex/s"] if rate else []
-        if last:
-            parts.append(f"robust {last['robust_acc']:.1%} @v{last['version']}")
-        self.text = " ".join(parts)
-        if self.timed:
-            self._postfix()
-            self.bar.refresh()
-        else:
-            self.bar.set_postfix_str(self.text)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def adversary_line(cfg: Config) -> str:
-    """The training adversary in words, for the start-up line: what the flags, the config file,
-    the dataset's recipe and the defaults came to."""
-    if cfg.attack == "none" or cfg.eps == 0:
-        return "adversary: none (clean training)"
-    name = f"PGD-{cfg.attack_steps}" if cfg.attack == "pgd" else cfg.attack.upper()
-    if cfg.attack == "pgd" and cfg.attack_steps_schedule:
-        name = f"PGD (steps {cfg.attack_steps_schedule})"
-    text = f"adversary: {name} {cfg.norm} eps={cfg.eps:g}"
-    text += f" step={cfg.attack_step_ratio:g}ε" if cfg.attack_step_ratio else ""  # else the attack's published step
-    if cfg.attack_restarts > 1:
-        text += f" x{cfg.attack_restarts} restarts"
-    text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""
-    text += ", reused perturbations" if cfg.reuse_perturbations else ""
-    return text + (", bfloat16 arithmetic" if cfg.precision == "bf16" else "")
-
-
-def budget_line(cfg: Config) -> str:
-    """What a time budget covers, for the start-up line: the training loop's wall-clock time
-    (periodic evaluations and checkpoints included), not start-up nor the final evaluation."""
-    if not cfg.time_budget:
-        return ""
-    return (f"time budget {cfg.time_budget:g}s of training, periodic evaluations included (start-up and the "
-            "final evaluation come on top)")
-
-
-def summary_line(summary: dict) -> str:
-    text = f"stopped ({summary['stop_reason']}) at version {summary['version']} after {summary['elapsed']:.0f}s"
-    last = summary.get("last_eval")
-    final = summary.get("final_evaluation", "")
-    if final.startswith("interrupted"):
-        text += f"; final evaluation {final}"
-    if last:
-        text += (f"; clean {last['clean_acc']:.2%}, robust {last['robust_acc']:.2%} "
-                 f"({last['attack']}, {last['examples']} test examples"
-                 + (f", version {last['version']}" if last["version"] != summary["version"] else "") + ")")
-    else:
-        text += "; not evaluated"
-    if summary.get("time_to_target") is not None:
-        text += f"; reached target {summary['target_robust_acc']:.0%} after {summary['time_to_target']:.0f}s"
-    return text

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .pushmodes import push_mode
+
 # --- tags ------------------------------------------------------------------------------------
 TAG_PARAMS = 101
 TAG_PUSH = 102
@@ -249,7 +251,7 @@ def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtyp
                 train_size: int | None = None) -> PushLayout:
     """The payload of a push in ``--push`` ``mode``: examples of ``shape`` (with their indices into
     a training set of ``train_size`` when given), or ``model``'s gradients."""
-    if mode == "examples":
+    if push_mode(mode).sends_examples:
         return ExampleLayout(shape, batch_size, wire_dtype, train_size)
     return GradientLayout.of(model)
 
@@ -257,7 +259,8 @@ def push_layout(mode: str, *, shape: tuple[int, ...], batch_size: int, wire_dtyp
 def carries_indices(cfg) -> bool:
     """Whether pushes of examples name their clean originals by index into the training set: the
     server needs them to refine stale pushes itself (--refine-on server) and for --grad-align."""
-    return cfg.push == "examples" and (bool(cfg.refine_steps and cfg.refine_on == "server") or bool(cfg.grad_align))
+    return push_mode(cfg.push).sends_examples and (bool(cfg.refine_steps and cfg.refine_on == "server")
+                                                   or bool(cfg.grad_align))
 
 
 def float_view(msg: Message, n: int) -> np.ndarray:

@@ -85,7 +85,8 @@ SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eva
 
 
 def emulated_run(tmp_path, mnist_dir, name, resume=None, **options):
-    from psadv.training import resolve_run, train_single
+    from psadv.runsetup import resolve_run
+    from psadv.single import train_single
 
     overrides = {**({} if resume else SMALL), "data_dir": str(mnist_dir), "run_dir": str(tmp_path / name), **options}
     return train_single(resolve_run(overrides, resume=resume), show_progress=False)
@@ -131,12 +132,12 @@ def test_emulations_exclude_each_other():
 
 def count_attacks(monkeypatch) -> list[tuple]:
     """(warm-started, attack name, steps) of every attack the single-process trainer makes."""
-    from psadv import training
+    from psadv import single
 
     calls = []
-    real = training.perturb
+    real = single.perturb
 
-    real_refine = training.refine
+    real_refine = single.refine
 
     def counting(model, x, y, attack, start=None):
         calls.append((start is not None, attack.name, attack.effective_steps))
@@ -146,8 +147,8 @@ def count_attacks(monkeypatch) -> list[tuple]:
         calls.append((True, attack.name, attack.effective_steps))
         return real_refine(model, x, y, attack, start=start)
 
-    monkeypatch.setattr(training, "perturb", counting)
-    monkeypatch.setattr(training, "refine", refining)
+    monkeypatch.setattr(single, "perturb", counting)
+    monkeypatch.setattr(single, "refine", refining)
     return calls
 
 

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from psadv.config import make_config
+from psadv.console import adversary_line
 from psadv.errors import ConfigError
 from psadv.gradalign import grad_align_penalty, training_loss
 from psadv.models import build_model
 from psadv.rundir import read_metrics
-from psadv.training import adversary_line
 
 from test_training import run, weights
 

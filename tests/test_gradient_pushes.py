@@ -150,20 +150,20 @@ def test_gradient_push_options_are_refused_for_pushes_of_examples(option):
 
 # --- refinement on the attackers (--refine-on attackers) -------------------------------------------
 def test_attackers_refine_against_their_newest_parameters_and_push_that_version(tmp_path, mnist_dir, monkeypatch):
-    from psadv import training
+    from psadv import single
     from psadv.models import flat_state
 
     from test_emulate import count_attacks
 
     seen = []
-    real_refine = training.refine
+    real_refine = single.refine
 
     def which_model(model, x, y, attack, start):
         seen.append(flat_state(model))
         return real_refine(model, x, y, attack, start=start)
 
     calls = count_attacks(monkeypatch)
-    monkeypatch.setattr(training, "refine", which_model)
+    monkeypatch.setattr(single, "refine", which_model)
     # eight attackers of PGD-2 (3 passes a batch): the last step sees the refresh ceil(8 / 3) = 3 versions back
     s = emulated_run(tmp_path, mnist_dir, "attackers", steps=30, emulate_attackers=8, refresh_every=1,
                      refine_on="attackers")

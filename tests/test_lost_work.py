@@ -21,7 +21,8 @@ from psadv.checkpoint import IncompatibleCheckpoint, find_checkpoint, list_check
 from psadv.errors import CheckpointError, StorageError, TrainingDiverged, UsageError
 from psadv.metrics import MetricsLog
 from psadv.rundir import prepare
-from psadv.training import resolve_run, train_single
+from psadv.runsetup import resolve_run
+from psadv.single import train_single
 from test_mpi import (FAULT_ENTRY, MPIEXEC, _cmd, _env, needs_mpi, rows, run_job, signal_at_version, summary,
                       wait_for)
 
@@ -194,7 +195,7 @@ def test_a_resume_that_fails_while_starting_up_leaves_the_run_as_it_was(tmp_path
     def fails(state):
         raise CheckpointError("the generators' state does not fit")
 
-    monkeypatch.setattr("psadv.training.restore_rng_state", fails)  # the last piece a resume restores
+    monkeypatch.setattr("psadv.single.restore_rng_state", fails)  # the last piece a resume restores
     with pytest.raises(CheckpointError, match="does not fit"):
         run(tmp_path, mnist_dir, name="a", resume=str(tmp_path / "a"), steps=6, weight_decay=0.5)
     assert files_of(tmp_path / "a") == before

@@ -4,7 +4,8 @@ import pytest
 
 from psadv.metrics import SCHEMA, MetricsLog, row_problems, well_typed
 from psadv.rundir import read_metrics
-from psadv.training import resolve_run, train_single
+from psadv.runsetup import resolve_run
+from psadv.single import train_single
 
 
 @pytest.mark.parametrize("emulate", [{"emulate_staleness": 1}, {"emulate_attackers": 2, "max_staleness": 0}])

@@ -10,7 +10,8 @@ import pytest
 from psadv.augment import PAD, augment_batch, crop_flip
 from psadv.config import FIELDS, RECIPES, Config, make_config, read_toml, validate
 from psadv.data import BatchStream
-from psadv.training import resolve_run, train_single
+from psadv.runsetup import resolve_run
+from psadv.single import train_single
 
 from cli_helpers import invoke
 

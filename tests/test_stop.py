@@ -66,7 +66,7 @@ def test_every_attack_loop_stops_within_an_iteration(attack):
 def test_outside_a_stoppable_block_a_caught_signal_cuts_nothing_short():
     """An MPI attacker's training batch runs whole (the server expects every push complete): a
     signal its flag caught stops it between batches, never inside an attack."""
-    from psadv.mpi import SignalFlag
+    from psadv.stop import SignalFlag
 
     model = Counting()
     x = _images()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from cli_helpers import invoke
 from psadv.config import make_config
-from psadv.training import ProgressBar, budget_line
+from psadv.console import ProgressBar, budget_line
 
 
 class FakeTrainer:

@@ -10,10 +10,12 @@ import torch
 from psadv import schedules
 from psadv.checkpoint import IncompatibleCheckpoint, load_checkpoint
 from psadv.config import Config, make_config, read_toml
+from psadv.console import adversary_line
 from psadv.errors import ConfigError, UsageError
 from psadv.models import build_model, flat_state, model_args_for
 from psadv.rundir import read_metrics
-from psadv.training import StaleRing, adversary_line, resolve_run, train_single
+from psadv.runsetup import resolve_run
+from psadv.single import StaleRing, train_single
 
 SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=10, log_every=5,
              threads=1)
