@@ -37,6 +37,39 @@ def require_program(name: str, why: str = "") -> str:
     return path
 
 
+# The inner loop of development runs `python -m pytest -m "not slow"` (docs/reproduce.md): these
+# modules' tests all start processes or train for long (dilated MPI sweeps, hundreds of crafted
+# files, the scripts end to end, work lost to faults), and so does every test that starts `mpiexec`
+# (marked `mpi` as well) or SLURM. CI runs everything.
+SLOW_MODULES = {"test_dilation", "test_fuzz_files", "test_scripts", "test_lost_work", "test_slurm", "test_budget",
+                "test_stop"}
+# Fixtures that start `mpiexec` jobs themselves.
+MPI_FIXTURES = {"mpiexec", "sweep"}
+# Single slow tests in otherwise fast modules, found by `--durations=40` of `-m "not slow"` on 2
+# busy cores (each took 7 s or more there).
+SLOW_TESTS = {
+    "test_pgd_stronger_than_fgsm_and_restarts_never_hurt", "test_models_build_and_run",
+    "test_reused_perturbations_are_checkpointed_and_resume_exactly", "test_onnx_export_checks_and_matches_torch",
+    "test_the_weight_average_is_what_the_run_delivers_and_resumes_exactly",
+    "test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model", "test_plot_writes_pngs_of_a_real_run",
+    "test_the_command_line_sets_the_wait_policy_before_torch_loads_openmp", "test_api_evaluate_path_and_module_agree",
+    "test_emulated_staleness_resumes_exactly", "test_plain_safetensors_and_torchattacks_without_psadv",
+    "test_averaging_can_start_or_stop_at_a_resume", "test_fab_on_mnist_breaks_at_least_what_pgd_breaks",
+    "test_resume_continues_exactly", "test_evaluation_frequency_does_not_change_training",
+    "test_emulated_staleness_changes_training", "test_report_on_existing_run_dirs_with_a_killed_run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if MPI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mpi)
+            item.add_marker(pytest.mark.slow)
+        elif module in SLOW_MODULES or item.originalname in SLOW_TESTS or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def idle_load_average():
     """In-process runs choose their threads as on an idle machine: the load average of a machine
