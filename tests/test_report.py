@@ -568,3 +568,11 @@ def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_pa
     row = scaling_report(picked + [str(runs / "w1-ra")], tmp_path / "out5", target=0.89)["attackers_buy"]["rows"][0]
     assert row["n_star"]["value"] == 4.8 and row["time_to_target"]["value"] == 10.0  # 1,000 × max(0.048 / 8, 0.01)
     assert "w1-ra" in row["seconds_per_version"]["from"]
+    # a quiet timing run (no periodic evaluation: its one eval row is the final one) prices one process's
+    # versions but never counts them: 900 versions of runs/single × 1/40 s
+    write_run(runs / "timing", config={"attack_steps": 10, "eval_every": 0}, rows=train_rows(40) + evals([(9, 400, 0.95)]),
+              summary={"version": 400, "examples_seen": 40000, "elapsed": 10.0, "last_eval": None})
+    buy = scaling_report([str(runs / n) for n in ("w1", "n8-k0-s0", "single", "timing")], tmp_path / "out6",
+                         target=0.89)["attackers_buy"]
+    assert buy["single_process"]["runs"] == ["single"] and buy["single_process"]["seconds"]["value"] == 22.5
+    assert "timing" in buy["single_process"]["seconds_per_version"]["from"]

@@ -446,6 +446,9 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
 # Config fields that make one process's seconds per version comparable with the emulated runs'
 # attackers: the same attack, batch and threads per rank (one core per attacker in the model).
 RECIPE_KEYS = ("model", "attack", "attack_steps", "attack_step_ratio", "batch_size", "threads", "precision")
+# and what makes its versions to target comparable: the same periodic evaluation (a run with
+# --eval-every 0 has only its final evaluation, which says nothing about when it got there)
+EVAL_KEYS = ("eval_attack", "eval_examples", "eval_every")
 
 
 def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict | None:
@@ -453,11 +456,13 @@ def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict
     single-process runs took (the slowest seed among those with periodic evaluations) × the seconds per
     version of the fastest plain run of the same recipe (``RECIPE_KEYS`` as in ``like``; the median
     over its train rows, so a quiet timing run without evaluations can price seeds graded elsewhere).
+    Only runs with the periodic evaluation of ``like`` (``EVAL_KEYS``) count versions to target.
     None when the report holds no plain run of that recipe."""
     plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
              and not r.config.get("emulate_staleness")
              and all(r.config.get(k) == like.get(k) for k in RECIPE_KEYS)]
-    graded = sorted((r for r in plain if r.of_kind("eval")), key=lambda r: r.name)
+    graded = sorted((r for r in plain if r.of_kind("eval") and r.config.get("eval_every")
+                     and all(r.config.get(k) == like.get(k) for k in EVAL_KEYS)), key=lambda r: r.name)
     timed = [(throughput(r)["versions_per_s"]["value"], r.name) for r in plain if throughput(r)]
     if not graded and not timed:
         return None
