@@ -454,14 +454,27 @@ def main():
     try:
         cli()
     finally:
-        # The command has ended and saved what it had: a Ctrl-C or SIGTERM while the interpreter exits
-        # (torch's teardown takes a moment) would only turn that end into a kill by the signal.
-        import signal
+        _after_the_command()
 
-        from .stop import STOP_SIGNALS
 
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+def _after_the_command() -> None:
+    """Stop signals once the command has ended and saved what it had.
+
+    One process ignores them: a Ctrl-C or SIGTERM while the interpreter exits (torch's teardown takes a
+    moment) would only turn a clean end into a kill by the signal. A rank of an MPI job keeps their
+    default action instead: its exit waits in MPI_Finalize for every other rank, where no Python
+    handler runs, so a rank that hangs there (stopped, swapped out) would make an ignoring job
+    unkillable but by SIGKILL; the fault benchmark's hung-term scenarios at the end of training hung
+    exactly so (results/fault-bench-100.toml). Dying by the signal loses nothing at that point."""
+    import signal
+
+    from .stop import STOP_SIGNALS
+
+    mpi = sys.modules.get("mpi4py.MPI")  # never imported here: importing it would start MPI
+    shared_exit = (mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized()
+                   and mpi.COMM_WORLD.Get_size() > 1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL if shared_exit else signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -541,6 +541,48 @@ def test_sigterm_checkpoints_and_resume_continues_the_version_counter(tmp_path, 
 
 
 @needs_mpi
+def test_sigterm_ends_a_job_whose_attacker_hangs_while_the_ranks_exit(tmp_path, mnist_dir):
+    """Training has ended and every rank is exiting, which waits in MPI_Finalize for all of them; one
+    attacker stops there. SIGTERM must still end the job: ranks keep the signal's default action
+    once their command has ended (psadv.cli._after_the_command). Ignoring it hung such jobs until a
+    SIGKILL (results/fault-bench-100.toml, hung-term at the end of training)."""
+    for attempt in range(3):  # the window between the summary and the job's end is short
+        run = tmp_path / f"hungend{attempt}"
+        proc = subprocess.Popen(_cmd(3, mnist_dir, run, "--steps", "20", *SMALL), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+        pids, stopped = {}, False
+        try:
+            world = wait_for(lambda: rows(run, "world"), 60, proc, "the world row")[0]
+            pids = {r["rank"]: int(r["pid"]) for r in world["ranks"]}
+            deadline = time.monotonic() + 90
+            while not (run / "summary.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            try:
+                os.kill(pids[1], signal.SIGSTOP)
+                stopped = proc.poll() is None
+            except ProcessLookupError:  # it had already exited: too late, try again
+                pass
+            if stopped:
+                proc.send_signal(signal.SIGTERM)
+                start = time.monotonic()
+                proc.communicate(timeout=30)  # before the fix: no end until SIGKILL
+                assert time.monotonic() - start < 20
+                break
+        finally:
+            for pid in pids.values():
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert stopped, "the attacker had always exited before it could be stopped"
+    s = summary(run)
+    assert s["version"] == 20 and load_checkpoint(find_checkpoint(run)).state["version"] == 20
+
+
+@needs_mpi
 def test_one_rank_runs_the_single_process_trainer(tmp_path, mnist_dir):
     run = tmp_path / "one"
     res = run_job(1, mnist_dir, run, "--steps", "5", *SMALL)
