@@ -334,7 +334,8 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
                        + (f" and c_s, c_a measured on {buy['model_from']}" if buy["model_from"] else
                           " — no MPI run with server and attacker timings is in this report, so no prediction")
                        + ". K is --refine-steps (server-side work), k the attack's steps; the method is what the "
-                         "runs did against staleness (`--refine-steps`, `--refine-step-ratio`, `--reuse-perturbations`), "
+                         "runs did against staleness (`--refine-steps`, `--refine-step-ratio`, `--refine-on`, "
+                         "`--reuse-perturbations`), "
                          "and final robust the mean (spread) of the final models, *measured*."
                        + single_process_sentence(buy.get("single_process"))))
         b.append(("table", ["attackers", "method", "final robust (spread)", "versions to target", "n*",
