@@ -3,12 +3,13 @@
 The decision is :func:`choose_threads`, a pure function of what the operating system says (the
 cores this process may run on, its cgroup CPU quota, the load average, the ranks per host); the
 readers of those facts (:func:`usable_cores`, :func:`cpu_quota`, :func:`load_average`) are the edge.
-On a machine that other jobs share, OpenMP threads that spin while they wait for each other take
-the cores from those jobs and from each other: next to other work, 2 spinning threads trained 3-9
-versions in a 15 s budget where 2 passively waiting ones trained 50-61
-(results/threads-busy-machine.toml). So the command line sets OpenMP's passive wait policy before
-torch starts (:func:`quiet_openmp`), and the automatic count takes the usable cores; a busy
-machine gets a warning. Nothing here imports torch: :func:`quiet_openmp` must run before it does.
+On a machine that other jobs share, OpenMP threads that spin long while they wait for each other
+take the cores from those jobs and from each other: next to other work, 2 threads spinning as
+libgomp does by default trained 3-9 versions in a 15 s budget where 2 passively waiting ones trained
+50-61 (results/threads-busy-machine.toml); sleeping at once costs a third of the speed on an idle
+machine, where a short spin keeps it (results/openmp-wait.toml). So the command line sets a short
+spin before torch starts (:func:`quiet_openmp`), and the automatic count takes the usable cores; a
+busy machine gets a warning. Nothing here imports torch: :func:`quiet_openmp` must run before it does.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Set only where the user has not: a user's own OpenMP settings win. libgomp (torch's OpenMP on
-# Linux) and Intel's OpenMP read OMP_WAIT_POLICY once, when the library loads, that is at
-# ``import torch``; KMP_BLOCKTIME is Intel OpenMP's (and MKL's under it) time a thread spins after
-# its work before it sleeps, in milliseconds.
-OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# Linux) reads them once, when the library loads, that is at ``import torch``. A thread that waits
+# for the others spins GOMP_SPINCOUNT times, then sleeps: a short spin (10,000, tens of
+# microseconds) catches the next of a version's ~1,300 small parallel ops without burning a busy
+# machine's cores. Measured with `psadv train` against OMP_WAIT_POLICY=PASSIVE (sleep at once, the
+# default before): 1.4-1.6x its examples/s on an idle machine and 2.6-5.4x beside a busy loop per
+# core (results/openmp-wait.toml); libgomp's own 300,000 collapsed training next to other work
+# (results/threads-busy-machine.toml). KMP_BLOCKTIME is Intel OpenMP's (and MKL's under it) time
+# a thread spins after its work before it sleeps, in milliseconds.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+# A user who set either has chosen how threads wait: no spin count is added to their choice.
+WAIT_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 # How far the load average may exceed the usable cores before the start-up line warns: the load
 # average is a one-minute mean of every runnable task, and one short-lived process (a shell, a
@@ -33,7 +41,9 @@ OVERSUBSCRIBED_SLACK = 0.5
 def quiet_openmp(environ=os.environ) -> dict[str, str]:
     """Set :data:`OPENMP_DEFAULTS` in ``environ`` where unset; returns what it set. Effective only
     before torch (and with it the OpenMP runtime) is first imported."""
-    added = {key: value for key, value in OPENMP_DEFAULTS.items() if key not in environ}
+    chose_waiting = any(key in environ for key in WAIT_CHOICES)
+    added = {key: value for key, value in OPENMP_DEFAULTS.items()
+             if key not in environ and not (key == "GOMP_SPINCOUNT" and chose_waiting)}
     environ.update(added)
     return added
 

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = args.settings.split(",")
     if not set(settings) <= set(SETTINGS):
         parser.error(f"--settings: choose from {', '.join(SETTINGS)}")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                             "KMP_BLOCKTIME")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     import psadv
     import torch

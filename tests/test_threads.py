@@ -85,27 +85,30 @@ def test_cgroup_v1_quota(tmp_path):
     assert cpu_quota(tmp_path / "cgroup", tmp_path / "top") is None  # -1: no quota
 
 
-def test_quiet_openmp_sets_passive_waiting_unless_the_user_chose():
+def test_quiet_openmp_sets_a_short_spin_unless_the_user_chose():
     env = {"KMP_BLOCKTIME": "200"}
-    assert quiet_openmp(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "200"}
+    assert quiet_openmp(env) == {"GOMP_SPINCOUNT": "10000"}
+    assert env == {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "200"}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": ""}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(chosen)  # a wait policy or spin count of the user's own gets no spin count added
+        assert quiet_openmp(env) == {"KMP_BLOCKTIME": "0"} and env == {**chosen, "KMP_BLOCKTIME": "0"}
 
 
 def test_the_command_line_sets_the_wait_policy_before_torch_loads_openmp():
-    """libgomp reads OMP_WAIT_POLICY once, when ``import torch`` loads it: the CLI module must set it first."""
+    """libgomp reads its settings once, when ``import torch`` loads it: the CLI module must set them first."""
     probe = ("import os, sys\n"
              "class Probe:\n"
              "    def find_spec(self, name, path=None, target=None):\n"
              "        if name == 'torch':\n"
-             "            print('at torch import:', os.environ.get('OMP_WAIT_POLICY'), flush=True)\n"
+             "            print('at torch import:', os.environ.get('GOMP_SPINCOUNT'), flush=True)\n"
              "        return None\n"
              "sys.meta_path.insert(0, Probe())\n"
              "import psadv.cli\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "at torch import: PASSIVE"
+    assert done.stdout.splitlines()[0] == "at torch import: 10000"
 
 
 # --- CLI and API ----------------------------------------------------------------------------------
