@@ -428,7 +428,6 @@ def prepare_out(out: Path, overwrite: bool) -> None:
             (out / name).unlink()
 
 
-
 def single_process_sentence(single: dict | None) -> str:
     """How "vs single process" was priced: one process's versions to target (measured, its slowest
     seed) × its seconds per version (measured on the fastest plain run of the same recipe)."""
