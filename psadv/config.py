@@ -97,7 +97,7 @@ class Config:
     # it ties with 5e-3 at 180 s (results/lr-peak-60s.toml, results/lr-peak-180s.toml). Against staleness the peak is
     # STALENESS_LR instead (make_config).
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
-    lr: float = opt(1e-2, "(peak) learning rate (5e-3 with attackers, real or emulated)", min=0.0)
+    lr: float = opt(1e-2, "(peak) learning rate (5e-3 with asynchronous attackers, real or emulated)", min=0.0)
     # onecycle: up to lr at 40% of training, then down to 0 (fast adversarial training's cyclic
     # schedule); piecewise: ×0.1 at 50% and again at 75%.
     lr_schedule: str = opt("onecycle", "learning-rate schedule", choices=("constant", "piecewise", "onecycle"))
@@ -146,8 +146,9 @@ class Config:
                                  min=0)
     # What N attackers would do to robustness, measured on one machine before anyone buys them:
     # their staleness under the server's own rules (--refresh-every, --max-staleness, rejections).
-    emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers "
-                                 "(0 = off)", min=0)
+    # With --push sync there is no staleness to emulate: one step on all N attackers' batches.
+    emulate_attackers: int = opt(0, "single process: train with the staleness of N asynchronous attackers, or "
+                                 "with --push sync on the N batches of a synchronous round (0 = off)", min=0)
     # A stale push's examples were adversarial for an older model; a PGD step against the current
     # one, continuing from them, makes them adversarial again: this is what keeps many attackers'
     # staleness from costing robustness (results/emulated-attackers-refinement.toml). It is server-side work
@@ -537,9 +538,12 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
             merged[name] = _coerce(name, value, source)
     for name, value in RECIPES.get(merged.get("dataset", FIELDS["dataset"].default), {}).items():
         merged.setdefault(name, value)
-    if attackers or merged.get("emulate_attackers") or merged.get("emulate_staleness"):
-        merged.setdefault("lr", STALENESS_LR)
     push = PUSH_MODES.get(merged.get("push", FIELDS["push"].default))  # None: validate refuses it below
+    # synchronous attackers train on no stale push: the one-process default suits them
+    stale = merged.get("emulate_staleness") or ((attackers or merged.get("emulate_attackers"))
+                                                and not (push is not None and push.synchronous))
+    if stale:
+        merged.setdefault("lr", STALENESS_LR)
     if push is None or not push.sends_examples or merged.get("augment", FIELDS["augment"].default) != "none":
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
     if merged.get("dataset") in FILE_DATASETS and "eps" not in merged:

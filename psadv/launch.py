@@ -109,8 +109,7 @@ def _launch_mpi(w, overrides: dict, file_values: dict, *, resume: str | None, ov
             from .training import Trainer
 
             open_run_dir(setup, overwrite=overwrite)
-            train_size = push_mode(cfg.push).epoch_size(len(train_set), w.n_attackers)
-            trainer = Trainer(setup, device=device, train_size=train_size, role="server",
+            trainer = Trainer(setup, device=device, train_size=len(train_set), role="server", attackers=w.n_attackers,
                               stop_requested=signals.stop_requested)
             role = Server(w, trainer, signals, show_progress=show_progress, checkpoint=setup.checkpoint,
                           train_set=train_set)

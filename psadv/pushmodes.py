@@ -3,8 +3,7 @@
 A mode owns what depends on it alone: its payload (adversarial examples or a gradient), the options
 only it reads (refused with another mode by :func:`psadv.config.check_given`), how the staleness
 policy counts its pushes (the largest staleness it accepts, whether ``--lr-damping`` scales its
-steps: :mod:`psadv.staleness`), how many of an attacker's batches make a version, and how many
-examples make the server's epoch. Packing and applying a push still branch on the mode's name in
+steps: :mod:`psadv.staleness`), and how many attackers' batches make a version. Packing and applying a push still branch on the mode's name in
 :mod:`psadv.server`, :mod:`psadv.attacker` and :mod:`psadv.emulate` (issue 36 moves them here next).
 
 Plain data, no torch: :mod:`psadv.config` reads the registry when it loads.
@@ -40,15 +39,12 @@ class PushMode:
         """Whether ``--lr-damping`` scales an accepted push's learning rate by 1/max(1, τ)."""
         return lr_damping and "lr_damping" in self.own_options
 
-    def batches_per_version(self, accumulate: int) -> int:
-        """An attacker's batches behind one version, for counting epochs: K with ``--accumulate K``
-        where the mode reads it, else 1."""
+    def batches_per_version(self, accumulate: int, attackers: int) -> int:
+        """Attackers' batches behind one version, for counting epochs: one from every attacker in a
+        synchronous round, K with ``--accumulate K`` where the mode reads it, else 1."""
+        if self.synchronous:
+            return max(1, attackers)
         return accumulate if "accumulate" in self.own_options else 1
-
-    def epoch_size(self, train_size: int, attackers: int) -> int:
-        """The examples of an epoch at the server: a synchronous round takes a batch from every
-        attacker's shard, so its epoch is one pass over one shard."""
-        return train_size // attackers if self.synchronous else train_size
 
 
 EXAMPLES = PushMode("examples", payload="examples")
@@ -64,6 +60,15 @@ def push_mode(name: str) -> PushMode:
         return PUSH_MODES[name]
     except KeyError:
         raise ValueError(f"unknown push mode {name!r}") from None
+
+
+def examples_per_step(batch_size: int, push: str, emulated_attackers: int) -> int:
+    """The examples of one step of the single-process trainer: ``--batch-size``, or, emulating N
+    attackers of a synchronous mode, every attacker's batch of a round (N × ``--batch-size``)
+    trained as one: the server's mean of N equal batches' mean gradients, exactly, for a model
+    without BatchNorm (whose statistics would be per attacker)."""
+    synchronous = push_mode(push).synchronous and emulated_attackers > 0
+    return batch_size * emulated_attackers if synchronous else batch_size
 
 
 def owners(option: str) -> list[PushMode]:

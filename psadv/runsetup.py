@@ -22,6 +22,7 @@ from .data import FILE_DATASETS, dataset_info, load_dataset, verify_data_file
 from .devices import auto_precision, pick_device
 from .errors import CheckpointError, ConfigError, UsageError
 from .models import is_factory_ref, model_args_for
+from .pushmodes import push_mode
 from .trackers import check_installed
 
 
@@ -160,7 +161,11 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         # Data problems surface before anything is written (the loads are cached for the run).
         train = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
         load_dataset(cfg.dataset, "test", cfg.data_dir or None)
-        check_batch_size(cfg.batch_size, len(train))
+        if push_mode(cfg.push).synchronous and cfg.emulate_attackers:  # as launch checks real attackers' shards
+            check_batch_size(cfg.batch_size, len(train) // cfg.emulate_attackers,
+                             f"an emulated attacker's shard with {cfg.emulate_attackers} attackers")
+        else:
+            check_batch_size(cfg.batch_size, len(train))
         check_installed(cfg.log)
         open_run_dir(setup, overwrite=overwrite)
     return setup

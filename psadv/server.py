@@ -45,6 +45,7 @@ from .gradpush import GradientPushes
 from .metrics import grad_align_field
 from .models import build_model, flat_state, load_flat_state_
 from .mpi import Backoff, World
+from .pushmodes import push_mode
 from .schedules import refine_attack
 from .staleness import StalenessPolicy, window_stats
 from .stop import SignalFlag
@@ -343,8 +344,7 @@ class Server:
     def save(self):
         start = time.perf_counter()
         n_train = max(1, self.trainer.batches_per_epoch * self.cfg.batch_size *
-                      (len(self.attackers) if self.mode == "sync" else self.gradients.accumulator.k
-                       if self.gradients is not None else 1))
+                      push_mode(self.mode).batches_per_version(self.cfg.accumulate, len(self.attackers)))
         mpi_state = {"push": self.mode, "attackers": len(self.attackers), **self.totals, **self.policy.state(),
                      "attacker_streams": [list(self.streams[r]) for r in self.attackers]}
         # data_stream lets the single-process trainer resume an MPI run (from the epoch start).

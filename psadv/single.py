@@ -31,6 +31,7 @@ from .gradalign import training_loss
 from .gradpush import GradientPushes
 from .metrics import grad_align_field
 from .models import build_model, flat_state, float_buffers, load_flat_state_
+from .pushmodes import examples_per_step, push_mode
 from .runsetup import RunSetup
 from .stop import SignalFlag
 from .threads import ThreadChoice
@@ -121,7 +122,8 @@ class SingleRun:
             if warning := precision_warning(cfg.precision, device):
                 print(warning, file=sys.stderr)
             train_set = load_dataset(cfg.dataset, "train", cfg.data_dir or None)
-            stream = BatchStream(np.arange(len(train_set)), cfg.batch_size, seed=cfg.seed)
+            stream = BatchStream(np.arange(len(train_set)),
+                                 examples_per_step(cfg.batch_size, cfg.push, cfg.emulate_attackers), seed=cfg.seed)
             ckpt = setup.checkpoint
             if ckpt is not None:  # checked before the trainer writes into the run directory
                 with restoring(ckpt.path):
@@ -217,10 +219,15 @@ class Lag:
     def __init__(self, cfg: Config, trainer: Trainer, model_args: dict, device: torch.device):
         self.trainer = trainer
         self.ring = StaleRing(cfg.emulate_staleness) if cfg.emulate_staleness else None
-        separate = self.ring is not None or cfg.emulate_attackers > 0
+        # synchronous attackers all compute with the current version: no lag, only a larger batch
+        # (pushmodes.examples_per_step)
+        self.synchronous = push_mode(cfg.push).synchronous and cfg.emulate_attackers > 0
+        emulating = cfg.emulate_attackers > 0 and not self.synchronous
+        separate = self.ring is not None or emulating
         self.model = (training_layout(build_model(cfg.model, **model_args).to(device), cfg.precision)
                       if separate else trainer.model)
-        self.emulation = Emulation(cfg, trainer.model, self.model, trainer.version) if cfg.emulate_attackers else None
+        self.emulation = Emulation(cfg, trainer.model, self.model, trainer.version) if emulating else None
+        self.attackers = cfg.emulate_attackers
         self.pushes = (GradientPushes.of(trainer) if self.emulation is not None and self.emulation.mode == "gradients"
                        else None)
 
@@ -275,6 +282,8 @@ class Lag:
 
     def summary(self):
         """The summary's own fields, as a callable for :meth:`psadv.training.Trainer.end_run`."""
+        if self.synchronous:
+            return lambda: {"emulated_attackers": self.attackers, "push": "sync", "staleness_max": 0}
         return self.emulation.summary if self.emulation else None
 
 

@@ -91,7 +91,7 @@ class Trainer:
     """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
 
     def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single",
-                 stop_requested: Callable[[], bool] | None = None):
+                 attackers: int = 0, stop_requested: Callable[[], bool] | None = None):
         cfg = self.cfg = setup.cfg
         # what cuts an evaluation short within one attack iteration (psadv/stop.py): the runner's
         # signal flag, so a SIGTERM during a strong evaluation never outlives SLURM's grace period
@@ -102,9 +102,10 @@ class Trainer:
         self.model_args = setup.model_args
         self.model = initial_model(cfg, setup.model_args, device)
         self.optimizer = make_optimizer(cfg, self.model)
-        # a version of --push gradients --accumulate K (MPI or emulated) takes K batches: an epoch
-        # is still one pass over the training set
-        k = push_mode(cfg.push).batches_per_version(cfg.accumulate) if role == "server" or cfg.emulate_attackers else 1
+        # a version of --push gradients --accumulate K (MPI or emulated) takes K batches, one of
+        # --push sync a batch of every attacker: an epoch is still one pass over the training set
+        attackers = attackers if role == "server" else cfg.emulate_attackers
+        k = push_mode(cfg.push).batches_per_version(cfg.accumulate, attackers) if attackers else 1
         self.batches_per_epoch = max(1, train_size // (cfg.batch_size * k))
         self.total_versions = schedules.total_versions(cfg, self.batches_per_epoch)
         test = load_dataset(cfg.dataset, "test", cfg.data_dir or None)

@@ -254,3 +254,26 @@ def test_a_fixed_emulated_staleness_is_refined_once_stale(tmp_path, mnist_dir, m
     # version 0 attacks with itself; from version 1 on the attack model is 1, 2, 3, 3, … versions old
     warm = [c[0] for c in calls]
     assert warm.count(True) == 7 and warm.count(False) == 8
+
+
+def test_emulated_synchronous_attackers_train_one_process_on_their_rounds(tmp_path, mnist_dir):
+    """--emulate-attackers N --push sync: a version is one step on every attacker's batch of a round,
+    which for mnist-small (no BatchNorm) is exactly one process's step on a batch N times larger."""
+    import h5py
+
+    from psadv.checkpoint import find_checkpoint
+
+    s = emulated_run(tmp_path, mnist_dir, "sync", steps=6, emulate_attackers=4, push="sync", batch_size=10)
+    plain = emulated_run(tmp_path, mnist_dir, "plain", steps=6, batch_size=40)
+    assert s["emulated_attackers"] == 4 and s["staleness_max"] == 0
+    assert s["examples_seen"] == plain["examples_seen"] == 6 * 40
+    with h5py.File(find_checkpoint(tmp_path / "sync"), "r") as a, h5py.File(find_checkpoint(tmp_path / "plain"), "r") as b:
+        for key in a["model"]:
+            np.testing.assert_array_equal(a["model"][key][()], b["model"][key][()])
+
+
+def test_emulated_synchronous_attackers_need_a_batch_from_every_shard(tmp_path, mnist_dir):
+    from psadv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="exceeds an emulated attacker's shard with 64 attackers"):
+        emulated_run(tmp_path, mnist_dir, "big", steps=1, emulate_attackers=64, push="sync", batch_size=1000)

@@ -4,7 +4,7 @@ import pytest
 
 from psadv.config import FIELDS, make_config
 from psadv.errors import ConfigError
-from psadv.pushmodes import OWNED_OPTIONS, PUSH_MODES, push_mode
+from psadv.pushmodes import OWNED_OPTIONS, PUSH_MODES, examples_per_step, push_mode
 
 
 def test_the_registry_is_what_push_offers():
@@ -18,8 +18,8 @@ def test_each_mode_says_how_its_pushes_are_counted():
     examples, gradients, sync = (push_mode(name) for name in ("examples", "gradients", "sync"))
     assert [m.staleness_limit(32) for m in (examples, gradients, sync)] == [32, 32, 0]
     assert [m.damps(True) for m in (examples, gradients, sync)] == [False, True, False]
-    assert [m.batches_per_version(4) for m in (examples, gradients, sync)] == [1, 4, 1]
-    assert [m.epoch_size(60000, 4) for m in (examples, gradients, sync)] == [60000, 60000, 15000]
+    # --accumulate 4 with 8 attackers: a gradients version takes 4 pushes, a sync round 8
+    assert [m.batches_per_version(4, 8) for m in (examples, gradients, sync)] == [1, 4, 8]
     assert examples.sends_examples and not gradients.sends_examples and not sync.sends_examples
 
 
@@ -31,3 +31,17 @@ def test_a_modes_own_option_is_refused_with_another_mode(option):
         with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} is for --push gradients"):
             make_config({}, {"push": name, option: value}, attackers=2)
     make_config({}, {"push": "examples", option: FIELDS[option].default}, attackers=2)  # a default is no choice
+
+
+def test_emulated_synchronous_attackers_train_on_every_batch_of_a_round():
+    assert examples_per_step(100, "sync", 8) == 800
+    assert examples_per_step(100, "sync", 0) == 100  # no emulation: one process's batch
+    assert [examples_per_step(100, mode, 8) for mode in ("examples", "gradients")] == [100, 100]
+
+
+def test_synchronous_attackers_keep_the_one_process_learning_rate():
+    # a stale push wants the smaller peak; a synchronous round has none
+    assert make_config({}, {"push": "sync"}, attackers=8).lr == FIELDS["lr"].default
+    assert make_config({}, {"push": "sync", "emulate_attackers": 8}).lr == FIELDS["lr"].default
+    assert make_config({}, {"push": "examples"}, attackers=8).lr < FIELDS["lr"].default
+    assert make_config({}, {"push": "gradients", "emulate_attackers": 8}).lr < FIELDS["lr"].default

@@ -341,7 +341,7 @@ def test_run_stopped_by_a_signal_is_marked_resumable(tmp_path):
     assert run["status"] == "stopped" and "stopped by a signal SIGUSR1" in run["problems"][0]
 
 
-def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
+def test_sync_groups_get_the_round_model_and_staleness_series(tmp_path):
     for S, acc in ((0, 0.9), (8, 0.85), (64, 0.2)):
         write_run(tmp_path / "runs" / f"s{S}", config={"emulate_staleness": S}, rows=train_rows(10)
                   + evals([(5, 50, acc)]), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0,
@@ -351,7 +351,13 @@ def test_sync_groups_get_no_prediction_and_staleness_series(tmp_path):
               summary=mpi_summary(2, versions=100, busy=1.0, compute=4.0, batches=200, push="sync"))
     report = scaling_report([str(tmp_path / "runs")], tmp_path / "out")
     (group,) = report["scaling"]
-    assert group["model"] is None and "sync mode" in group["model_note"]
+    # a round: 2 pushes of c_s = 1 s / (100 versions × 2) each after the attackers' c_a = 4 s / 200 batches
+    model = group["model"]
+    assert model["synchronous"] and model["c_s"]["value"] == 0.005 and model["c_a"]["value"] == 0.02
+    assert model["n_star"]["value"] == 4
+    # 8 attackers against the baseline's 2: 2 × rate(8) / rate(2) = 2 × (800 / 0.06) / (200 / 0.03) = 4
+    (at8,) = [p for p in model["predictions"] if p["attackers"] == 8]
+    assert at8["speedup"]["value"] == 4.0 and "c_a + n·c_s" in at8["speedup"]["from"]
     assert "staleness_accuracy.png" in report["plots"]
     assert [r["name"] for r in report["runs"]] == ["runs/s0", "runs/s8", "runs/s64", "runs/sync"]  # natural order
     staleness = {r["name"]: r["staleness"] for r in report["runs"]}

@@ -14,8 +14,16 @@ attackers offer n / c_a batches/s and the server can apply at most 1 / c_s, so
 
 n* is the attacker count at which the server, not the attackers, limits throughput. The model is
 fitted on the smallest attacker count of a group (ideally 1, where attackers do not compete for
-cores) and compared with what the other runs of the group measured. It applies to the
-``examples`` and ``gradients`` push modes; in ``sync`` mode every version waits for every attacker.
+cores) and compared with what the other runs of the group measured.
+
+In ``sync`` mode a version is a round: every attacker computes its batch (in parallel, c_a), then
+the server takes the n pushes one after another (c_s each, measured per push), so
+
+    throughput(n) ≈ n / (c_a + n·c_s) batches/s,   speedup(n) = n (c_a + c_s) / (c_a + n·c_s),
+
+and n* = c_a / c_s is where the server's share of a round equals the attackers': efficiency
+(1 + 1/n*) / 2, a little over half. Counting the server's per-version work (the optimizer step,
+the parameter sends) per push overstates it for n > 1, so the prediction errs low.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import statistics
 
 from .. import __version__
 from ..errors import UsageError
+from ..pushmodes import examples_per_step
 from .runs import FINAL_EVAL, Run
 
 # Config fields that do not change what a run measures: runs differing only in these are one recipe.
@@ -144,7 +153,7 @@ def costs(run: Run) -> dict:
         return {}
     out = {}
     versions = s["version"] - _session_start_version(run)
-    k = applied_per_version(run.config)
+    k = applied_per_version(run.config, run.attackers)
     busy = s["server_seconds"].get("busy")
     if versions > 0 and busy is not None:
         per = f"{versions} versions" if k == 1 else f"({versions} versions × {k} pushes each)"
@@ -167,8 +176,11 @@ def costs(run: Run) -> dict:
     return out
 
 
-def applied_per_version(config: dict) -> int:
-    """Applied pushes per model version: ``--accumulate`` K with pushes of gradients, else one."""
+def applied_per_version(config: dict, attackers: int = 1) -> int:
+    """Applied pushes per model version: ``--accumulate`` K with pushes of gradients, one from each of
+    the ``attackers`` in a synchronous round, else one."""
+    if config.get("push") == "sync":
+        return max(1, attackers)
     return int(config.get("accumulate", 1) or 1) if config.get("push") == "gradients" else 1
 
 
@@ -272,11 +284,11 @@ def scaling_groups(runs: list[Run]) -> list[dict]:
         if singles:
             group["single_process"] = {"run": singles[0].name, **throughput(singles[0])}
         model = None
-        if base is not None and push in ("examples", "gradients"):
+        if base is not None and push in ("examples", "gradients", "sync"):
             c = costs(base)
             if c.get("n_star") and c["c_a"]["value"]:
                 model = {"fitted_on": base.name, "attackers": base.attackers, "c_s": c["c_s"], "c_a": c["c_a"],
-                         "n_star": c["n_star"], "batch_size": base.batch_size}
+                         "n_star": c["n_star"], "batch_size": base.batch_size, "synchronous": push == "sync"}
                 # what the model leaves out (messages, waiting, ranks sharing cores), measured at the baseline
                 factor = throughput(base)["examples_per_s"]["value"] / model_rate(model, base.attackers)
                 model["overhead_factor"] = measured(round(factor, 3), f"measured ÷ predicted examples/s of {base.name}")
@@ -284,14 +296,13 @@ def scaling_groups(runs: list[Run]) -> list[dict]:
             group["points"].append(scaling_point(r, base, model))
         if model:
             largest = max(r.attackers for r in members)
+            rate, speedup = model_formulas(model)
             model["predictions"] = [
-                {"attackers": n, "speedup": predicted(round(model_speedup(model, n), 3), "min(n, n*) / min(1, n*)"),
-                 "examples_per_s": predicted(round(model_rate(model, n), 1), "batch × min(n / c_a, 1 / c_s)"),
+                {"attackers": n, "speedup": predicted(round(model_speedup(model, n), 3), speedup),
+                 "examples_per_s": predicted(round(model_rate(model, n), 1), rate),
                  "examples_per_s_with_overhead": predicted(round(model_rate(model, n) * model["overhead_factor"]["value"], 1),
-                                                           "batch × min(n / c_a, 1 / c_s) × overhead factor")}
+                                                           f"{rate} × overhead factor")}
                 for n in sorted(set(PREDICT_AT) | {largest})]
-        elif push == "sync":
-            group["model_note"] = "sync mode: every version waits for all attackers; the bottleneck model does not apply"
         elif base is not None:
             group["model_note"] = f"{base.name} lacks server or attacker timings (a partial run?), so no prediction"
         group["model"] = model
@@ -309,10 +320,11 @@ def scaling_point(run: Run, base: Run | None, model: dict | None) -> dict:
         point["speedup"] = measured(round(speedup, 3), f"examples/s ÷ (examples/s of {base.name} ÷ {base.attackers})")
         point["efficiency"] = measured(round(speedup / run.attackers, 3), "speedup ÷ attackers")
     if model:
+        rate, speedup = model_formulas(model)
         point["predicted_speedup"] = predicted(round(model_speedup(model, run.attackers), 3),
-                                               f"min(n, n*) / min(1, n*) with n* from {model['fitted_on']}")
+                                               f"{speedup} with c_s, c_a from {model['fitted_on']}")
         point["predicted_examples_per_s"] = predicted(round(model_rate(model, run.attackers), 1),
-                                                      f"batch × min(n / c_a, 1 / c_s) of {model['fitted_on']}")
+                                                      f"{rate} of {model['fitted_on']}")
     c = costs(run)
     if c:
         point["costs"] = c
@@ -327,7 +339,19 @@ def model_speedup(model: dict, n: int) -> float:
 
 
 def model_rate(model: dict, n: int) -> float:
-    return model["batch_size"] * min(n / model["c_a"]["value"], 1 / model["c_s"]["value"])
+    """Predicted examples/s of n attackers: asynchronous pushes wait for the slower of the attackers
+    and the server; a synchronous round waits for both, one after the other."""
+    c_s, c_a = model["c_s"]["value"], model["c_a"]["value"]
+    if model.get("synchronous"):
+        return model["batch_size"] * n / (c_a + n * c_s)
+    return model["batch_size"] * min(n / c_a, 1 / c_s)
+
+
+def model_formulas(model: dict) -> tuple[str, str]:
+    """How :func:`model_rate` and :func:`model_speedup` compute, in words, for a report's ``from``."""
+    if model.get("synchronous"):
+        return "batch × n / (c_a + n·c_s)", "n (c_a + c_s) / (c_a + n·c_s)"
+    return "batch × min(n / c_a, 1 / c_s)", "min(n, n*) / min(1, n*)"
 
 
 # --- what N attackers buy -------------------------------------------------------------------------
@@ -339,10 +363,11 @@ def versions_to_target(run: Run, target: float) -> int | None:
 def staleness_method(config: dict) -> tuple:
     """What a run does against staleness: (--refine-steps, --refine-step-ratio, --reuse-perturbations,
     push mode, --accumulate, --delay-compensation, --refine-on)."""
-    gradients = config.get("push") == "gradients"
-    refine = int(config.get("refine_steps", 0) or 0)
-    return (refine, float(config.get("refine_step_ratio", 0) or 0),
-            bool(config.get("reuse_perturbations")), "gradients" if gradients else "examples",
+    push = config.get("push") if config.get("push") in ("gradients", "sync") else "examples"
+    gradients = push == "gradients"
+    refine = int(config.get("refine_steps", 0) or 0) if push == "examples" else 0
+    return (refine, float(config.get("refine_step_ratio", 0) or 0) if refine else 0.0,
+            bool(config.get("reuse_perturbations")), push,
             applied_per_version(config), float(config.get("delay_compensation", 0) or 0) if gradients else 0.0,
             (config.get("refine_on") or "server") if refine and not gradients else "server")
 
@@ -353,6 +378,8 @@ def method_label(method: tuple) -> str:
              if refine else []) + (["reuse"] if reuse else [])
     if push == "gradients":
         parts = ["gradients"] + ([f"accumulate {k}"] if k > 1 else []) + ([f"DC λ={dc:g}"] if dc else []) + parts
+    elif push == "sync":
+        parts = ["sync"] + parts
     return " + ".join(parts) or "none"
 
 
@@ -376,7 +403,7 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
     if not emulated:
         return None
     by_name = {r.name: r for r in runs}
-    fitted = [g["model"] for g in groups if g.get("model") and g["push"] in ("examples", "gradients")]
+    fitted = [g["model"] for g in groups if g.get("model")]
 
     def method_of(model):  # the staleness method of the MPI run a model was fitted on
         return staleness_method(by_name[model["fitted_on"]].config)
@@ -422,10 +449,15 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
             steps = max(1, int(members[0].config.get("attack_steps") or 1))
             server = c_s if same or not refine else c_s + refine * c_a / steps
             how = "c_s" if same or not refine else "c_s + K·c_a / k"
-            per_version = k * max(c_a / n * per_push, server)
-            row["seconds_per_version"] = predicted(_round(per_version, 6),
-                                                   f"{f'{k} × ' if k > 1 else ''}max(c_a / N × pushes per applied "
-                                                   f"push, {how}) with c_s, c_a of {fit['fitted_on']}")
+            if method[3] == "sync":  # a round: the attackers' batches side by side, then the server's N pushes
+                per_version = c_a + n * c_s
+                row["seconds_per_version"] = predicted(_round(per_version, 6), f"c_a + N·c_s with c_s, c_a of "
+                                                                               f"{fit['fitted_on']}")
+            else:
+                per_version = k * max(c_a / n * per_push, server)
+                row["seconds_per_version"] = predicted(_round(per_version, 6),
+                                                       f"{f'{k} × ' if k > 1 else ''}max(c_a / N × pushes per applied "
+                                                       f"push, {how}) with c_s, c_a of {fit['fitted_on']}")
             row["n_star"] = predicted(_round(c_a / server, 2), f"c_a / ({how})")
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)
@@ -446,9 +478,18 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
 # Config fields that make one process's seconds per version comparable with the emulated runs'
 # attackers: the same attack, batch and threads per rank (one core per attacker in the model).
 RECIPE_KEYS = ("model", "attack", "attack_steps", "attack_step_ratio", "batch_size", "threads", "precision")
-# and what makes its versions to target comparable: the same periodic evaluation (a run with
-# --eval-every 0 has only its final evaluation, which says nothing about when it got there)
-EVAL_KEYS = ("eval_attack", "eval_examples", "eval_every")
+# and what makes its versions to target comparable: the same periodic evaluation, every as many
+# training examples (a run with --eval-every 0 has only its final evaluation, which says nothing
+# about when it got there)
+EVAL_KEYS = ("eval_attack", "eval_examples")
+
+
+def eval_grid(config: dict) -> int:
+    """Training examples between two periodic evaluations (0: none): a version of N emulated
+    synchronous attackers is N batches."""
+    per_step = examples_per_step(int(config.get("batch_size") or 0), config.get("push") or "examples",
+                                 int(config.get("emulate_attackers") or 0))
+    return int(config.get("eval_every") or 0) * per_step
 
 
 def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict | None:
@@ -462,7 +503,8 @@ def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict
              and not r.config.get("emulate_staleness")
              and all(r.config.get(k) == like.get(k) for k in RECIPE_KEYS)]
     graded = sorted((r for r in plain if r.of_kind("eval") and r.config.get("eval_every")
-                     and all(r.config.get(k) == like.get(k) for k in EVAL_KEYS)), key=lambda r: r.name)
+                     and all(r.config.get(k) == like.get(k) for k in EVAL_KEYS)
+                     and eval_grid(r.config) == eval_grid(like)), key=lambda r: r.name)
     timed = [(throughput(r)["versions_per_s"]["value"], r.name) for r in plain if throughput(r)]
     if not graded and not timed:
         return None
