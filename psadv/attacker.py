@@ -25,6 +25,7 @@ from .errors import CheckpointError
 from .gradalign import training_loss
 from .models import build_model, flat_state, float_buffers, load_flat_state_
 from .mpi import Backoff, World
+from .pushmodes import push_mode
 from .stop import SignalFlag
 
 
@@ -99,7 +100,7 @@ class Attacker:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         torch.manual_seed(self.seed)  # the attack's random starts draw from torch's global generator
-        backoff = Backoff()
+        backoff = Backoff(cap=push_mode(self.mode).poll_cap)
         while True:
             if self.poll():
                 backoff.reset()

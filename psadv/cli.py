@@ -417,7 +417,7 @@ class TrailingArgsCommand(click.Command):
               help="sweep: continue the sweep in OUT (keep finished runs, resume stopped ones) and replace its report")
 @click.option("--workers", default=None, help="sweep: attacker counts, e.g. 1,2,4,8 (0 = one process, no MPI)")
 @click.option("--max-staleness", "max_staleness", default=None, help="sweep: --max-staleness values, e.g. 8,32")
-@click.option("--push", default=None, help="sweep: push modes, e.g. examples,gradients [default: examples]")
+@click.option("--push", default=None, help="sweep: push modes, e.g. sync,examples [default: sync]")
 @click.option("--launcher", default=None, show_default="mpiexec -n {n}",
               help="sweep: launcher template; {n} = attackers + 1 processes")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, help="sweep: seconds per run")

@@ -97,13 +97,15 @@ class Config:
     # it ties with 5e-3 at 180 s (results/lr-peak-60s.toml, results/lr-peak-180s.toml). Against staleness the peak is
     # STALENESS_LR instead (make_config).
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))
-    lr: float = opt(1e-2, "(peak) learning rate (5e-3 with asynchronous attackers, real or emulated)", min=0.0)
+    lr: float = opt(1e-2, "(peak) learning rate (with attackers, real or emulated: 2e-2 synchronous, 5e-3 "
+                    "asynchronous)", min=0.0)
     # onecycle: up to lr at 40% of training, then down to 0 (fast adversarial training's cyclic
     # schedule); piecewise: ×0.1 at 50% and again at 75%.
     lr_schedule: str = opt("onecycle", "learning-rate schedule", choices=("constant", "piecewise", "onecycle"))
     momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "weight decay", min=0.0)
-    batch_size: int = opt(100, "examples per optimizer step (and per attacker push)", min=1)
+    batch_size: int = opt(100, "examples per optimizer step, and per attacker push (N synchronous attackers: "
+                          "⌈400 / N⌉ each)", min=1)
     # Averaging the weights along the way (Polyak; Gowal et al. 2020 for robust training) smooths
     # out the last steps' noise; the average is what the run delivers (psadv.averaging). Early on
     # the decay is capped, so a short run averages about its last ninth, whatever the decay.
@@ -176,8 +178,15 @@ class Config:
                          "or each attacker, against the newest parameters it holds when its attack ends",
                          choices=("server", "attackers"))
 
-    # --- asynchronous parameter server (under MPI with 2+ ranks) -------------------------------
-    push: str = opt("examples", "what attackers push", choices=tuple(PUSH_MODES))
+    # --- the parameter server (under MPI with 2+ ranks) ---------------------------------------
+    # Synchronous by default: each attacker attacks its share of one batch against the current
+    # version and pushes its gradient, the server averages them into one step. The server's work is
+    # a sum per push, so attackers multiply PGD-5's speed (n* ≈ 30 against 1.6 for pushes of
+    # examples, which the server must train on and refine), and there is no staleness: N attackers
+    # train what one process does at their summed batch (SYNC_BATCH) (results/sync-data-parallel.toml).
+    push: str = opt("sync", "what attackers push: sync = every attacker's gradient of one version, averaged "
+                    "into one step; examples, gradients = asynchronous pushes of either, tagged with their "
+                    "version", choices=tuple(PUSH_MODES))
     # Around 32 versions of staleness still trains well; around 64 it can fail badly.
     max_staleness: int = opt(32, "reject pushes staler than this many versions", min=0)
     refresh_every: int = opt(4, "send parameters to attackers every N versions", min=1)
@@ -255,6 +264,14 @@ RECIPES: dict[str, dict] = {
 # every seed (a larger step makes a stale push cost more), and every MPI measurement in results/
 # trained with 5e-3 (results/lr-peak-eight-attackers.toml).
 STALENESS_LR = 5e-3
+
+# Synchronous attackers (real or emulated, N of them) by default share one batch of SYNC_BATCH
+# examples, each attacking ⌈SYNC_BATCH / N⌉ a round, at the peak SYNC_LR: in 5 epochs this kept
+# one process's robustness where a batch of 800 lost 5 points, and 2e-2 did better than 1e-2
+# (results/sync-data-parallel.toml). A fixed batch keeps the recipe the same for every N; each
+# attacker's share shrinks as N grows, until its fixed costs dominate (the scaling report's c_a).
+SYNC_BATCH = 400
+SYNC_LR = 2e-2
 
 
 def recipe_defaults(name: str) -> str:
@@ -539,12 +556,14 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
     for name, value in RECIPES.get(merged.get("dataset", FIELDS["dataset"].default), {}).items():
         merged.setdefault(name, value)
     push = PUSH_MODES.get(merged.get("push", FIELDS["push"].default))  # None: validate refuses it below
-    # synchronous attackers train on no stale push: the one-process default suits them
-    stale = merged.get("emulate_staleness") or ((attackers or merged.get("emulate_attackers"))
-                                                and not (push is not None and push.synchronous))
-    if stale:
+    pushers = attackers or int(merged.get("emulate_attackers") or 0)  # real or emulated attackers
+    if pushers and push is not None and push.synchronous:  # one batch, shared (see SYNC_BATCH)
+        merged.setdefault("batch_size", math.ceil(SYNC_BATCH / pushers))
+        merged.setdefault("lr", SYNC_LR)
+    elif pushers or merged.get("emulate_staleness"):  # stale pushes
         merged.setdefault("lr", STALENESS_LR)
-    if push is None or not push.sends_examples or merged.get("augment", FIELDS["augment"].default) != "none":
+    if (pushers and (push is None or not push.sends_examples)) or \
+            merged.get("augment", FIELDS["augment"].default) != "none":
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
     if merged.get("dataset") in FILE_DATASETS and "eps" not in merged:
         # MNIST's 0.3 would be a silent guess: the budget belongs to the data, which psadv does not know

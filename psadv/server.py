@@ -363,7 +363,7 @@ class Server:
         trainer, cfg = self.trainer, self.cfg
         bar = ProgressBar(trainer, "server", self.show_progress)
         self.refresh()
-        backoff = Backoff()
+        backoff = Backoff(cap=push_mode(self.mode).poll_cap)
         reason = self.stop_reason()
         lr = None
         while reason is None:

@@ -52,7 +52,7 @@ def steady_rate(rows: list[dict]) -> float | None:
 
 def run_all(ranks: list[int], runs_dir: Path, data_dir: str, args: list[str]) -> list[dict]:
     """One run per world size, one after another, by psadv's sweep launcher into ``runs_dir``."""
-    # push None: the recipe after -- may set --push itself (psadv's default is examples)
+    # push None: the recipe after -- may set --push itself (psadv's default is sync)
     sweep = Sweep(workers=[n - 1 for n in ranks], push=[None], launcher="mpiexec -n {n}", data_dir=data_dir,
                   train_args=args)
     try:

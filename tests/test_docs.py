@@ -153,7 +153,7 @@ def test_the_configuration_reference_holds_every_option_with_its_reason():
     # the why-comment above a field in psadv/config.py reaches the page, its record as a link
     assert "[max-in-flight](../results/scaling.md#max-in-flight)" in page
     why, section = render_docs.field_comments((ROOT / "psadv" / "config.py").read_text())
-    assert "results/max-in-flight.toml" in why["max_in_flight"] and section["max_in_flight"].startswith("asynchronous")
+    assert "results/max-in-flight.toml" in why["max_in_flight"] and section["max_in_flight"].startswith("the parameter server")
     assert section["dataset"] == "data" and why["log"].startswith("metrics.jsonl is always written")
 
 

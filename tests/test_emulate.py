@@ -81,7 +81,9 @@ def test_snapshots_are_shared_and_dropped_when_unused():
 
 
 # --- in the single-process trainer ---------------------------------------------------------------
-SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=0, log_every=5, threads=1)
+# pushes of examples: the staleness these tests emulate (the default, sync, has none)
+SMALL = dict(batch_size=50, attack_steps=2, eval_examples=100, eval_steps=2, eval_every=0, log_every=5, threads=1,
+             push="examples")
 
 
 def emulated_run(tmp_path, mnist_dir, name, resume=None, **options):
@@ -222,8 +224,14 @@ def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path,
 def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
     from psadv.config import make_config
 
-    assert (make_config({}).refine_steps, make_config({}).refine_step_ratio) == (1, 1.25)
-    for where in ({"push": "gradients"}, {"push": "sync"}, {"augment": "crop-flip"}, {"dataset": "cifar10"}):
+    assert (make_config({}).refine_steps, make_config({}).refine_step_ratio) == (1, 1.25)  # --emulate-staleness
+    assert make_config({"push": "examples"}, attackers=2).refine_steps == 1
+    assert make_config({"push": "examples", "emulate_attackers": 2}).refine_steps == 1
+    # attackers that push no examples (the default, sync, among them) have none to refine
+    for where in ({"push": "gradients"}, {"push": "sync"}, {}):
+        assert make_config(where, attackers=2).refine_steps == 0, where
+        assert make_config({**where, "emulate_attackers": 2}).refine_steps == 0, where
+    for where in ({"augment": "crop-flip"}, {"dataset": "cifar10"}):
         assert make_config(where).refine_steps == 0, where
     # asked for, it stays (and the MPI launch refuses the combinations it cannot do)
     assert make_config({"push": "gradients", "refine_steps": 2}).refine_steps == 2
@@ -234,11 +242,12 @@ def test_the_peak_learning_rate_is_lower_against_staleness():
     from psadv.config import STALENESS_LR, make_config
 
     assert make_config({}).lr == 1e-2 != STALENESS_LR
-    for where in ({"emulate_attackers": 8}, {"emulate_staleness": 4}):
+    for where in ({"emulate_attackers": 8, "push": "examples"}, {"emulate_staleness": 4},
+                  {"emulate_attackers": 8, "push": "gradients"}):
         assert make_config(where).lr == STALENESS_LR, where
-    assert make_config({}, attackers=2).lr == STALENESS_LR  # under MPI
+    assert make_config({"push": "examples"}, attackers=2).lr == STALENESS_LR  # under MPI
     # asked for, or set by a dataset's recipe, it stays
-    assert make_config({"emulate_attackers": 8}, {"lr": 1e-2}).lr == 1e-2
+    assert make_config({"emulate_attackers": 8, "push": "examples"}, {"lr": 1e-2}).lr == 1e-2
     assert make_config({"dataset": "cifar10"}, attackers=2).lr == 0.2
 
 
@@ -263,8 +272,8 @@ def test_emulated_synchronous_attackers_train_one_process_on_their_rounds(tmp_pa
 
     from psadv.checkpoint import find_checkpoint
 
-    s = emulated_run(tmp_path, mnist_dir, "sync", steps=6, emulate_attackers=4, push="sync", batch_size=10)
-    plain = emulated_run(tmp_path, mnist_dir, "plain", steps=6, batch_size=40)
+    s = emulated_run(tmp_path, mnist_dir, "sync", steps=6, emulate_attackers=4, push="sync", batch_size=10, lr=1e-2)
+    plain = emulated_run(tmp_path, mnist_dir, "plain", steps=6, batch_size=40, lr=1e-2)
     assert s["emulated_attackers"] == 4 and s["staleness_max"] == 0
     assert s["examples_seen"] == plain["examples_seen"] == 6 * 40
     with h5py.File(find_checkpoint(tmp_path / "sync"), "r") as a, h5py.File(find_checkpoint(tmp_path / "plain"), "r") as b:

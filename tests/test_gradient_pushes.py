@@ -183,7 +183,7 @@ def test_refine_on_needs_refinement_and_attackers():
         make_config({"refine_on": "attackers", "refine_steps": 0})
     with pytest.raises(ConfigError, match="needs attackers, real or emulated"):
         make_config({"refine_on": "attackers", "emulate_staleness": 4})
-    make_config({"refine_on": "attackers", "emulate_attackers": 4})
+    make_config({"refine_on": "attackers", "emulate_attackers": 4, "push": "examples"})
 
 
 def test_attackers_refine_augmented_batches_the_server_could_not():
@@ -192,5 +192,6 @@ def test_attackers_refine_augmented_batches_the_server_could_not():
     from psadv.launch import check_mpi_options
 
     with pytest.raises(ConfigError, match="or --refine-on attackers"):
-        check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1}, attackers=2))
-    check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1, "refine_on": "attackers"}, attackers=2))
+        check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1, "push": "examples"}, attackers=2))
+    check_mpi_options(make_config({"augment": "crop-flip", "refine_steps": 1, "refine_on": "attackers", "push": "examples"},
+                                  attackers=2))

@@ -8,7 +8,7 @@ from psadv.runsetup import resolve_run
 from psadv.single import train_single
 
 
-@pytest.mark.parametrize("emulate", [{"emulate_staleness": 1}, {"emulate_attackers": 2, "max_staleness": 0}])
+@pytest.mark.parametrize("emulate", [{"emulate_staleness": 1}, {"emulate_attackers": 2, "max_staleness": 0, "push": "examples"}])
 def test_rows_of_a_real_single_process_run_match_the_schema(tmp_path, mnist_dir, emulate):
     overrides = dict(data_dir=str(mnist_dir), run_dir=str(tmp_path / "run"), steps=6, batch_size=50, attack_steps=1,
                      eval_examples=50, eval_steps=1, eval_every=3, log_every=2, threads=1, **emulate)

@@ -242,7 +242,7 @@ def test_a_launcher_of_another_mpi_is_named_not_run_as_n_single_processes():
 @needs_mpi
 def test_examples_mode_trains_checkpoints_rejects_a_nan_push_and_nothing_stale(tmp_path, mnist_dir):
     run = tmp_path / "run"
-    res = run_job(3, mnist_dir, run, "--steps", "30", "--max-staleness", "1000", "--wire-dtype", "float16", *SMALL,
+    res = run_job(3, mnist_dir, run, "--steps", "30", "--push", "examples", "--max-staleness", "1000", "--wire-dtype", "float16", *SMALL,
                   fault="nan-push,rank=1,after=2")
     assert res.returncode == 0, res.stderr
     s = summary(run)
@@ -320,7 +320,8 @@ def test_gradient_pushes_accumulate_k_per_version_with_delay_compensation(tmp_pa
 @needs_mpi
 def test_attackers_refine_their_own_pushes_and_send_no_indices(tmp_path, mnist_dir):
     run = tmp_path / "ra"
-    res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-on", "attackers", "--refresh-every", "1", *SMALL)
+    res = run_job(3, mnist_dir, run, "--steps", "20", "--push", "examples", "--refine-on", "attackers", "--refresh-every", "1",
+                  *SMALL)
     assert res.returncode == 0, res.stderr
     s = summary(run)
     # the payload has no indices (the server refines nothing): a push of the server-refining layout
@@ -332,7 +333,7 @@ def test_attackers_refine_their_own_pushes_and_send_no_indices(tmp_path, mnist_d
 @needs_mpi
 def test_the_server_refines_stale_pushes(tmp_path, mnist_dir):
     run = tmp_path / "refine"
-    res = run_job(3, mnist_dir, run, "--steps", "20", "--refine-steps", "2", *SMALL,
+    res = run_job(3, mnist_dir, run, "--steps", "20", "--push", "examples", "--refine-steps", "2", *SMALL,
                   fault="count-refines,rank=0")
     assert res.returncode == 0, res.stderr
     s = summary(run)
@@ -383,8 +384,9 @@ def test_grad_align_is_computed_where_the_clean_batch_is(tmp_path, mnist_dir, pu
 
 @pytest.mark.parametrize("values,message", [
     ({"refine_steps": 1, "push": "gradients"}, "--refine-steps continues stale adversarial examples: it needs --push examples"),
-    ({"refine_steps": 1, "augment": "crop-flip"}, "--refine-steps under MPI needs --augment none"),
-    ({"grad_align": 0.5, "augment": "crop-flip"}, "--grad-align with --push examples needs --augment none"),
+    ({"refine_steps": 1, "augment": "crop-flip", "push": "examples"}, "--refine-steps under MPI needs --augment none"),
+    ({"grad_align": 0.5, "augment": "crop-flip", "push": "examples"},
+     "--grad-align with --push examples needs --augment none"),
     ({"emulate_attackers": 8}, "--emulate-attackers and --emulate-staleness are for one process"),
 ])
 def test_options_that_cannot_work_under_mpi_are_refused_on_every_rank(values, message):
@@ -400,7 +402,8 @@ def test_options_that_cannot_work_under_mpi_are_refused_on_every_rank(values, me
 @needs_mpi
 def test_attackers_reuse_their_shards_perturbations(tmp_path, mnist_dir):
     run = tmp_path / "reuse"
-    res = run_job(3, mnist_dir, run, "--steps", "12", "--reuse-perturbations", "--checkpoint-every", "0", *SMALL)
+    res = run_job(3, mnist_dir, run, "--steps", "12", "--push", "examples", "--reuse-perturbations", "--checkpoint-every", "0",
+                  *SMALL)
     assert res.returncode == 0, res.stderr
     assert summary(run)["version"] == 12
     assert "perturbations" not in load_checkpoint(find_checkpoint(run)).extra  # the attackers keep theirs
@@ -409,7 +412,7 @@ def test_attackers_reuse_their_shards_perturbations(tmp_path, mnist_dir):
 @needs_mpi
 def test_zero_staleness_forces_rejections(tmp_path, mnist_dir):
     run = tmp_path / "s0"
-    res = run_job(3, mnist_dir, run, "--steps", "12", "--max-staleness", "0", *SMALL)
+    res = run_job(3, mnist_dir, run, "--steps", "12", "--push", "examples", "--max-staleness", "0", *SMALL)
     assert res.returncode == 0, res.stderr
     s = summary(run)
     assert s["version"] == 12
@@ -429,7 +432,7 @@ def test_one_push_in_flight_keeps_staleness_low(tmp_path, mnist_dir):
     costs the server as much as the attacker's batch, so the server, not the pushes in flight, would
     set the staleness."""
     run = tmp_path / "inflight"
-    res = run_job(2, mnist_dir, run, "--steps", "40", "--max-in-flight", "1", "--refresh-every", "1",
+    res = run_job(2, mnist_dir, run, "--steps", "40", "--push", "examples", "--max-in-flight", "1", "--refresh-every", "1",
                   "--refine-steps", "0", *SMALL)
     assert res.returncode == 0, res.stderr
     s = summary(run)
@@ -498,7 +501,7 @@ def test_idle_attackers_sleep_while_the_server_stalls_and_kill_9_ends_the_job(tm
 def test_evaluation_does_not_stall_training(tmp_path, mnist_dir):
     """The server evaluates a snapshot in pieces while it keeps training on the attackers' pushes."""
     run = tmp_path / "evalrun"
-    result = run_job(3, mnist_dir, run, "--steps", "120", "--eval-every", "30", "--eval-examples", "500",
+    result = run_job(3, mnist_dir, run, "--steps", "120", "--push", "examples", "--eval-every", "30", "--eval-examples", "500",
                      "--eval-steps", "5", "--batch-size", "50", "--attack-steps", "2", "--log-every", "2",
                      "--no-progress", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

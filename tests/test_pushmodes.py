@@ -39,9 +39,18 @@ def test_emulated_synchronous_attackers_train_on_every_batch_of_a_round():
     assert [examples_per_step(100, mode, 8) for mode in ("examples", "gradients")] == [100, 100]
 
 
-def test_synchronous_attackers_keep_the_one_process_learning_rate():
-    # a stale push wants the smaller peak; a synchronous round has none
-    assert make_config({}, {"push": "sync"}, attackers=8).lr == FIELDS["lr"].default
-    assert make_config({}, {"push": "sync", "emulate_attackers": 8}).lr == FIELDS["lr"].default
-    assert make_config({}, {"push": "examples"}, attackers=8).lr < FIELDS["lr"].default
-    assert make_config({}, {"push": "gradients", "emulate_attackers": 8}).lr < FIELDS["lr"].default
+def test_synchronous_attackers_share_one_batch_at_their_own_peak():
+    from psadv.config import SYNC_BATCH, SYNC_LR
+
+    # the default: N attackers, real or emulated, split SYNC_BATCH examples, at SYNC_LR
+    for n in (1, 8, 32, 3):
+        for cfg in (make_config({}, attackers=n), make_config({"emulate_attackers": n})):
+            assert cfg.push == "sync" and cfg.lr == SYNC_LR and cfg.batch_size == -(-SYNC_BATCH // n)
+    assert make_config({}, attackers=32).batch_size * 32 == 416  # 13 each
+    # asked for, they stay; one process keeps its own batch and peak
+    cfg = make_config({"batch_size": 64, "lr": 1e-3}, attackers=8)
+    assert (cfg.batch_size, cfg.lr) == (64, 1e-3)
+    assert (make_config({}).batch_size, make_config({}).lr) == (100, FIELDS["lr"].default)
+    # a stale push wants the smaller peak, and its own batch
+    cfg = make_config({"push": "examples"}, attackers=8)
+    assert cfg.lr < FIELDS["lr"].default and cfg.batch_size == 100

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cli_helpers import assert_one_line_error, invoke
-from psadv.config import STALENESS_LR, Config
+from psadv.config import STALENESS_LR, SYNC_BATCH, SYNC_LR, Config
 from psadv.errors import UsageError
 from psadv.report import Sweep, find_runs, load_run, scaling_report
 from psadv.report.sweep import plan, reference_flags
@@ -20,7 +20,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def write_run(path, *, config=None, rows=(), summary=None):
     """A run directory as psadv writes it, with chosen numbers."""
     path.mkdir(parents=True)
-    cfg = {**Config().to_dict(), "run_dir": str(path), **(config or {})}
+    # pushes of examples unless a test says otherwise (as mpi_summary)
+    cfg = {**Config().to_dict(), "push": "examples", "run_dir": str(path), **(config or {})}
     (path / "config.json").write_text(json.dumps({"config": cfg, "model_name": cfg["model"], "model_args": {}}))
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not None:
@@ -282,31 +283,35 @@ def test_sweep_plan_resumes_what_was_stopped_and_keeps_what_finished(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "single", rows=train_rows(10), summary={"version": 50, "examples_seen": 5000, "elapsed": 5.0,
                                                              "stop_reason": "time budget"})
-    stopped = write_run(runs / "examples-w1", rows=train_rows(10),
+    stopped = write_run(runs / "sync-w1", rows=train_rows(10),
                         summary={**mpi_summary(1, versions=50, busy=1.0, compute=4.0, batches=50),
                                  "stop_reason": "signal SIGUSR1"})
     (stopped / "checkpoints").mkdir()
     (stopped / "checkpoints" / "ckpt-00000050.h5").write_bytes(b"")
-    write_run(runs / "examples-w2", rows=[])  # killed before its first checkpoint
+    write_run(runs / "sync-w2", rows=[])  # killed before its first checkpoint
     sweep = Sweep(workers=[0, 1, 2, 3], launcher="srun -n {n}", steps=100, train_args=["--max-staleness", "8"])
     jobs = {job["name"]: job for job in plan(sweep, runs, resume=True)}
     assert jobs["single"]["cmd"] is None  # finished: kept
-    assert jobs["examples-w1"]["cmd"][:4] == ["srun", "-n", "2", sys.executable]
-    assert jobs["examples-w1"]["cmd"][6:9] == ["train", "--resume", str(stopped)]
-    w2 = jobs["examples-w2"]["cmd"]
-    assert w2[w2.index("--run-dir") + 1] == str(runs / "examples-w2") and "--overwrite" in w2
-    w3 = jobs["examples-w3"]["cmd"]  # never started
+    assert jobs["sync-w1"]["cmd"][:4] == ["srun", "-n", "2", sys.executable]
+    assert jobs["sync-w1"]["cmd"][6:9] == ["train", "--resume", str(stopped)]
+    w2 = jobs["sync-w2"]["cmd"]
+    assert w2[w2.index("--run-dir") + 1] == str(runs / "sync-w2") and "--overwrite" in w2
+    w3 = jobs["sync-w3"]["cmd"]  # never started
     assert "--overwrite" not in w3 and "--resume" not in w3
     assert w3[-4:] == ["--steps", "100", "--max-staleness", "8"]  # the sweep does not vary --max-staleness here
     assert "--eval-every" not in w3  # a version budget keeps psadv train's periodic evaluation
     # under a time budget psadv train evaluates only at the end; the report needs the curve
     timed = plan(Sweep(workers=[0, 1], time_budget=30), tmp_path / "timed")
     assert all(job["cmd"][job["cmd"].index("--eval-every") + 1] == "500" for job in timed)
-    # the single-process reference trains the attackers' recipe: their lower peak lr, unless one is given
-    assert timed[0]["cmd"][-2:] == ["--lr", repr(STALENESS_LR)] and "--lr" not in timed[1]["cmd"]
+    # the single-process reference trains the attackers' recipe: the synchronous attackers' shared batch and
+    # peak lr (the asynchronous ones' lower peak), unless given
+    assert timed[0]["cmd"][-4:] == ["--lr", repr(SYNC_LR), "--batch-size", repr(SYNC_BATCH)]
+    assert "--lr" not in timed[1]["cmd"]
+    examples = plan(Sweep(workers=[0, 1], time_budget=30, push=["examples"]), tmp_path / "examples")
+    assert examples[0]["cmd"][-2:] == ["--lr", repr(STALENESS_LR)]
     given = plan(Sweep(workers=[0, 1], time_budget=30, train_args=["--lr", "0.02"]), tmp_path / "given")
     assert [job["cmd"].count("--lr") for job in given] == [1, 1]
-    assert reference_flags(["--dataset", "cifar10"]) == ["--lr", "0.2"]  # a recipe's own peak stays
+    assert reference_flags(["--dataset", "cifar10"]) == []  # a recipe's own peak and batch stay
     own = plan(Sweep(workers=[0], train_args=["--time-budget", "30", "--eval-every", "50"]), tmp_path / "own")
     assert own[0]["cmd"].count("--eval-every") == 1 and own[0]["cmd"][-1] == "50"
     # without resume every run starts from scratch; push None leaves --push to the train flags
@@ -357,7 +362,8 @@ def test_sync_groups_get_the_round_model_and_staleness_series(tmp_path):
     assert model["n_star"]["value"] == 4
     # 8 attackers against the baseline's 2: 2 × rate(8) / rate(2) = 2 × (800 / 0.06) / (200 / 0.03) = 4
     (at8,) = [p for p in model["predictions"] if p["attackers"] == 8]
-    assert at8["speedup"]["value"] == 4.0 and "c_a + n·c_s" in at8["speedup"]["from"]
+    assert at8["speedup"]["value"] == 4.0 and "c_a + c_0 + n·c_1" in at8["speedup"]["from"]
+    assert model["c_0"]["value"] == 0 and model["c_1"]["value"] == 0.005  # one count: all per push
     assert "staleness_accuracy.png" in report["plots"]
     assert [r["name"] for r in report["runs"]] == ["runs/s0", "runs/s8", "runs/s64", "runs/sync"]  # natural order
     staleness = {r["name"]: r["staleness"] for r in report["runs"]}
@@ -372,6 +378,23 @@ def test_sync_groups_get_the_round_model_and_staleness_series(tmp_path):
     (series,) = staleness_series(report["runs"]).values()
     assert sorted(point[0] for point in series) == [0, 8, 64]
     assert staleness["runs/sync"]["staleness_histogram"]["value"] == {"0": 3, "1": 5}
+
+
+def test_a_sync_round_is_fitted_as_fixed_work_plus_work_per_push(tmp_path):
+    # busy per round 3 ms at 1 attacker, 5 ms at 4: c_1 = 2/3 ms a push, c_0 = 7/3 ms a round
+    for n, busy in ((1, 0.3), (4, 0.5)):
+        write_run(tmp_path / f"sync{n}", config={"push": "sync"}, rows=train_rows(10),
+                  summary=mpi_summary(n, versions=100, busy=busy, compute=2.0 * n, batches=100 * n, push="sync"))
+    report = scaling_report([str(tmp_path / "sync1"), str(tmp_path / "sync4")], tmp_path / "out")
+    (group,) = report["scaling"]
+    model = group["model"]
+    assert model["c_1"]["value"] == pytest.approx(0.002 / 3, abs=1e-6)
+    assert model["c_0"]["value"] == pytest.approx(0.007 / 3, abs=1e-6)
+    # c_a = 2 s / 100 batches = 20 ms: the server's round equals it at n* = (20 - 7/3) / (2/3) = 26.5
+    assert model["n_star"]["value"] == pytest.approx(26.5, abs=0.01)
+    from psadv.report.analysis import model_rate
+
+    assert model_rate(model, 4) == pytest.approx(100 * 4 / (0.02 + 0.005), rel=1e-3)  # the fitted round at 4: 5 ms
 
 
 # --- real runs: a sweep launched by the report, then a report over existing directories -------------
@@ -392,13 +415,13 @@ def test_sweep_launches_every_run_and_renders(sweep):
     assert result.stderr.count("$ ") == 3 and "mpiexec -n 3 " in result.stderr
     report = json.loads((out / "report.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"single", "examples-w1", "examples-w2"}
+    assert set(runs) == {"single", "sync-w1", "sync-w2"}
     assert all(r["status"] == "complete" and not r["problems"] for r in runs.values())
-    assert runs["examples-w2"]["attackers"] == 2 and runs["examples-w2"]["mode"] == "mpi"
+    assert runs["sync-w2"]["attackers"] == 2 and runs["sync-w2"]["mode"] == "mpi"
     assert runs["single"]["mode"] == "single" and runs["single"]["version"]["value"] == 20
-    assert runs["examples-w1"]["launch"]["returncode"] == 0
+    assert runs["sync-w1"]["launch"]["returncode"] == 0
     (group,) = report["scaling"]
-    assert [p["attackers"] for p in group["points"]] == [1, 2] and group["baseline"] == "examples-w1"
+    assert [p["attackers"] for p in group["points"]] == [1, 2] and group["baseline"] == "sync-w1"
     assert group["points"][0]["speedup"]["value"] == 1.0 and group["single_process"]["run"] == "single"
     model = group["model"]
     assert model["c_s"]["value"] > 0 and model["c_a"]["value"] > 0 and model["n_star"]["kind"] == "predicted"
@@ -415,7 +438,7 @@ def test_sweep_launches_every_run_and_renders(sweep):
 def test_report_on_existing_run_dirs_with_a_killed_run(sweep, tmp_path):
     out, _ = sweep
     killed = tmp_path / "killed"
-    shutil.copytree(out / "runs" / "examples-w2", killed)
+    shutil.copytree(out / "runs" / "sync-w2", killed)
     (killed / "summary.json").unlink()
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     (killed / "metrics.jsonl").write_text("\n".join(line for line in lines if '"kind": "end"' not in line) + "\n")
@@ -437,11 +460,11 @@ def test_failed_launch_is_reported_not_dropped(tmp_path, mnist_dir):
     result = invoke("scaling-report", "--out", out, "--workers", "1", "--steps", "5", "--data-dir", mnist_dir,
                     "--launcher", f"{sys.executable} -c 'raise SystemExit(3)' {{n}}", "--", *FAST)
     assert result.exit_code == 0, result.stderr
-    assert "psadv: warning: examples-w1 exited with code 3" in result.stderr
-    assert "(1 not complete: examples-w1)" in result.output
+    assert "psadv: warning: sync-w1 exited with code 3" in result.stderr
+    assert "(1 not complete: sync-w1)" in result.output
     (run,) = json.loads((out / "report.json").read_text())["runs"]
     assert run["status"] == "failed" and run["problems"][0] == "launcher exited with code 3"
-    assert "| examples-w1 | failed | launcher exited with code 3; no run directory was created |" in \
+    assert "| sync-w1 | failed | launcher exited with code 3; no run directory was created |" in \
         (out / "report.md").read_text()
 
 
@@ -495,6 +518,36 @@ def test_duplicate_run_names_are_told_apart(tmp_path):
     names = [r.name for r in find_runs([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")])]
     assert names == [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
     assert load_run(tmp_path / "x" / "run").status == "complete"
+
+
+def test_what_synchronous_attackers_buy_priced_by_their_rounds(tmp_path):
+    runs = tmp_path / "runs"
+    # one sync attacker of batch 50: 2 ms of server work a round, c_a = 20 ms; two: 3 ms a round
+    for n, busy in ((1, 2.0), (2, 3.0)):
+        write_run(runs / f"sync{n}", config={"push": "sync", "batch_size": 50}, rows=train_rows(25, batch=50 * n),
+                  summary={**mpi_summary(n, versions=1000, busy=busy, compute=20.0 * n, batches=1000 * n, push="sync"),
+                           "produced_examples": {str(r): 50000 for r in range(1, n + 1)}})
+    # eight emulated sync attackers of 50 (a version is 400 examples), evaluated every 50,000 examples
+    for seed, version in ((0, 375), (1, 500)):
+        write_run(runs / f"s8-s{seed}", config={"push": "sync", "emulate_attackers": 8, "batch_size": 50,
+                                               "eval_every": 125, "seed": seed},
+                  rows=train_rows(30, batch=400) + evals([(1, 125, 0.5), (2, version, 0.9)]),
+                  summary={"version": 750, "examples_seen": 300000, "elapsed": 60.0, "last_eval": None,
+                           "emulated_attackers": 8, "push": "sync", "staleness_max": 0})
+    # one process, batch 100, evaluated every 50,000 examples too: 2,000 versions at 1/25 s; and one evaluated
+    # on another grid, which does not count
+    write_run(runs / "single", config={"batch_size": 100, "eval_every": 500}, rows=train_rows(25) +
+              evals([(1, 1500, 0.8), (2, 2000, 0.9)]), summary={"version": 3000, "examples_seen": 300000, "elapsed": 120.0})
+    write_run(runs / "single-other-grid", config={"batch_size": 100, "eval_every": 300}, rows=train_rows(20) +
+              evals([(1, 3000, 0.8)]), summary={"version": 3000, "examples_seen": 300000, "elapsed": 150.0})
+    buy = scaling_report([str(runs)], tmp_path / "out", target=0.89)["attackers_buy"]
+    assert buy["single_process"]["runs"] == ["runs/single"] and buy["single_process"]["seconds"]["value"] == 80.0
+    (row,) = buy["rows"]
+    assert row["method"] == "sync" and row["versions_to_target"]["value"] == 500
+    # c_1 = 1 ms a push, c_0 = 1 ms a round: a round of eight takes 20 + 1 + 8 = 29 ms
+    assert row["seconds_per_version"]["value"] == pytest.approx(0.029) and "runs/sync1" in row["seconds_per_version"]["from"]
+    assert row["n_star"]["value"] == pytest.approx(19.0) and row["time_to_target"]["value"] == 14.5
+    assert row["speedup_over_single_process"]["value"] == pytest.approx(80 / 14.5, abs=0.01)
 
 
 def test_what_n_attackers_buy_from_emulated_runs_and_the_bottleneck_model(tmp_path):

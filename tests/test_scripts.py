@@ -177,18 +177,18 @@ def test_sweep_script_runs_each_count_with_a_hostfile_then_reports_and_skips_fin
     assert res.returncode == 0, res.stderr
     assert summary(sweep / "runs" / "single")["stop_reason"] == "time budget"
     assert "push" not in summary(sweep / "runs" / "single")
-    assert summary(sweep / "runs" / "examples-w1")["attackers"] == 1
+    assert summary(sweep / "runs" / "sync-w1")["attackers"] == 1
     launched = json.loads((sweep / "runs" / "sweep.json").read_text())
     assert launched[1]["cmd"][:3] == ["mpiexec", "-f", str(HOSTFILES / "localhost-mpich.hosts")]
     assert all("--threads" in job["cmd"] and "--no-progress" in job["cmd"] for job in launched)
     report = json.loads((sweep / "report.json").read_text())
-    assert sorted(r["name"] for r in report["runs"]) == ["examples-w1", "single"]
-    assert [p["run"] for p in report["scaling"][0]["points"]] == ["examples-w1"] and "staleness.png" in report["plots"]
+    assert sorted(r["name"] for r in report["runs"]) == ["sync-w1", "single"]
+    assert [p["run"] for p in report["scaling"][0]["points"]] == ["sync-w1"] and "staleness.png" in report["plots"]
 
     # the same job again (a requeue after the last run): nothing runs, the report is made again
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    for name in ("single", "examples-w1"):
+    for name in ("single", "sync-w1"):
         assert f"psadv: {sweep}/runs/{name} finished earlier, kept" in res.stderr
     assert "$ " not in res.stderr and (sweep / "report.md").exists()
 
@@ -204,21 +204,21 @@ def test_sweep_script_checkpoints_on_usr1_requeues_and_the_requeued_job_continue
     env = slurm_env(tmp_path, PSADV_SWEEP_DIR=str(sweep), PSADV_WORKERS="1 2", PSADV_TIME_BUDGET="60",
                     PSADV_LAUNCHER="mpiexec -n {n}")
     args = ["bash", str(script), "--data-dir", str(mnist_dir), *TINY, "--checkpoint-every", "5"]
-    metrics = sweep / "runs" / "examples-w1" / "metrics.jsonl"
+    metrics = sweep / "runs" / "sync-w1" / "metrics.jsonl"
     out = usr1_after_first_train_row(args, tmp_path, env, metrics)
     assert "fake-scontrol requeue 4242" in out.splitlines()
     assert "psadv: sweep stopped by SIGUSR1 after 1 of 2 runs" in out
-    first = summary(sweep / "runs" / "examples-w1")
+    first = summary(sweep / "runs" / "sync-w1")
     assert first["stop_reason"] == "signal SIGUSR1"
-    assert not (sweep / "runs" / "examples-w2").exists() and not (sweep / "report.md").exists()
+    assert not (sweep / "runs" / "sync-w2").exists() and not (sweep / "report.md").exists()
 
     # the requeued job: same script and job id; a short budget so that the test ends soon
     res = subprocess.run(args, cwd=tmp_path, env={**env, "PSADV_TIME_BUDGET": "2", "SLURM_RESTART_COUNT": "1"},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert f"train --resume {sweep}/runs/examples-w1 " in res.stderr and "fake-scontrol" not in res.stdout
-    assert summary(sweep / "runs" / "examples-w1")["version"] > first["version"]
-    assert summary(sweep / "runs" / "examples-w2")["attackers"] == 2
+    assert f"train --resume {sweep}/runs/sync-w1 " in res.stderr and "fake-scontrol" not in res.stdout
+    assert summary(sweep / "runs" / "sync-w1")["version"] > first["version"]
+    assert summary(sweep / "runs" / "sync-w2")["attackers"] == 2
     assert len(json.loads((sweep / "report.json").read_text())["runs"]) == 2
 
 

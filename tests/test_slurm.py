@@ -248,11 +248,11 @@ def test_sweep_script_runs_two_points_and_renders_its_scaling_report(slurm, tmp_
                                       *TINY], PSADV_SWEEP_DIR=str(sweep), PSADV_WORKERS="1 2", PSADV_TIME_BUDGET="3")
     wait_done(slurm, job_id, tmp_path / f"psadv-sweep-{job_id}.out")
     report = json.loads((sweep / "report.json").read_text())
-    assert sorted(r["name"] for r in report["runs"]) == ["examples-w1", "examples-w2"]
-    for name, attackers in (("examples-w1", 1), ("examples-w2", 2)):
+    assert sorted(r["name"] for r in report["runs"]) == ["sync-w1", "sync-w2"]
+    for name, attackers in (("sync-w1", 1), ("sync-w2", 2)):
         [start] = sessions(sweep / "runs" / name)
         assert start[0]["size"] == attackers + 1 and start[-1]["stop_reason"] == "time budget"
-    assert [p["run"] for p in report["scaling"][0]["points"]] == ["examples-w1", "examples-w2"]
+    assert [p["run"] for p in report["scaling"][0]["points"]] == ["sync-w1", "sync-w2"]
     md = (sweep / "report.md").read_text()
-    assert "examples-w2" in md and all((sweep / plot).stat().st_size > 0 for plot in report["plots"])
+    assert "sync-w2" in md and all((sweep / plot).stat().st_size > 0 for plot in report["plots"])
     measured("sweep", runs=2, plots=len(report["plots"]))

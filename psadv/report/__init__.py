@@ -48,7 +48,7 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
 
     Returns the report; when a signal stopped the sweep, ``{"stopped_by": SIGNAL, ...}`` instead.
     """
-    from ..config import choices_of
+    from ..config import FIELDS, choices_of
 
     out = Path(out)
     sweep = None
@@ -64,7 +64,7 @@ def scaling_report(run_dirs: list[str], out: str | Path, *, target: float = 0.89
     else:
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        pushes = push.split(",") if push else ["examples"]
+        pushes = push.split(",") if push else [FIELDS["push"].default]
         unknown = [p for p in pushes if p not in choices_of("push")]
         if unknown:
             raise UsageError(f"--push: unknown mode {unknown[0]!r}; choose from {', '.join(choices_of('push'))}")

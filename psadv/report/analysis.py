@@ -17,13 +17,15 @@ fitted on the smallest attacker count of a group (ideally 1, where attackers do 
 cores) and compared with what the other runs of the group measured.
 
 In ``sync`` mode a version is a round: every attacker computes its batch (in parallel, c_a), then
-the server takes the n pushes one after another (c_s each, measured per push), so
+the server does its work of the round, c_0 once (the optimizer step) and c_1 per push (receiving,
+checking, summing), so
 
-    throughput(n) ≈ n / (c_a + n·c_s) batches/s,   speedup(n) = n (c_a + c_s) / (c_a + n·c_s),
+    throughput(n) ≈ n / (c_a + c_0 + n·c_1) batches/s,   n* = (c_a − c_0) / c_1,
 
-and n* = c_a / c_s is where the server's share of a round equals the attackers': efficiency
-(1 + 1/n*) / 2, a little over half. Counting the server's per-version work (the optimizer step,
-the parameter sends) per push overstates it for n > 1, so the prediction errs low.
+n* being where the server's share of a round equals the attackers'. c_0 and c_1 are fitted on the
+server's busy seconds per round of the group's two smallest attacker counts; a group of one count
+has c_0 = 0 and c_1 = its c_s per push, which overstates the server for n > 1 (the prediction errs
+low).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import statistics
 
 from .. import __version__
 from ..errors import UsageError
+from ..config import FIELDS
 from ..pushmodes import examples_per_step
 from .runs import FINAL_EVAL, Run
 
@@ -252,8 +255,10 @@ def describe_run(run: Run, target: float) -> dict:
 
 
 # --- groups and the bottleneck model ---------------------------------------------------------------
-# Config fields that only the MPI roles read: a single-process run of the same recipe lacks them.
-MPI_FIELDS = {"push", "max_staleness", "refresh_every", "lr_damping", "wire_dtype", "emulate_staleness"}
+# Config fields that only the MPI roles read: a single-process run of the same recipe lacks them (or,
+# for the refinement of stale pushes, resolves them without attackers: config.make_config).
+MPI_FIELDS = {"push", "max_staleness", "refresh_every", "lr_damping", "wire_dtype", "emulate_staleness",
+              "refine_steps", "refine_step_ratio", "refine_on"}
 
 
 def recipe(run: Run, drop: set[str] = frozenset()) -> tuple:
@@ -289,6 +294,8 @@ def scaling_groups(runs: list[Run]) -> list[dict]:
             if c.get("n_star") and c["c_a"]["value"]:
                 model = {"fitted_on": base.name, "attackers": base.attackers, "c_s": c["c_s"], "c_a": c["c_a"],
                          "n_star": c["n_star"], "batch_size": base.batch_size, "synchronous": push == "sync"}
+                if push == "sync":
+                    model.update(round_fit(usable, c["c_a"]["value"]))
                 # what the model leaves out (messages, waiting, ranks sharing cores), measured at the baseline
                 factor = throughput(base)["examples_per_s"]["value"] / model_rate(model, base.attackers)
                 model["overhead_factor"] = measured(round(factor, 3), f"measured ÷ predicted examples/s of {base.name}")
@@ -338,19 +345,44 @@ def model_speedup(model: dict, n: int) -> float:
     return n_b * model_rate(model, n) / model_rate(model, n_b)
 
 
+def round_fit(runs: list[Run], c_a: float) -> dict:
+    """A sync group's server work per round, c_0 + n·c_1, fitted on its two smallest attacker counts
+    (busy seconds per version against attackers), and the n* it gives."""
+    per_round = {}
+    for r in sorted(runs, key=lambda r: r.attackers):
+        c = costs(r)
+        if "c_s" in c and r.attackers not in per_round:
+            per_round[r.attackers] = c["c_s"]["value"] * r.attackers
+    counts = sorted(per_round)[:2]
+    c_0, c_1, source = 0.0, per_round[counts[0]] / counts[0], f"c_s per push of {counts[0]} attacker(s), all per push"
+    if len(counts) == 2:
+        (n1, n2), (r1, r2) = counts, (per_round[counts[0]], per_round[counts[1]])
+        slope = (r2 - r1) / (n2 - n1)
+        if 0 < slope and r1 - n1 * slope >= 0:
+            c_0, c_1 = r1 - n1 * slope, slope
+            source = f"server busy seconds per round at {n1} and {n2} attackers: {r1:.6f}, {r2:.6f}"
+    return {"c_0": predicted(_round(c_0, 6), source), "c_1": predicted(_round(c_1, 6), source),
+            "n_star": predicted(_round((c_a - c_0) / c_1, 2), "(c_a − c_0) / c_1")}
+
+
+def seconds_per_round(model: dict, n: int) -> float:
+    """A synchronous round of n attackers: their batches side by side, then the server's work."""
+    return model["c_a"]["value"] + model["c_0"]["value"] + n * model["c_1"]["value"]
+
+
 def model_rate(model: dict, n: int) -> float:
     """Predicted examples/s of n attackers: asynchronous pushes wait for the slower of the attackers
     and the server; a synchronous round waits for both, one after the other."""
     c_s, c_a = model["c_s"]["value"], model["c_a"]["value"]
     if model.get("synchronous"):
-        return model["batch_size"] * n / (c_a + n * c_s)
+        return model["batch_size"] * n / seconds_per_round(model, n)
     return model["batch_size"] * min(n / c_a, 1 / c_s)
 
 
 def model_formulas(model: dict) -> tuple[str, str]:
     """How :func:`model_rate` and :func:`model_speedup` compute, in words, for a report's ``from``."""
     if model.get("synchronous"):
-        return "batch × n / (c_a + n·c_s)", "n (c_a + c_s) / (c_a + n·c_s)"
+        return "batch × n / (c_a + c_0 + n·c_1)", "n (c_a + c_0 + c_1) / (c_a + c_0 + n·c_1)"
     return "batch × min(n / c_a, 1 / c_s)", "min(n, n*) / min(1, n*)"
 
 
@@ -410,7 +442,12 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
 
     def refinement(model):  # (steps, step ratio) of the MPI run a model was fitted on
         return method_of(model)[:2]
-    single = single_process_to_target(runs, emulated[0].config, target)
+    like = dict(emulated[0].config)
+    if like.get("push") == "sync":
+        # synchronous attackers share one batch between them: they are compared with one process
+        # at its own batch, as `psadv train` runs
+        like["batch_size"] = FIELDS["batch_size"].default
+    single = single_process_to_target(runs, like, target, grid=eval_grid(emulated[0].config))
     rows = []
     for key in sorted({(int(r.config["emulate_attackers"]), staleness_method(r.config)) for r in emulated}):
         n, method = key
@@ -438,6 +475,8 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
         # without refinement plus K attack steps' cost (a run with refinement measures a server doing
         # more than c_s: it prices only its own method)
         models = [m for m in fitted if method_of(m)[3] == method[3]]
+        if method[3] == "sync":  # an attacker's batch sets c_a: only a run of the same batch prices it
+            models = [m for m in models if m["batch_size"] == int(members[0].config.get("batch_size") or 0)]
         same = next((m for m in models if method_of(m)[:2] == method[:2] and method_of(m)[4] == method[4]
                      and method_of(m)[6] == method[6]), None)
         # refinement on the attackers moves its cost into c_a: only a run that did the same prices it
@@ -450,15 +489,16 @@ def attackers_buy(runs: list[Run], groups: list[dict], target: float) -> dict | 
             server = c_s if same or not refine else c_s + refine * c_a / steps
             how = "c_s" if same or not refine else "c_s + K·c_a / k"
             if method[3] == "sync":  # a round: the attackers' batches side by side, then the server's N pushes
-                per_version = c_a + n * c_s
-                row["seconds_per_version"] = predicted(_round(per_version, 6), f"c_a + N·c_s with c_s, c_a of "
-                                                                               f"{fit['fitted_on']}")
+                per_version = seconds_per_round(fit, n)
+                row["seconds_per_version"] = predicted(_round(per_version, 6), f"c_a + c_0 + N·c_1 with the round "
+                                                                               f"fit of {fit['fitted_on']}")
+                row["n_star"] = fit["n_star"]
             else:
                 per_version = k * max(c_a / n * per_push, server)
                 row["seconds_per_version"] = predicted(_round(per_version, 6),
                                                        f"{f'{k} × ' if k > 1 else ''}max(c_a / N × pushes per applied "
                                                        f"push, {how}) with c_s, c_a of {fit['fitted_on']}")
-            row["n_star"] = predicted(_round(c_a / server, 2), f"c_a / ({how})")
+                row["n_star"] = predicted(_round(c_a / server, 2), f"c_a / ({how})")
             row["time_to_target"] = predicted(round(reached * per_version, 1), "versions to target × seconds per version")
         rows.append(row)
     for row in rows:
@@ -492,19 +532,20 @@ def eval_grid(config: dict) -> int:
     return int(config.get("eval_every") or 0) * per_step
 
 
-def single_process_to_target(runs: list[Run], like: dict, target: float) -> dict | None:
+def single_process_to_target(runs: list[Run], like: dict, target: float, grid: int | None = None) -> dict | None:
     """One process's time to ``target``, priced the way N attackers' is: the versions plain
     single-process runs took (the slowest seed among those with periodic evaluations) × the seconds per
     version of the fastest plain run of the same recipe (``RECIPE_KEYS`` as in ``like``; the median
     over its train rows, so a quiet timing run without evaluations can price seeds graded elsewhere).
-    Only runs with the periodic evaluation of ``like`` (``EVAL_KEYS``) count versions to target.
+    Only runs with the periodic evaluation of ``like`` (``EVAL_KEYS``, every ``grid`` training
+    examples: ``like``'s own by default) count versions to target.
     None when the report holds no plain run of that recipe."""
     plain = [r for r in runs if not r.is_mpi and r.config and not r.config.get("emulate_attackers")
              and not r.config.get("emulate_staleness")
              and all(r.config.get(k) == like.get(k) for k in RECIPE_KEYS)]
     graded = sorted((r for r in plain if r.of_kind("eval") and r.config.get("eval_every")
                      and all(r.config.get(k) == like.get(k) for k in EVAL_KEYS)
-                     and eval_grid(r.config) == eval_grid(like)), key=lambda r: r.name)
+                     and eval_grid(r.config) == (eval_grid(like) if grid is None else grid)), key=lambda r: r.name)
     timed = [(throughput(r)["versions_per_s"]["value"], r.name) for r in plain if throughput(r)]
     if not graded and not timed:
         return None

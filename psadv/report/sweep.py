@@ -43,7 +43,7 @@ class Sweep:
     """
 
     workers: list[int]
-    push: list[str | None] = field(default_factory=lambda: ["examples"])
+    push: list[str | None] = field(default_factory=lambda: ["sync"])  # psadv train's default under MPI
     max_staleness: list[int | None] = field(default_factory=lambda: [None])
     launcher: str = "mpiexec -n {n}"
     time_budget: float | None = None
@@ -107,11 +107,13 @@ def start_flags(run_dir: Path, *, overwrite: bool, resume: bool) -> list[str] | 
     return ["--resume", str(run_dir)]
 
 
-def reference_flags(train_args: list[str]) -> list[str]:
+def reference_flags(train_args: list[str], push: str | None = None) -> list[str]:
     """Flags that make the single-process reference train the recipe of the runs with attackers.
 
-    Their default peak learning rate is lower than one process's (``make_config``'s ``attackers``):
-    unless ``train_args`` or their TOML file set ``--lr``, the reference gets the value they resolve to.
+    Their default peak learning rate differs from one process's, and synchronous attackers share a
+    batch of their own (``make_config``'s ``attackers``; ``push``: the sweep's first push mode, None
+    for psadv's default): unless ``train_args`` or their TOML file set them, the reference gets
+    ``--lr`` and ``--batch-size`` as one attacker resolves them.
     """
     from ..cli import train
     from ..config import make_config, read_toml
@@ -119,9 +121,14 @@ def reference_flags(train_args: list[str]) -> list[str]:
     params = dict(train.make_context("train", list(train_args), resilient_parsing=True).params)
     file_values = read_toml(params["config_file"]) if params.get("config_file") else {}
     overrides = {k: v for k, v in params.items() if k in FIELDS and v is not None}
-    if "lr" in overrides or "lr" in file_values:
-        return []
-    return ["--lr", repr(make_config(file_values, overrides, attackers=1).lr)]
+    if push is not None:
+        overrides["push"] = push
+    attacker, alone = make_config(file_values, overrides, attackers=1), make_config(file_values, overrides)
+    flags = []
+    for name in ("lr", "batch_size"):
+        if name not in overrides and name not in file_values and getattr(attacker, name) != getattr(alone, name):
+            flags += [f"--{name.replace('_', '-')}", repr(getattr(attacker, name))]
+    return flags
 
 
 def check_train_flags(train_cmd: list[str], attackers: int) -> None:
@@ -171,7 +178,7 @@ def plan(sweep: Sweep, runs_dir: Path, *, overwrite: bool = False, resume: bool 
                   if (sweep.time_budget is not None or "--time-budget" in given) and "--eval-every" not in given
                   else [])
     # the single-process reference trains what the attackers train, so the report compares like with like
-    reference = reference_flags(sweep.train_args) if any(sweep.workers) else []
+    reference = reference_flags(sweep.train_args, sweep.push[0]) if any(sweep.workers) else []
     jobs = []
     for push in sweep.push:
         for S in sweep.max_staleness:
