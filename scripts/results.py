@@ -50,8 +50,9 @@ PAGES = {
                  "defaults of `psadv train` buy, graded by the strong cascade."),
     "evaluation": ("Evaluation", "psadv's attacks against independent implementations, what the strong "
                    "cascade costs, and how much each training adversary masks gradients."),
-    "scaling": ("Scaling", "Asynchronous attackers: staleness, emulated and real, what N attackers cost "
-                "in robustness, and what the bottleneck model predicts they buy."),
+    "scaling": ("Scaling", "Attackers, synchronous (the MPI default) and asynchronous: their speed, real "
+                "and time-dilated, what N of them cost in robustness (staleness, emulated and real, or "
+                "the shared batch), and what the bottleneck model predicts they buy."),
     "performance": ("Performance", "Examples per second: attacks, training steps, the arithmetic "
                     "(bfloat16, channels-last, torch.compile) and the parameter server's throughput."),
     "faults": ("Faults", "Faults injected into real MPI jobs: what ended, how fast, and what was kept."),

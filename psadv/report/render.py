@@ -261,11 +261,19 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
                             "predicted examples/s", "predicted speedup", "c_s (s/version)", "c_a (s/batch)",
                             "attacker busy"], rows))
         model = g.get("model")
-        if model:
+        if model and model.get("synchronous"):
+            b.append(("p", f"Measured on {model['fitted_on']} ({model['attackers']} attacker(s)): attacker c_a = "
+                           f"{model['c_a']['value']:.4f} s per batch of {model['batch_size']}; the server's work of a "
+                           f"round c_0 + n·c_1 with c_0 = {model['c_0']['value']:.4f} s and c_1 = "
+                           f"{model['c_1']['value']:.5f} s per push ({model['c_0']['from']}). A round waits for both: "
+                           f"the server's share equals the attackers' at n* = (c_a − c_0) / c_1 = "
+                           f"**{model['n_star']['value']:.1f} attackers**."))
+        elif model:
             b.append(("p", f"Measured on {model['fitted_on']} ({model['attackers']} attacker(s)): server c_s = "
                            f"{model['c_s']['value']:.4f} s per version, attacker c_a = {model['c_a']['value']:.4f} s "
                            f"per batch of {model['batch_size']}. Predicted: the server saturates at "
                            f"n* = c_a / c_s = **{model['n_star']['value']:.1f} attackers**."))
+        if model:
             b.append(("p", f"At the baseline the model predicts {model_rate(model, model['attackers']):,.0f} examples/s "
                            f"and {model['overhead_factor']['value']:.0%} of that was measured (the overhead factor: "
                            "messages, waiting and ranks sharing cores, which the model leaves out)."))
@@ -286,6 +294,10 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
                    f"machine with {report['machine']['cpu_count']} cores; report.json lists each run's ranks per "
                    "host). Attacker busy is the median share of time an attacker spent computing; well below 100% "
                    "means attackers wait for the server."))
+    if any((g.get("model") or {}).get("synchronous") for g in report["scaling"]):
+        b.append(("p", "**Synchronous rounds** (push=sync) wait for every attacker, then for the server: throughput "
+                       "≈ n × batch / (c_a + c_0 + n·c_1), where c_0 is the server's work once a round (the optimizer "
+                       "step) and c_1 its work per push; their c_s column is per push."))
     if "throughput.png" in plots:
         b.append(("img", "throughput.png", "throughput and speedup vs attackers"))
 
@@ -329,8 +341,9 @@ def report_blocks(report: dict, plots: list[str]) -> list[tuple]:
         b.append(("p", f"Versions to {buy['target']:.0%} robust accuracy are *measured* on runs that emulate N "
                        "attackers in one process (`--emulate-attackers N`, the slowest seed); seconds per version and "
                        "time to target are *predicted* by the bottleneck model, max(c_a / N × pushes per version, "
-                       "c_s + K·c_a / k) (stale rejections make attackers push more than once per version), with "
-                       "one core or GPU per attacker"
+                       "c_s + K·c_a / k) (stale rejections make attackers push more than once per version), or for "
+                       "synchronous attackers a round, c_a + c_0 + N·c_1 (fitted on an MPI run of the same batch per "
+                       "attacker), with one core or GPU per attacker"
                        + (f" and c_s, c_a measured on {buy['model_from']}" if buy["model_from"] else
                           " — no MPI run with server and attacker timings is in this report, so no prediction")
                        + ". K is --refine-steps (server-side work), k the attack's steps; the method is what the "
