@@ -181,9 +181,10 @@ class Config:
     # --- the parameter server (under MPI with 2+ ranks) ---------------------------------------
     # Synchronous by default: each attacker attacks its share of one batch against the current
     # version and pushes its gradient, the server averages them into one step. The server's work is
-    # a sum per push, so attackers multiply PGD-5's speed (n* ≈ 30 against 1.6 for pushes of
-    # examples, which the server must train on and refine), and there is no staleness: N attackers
-    # train what one process does at their summed batch (SYNC_BATCH) (results/sync-data-parallel.toml).
+    # a sum per push, so attackers multiply PGD-5's speed (6.7× one attacker's at eight, n* ≈ 47
+    # time-dilated, against n* = 1.6 for pushes of examples, which the server must train on and
+    # refine), and there is no staleness: N attackers train what one process does at their shared
+    # batch (SYNC_BATCH) (results/sync-data-parallel.toml).
     push: str = opt("sync", "what attackers push: sync = every attacker's gradient of one version, averaged "
                     "into one step; examples, gradients = asynchronous pushes of either, tagged with their "
                     "version", choices=tuple(PUSH_MODES))

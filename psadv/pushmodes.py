@@ -3,7 +3,8 @@
 A mode owns what depends on it alone: its payload (adversarial examples or a gradient), the options
 only it reads (refused with another mode by :func:`psadv.config.check_given`), how the staleness
 policy counts its pushes (the largest staleness it accepts, whether ``--lr-damping`` scales its
-steps: :mod:`psadv.staleness`), and how many attackers' batches make a version. Packing and applying a push still branch on the mode's name in
+steps: :mod:`psadv.staleness`), how many attackers' batches make a version, and how long a rank
+waiting on the other side may sleep. Packing and applying a push still branch on the mode's name in
 :mod:`psadv.server`, :mod:`psadv.attacker` and :mod:`psadv.emulate` (issue 36 moves them here next).
 
 Plain data, no torch: :mod:`psadv.config` reads the registry when it loads.

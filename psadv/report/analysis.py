@@ -34,8 +34,8 @@ import json
 import statistics
 
 from .. import __version__
-from ..errors import UsageError
 from ..config import FIELDS
+from ..errors import UsageError
 from ..pushmodes import examples_per_step
 from .runs import FINAL_EVAL, Run
 
