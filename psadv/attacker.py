@@ -61,6 +61,7 @@ class Attacker:
         self.fresh = False  # a PARAMS message arrived since the last push (sync mode waits for one)
         self.pushes = 0
         self.stopping = False
+        self.ended = False  # the server's BYE: the run is over
         self.signal_sent = False
 
     # --- receiving ------------------------------------------------------------------------------
@@ -72,10 +73,11 @@ class Attacker:
             comm.Recv([self.params_in.buf, MPI.BYTE], source=0, tag=wire.TAG_PARAMS, status=status)
             self._load_params(status.Get_count(MPI.BYTE))
             got = True
-        if comm.Iprobe(source=0, tag=wire.TAG_CONTROL, status=status):
+        while comm.Iprobe(source=0, tag=wire.TAG_CONTROL, status=status):
             comm.Recv([self.control_in.buf, MPI.BYTE], source=0, tag=wire.TAG_CONTROL)
-            if int(self.control_in.header[wire.KIND]) == wire.STOP:
-                self.stopping = True
+            kind = int(self.control_in.header[wire.KIND])
+            self.stopping = self.stopping or kind in (wire.STOP, wire.BYE)
+            self.ended = self.ended or kind == wire.BYE
             got = True
         return got
 
@@ -178,11 +180,24 @@ class Attacker:
                                                                      self.cfg.refine_step_ratio), start=x_adv)
 
     def finish(self) -> None:
-        """After STOP: let every push in flight be matched (the server drains them), then DONE."""
+        """After STOP: let every push in flight be matched (the server drains them), then DONE, then
+        wait for the server's BYE. Until then this rank's command has not ended, so a stop signal
+        (SIGTERM from SLURM while the server evaluates its final model) is caught and passed on,
+        not the end of this rank: the job still exits 0, as the server does. A server that dies
+        instead takes the job with it (MPI_Abort, or the launcher)."""
         backoff = Backoff()
         while any(s.busy() for s in self.slots):
             self.poll()
+            self._forward_signal()
             backoff.wait()
         self.poll()
         self.control_out.set_header(wire.DONE, self.version, sender=self.w.rank)
         self.comm.Send([self.control_out.buf, self.MPI.BYTE], dest=0, tag=wire.TAG_CONTROL)
+        backoff.reset()
+        while True:
+            if self.poll():
+                backoff.reset()
+            if self.ended:
+                return
+            self._forward_signal()
+            backoff.wait()

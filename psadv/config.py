@@ -563,8 +563,10 @@ def make_config(*layers: dict, source: str = "", attackers: int = 0, given=None)
         merged.setdefault("lr", SYNC_LR)
     elif pushers or merged.get("emulate_staleness"):  # stale pushes
         merged.setdefault("lr", STALENESS_LR)
-    if (pushers and (push is None or not push.sends_examples)) or \
-            merged.get("augment", FIELDS["augment"].default) != "none":
+    # --emulate-staleness lags an attacker of examples whatever --push says; otherwise the push mode
+    # decides, also for one process, whose config a resume under MPI takes over
+    examples = merged.get("emulate_staleness") or (push is not None and push.sends_examples)
+    if not examples or merged.get("augment", FIELDS["augment"].default) != "none":
         merged.setdefault("refine_steps", 0)  # nothing to refine (see Config.refine_steps), unless asked
     if merged.get("dataset") in FILE_DATASETS and "eps" not in merged:
         # MNIST's 0.3 would be a silent guess: the budget belongs to the data, which psadv does not know

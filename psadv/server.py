@@ -20,8 +20,9 @@ whenever the queue is empty), so the attackers never wait for it.
 
 On stop (version/time budget, robust-accuracy target, or a signal) the server sends STOP, writes
 the final checkpoint *first*, runs the final evaluation (not after a signal, and a signal cuts it
-short: :meth:`psadv.training.Trainer.end_run`), then drains pushes until every attacker says DONE
-and writes the summary. An attacker that does not answer within
+short: :meth:`psadv.training.Trainer.end_run`), then drains pushes until every attacker says DONE,
+sends every attacker BYE (they wait for it, so a signal during the final evaluation ends no rank
+early) and writes the summary. An attacker that does not answer within
 ``WIND_DOWN_SECONDS`` (hung, stopped) ends the job with a one-line error; the checkpoint is saved.
 """
 
@@ -450,6 +451,16 @@ class Server:
                                             f"{', '.join(map(str, missing)) or '(parameter sends)'} did not "
                                             f"finish within {limit:.0f}s after STOP")
         self.poll(accept=False)
+        self.say_bye()
+
+    def say_bye(self) -> None:
+        """BYE to every attacker, which has said DONE and waits for it: the run has ended."""
+        requests = []
+        for r in self.attackers:
+            msg = self.control_out[r]
+            msg.set_header(wire.BYE, self.trainer.version, sender=0)
+            requests.append(self.comm.Isend([msg.buf[:wire.HEADER_BYTES], self.MPI.BYTE], dest=r, tag=wire.TAG_CONTROL))
+        self.MPI.Request.Waitall(requests)  # header-only messages: sent eagerly, at once
 
 
 class AttackersUnresponsive(PsadvError):

@@ -17,6 +17,7 @@ message            tag         payload after the header
 ``DONE``           TAG_CONTROL none (attacker -> server: nothing of mine is in flight any more)
 ``SIGNAL``         TAG_CONTROL none (attacker -> server: I caught SIGTERM/SIGUSR1/SIGINT;
                                ``COUNT`` holds the signal number)
+``BYE``            TAG_CONTROL none (server -> attacker, after every DONE: the run has ended, exit)
 =================  ==========  ==============================================================
 
 Header fields (indices into the int64 header): ``KIND``, ``VERSION`` (the model version the
@@ -49,9 +50,9 @@ TAG_PUSH = 102
 TAG_CONTROL = 103
 
 # --- message kinds ---------------------------------------------------------------------------
-PARAMS, EXAMPLES, GRADIENTS, STOP, DONE, SIGNAL = 1, 2, 3, 4, 5, 6
+PARAMS, EXAMPLES, GRADIENTS, STOP, DONE, SIGNAL, BYE = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {PARAMS: "params", EXAMPLES: "examples", GRADIENTS: "gradients", STOP: "stop", DONE: "done",
-              SIGNAL: "signal"}
+              SIGNAL: "signal", BYE: "bye"}
 
 # --- header layout ---------------------------------------------------------------------------
 HEADER_LEN = 16

@@ -224,7 +224,10 @@ def test_a_plain_checkpoint_resumes_into_an_emulation_from_its_version(tmp_path,
 def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
     from psadv.config import make_config
 
-    assert (make_config({}).refine_steps, make_config({}).refine_step_ratio) == (1, 1.25)  # --emulate-staleness
+    cfg = make_config({"emulate_staleness": 4})
+    assert (cfg.refine_steps, cfg.refine_step_ratio) == (1, 1.25)
+    # one process takes the push mode's: its config is what a resume under MPI continues with
+    assert make_config({}).refine_steps == 0 and make_config({"push": "examples"}).refine_steps == 1
     assert make_config({"push": "examples"}, attackers=2).refine_steps == 1
     assert make_config({"push": "examples", "emulate_attackers": 2}).refine_steps == 1
     # attackers that push no examples (the default, sync, among them) have none to refine
@@ -232,7 +235,7 @@ def test_refinement_is_on_by_default_where_there_are_stale_examples_to_refine():
         assert make_config(where, attackers=2).refine_steps == 0, where
         assert make_config({**where, "emulate_attackers": 2}).refine_steps == 0, where
     for where in ({"augment": "crop-flip"}, {"dataset": "cifar10"}):
-        assert make_config(where).refine_steps == 0, where
+        assert make_config({**where, "push": "examples"}).refine_steps == 0, where
     # asked for, it stays (and the MPI launch refuses the combinations it cannot do)
     assert make_config({"push": "gradients", "refine_steps": 2}).refine_steps == 2
     assert make_config({"augment": "crop-flip"}, {"refine_steps": 1}).refine_steps == 1

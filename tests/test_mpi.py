@@ -527,7 +527,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_version_counter(tmp_path, 
     stopped = s["version"]
     ckpt = load_checkpoint(find_checkpoint(run))
     assert ckpt.state["version"] == stopped >= 20
-    assert ckpt.state["examples_seen"] == stopped * 50
+    assert ckpt.state["examples_seen"] == stopped * 2 * 50  # a synchronous version: both attackers' batches
     streams = ckpt.state["mpi"]["attacker_streams"]
     assert len(streams) == 2 and all(pos >= 0 for _, pos in streams)
 
@@ -537,8 +537,8 @@ def test_sigterm_checkpoints_and_resume_continues_the_version_counter(tmp_path, 
     assert res.returncode == 0, res.stderr
     s2 = summary(run)
     assert s2["stop_reason"] == "version budget" and s2["version"] == stopped + 10
-    assert s2["examples_seen"] == (stopped + 10) * 50
-    assert s2["applied"] == s["applied"] + 10  # the counters continue too
+    assert s2["examples_seen"] == (stopped + 10) * 2 * 50
+    assert s2["applied"] == s["applied"] + 2 * 10  # the counters continue too (a push per attacker a version)
     versions = [r["version"] for r in rows(run, "train")]
     assert versions == sorted(versions) and versions[-1] > stopped
 

@@ -182,7 +182,7 @@ def test_sweep_script_runs_each_count_with_a_hostfile_then_reports_and_skips_fin
     assert launched[1]["cmd"][:3] == ["mpiexec", "-f", str(HOSTFILES / "localhost-mpich.hosts")]
     assert all("--threads" in job["cmd"] and "--no-progress" in job["cmd"] for job in launched)
     report = json.loads((sweep / "report.json").read_text())
-    assert sorted(r["name"] for r in report["runs"]) == ["sync-w1", "single"]
+    assert sorted(r["name"] for r in report["runs"]) == ["single", "sync-w1"]
     assert [p["run"] for p in report["scaling"][0]["points"]] == ["sync-w1"] and "staleness.png" in report["plots"]
 
     # the same job again (a requeue after the last run): nothing runs, the report is made again
