@@ -159,8 +159,9 @@ class Config:
     # It acts on stale pushes of examples only: off by default in gradients and sync mode and with
     # augmentation (the server does not see the attackers' augmented batches).
     refine_steps: int = opt(1, "PGD steps the trainer adds to each stale push of examples against the current "
-                            "model, continuing from its examples (0 = off; under MPI and with --emulate-*)",
-                            min=0)
+                            "model, continuing from its examples (0 = off; under MPI and with --emulate-*; "
+                            "the default 1 holds for --push examples and --emulate-staleness, other modes "
+                            "have nothing to refine)", min=0)
     # The training attack's step is sized to walk from a random start in k steps; a stale push
     # already sits near the ball's boundary, and one FGSM-sized step (1.25ε, as in FGSM-RS) moves
     # it to where the current model's gradient points while keeping its other coordinates. Where

@@ -45,7 +45,9 @@ def test_recipe_fills_only_what_neither_the_file_nor_the_command_line_gives(tmp_
     cifar = make_config({"dataset": "cifar10", "lr": 0.1, "augment": "none"})
     assert (cifar.lr, cifar.augment, cifar.optimizer, cifar.momentum) == (0.1, "none", "sgd", 0.9)
     assert cifar.eps == 8 / 255 and cifar.batch_size == 128 and cifar.eps_ramp == 0.0
-    assert make_config({}).to_dict() == Config().to_dict()  # MNIST: the defaults
+    # MNIST: the defaults, but for the refinement of stale examples, which the default push (sync) has none of
+    assert make_config({}).to_dict() == {**Config().to_dict(), "refine_steps": 0}
+    assert make_config({"push": "examples"}).to_dict() == Config(push="examples").to_dict()
 
 
 def test_recipe_is_recorded_in_config_json_and_a_resume_keeps_it(tmp_path, fashion_dir):
