@@ -83,7 +83,8 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def job_cmd(ranks: int, run_dir: Path, data_dir: str, steps: int, fault: str | None, kind: str = "") -> list[str]:
+def job_cmd(ranks: int, run_dir: Path, data_dir: str, steps: int, fault: str | None, kind: str = "",
+            push: str | None = None) -> list[str]:
     program = [str(FAULT_ENTRY), fault] if fault else ["-m", "psadv.cli"]
     extra = []
     if kind == "eval-term":  # a periodic strong evaluation every EVAL_EVERY versions
@@ -91,7 +92,8 @@ def job_cmd(ranks: int, run_dir: Path, data_dir: str, steps: int, fault: str | N
     elif kind == "final-eval-term":  # only the final one
         extra = STRONG_EVAL
     return [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable, *program, "train",
-            "--data-dir", data_dir, "--run-dir", str(run_dir), "--steps", str(steps), *RECIPE, *extra]
+            "--data-dir", data_dir, "--run-dir", str(run_dir), "--steps", str(steps), *RECIPE, *extra,
+            *(["--push", push] if push else [])]
 
 
 def summary_of(run_dir: Path) -> dict | None:
@@ -163,7 +165,7 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
     else:
         run_dir = out / "runs" / f"{i:03d}-{kind}"
     result: dict = {"scenario": i, "kind": kind, "fault": fault}
-    proc = subprocess.Popen(job_cmd(ranks, run_dir, args.data_dir, steps, fault, kind), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(job_cmd(ranks, run_dir, args.data_dir, steps, fault, kind, args.push), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     pids: dict[int, int] = {}
     try:
@@ -242,7 +244,7 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
     if stopped is not None and version is not None and kind in (*SIGNALS, *EVAL_KINDS, "hung-term", "rank-term"):
         result["lost_versions"] = max(0, int(stopped.get("version", 0)) - version)
     if version is None:  # nothing to resume from: a new run must be possible in the same place
-        res = subprocess.run(job_cmd(ranks, run_dir, args.data_dir, steps, None, kind) + ["--overwrite"],
+        res = subprocess.run(job_cmd(ranks, run_dir, args.data_dir, steps, None, kind, args.push) + ["--overwrite"],
                              capture_output=True, text=True, timeout=600, env=env())
     else:
         quick = ["--eval-attack", "pgd"] if kind in EVAL_KINDS else []  # the budget, not minutes of grading
@@ -297,7 +299,8 @@ def render(results: list[dict], args, seconds: float) -> str:
 
 def command_line(args) -> str:
     return (f"python scripts/fault_bench.py --data-dir {args.data_dir} --scenarios {args.scenarios} --seed {args.seed} "
-            f"--ranks {args.ranks} --steps {args.steps} --retries {args.retries} --kinds {args.kinds}")
+            f"--ranks {args.ranks} --steps {args.steps} --retries {args.retries} --kinds {args.kinds}"
+            + (f" --push {args.push}" if args.push else ""))
 
 
 def main() -> None:
@@ -310,6 +313,7 @@ def main() -> None:
     parser.add_argument("--max-delay", type=float, default=6.0, help="latest fault, seconds after training began")
     parser.add_argument("--tmpfs-kib", type=int, default=3000, help="size of the disk that fills up")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--push", default=None, help="--push of every job [psadv's default]")
     parser.add_argument("--retries", type=int, default=3, help="new tries of a scenario whose fault never reached the job")
     parser.add_argument("--out", default="runs/fault-bench")
     args = parser.parse_args()

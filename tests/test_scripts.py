@@ -547,3 +547,15 @@ def test_a_child_started_after_a_signal_still_gets_it_and_the_handlers_come_back
         with pytest.raises(SystemExit) as stop:
             forwarding.exit_if_caught()
     assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_the_fault_benchmark_runs_psadvs_push_mode_unless_told_another():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_bench", ROOT / "scripts" / "fault_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plain = bench.job_cmd(3, Path("run"), "data", 100, None)
+    assert "--push" not in plain  # psadv's default (sync)
+    told = bench.job_cmd(3, Path("run"), "data", 100, None, "final-eval-term", "examples")
+    assert told[-2:] == ["--push", "examples"] and told[:len(plain)] == plain[:len(plain)]
