@@ -121,3 +121,21 @@ def test_a_grid_trains_every_recipe_budget_and_seed_then_grades_them_apart(tmp_p
     assert "(PGD-1 linf eps=0.3 on 100 test images; strong linf eps=0.3 on 10,000 test images)" in report
     assert "(strong linf eps=0.3, 10,000)" in report and "(PGD-1 linf eps=0.3, 100)" in report
 
+
+
+def test_full_clean_grades_clean_accuracy_on_the_whole_test_set_beside_a_robust_slice(tmp_path, mnist_dir):
+    out = tmp_path / "full"
+    cmd = [sys.executable, str(ROOT / "scripts" / "budget_search.py"), "--out", str(out), "--data-dir", str(mnist_dir),
+           "--recipe", "a=--batch-size 50 --attack-steps 1 --threads 1 --eval-examples 100", "--seeds", "0",
+           "--grid", "1", "--target", "0", "--clean-target", "0", "--full-clean",
+           "--eval-args", "--attack pgd --steps 1 --restarts 1 --examples 100 --threads 1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    run = out / "a" / "T1" / "seed0"
+    robust, clean = (json.loads((run / name).read_text()) for name in ("eval.json", "clean_eval.json"))
+    assert robust["examples"] == 100 and clean["examples"] > 100 and clean["attack"] == "none"
+    trial = json.loads((out / "budget_search.json").read_text())["results"][0]["trials"]["1"][0]
+    # the trial is judged by the whole test set's clean accuracy; the slice's is kept beside it
+    assert trial["clean_acc"] == clean["clean_acc"] and trial["slice_clean_acc"] == robust["clean_acc"]
+    assert trial["robust_acc"] == robust["robust_acc"]
+    assert "; clean on the full test set)" in (out / "budget_search.md").read_text()
