@@ -228,14 +228,14 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     import torch
 
     from .attacks.suite import masking_warning, resolve
-    from .checkpoint import open_checkpoint
+    from .checkpoint.restore import open_checkpoint
     from .claim import CLAIM_ATTACK, make_claim
     from .config import check_eps
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .errors import Interrupted
     from .evaluate import evaluation_record, measure_accuracy
-    from .rundir import FINAL_EVAL, write_json
+    from .rundir import FINAL_EVAL, run_of, write_json
     from .stop import SignalFlag, Stopped
 
     from .export import is_safetensors, metadata_version, open_model
@@ -258,13 +258,13 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     else:
         ckpt, model = open_checkpoint(checkpoint, trust_factory=expected_model)
         source, version, cfg, model_name = ckpt.path, ckpt.state.get("version"), ckpt.config, ckpt.model_name
-        # a checkpoint file lies in RUN_DIR/checkpoints/; the check comes before minutes of attacking
-        run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
+        # the run whose live line (RUN_DIR/checkpoints/) holds it; the check comes before minutes of attacking
+        run_dir = run_of(ckpt.path)
     if save and run_dir is None:
         raise click.UsageError(f"--save writes into the run directory, and {source} is not in one "
                                "(RUN_DIR/checkpoints/)")
     if save:  # final_eval.json grades the run's final model: not one a trainer is still making, nor an older one
-        from .checkpoint import checkpoint_version, list_checkpoints
+        from .checkpoint.rotation import checkpoint_version, list_checkpoints
         from .rundir import lock_existing
 
         why = "--save records the grade of the run's final model, and"
@@ -273,7 +273,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
         except PsadvError as exc:
             raise click.UsageError(f"{why} {exc}, or leave --save out to grade this checkpoint") from None
         click.get_current_context().call_on_close(lock.release)
-        newest = [checkpoint_version(c) for c in list_checkpoints(run_dir / "checkpoints")][-1:]
+        newest = [checkpoint_version(c) for c in list_checkpoints(lock.checkpoints)][-1:]
         if [version] != newest:
             raise click.UsageError(f"{why} {source} holds version {version}, not the newest of "
                                    f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
@@ -352,7 +352,8 @@ def _eval_command(path, cascade, *, data_dir, examples: int, test_size: int, see
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def inspect(checkpoint, as_json):
     """Summarise CHECKPOINT (a file or a run directory): model, version, config, size."""
-    from .checkpoint import describe_checkpoint, find_checkpoint
+    from .checkpoint.codec import describe_checkpoint
+    from .checkpoint.rotation import find_checkpoint
 
     info = describe_checkpoint(find_checkpoint(checkpoint))
     if as_json:

@@ -41,11 +41,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import (READ_CONFIG, Checkpoint, damaged, load_recorded_state, open_checkpoint,
-                         recorded_architecture)
+from .checkpoint.codec import Checkpoint, damaged
+from .checkpoint.restore import READ_CONFIG, load_recorded_state, open_checkpoint, recorded_architecture
 from .config import check_recorded
 from .errors import CheckpointError, ConfigError, PsadvError, StorageError, UsageError, io_error_text
 from .models import MODELS
+from .rundir import FINAL_EVAL, run_of
 
 FORMAT = "psadv-model"
 FORMAT_VERSION = "1"
@@ -93,7 +94,7 @@ def checkpoint_metadata(ckpt: Checkpoint, model: nn.Module) -> dict[str, str]:
         meta["input_shape"] = json.dumps(list(shape))
         with torch.no_grad():
             meta["num_classes"] = str(model(torch.zeros(1, *shape)).shape[1])
-    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
+    run_dir = run_of(ckpt.path)
     final = _final_eval(run_dir) if run_dir is not None else None
     if final is not None and final.get("version") == version:
         meta["final_eval"] = json.dumps(final, sort_keys=True)
@@ -101,8 +102,6 @@ def checkpoint_metadata(ckpt: Checkpoint, model: nn.Module) -> dict[str, str]:
 
 
 def _final_eval(run_dir: Path) -> dict | None:
-    from .rundir import FINAL_EVAL
-
     try:
         value = json.loads((run_dir / FINAL_EVAL).read_text())
     except (OSError, ValueError):  # none, or unreadable: the export goes without it
@@ -224,7 +223,7 @@ def default_output(origin: Path, version: int | None, fmt: str) -> Path:
     nothing a file says can move it elsewhere (docs/design/security.md)."""
     if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
         raise TypeError(f"version {version!r} is not a count")  # the readers check it: psadv's own mistake
-    base = origin.parent.parent if origin.parent.name == "checkpoints" else origin.parent
+    base = run_of(origin) or origin.parent
     return base / f"model-v{'unknown' if version is None else version}.{fmt}"
 
 

@@ -4,13 +4,16 @@ Layout::
 
     RUN_DIR/config.json       the resolved configuration (plus model name and arguments)
     RUN_DIR/metrics.jsonl     one JSON object per line, its kinds and fields in psadv.metrics.SCHEMA
-    RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them
+    RUN_DIR/checkpoints/      ckpt-<version>.h5, the newest --keep-checkpoints of them (psadv.checkpoint.rotation)
+    RUN_DIR/checkpoints/superseded-<time>/  a line of the run that a resume from an older checkpoint set
+                              aside: its newer checkpoints, summary, final evaluation and metrics log
     RUN_DIR/summary.json      final numbers, written when the run ends
     RUN_DIR/final_eval.json   the strong final evaluation, written by ``psadv eval RUN --save`` (of the
                               newest checkpoint, not while a process trains the run; a resume in place
                               sets it aside, as the model it grades is no longer the final one)
     RUN_DIR/csv/, tensorboard/  the metrics rows again, for the trackers of ``--log`` (psadv.trackers)
-    RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run
+    RUN_DIR/.lock             held (flock) by the process that writes the run, for the whole run: the
+                              run's one lock, which its checkpoints are written under too
 
 An existing run directory is never clobbered: starting a run there is an error unless the user
 resumes it (``--resume``) or asks for ``--overwrite``, which removes only the files above. The
@@ -30,8 +33,14 @@ from pathlib import Path
 from .errors import StorageError, UsageError, io_error_text
 from .metrics import finite_json, well_typed
 
+# The names of the layout above: every module that reads or writes a run's files takes them from here.
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 FINAL_EVAL = "final_eval.json"  # psadv eval --save's grade of the run's final model
-OWNED = ("config.json", "metrics.jsonl", "summary.json", FINAL_EVAL, "checkpoints", "csv", "tensorboard")
+CHECKPOINTS = "checkpoints"
+SUPERSEDED = "superseded-"  # CHECKPOINTS/superseded-<time>/: a line of the run set aside by a resume
+OWNED = (CONFIG, METRICS, SUMMARY, FINAL_EVAL, CHECKPOINTS, "csv", "tensorboard")
 LOCK_NAME = ".lock"
 
 
@@ -42,6 +51,27 @@ def default_run_dir() -> Path:
 def holds_run(path: Path) -> bool:
     """Does ``path`` hold (part of) a run?"""
     return any((Path(path) / name).exists() for name in OWNED)
+
+
+def checkpoints_dir(run: Path) -> Path:
+    """Where the run in ``run`` keeps its checkpoints (the line being trained)."""
+    return Path(run) / CHECKPOINTS
+
+
+def run_of(checkpoint: Path, *, superseded: bool = False) -> Path | None:
+    """The run directory a checkpoint file belongs to: RUN for RUN/checkpoints/<file>, and with
+    ``superseded`` also for a set-aside line's RUN/checkpoints/superseded-*/<file>; None for a file
+    outside a run (or of a set-aside line, when not asked).
+
+    A resume asks for both, as resuming a set-aside checkpoint continues its run (and sets the line
+    after it aside in turn). Readers of the run's records do not: its final_eval.json and newest
+    checkpoint are those of the line being trained, never of one set aside."""
+    parent = Path(checkpoint).parent
+    if parent.name == CHECKPOINTS:
+        return parent.parent
+    if superseded and parent.name.startswith(SUPERSEDED) and parent.parent.name == CHECKPOINTS:
+        return parent.parent.parent
+    return None
 
 
 class RunDir:
@@ -55,16 +85,26 @@ class RunDir:
         self.path, self._fd, self.fresh, self.created = path, fd, fresh, created
         self.moved: list[tuple[Path, Path]] = []  # (from, to) of a supersede, undone by abandon
 
+    @property
+    def held(self) -> bool:
+        """Whether this process still holds the run's lock (until :meth:`release`)."""
+        return self._fd is not None
+
+    @property
+    def checkpoints(self) -> Path:
+        """The run's checkpoints directory (:func:`checkpoints_dir`)."""
+        return checkpoints_dir(self.path)
+
     def supersede(self, version: int, checkpoints: list[Path]) -> Path:
         """Set the run's future beyond ``version`` aside (a resume from an older checkpoint):
         ``checkpoints`` (the newer ones), the summary and final evaluation of the abandoned line
         and the whole metrics log as it was go into ``checkpoints/superseded-<time>/``; the live
         log keeps only rows of versions up to ``version``. Nothing is deleted."""
         aside = self._aside()
-        metrics = self.path / "metrics.jsonl"
+        metrics = self.path / METRICS
         try:
             aside.mkdir(exist_ok=True)
-            for source in [*checkpoints, self.path / "summary.json", self.path / FINAL_EVAL, metrics]:
+            for source in [*checkpoints, self.path / SUMMARY, self.path / FINAL_EVAL, metrics]:
                 if source.exists():
                     os.replace(source, aside / source.name)
                     self.moved.append((source, aside / source.name))
@@ -93,7 +133,7 @@ class RunDir:
         return aside
 
     def _aside(self) -> Path:
-        return self.path / "checkpoints" / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        return self.checkpoints / f"{SUPERSEDED}{time.strftime('%Y%m%d-%H%M%S')}"
 
     def _undo_supersede(self) -> None:
         for source, target in reversed(self.moved):
@@ -112,7 +152,7 @@ class RunDir:
         """Undo :func:`prepare` (and :meth:`supersede`) for a run that never started: remove what
         it created, put back what it set aside, release."""
         self._undo_supersede()
-        if self.fresh and not any((self.path / "checkpoints").glob("*.h5")):
+        if self.fresh and not any(self.checkpoints.glob("*.h5")):
             for name in (*OWNED, LOCK_NAME):
                 target = self.path / name
                 if target.is_dir():
@@ -182,7 +222,7 @@ def prepare(path: Path, *, resume: bool = False, overwrite: bool = False) -> Run
                 target = path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         run.fresh = not resume
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoints_dir(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         run.release()
         raise UsageError(f"cannot prepare run directory {path}: {exc.strerror or exc}") from None

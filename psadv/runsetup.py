@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir
-from .checkpoint import (Checkpoint, IncompatibleCheckpoint, UntrustedFactory, build_recorded_model, checkpoint_version,
-                         damaged, find_checkpoint, list_checkpoints, load_checkpoint)
+from .checkpoint.codec import Checkpoint, damaged, load_checkpoint
+from .checkpoint.restore import IncompatibleCheckpoint, UntrustedFactory, build_recorded_model
+from .checkpoint.rotation import checkpoint_version, find_checkpoint, list_checkpoints
 from .config import FIELDS, Config, check_recorded, make_config, parse_model_args
 from .data import FILE_DATASETS, dataset_info, load_dataset, verify_data_file
 from .devices import auto_precision, pick_device
@@ -82,13 +83,11 @@ def _resumed_config(checkpoint: Checkpoint) -> dict:
     return base
 
 
-def run_dir_of(checkpoint: Checkpoint) -> Path:
-    """The run a checkpoint belongs to: RUN/checkpoints/ckpt-*.h5, or a set-aside line's
-    RUN/checkpoints/superseded-*/ckpt-*.h5 (resuming that one supersedes the line after it)."""
-    parent = checkpoint.path.parent
-    if parent.name.startswith("superseded-") and parent.parent.name == "checkpoints":
-        return parent.parent.parent
-    return parent.parent if parent.name == "checkpoints" else parent
+def home_of(checkpoint: Checkpoint) -> Path:
+    """Where a resume of ``checkpoint`` continues by default: its run (a set-aside line's too:
+    resuming that one supersedes the line after it), or for a file outside any run the directory
+    it lies in."""
+    return rundir.run_of(checkpoint.path, superseded=True) or checkpoint.path.parent
 
 
 def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str | None = None,
@@ -137,7 +136,7 @@ def resolve_run(overrides: dict, file_values: dict | None = None, *, resume: str
         check_continuable(checkpoint, cfg)
     if cfg.precision == "auto":  # recorded as resolved, so a resume elsewhere keeps the run's arithmetic
         cfg.precision = auto_precision(pick_device(cfg.device))
-    home = run_dir_of(checkpoint) if checkpoint is not None else None
+    home = home_of(checkpoint) if checkpoint is not None else None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else home if home is not None else rundir.default_run_dir()
     cfg.run_dir = str(run_dir)
     in_place = home is not None and run_dir.resolve() == home.resolve()
@@ -206,12 +205,11 @@ def open_run_dir(setup: RunSetup, *, overwrite: bool = False) -> None:
         raise UsageError(f"--run-dir {setup.run_dir} already holds a run; --resume {setup.checkpoint.path} "
                          f"with another --run-dir starts a new run there from that checkpoint (a branch), so "
                          f"choose an empty --run-dir, or leave --run-dir out to continue in "
-                         f"{run_dir_of(setup.checkpoint)}")
+                         f"{home_of(setup.checkpoint)}")
     setup.lock = rundir.prepare(setup.run_dir, resume=setup.in_place, overwrite=overwrite)
     if setup.in_place:
         resumed = setup.checkpoint.state.get("version", 0)
-        directory = setup.run_dir / "checkpoints"
-        newer = [c for c in list_checkpoints(directory) if (checkpoint_version(c) or 0) > resumed]
+        newer = [c for c in list_checkpoints(setup.lock.checkpoints) if (checkpoint_version(c) or 0) > resumed]
         try:
             if newer:
                 aside = setup.lock.supersede(resumed, newer)

@@ -38,7 +38,7 @@ import torch
 
 from . import wire
 from .attacks import refine
-from .checkpoint import restoring
+from .checkpoint.restore import restoring
 from .console import ProgressBar
 from .data import dataset_info
 from .errors import PsadvError

@@ -21,7 +21,8 @@ import torch
 from . import schedules
 from .attacks import PerturbationMemory, perturb, refine
 from .augment import augment_batch
-from .checkpoint import restore_rng_state, restoring
+from .checkpoint.codec import restore_rng_state
+from .checkpoint.restore import restoring
 from .config import Config
 from .console import ProgressBar
 from .data import BatchStream, load_dataset

@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from . import __version__, rundir, schedules
 from .averaging import LIVE_WEIGHTS, WeightAverage
-from .checkpoint import CheckpointManager, capture_rng_state, restoring
+from .checkpoint.codec import capture_rng_state
+from .checkpoint.restore import restoring
+from .checkpoint.rotation import CheckpointManager
 from .config import Config
 from .data import load_dataset
 from .devices import autocast, training_layout
@@ -88,7 +90,10 @@ def initial_model(cfg: Config, model_args: dict, device: torch.device) -> torch.
 
 
 class Trainer:
-    """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run."""
+    """Model, optimizer, schedules, counters, evaluation, metrics and checkpoints of one run.
+
+    ``setup``'s run directory is open (:func:`psadv.runsetup.open_run_dir`): the trainer writes the
+    run under its lock, and :meth:`close` gives it up."""
 
     def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single",
                  attackers: int = 0, stop_requested: Callable[[], bool] | None = None):
@@ -125,7 +130,8 @@ class Trainer:
         if ckpt is not None and LIVE_WEIGHTS in ckpt.extra:
             with restoring(ckpt.path):
                 load_flat_state_(self.model, torch.from_numpy(ckpt.extra[LIVE_WEIGHTS]).to(device))
-        self.manager = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        # written under the run directory's lock, which open_run_dir took and close() gives up
+        self.manager = CheckpointManager(setup.lock, keep=cfg.keep_checkpoints)
         self.metrics: MetricsLog | None = None  # opened by start()
         self.final_evaluation: str | None = None  # what became of the final evaluation (end_run)
         self._clock = time.perf_counter()
@@ -135,11 +141,11 @@ class Trainer:
         checkpoint's state: a resume refused or failed while starting up leaves an existing run's
         config.json and metrics as they were (and :meth:`psadv.rundir.RunDir.abandon` undoes the rest)."""
         cfg = self.cfg
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path = self.run_dir / rundir.METRICS
         self.metrics = MetricsLog(metrics_path, open_sinks(
             cfg.log, self.run_dir, existing=rundir.read_metrics(metrics_path) if metrics_path.exists() else [],
             start_version=self.state.version, config=cfg.to_dict()))
-        rundir.write_json(self.run_dir / "config.json", {"config": cfg.to_dict(), "model_name": cfg.model,
+        rundir.write_json(self.run_dir / rundir.CONFIG, {"config": cfg.to_dict(), "model_name": cfg.model,
                                                          "model_args": self.model_args, "psadv_version": __version__})
 
     # --- counters and schedules -------------------------------------------------------------
@@ -364,15 +370,13 @@ class Trainer:
                    **({"final_evaluation": self.final_evaluation} if self.final_evaluation else {}),
                    **(extra_summary or {})}
         self.metrics.write("end", **summary)
-        rundir.write_json(self.run_dir / "summary.json", summary)
+        rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         self.close()
         return summary
 
     def close(self) -> None:
-        """Close the metrics log and give up the run's locks (idempotent): at the end, or when the
+        """Close the metrics log and give up the run's lock (idempotent): at the end, or when the
         run fails, so a caller in the same process can resume it."""
         if self.metrics is not None:
             self.metrics.close()
-        self.manager.close()
-        if self.lock is not None:
-            self.lock.release()
+        self.lock.release()

@@ -54,6 +54,7 @@ from psadv.data import load_dataset
 from psadv.devices import auto_precision, autocast, set_threads, training_layout
 from psadv.gradalign import training_loss
 from psadv.models import build_model
+from psadv.rundir import METRICS, SUMMARY
 
 # The recipe of the first time-to-robustness measurements (flags of `psadv train`).
 RECIPE = ["--model", "mnist-small", "--eps", "0.3", "--attack", "pgd", "--attack-steps", "10",
@@ -202,7 +203,7 @@ def robust(args) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     train_wall = time.perf_counter() - start
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     eval_cmd = ["psadv", "eval", str(run_dir), "--attack", "pgd", "--steps", "50", "--restarts", "10", "--json", "--no-progress",
                 "--data-dir", args.data_dir]
     start = time.perf_counter()
@@ -348,7 +349,7 @@ def real_loop(args, steps: int, batch: int) -> dict:
                "--batch-size", str(batch), "--threads", str(torch.get_num_threads()), "--seed", "0",
                "--eval-examples", "100", "--eval-attack", "pgd", "--eval-steps", "1", "--run-dir", f"{tmp}/run"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / METRICS).read_text().splitlines()]
     train = [r for r in rows if r.get("kind") == "train"]
     rates = [(b["examples_seen"] - a["examples_seen"]) / (b["time"] - a["time"]) for a, b in zip(train, train[1:])
              if b["time"] > a["time"]]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from psadv.report.budget import BudgetSearch, bracket_text, ratio
 from psadv.report.child import run_child, run_children
+from psadv.rundir import SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 
@@ -62,7 +63,7 @@ class Trial:
 
     def train(self) -> float:
         timing = self.run_dir / "wall.json"
-        if (self.run_dir / "summary.json").exists() and timing.exists():
+        if (self.run_dir / SUMMARY).exists() and timing.exists():
             return json.loads(timing.read_text())["seconds"]
         cmd = PSADV + ["train", "--run-dir", str(self.run_dir), "--no-progress", "--time-budget", str(self.budget),
                        "--seed", str(self.seed), "--eval-every", "0", *self.data_dir(), *self.recipe]
@@ -95,7 +96,7 @@ class Trial:
 
     def measure(self) -> dict:
         wall = self.train()
-        summary = json.loads((self.run_dir / "summary.json").read_text())
+        summary = json.loads((self.run_dir / SUMMARY).read_text())
         row = {"seed": self.seed, "wall_seconds": round(wall, 2), "versions": summary["version"]}
         if self.args.gate_examples:
             gate = self.evaluate(self.args.gate_examples, "gate_eval.json")

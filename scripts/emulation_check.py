@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from psadv.report.child import run_child
+from psadv.rundir import SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 RECIPE = ["--eval-every", "0", "--eval-examples", "1000", "--log-every", "50", "--no-progress"]
@@ -45,11 +46,11 @@ def stats(summary: dict) -> dict:
 
 
 def train(cmd: list[str], run_dir: Path) -> dict:
-    if not (run_dir / "summary.json").exists():
+    if not (run_dir / SUMMARY).exists():
         print("+", " ".join(cmd), flush=True)
         if run_child(cmd).returncode != 0:
             raise SystemExit(f"emulation_check: {shlex.join(cmd)} failed")
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / SUMMARY).read_text())
 
 
 def snapshot_memory() -> None:

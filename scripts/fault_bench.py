@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from psadv import rundir
+
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_ENTRY = ROOT / "tests" / "fault_entry.py"
 KINDS = ("kill9", "sigstop", "hung-term", "sigterm", "sigusr1", "sigint", "rank-term", "disk-full", "nan-push",
@@ -67,7 +69,7 @@ SIGNALS = {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1, "sigint": signa
 
 
 def rows(run_dir: Path, kind: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / rundir.METRICS
     out = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
@@ -98,7 +100,7 @@ def job_cmd(ranks: int, run_dir: Path, data_dir: str, steps: int, fault: str | N
 
 def summary_of(run_dir: Path) -> dict | None:
     try:
-        value = json.loads((run_dir / "summary.json").read_text())
+        value = json.loads((run_dir / rundir.SUMMARY).read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -181,7 +183,9 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
                 time.sleep(0.1)
             delay = rng.uniform(0.5, 3.0)
         elif kind == "final-eval-term":  # after the final checkpoint, inside the final evaluation
-            final = run_dir / "checkpoints" / f"ckpt-{steps:08d}.h5"
+            from psadv.checkpoint.rotation import checkpoint_name
+
+            final = rundir.checkpoints_dir(run_dir) / checkpoint_name(steps)
             while not final.exists() and proc.poll() is None and time.monotonic() - start < 300:
                 time.sleep(0.1)
             delay = rng.uniform(0.5, 3.0)
@@ -237,7 +241,8 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
         unmount(mount)
         run_dir = copy
     version = checkpoint_state(run_dir)
-    wrote_one = any(run_dir.glob("checkpoints/*.h5")) or kind in ("hung-term", "rank-term", *SIGNALS, *EVAL_KINDS)
+    told_to_write = kind in ("hung-term", "rank-term", *SIGNALS, *EVAL_KINDS)  # a signal makes the job checkpoint
+    wrote_one = any(rundir.checkpoints_dir(run_dir).glob("*.h5")) or told_to_write
     result.update(checkpoint_version=version, lost_checkpoint=wrote_one and version is None)
     stopped = summary_of(run_dir)
     # versions trained before the stop that no checkpoint holds (a signal must save them all)
@@ -252,7 +257,7 @@ def scenario(i: int, kind: str, rng: random.Random, args, out: Path) -> dict:
                               "psadv.cli", "train", "--resume", str(run_dir), "--no-progress", *quick],
                              capture_output=True, text=True, timeout=600, env=env())
     try:
-        final = json.loads((run_dir / "summary.json").read_text())["version"]
+        final = json.loads((run_dir / rundir.SUMMARY).read_text())["version"]
     except (OSError, ValueError, KeyError):
         final = None
     result.update(resume_exit_code=res.returncode, resume_version=final,

@@ -46,10 +46,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from psadv.report import FINAL_EVAL
 from psadv.report.runs import final_eval_mismatch
 from psadv.report.budget import ratio
 from psadv.report.child import run_child
+from psadv.rundir import FINAL_EVAL, SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The study recipe (scripts/bench_core.py) without its adversary and budget.
@@ -133,7 +133,7 @@ class Study:
         return run_child(cmd).returncode
 
     def train(self, run_dir: Path, flags: list[str], attackers: int = 0) -> None:
-        if (run_dir / "summary.json").exists():
+        if (run_dir / SUMMARY).exists():
             print(f"# {run_dir}: finished earlier, kept", flush=True)
             return
         cmd = self.launcher(attackers) + PSADV + ["train", "--run-dir", str(run_dir), "--no-progress", *RECIPE,
@@ -146,7 +146,7 @@ class Study:
 
     def final_eval(self, run_dir: Path) -> None:
         """``psadv eval --save``: the strong evaluation of the final model, in RUN/final_eval.json."""
-        if (run_dir / FINAL_EVAL).exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+        if (run_dir / FINAL_EVAL).exists() or not (self.args.dry_run or (run_dir / SUMMARY).exists()):
             return
         if self.run(PSADV + ["eval", str(run_dir), "--save", "--no-progress", *self.data_dir(),
                              *self.final_eval_flags()]) != 0:
@@ -252,7 +252,7 @@ class Study:
         for name, _ in MASKING_ADVERSARIES:  # in the plan's order: every finished seed, of this or an earlier call
             seeds = sorted((part_dir / "runs").glob(f"{name}-seed*"), key=lambda d: int(d.name.rsplit("seed", 1)[1]))
             for run_dir in seeds:
-                files = [run_dir / f for f in ("summary.json", FINAL_EVAL, PGD_EVAL)]
+                files = [run_dir / f for f in (SUMMARY, FINAL_EVAL, PGD_EVAL)]
                 if all(f.exists() for f in files):
                     summary, strong, pgd = (json.loads(f.read_text()) for f in files)
                     stale = [final_eval_mismatch(grade, summary.get("version")) for grade in (strong, pgd)]
@@ -270,7 +270,7 @@ class Study:
     def pgd_eval(self, run_dir: Path) -> None:
         """The PGD-50x10 grade psadv used to report, as JSON in RUN/final_eval_pgd.json."""
         path = run_dir / PGD_EVAL
-        if path.exists() or not (self.args.dry_run or (run_dir / "summary.json").exists()):
+        if path.exists() or not (self.args.dry_run or (run_dir / SUMMARY).exists()):
             return
         cmd = PSADV + ["eval", str(run_dir), "--json", "--no-progress", "--attack", "pgd", *self.data_dir(),
                        *self.final_eval_flags()]

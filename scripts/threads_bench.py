@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from psadv.rundir import SUMMARY
+
 ROOT = Path(__file__).resolve().parents[1]
 PSADV = [sys.executable, "-m", "psadv.cli"]
 SETTINGS = ("default", "1", "2", "spin")
@@ -73,7 +75,7 @@ def measure(args, condition: str, setting: str, base_env: dict) -> list[dict]:
     if trained.get("timed_out") or trained["rc"] != 0:
         row["failed"] = "timed out" if trained.get("timed_out") else trained["stderr"].strip().splitlines()[-1:]
         return [row]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     last = summary.get("last_eval") or {}
     row.update(threads=threads_of(trained["stderr"]), versions=summary["version"],
                train_seconds=summary["elapsed"], examples_per_s=round(summary["examples_seen"] / summary["elapsed"], 1),

@@ -1,4 +1,4 @@
-"""Tests for psadv.checkpoint: format round trips, atomic writes, locking and validation."""
+"""Tests for psadv.checkpoint: format round trips, atomic writes, rotation under the run's lock, and validation."""
 
 from __future__ import annotations
 
@@ -16,20 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import psadv.checkpoint as ckpt_mod
-from psadv.checkpoint import (
+import psadv.checkpoint
+from psadv.checkpoint import codec
+from psadv.checkpoint.codec import (
     FORMAT,
     FORMAT_VERSION,
     Checkpoint,
-    CheckpointManager,
     capture_rng_state,
     describe_checkpoint,
-    find_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from psadv.errors import CheckpointError
+from psadv.checkpoint.rotation import CheckpointManager, find_checkpoint
+from psadv.errors import CheckpointError, UsageError
+from psadv.rundir import prepare, run_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,32 +241,37 @@ def test_file_holds_only_plain_datasets_and_json_attrs(tmp_path: Path) -> None:
         assert set(f) == {"model", "optimizer", "rng", "extra"}
     assert "model/bn.running_mean" in seen and "optimizer/state/0/momentum_buffer" in seen and "rng/torch" in seen
 
-    source = Path(ckpt_mod.__file__).read_text()
-    for forbidden in ("pickle", "torch.save", "torch.load", "np.load", "dtype=object"):
-        assert forbidden not in source
+    for module in Path(psadv.checkpoint.__file__).parent.glob("*.py"):
+        source = module.read_text()
+        for forbidden in ("pickle", "torch.save", "torch.load", "np.load", "dtype=object"):
+            assert forbidden not in source, module
 
 
 def test_keep_last_k(tmp_path: Path) -> None:
     model = make_model(0)
-    with CheckpointManager(tmp_path / "ckpts", keep=2) as manager:
-        assert manager.list() == [] and manager.latest() is None
-        for version in (1, 5, 3, 100_000_000, 99_999_999):
-            manager.save(version, **SAVE_ARGS, state={"examples_seen": version}, model=model)
-        assert [p.name for p in manager.list()] == ["ckpt-99999999.h5", "ckpt-100000000.h5"]
-        assert manager.latest() == tmp_path / "ckpts" / "ckpt-100000000.h5"
-        assert load_checkpoint(manager.latest()).state == {"examples_seen": 100_000_000, "version": 100_000_000}
-        with pytest.raises(ValueError):
-            manager.save(7, **SAVE_ARGS, state={"version": 6}, model=model)
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == [".lock", "ckpt-100000000.h5", "ckpt-99999999.h5"]
+    run = prepare(tmp_path / "run")
+    manager = CheckpointManager(run, keep=2)
+    assert manager.list() == [] and manager.latest() is None
+    for version in (1, 5, 3, 100_000_000, 99_999_999):
+        manager.save(version, **SAVE_ARGS, state={"examples_seen": version}, model=model)
+    assert [p.name for p in manager.list()] == ["ckpt-99999999.h5", "ckpt-100000000.h5"]
+    assert manager.latest() == tmp_path / "run" / "checkpoints" / "ckpt-100000000.h5"
+    assert load_checkpoint(manager.latest()).state == {"examples_seen": 100_000_000, "version": 100_000_000}
+    with pytest.raises(ValueError):
+        manager.save(7, **SAVE_ARGS, state={"version": 6}, model=model)
+    run.release()
+    # the run's one lock is RUN/.lock: the checkpoints directory holds checkpoints only
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt-100000000.h5",
+                                                                                    "ckpt-99999999.h5"]
 
 
 def test_a_checkpoint_gets_the_mode_the_umask_gives_every_other_file(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Not mkstemp's private 0600: colleagues on a shared cluster directory read each other's runs.
     (The umask is read once, when psadv.checkpoint is imported.)"""
-    monkeypatch.setattr(ckpt_mod, "_UMASK", 0o022)
+    monkeypatch.setattr(codec, "_UMASK", 0o022)
     save_trained(tmp_path / "shared.h5", "adam")
-    monkeypatch.setattr(ckpt_mod, "_UMASK", 0o077)
+    monkeypatch.setattr(codec, "_UMASK", 0o077)
     save_trained(tmp_path / "private.h5", "adam")
     assert (tmp_path / "shared.h5").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.h5").stat().st_mode & 0o777 == 0o600
@@ -324,24 +330,32 @@ def test_atomic_write_keeps_old_file_when_saving_fails(tmp_path: Path, monkeypat
 
 
 def test_single_writer_lock(tmp_path: Path) -> None:
-    directory = tmp_path / "ckpts"
-    manager = CheckpointManager(directory)
+    """One process writes a run's checkpoints: the one holding the run directory's lock, which a
+    CheckpointManager requires and never outlives."""
+    directory = tmp_path / "run"
+    run = prepare(directory)
+    manager = CheckpointManager(run)
     assert (directory / ".lock").read_text().strip() == str(os.getpid())
-    with pytest.raises(CheckpointError, match=rf"being written by another psadv process \(pid {os.getpid()}\)"):
-        CheckpointManager(directory)
+    with pytest.raises(UsageError, match=rf"in use by another psadv process \(pid {os.getpid()}\)"):
+        prepare(directory, resume=True)
 
-    code = "import sys; from psadv.checkpoint import CheckpointManager; CheckpointManager(sys.argv[1])"
+    code = "import sys; from psadv.rundir import prepare; prepare(sys.argv[1], resume=True)"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env)
     assert result.returncode != 0
-    assert f"is being written by another psadv process (pid {os.getpid()})" in result.stderr
+    assert f"is in use by another psadv process (pid {os.getpid()})" in result.stderr
 
-    manager.close()
-    manager.close()
-    with pytest.raises(CheckpointError, match="closed"):
+    run.release()
+    run.release()
+    with pytest.raises(CheckpointError, match="no longer holds the lock"):
         manager.save(1, **SAVE_ARGS, state={}, model=make_model(0))
-    with CheckpointManager(directory) as again:
-        again.save(1, **SAVE_ARGS, state={}, model=make_model(0))
+    with pytest.raises(ValueError, match="released"):
+        CheckpointManager(run)
+    assert not list((directory / "checkpoints").iterdir())
+    again = prepare(directory, resume=True)
+    CheckpointManager(again).save(1, **SAVE_ARGS, state={}, model=make_model(0))
+    again.release()
+    assert [p.name for p in (directory / "checkpoints").iterdir()] == ["ckpt-00000001.h5"]
 
 
 def _truncated(path: Path) -> None:
@@ -439,9 +453,11 @@ def test_describe_checkpoint(tmp_path: Path) -> None:
 
 def test_find_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    with CheckpointManager(run / "checkpoints", keep=5) as manager:
-        for version in (2, 10, 9):
-            manager.save(version, **SAVE_ARGS, state={}, model=make_model(0))
+    lock = prepare(run)
+    manager = CheckpointManager(lock, keep=5)
+    for version in (2, 10, 9):
+        manager.save(version, **SAVE_ARGS, state={}, model=make_model(0))
+    lock.release()
     (run / "checkpoints" / ".ckpt-00000011.h5.tmp-123-abc").write_bytes(b"partial")
     assert find_checkpoint(run) == run / "checkpoints" / "ckpt-00000010.h5"
     assert find_checkpoint(run / "checkpoints") == run / "checkpoints" / "ckpt-00000010.h5"
@@ -456,3 +472,15 @@ def test_find_checkpoint(tmp_path: Path) -> None:
         find_checkpoint(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="does not exist"):
         find_checkpoint(tmp_path / "nowhere")
+
+
+def test_the_run_a_checkpoint_belongs_to(tmp_path: Path) -> None:
+    """One answer for eval --save, export and resume: a checkpoint in RUN/checkpoints/ is RUN's; one
+    of a line a resume set aside is RUN's only for a resume (its final evaluation and newest
+    checkpoint are not the run's); any other file is no run's."""
+    run = tmp_path / "run"
+    assert run_of(run / "checkpoints" / "ckpt-00000010.h5") == run
+    aside = run / "checkpoints" / "superseded-20260101-000000" / "ckpt-00000020.h5"
+    assert run_of(aside) is None and run_of(aside, superseded=True) == run
+    for loose in (tmp_path / "ckpt-00000010.h5", run / "ckpt-00000010.h5", tmp_path / "superseded-x" / "c.h5"):
+        assert run_of(loose) is None and run_of(loose, superseded=True) is None

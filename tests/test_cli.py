@@ -135,7 +135,6 @@ def test_config_file_and_command_line_precedence(tmp_path, mnist_dir):
 def test_resume_continues_version_counter(tmp_path, trained_run):
     run_dir = tmp_path / "copy"
     shutil.copytree(trained_run, run_dir)
-    (run_dir / "checkpoints" / ".lock").unlink(missing_ok=True)
     result = invoke("train", "--resume", run_dir, "--steps", 9, "--no-progress")
     assert result.exit_code == 0, result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["version"] == 9

@@ -146,14 +146,14 @@ def test_unreadable_checkpoint_says_why(tmp_path):
 
 
 def test_permission_denied_checkpoint(run, tmp_path, monkeypatch):
-    import psadv.checkpoint
+    from psadv.checkpoint import codec
 
     def refused(path, *args, **kwargs):  # a mode-000 file, which root (the CI) would still read
         raise PermissionError(13, "Permission denied", str(path))
 
     path = tmp_path / "ckpt.h5"
     shutil.copy(find_checkpoint(run), path)
-    monkeypatch.setattr(psadv.checkpoint, "open", refused, raising=False)
+    monkeypatch.setattr(codec, "open", refused, raising=False)
     for command in ("inspect", "eval"):
         result = invoke(command, path)
         assert_one_line_error(result, 1, f"cannot read checkpoint {path}: Permission denied")

@@ -144,3 +144,17 @@ def test_function_level_circles_only_shrink():
     assert not new, f"a function-level import closes a new circle among psadv modules:\n{_shown(new)}"
     gone = LAZY_CIRCLES - set(found)
     assert not gone, f"these circles are gone: remove them from LAZY_CIRCLES: {sorted(gone)}"
+
+
+def test_the_checkpoint_codec_knows_no_config_or_model():
+    """The format layer reads and writes files; what a config or a model means is the layer above's
+    (psadv.checkpoint.restore). The codec reaches neither, directly or through another module, not
+    even in a function. (Its package's __init__, which re-exports the layers, is no edge: see
+    import_graph.)"""
+    graph = import_graph(lazy=True)
+    reached, todo = set(), ["psadv.checkpoint.codec"]
+    while todo:
+        for module in graph[todo.pop()] - reached:
+            reached.add(module)
+            todo.append(module)
+    assert not reached & {"psadv.config", "psadv.models"}, sorted(reached)

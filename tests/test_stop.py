@@ -23,6 +23,7 @@ from psadv import stop
 from psadv.attacks.suite import EvalSettings, build_cascade
 from psadv.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint
 from psadv.evaluate import AccuracyJob, measure_accuracy
+from psadv.rundir import prepare
 from test_mpi import _cmd, _env, needs_mpi, rows, summary, wait_for
 
 # A signal must end the work within this many seconds (the issue's bound; SLURM's default grace
@@ -102,16 +103,17 @@ def test_a_stopped_job_is_done_and_records_nothing():
 
 
 def test_stale_checkpoint_temporaries_are_removed_under_the_lock(tmp_path):
-    """Each SIGKILL during a checkpoint write used to leave a .ckpt-*.tmp-* file forever."""
-    directory = tmp_path / "checkpoints"
-    directory.mkdir()
+    """Each SIGKILL during a checkpoint write used to leave a .ckpt-*.tmp-* file forever. (The run's
+    lock, held by whoever prepared it, is what makes them stale: no other process writes there.)"""
+    run = prepare(tmp_path / "run")
+    directory = run.checkpoints
     stale = [directory / ".ckpt-00000010.h5.tmp-4242-abcd", directory / ".ckpt-00000020.h5.tmp-17-x"]
     for path in stale:
         path.write_bytes(b"\0" * 1000)
     other = directory / "notes.txt"
     other.write_text("mine")
-    with CheckpointManager(directory) as manager:
-        assert sorted(manager.stale_removed) == sorted(stale)
+    assert sorted(CheckpointManager(run).stale_removed) == sorted(stale)
+    run.release()
     assert not any(p.exists() for p in stale) and other.read_text() == "mine"
 
 

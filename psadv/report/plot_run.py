@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from ..rundir import read_metrics
+from ..rundir import METRICS, read_metrics
 from .render import pyplot, save_figure
 
 PLOT_DIR = "plots"
@@ -47,9 +47,9 @@ def run_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float, f
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draw the run's curves into ``out`` (default RUN_DIR/plots/); the PNGs written."""
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS
     if not metrics.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (it has no metrics.jsonl)")
+        raise UsageError(f"{run_dir} is not a run directory (it has no {METRICS})")
     series = run_series(read_metrics(metrics))
     if not series:
         raise UsageError(f"{metrics} holds no train or eval rows to plot yet")

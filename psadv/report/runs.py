@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..rundir import FINAL_EVAL, read_metrics
+from ..rundir import CHECKPOINTS, CONFIG, FINAL_EVAL, METRICS, SUMMARY, checkpoints_dir, read_metrics
 
 # The fields the report needs in each row kind: required fields of psadv.metrics.SCHEMA (tested).
 ROW_FIELDS = {"train": ("version", "time", "examples_seen"), "eval": ("version", "time", "clean_acc", "robust_acc"),
@@ -92,19 +92,19 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
         run.status = "failed"
         run.problems = [f"launcher exited with code {launch.get('returncode')}", "no run directory was created"]
         return run
-    config = _read_json(path / "config.json", run.problems)
+    config = _read_json(path / CONFIG, run.problems)
     if config is None:
-        run.problems.append("no config.json")
+        run.problems.append(f"no {CONFIG}")
     else:
         run.config = config.get("config", {})
-    if (path / "metrics.jsonl").exists():
-        run.rows, run.skipped_lines = read_metrics(path / "metrics.jsonl", count_skipped=True)
+    if (path / METRICS).exists():
+        run.rows, run.skipped_lines = read_metrics(path / METRICS, count_skipped=True)
         if run.skipped_lines:
-            run.problems.append(f"{run.skipped_lines} metrics.jsonl lines are not metrics rows (cut off, not "
+            run.problems.append(f"{run.skipped_lines} {METRICS} lines are not metrics rows (cut off, not "
                                 "UTF-8, or values of the wrong type) and were skipped")
     else:
-        run.problems.append("no metrics.jsonl")
-    run.summary = _read_json(path / "summary.json", run.problems)
+        run.problems.append(f"no {METRICS}")
+    run.summary = _read_json(path / SUMMARY, run.problems)
     run.final_eval = _read_json(path / FINAL_EVAL, run.problems)
     if run.final_eval is not None:
         run.stale_final_eval = final_eval_mismatch(run.final_eval, final_version(path, run.summary))
@@ -113,7 +113,7 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
             run.final_eval = None
     if run.summary is None:
         run.status = "partial"
-        run.problems.append("no summary.json: the run did not finish (killed, failed or still running)")
+        run.problems.append(f"no {SUMMARY}: the run did not finish (killed, failed or still running)")
     elif str(run.summary.get("stop_reason", "")).startswith("signal"):
         run.status = "stopped"
         run.problems.append(f"stopped by a {run.summary['stop_reason']} before its budget; psadv train --resume "
@@ -132,9 +132,9 @@ def load_run(path: Path, name: str | None = None, launch: dict | None = None) ->
 def final_version(path: Path, summary: dict | None) -> int | None:
     """The version of a run's final model: the newer of its summary's and its newest checkpoint's
     (a resume killed before its own summary leaves the old one behind); None if it has neither."""
-    from ..checkpoint import checkpoint_version, list_checkpoints
+    from ..checkpoint.rotation import checkpoint_version, list_checkpoints  # imports torch: only for a final_eval.json
 
-    versions = [checkpoint_version(c) for c in list_checkpoints(Path(path) / "checkpoints")]
+    versions = [checkpoint_version(c) for c in list_checkpoints(checkpoints_dir(path))]
     if summary is not None and isinstance(summary.get("version"), int):
         versions.append(summary["version"])
     return max(versions) if versions else None
@@ -157,7 +157,7 @@ def natural_key(path: Path) -> list:
 
 def is_run_dir(path: Path) -> bool:
     """Anything psadv train writes marks a run directory (checkpoints/ comes first)."""
-    return any((path / name).exists() for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints"))
+    return any((path / name).exists() for name in (CONFIG, METRICS, SUMMARY, CHECKPOINTS))
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -172,7 +172,7 @@ def find_runs(paths: list[str]) -> list[Run]:
             continue
         inner = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=natural_key)
         if not inner:
-            raise UsageError(f"{path} is not a run directory (no config.json, metrics.jsonl or checkpoints/) "
+            raise UsageError(f"{path} is not a run directory (no {CONFIG}, {METRICS} or {CHECKPOINTS}/) "
                              "and holds none")
         runs.extend(load_run(p, f"{path.name}/{p.name}") for p in inner)
     names = [r.name for r in runs]

@@ -98,7 +98,7 @@ def start_flags(run_dir: Path, *, overwrite: bool, resume: bool) -> list[str] | 
         return ["--run-dir", str(run_dir)] + (["--overwrite"] if overwrite else [])
     if load_run(run_dir).status == "complete":
         return None
-    from ..checkpoint import find_checkpoint  # imports torch: only when there is a run to continue
+    from ..checkpoint.rotation import find_checkpoint  # imports torch: only when there is a run to continue
 
     try:
         find_checkpoint(run_dir)

@@ -1,11 +1,12 @@
-"""Checkpoint files: the one place that defines their format, and the only code that reads or writes them.
+"""The checkpoint codec: the one place that defines the checkpoint file format, and the only code
+that reads or writes its files.
 
 A checkpoint is one HDF5 file holding plain numeric datasets and JSON string attributes. No
 serialized Python objects are stored, so any HDF5 tool can open a checkpoint and reading one
-(:func:`load_checkpoint`, :func:`describe_checkpoint`) never runs code. Building the model it records
-(:func:`build_recorded_model`) can: a ``package.module:factory`` model is the user's code, imported
-and called. A file is not trusted to choose code, so that happens only when the caller names the
-factory too (``--model``, ``trust_factory``); see :func:`check_trusted`.
+(:func:`load_checkpoint`, :func:`describe_checkpoint`) never runs code. This layer knows files, not
+configurations or models: turning what a file records into a live model (and deciding whether its
+code may run) is :mod:`psadv.checkpoint.restore`'s, and a run's numbered checkpoints are
+:mod:`psadv.checkpoint.rotation`'s.
 
 Format reference (``format_version`` 1)
 ---------------------------------------
@@ -60,20 +61,19 @@ a histogram, ...), one dataset each. A run with ``--ema-decay`` stores its weigh
 
 Files are written atomically: to a hidden temporary file in the same directory, fsynced, then
 renamed over the final name, and the directory is fsynced. A crash never leaves a half-written
-checkpoint under a checkpoint name. :class:`CheckpointManager` additionally makes sure only one
-process writes checkpoints into a directory.
+checkpoint under a checkpoint name. Only one process writes a run's checkpoints: the one holding
+the run directory's lock (:class:`psadv.rundir.RunDir`, which
+:class:`psadv.checkpoint.rotation.CheckpointManager` requires).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
 import random
-import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -84,10 +84,8 @@ import h5py
 import numpy as np
 import torch
 
-from psadv import __version__, untrusted
-from psadv.config import check_recorded
-from psadv.errors import CheckpointError, ConfigError, io_error_text
-from psadv.models import MODELS, build_factory_model, build_model, is_factory_ref, registry_args_problem
+from .. import __version__, untrusted
+from ..errors import CheckpointError, io_error_text
 
 # The process's umask, read once at import: reading it means setting it, which would race with
 # another thread creating files if done at every save.
@@ -100,23 +98,10 @@ FORMAT_VERSION = 1
 _ROOT_JSON_ATTRS = ("model_args", "config", "state")
 _ROOT_STR_ATTRS = ("model_name", "created", "psadv_version")
 _RNG_JSON = ("numpy_global", "python")  # the rng/ attributes
-_LOCK_NAME = ".lock"
+
 # What h5py, json and numpy raise when a file's metadata or contents are damaged
 # (h5py gives None for links that no longer resolve, hence AttributeError).
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, OverflowError)
-
-
-class IncompatibleCheckpoint(CheckpointError):
-    """The checkpoint is fine but holds a different model than the one asked for (exit code 2)."""
-
-    exit_code = 2
-
-
-class UntrustedFactory(CheckpointError):
-    """The file names a ``package.module:factory`` model that the caller did not name (exit code 2):
-    building it would run code the file chose."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -685,20 +670,11 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# from a file to a live model
-
-# What torch, numpy and the trainer's restore code raise when a file's contents, readable as
-# such, do not fit together or with this psadv (a missing state key, a mis-shaped tensor, a value
-# of the wrong type, ...). Not AttributeError (psadv's own mistake), and not a device's failure
-# (out of memory, a CUDA error): those are not the file's, and keep their traceback.
-_RESTORE_ERRORS = (KeyError, IndexError, ValueError, TypeError, RuntimeError, OverflowError)
+# contents that read but do not fit
 
 
-def _device_failure(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "CUDA" in str(exc))
-
-
-def _reason(exc: BaseException) -> str:
+def reason_text(exc: BaseException) -> str:
+    """What went wrong, in one line, from an exception that a file's contents caused."""
     if isinstance(exc, KeyError) and exc.args:
         return f"missing {exc.args[0]!r}"
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -709,223 +685,5 @@ def _reason(exc: BaseException) -> str:
 
 def damaged(path: str | os.PathLike, reason: BaseException | str, what: str = "checkpoint") -> CheckpointError:
     """The one-line error for a file that reads fine but whose contents psadv cannot use."""
-    text = reason if isinstance(reason, str) else _reason(reason)
+    text = reason if isinstance(reason, str) else reason_text(reason)
     return CheckpointError(f"{what} {path} is corrupted or incompatible: {text}")
-
-
-@contextlib.contextmanager
-def restoring(path: str | os.PathLike):
-    """Around code that puts a checkpoint's contents back into live objects (model, optimizer,
-    counters, data stream, generators, ...): what does not fit becomes :func:`damaged`'s one line."""
-    try:
-        yield
-    except _RESTORE_ERRORS as exc:
-        if _device_failure(exc):
-            raise
-        raise damaged(path, exc) from None
-
-
-def check_trusted(path: str | os.PathLike, name: str, trust: bool | str | None, what: str = "checkpoint") -> None:
-    """Refuse to build a model the caller did not agree to.
-
-    ``trust`` is the model the caller names (``--model``): the file must hold that one, and naming a
-    factory is what trusts it. ``True`` trusts whatever the file holds; ``None`` or ``False`` builds
-    registry models only, since a factory named in a file is code the file's author chose.
-    """
-    if isinstance(trust, str) and trust != name:
-        raise IncompatibleCheckpoint(f"{what} {path} holds model {name}, not {trust}")
-    if is_factory_ref(name) and not (trust is True or trust == name):
-        raise UntrustedFactory(f"{what} {path} holds the factory model {name}, and psadv runs a factory named "
-                               f"in a file only if you name it too: pass --model {name} (in Python: "
-                               f"trust_factory={name!r}) if you trust that code")
-
-
-def build_recorded_model(path: str | os.PathLike, name: str, args: dict, state: dict[str, torch.Tensor], *,
-                         trust: bool | str | None = None, what: str = "checkpoint") -> torch.nn.Module:
-    """The model a file records (``name`` built with ``args``, loaded with ``state``), in eval mode.
-
-    Where every file's model becomes a live one: a factory only as :func:`check_trusted` allows, and
-    arguments or tensors that do not fit give :func:`damaged`'s one line.
-    """
-    model = recorded_architecture(path, name, args, trust=trust, what=what)
-    return load_recorded_state(model, path, name, state, what)
-
-
-def recorded_architecture(path: str | os.PathLike, name: str, args: dict, *, trust: bool | str | None = None,
-                          what: str = "checkpoint") -> torch.nn.Module:
-    """The model a file records, built but not loaded: its state dict says which tensors, of which
-    shapes, the file must hold (read before any of them is: :func:`psadv.export.open_model`)."""
-    check_trusted(path, name, trust, what)
-    if not is_factory_ref(name) and name not in MODELS:
-        raise damaged(path, f"unknown model {name!r}", what)
-    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the caller's generator
-        if is_factory_ref(name):
-            model = build_factory_model(name, args)  # its errors say what the factory did
-        else:
-            if problem := registry_args_problem(name, args):
-                raise damaged(path, problem, what)
-            try:
-                model = build_model(name, **args)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise damaged(path, f"model {name} cannot be built with arguments {json.dumps(args)}: "
-                                    f"{_reason(exc)}", what) from None
-    return model
-
-
-def load_recorded_state(model: torch.nn.Module, path: str | os.PathLike, name: str, state: dict[str, torch.Tensor],
-                        what: str = "checkpoint") -> torch.nn.Module:
-    """``model`` loaded with a file's ``state``, in eval mode; :func:`damaged` if they do not fit."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise damaged(path, f"its tensors do not fit model {name}: {_reason(exc)}", what) from None
-    bad = [key for key, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:  # psadv checks a model before it saves one: NaN here is damage, not a run to resume or grade
-        raise damaged(path, f"tensor {bad[0]} holds NaN or infinity", what)
-    return model.eval()
-
-
-# What psadv eval and an export's metadata read from a checkpoint's config.
-READ_CONFIG = ("dataset", "norm", "eps")
-
-
-def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                    trust_factory: bool | str | None = None) -> tuple[Checkpoint, torch.nn.Module]:
-    """A checkpoint (a file, or a run directory's newest) and its model in eval mode on ``device``.
-
-    The config values its readers need are checked here, once; ``trust_factory`` is
-    :func:`check_trusted`'s ``trust``.
-    """
-    ckpt = load_checkpoint(find_checkpoint(path))
-    try:
-        check_recorded(ckpt.config, READ_CONFIG)
-    except ConfigError as exc:
-        raise damaged(ckpt.path, str(exc)) from None
-    model = build_recorded_model(ckpt.path, ckpt.model_name, ckpt.model_args, ckpt.model_state, trust=trust_factory)
-    return ckpt, model.to(device)
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoint directories
-
-
-def checkpoint_version(path: Path, prefix: str = "ckpt") -> int | None:
-    """The version in a checkpoint's file name (``ckpt-00000150.h5`` -> 150), or None."""
-    match = re.match(rf"^{re.escape(prefix)}-(\d+)\.h5$", Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(directory: Path, prefix: str = "ckpt") -> list[Path]:
-    """Checkpoint files directly in ``directory``, oldest to newest by the version in their names."""
-    found = []
-    for candidate in directory.glob(f"{prefix}-*.h5"):
-        version = checkpoint_version(candidate, prefix)
-        if version is not None and candidate.is_file():
-            found.append((version, candidate))
-    return [p for _, p in sorted(found)]
-
-
-class CheckpointManager:
-    """Writes numbered checkpoints into one directory, keeping the newest ``keep``.
-
-    Holds an exclusive lock on ``directory/.lock`` (containing the owner's pid) from construction
-    until :meth:`close`, so two runs never write into the same directory. Usable as a context
-    manager.
-    """
-
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, prefix: str = "ckpt"):
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, not {keep}")
-        self.directory = Path(directory)
-        self.keep = keep
-        self.prefix = prefix
-        self._fd: int | None = None
-        lock_path = self.directory / _LOCK_NAME
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {_one_line(exc)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(
-                f"checkpoint directory {self.directory} is being written by another psadv process (pid {holder})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
-        self.stale_removed = self._remove_stale_temporaries()
-
-    def _remove_stale_temporaries(self) -> list[Path]:
-        """Delete the temporary files of checkpoint writes that a kill (SIGKILL, a lost node) cut
-        short: each can be a checkpoint's size, and nothing else removes them. Safe only under the
-        lock: no other process is writing one now."""
-        removed = []
-        for tmp in self.directory.glob(f".{self.prefix}-*.h5.tmp-*"):
-            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete: leave it
-                if tmp.is_file() and not tmp.is_symlink():
-                    tmp.unlink()
-                    removed.append(tmp)
-        return removed
-
-    def close(self) -> None:
-        """Release the directory lock. Idempotent."""
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-    def __enter__(self) -> CheckpointManager:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
-
-    def path_for(self, version: int) -> Path:
-        """The file name a checkpoint of ``version`` gets in this directory."""
-        return self.directory / f"{self.prefix}-{version:08d}.h5"
-
-    def save(self, version: int, **kwargs: Any) -> Path:
-        """Write ``prefix-<version>.h5`` with :func:`save_checkpoint` (same keyword arguments), then
-        delete all but the newest ``keep`` checkpoints. ``state["version"]`` is set to ``version``."""
-        if self._fd is None:
-            raise CheckpointError(f"checkpoint manager for {self.directory} is closed")
-        if not isinstance(version, int) or version < 0:
-            raise ValueError(f"checkpoint version must be a non-negative int, not {version!r}")
-        state = dict(kwargs.pop("state"))
-        if state.setdefault("version", version) != version:
-            raise ValueError(f"state['version'] = {state['version']!r} disagrees with the checkpoint version {version}")
-        path = save_checkpoint(self.path_for(version), state=state, **kwargs)
-        for old in self.list()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def latest(self) -> Path | None:
-        """The newest checkpoint in the directory, or None."""
-        paths = self.list()
-        return paths[-1] if paths else None
-
-    def list(self) -> list[Path]:
-        """Checkpoints in the directory, oldest to newest by the version in their names."""
-        return list_checkpoints(self.directory, self.prefix)
-
-
-def find_checkpoint(path: str | os.PathLike, prefix: str = "ckpt") -> Path:
-    """Resolve a checkpoint file, or a run directory to its newest checkpoint.
-
-    For a directory, looks in ``path/checkpoints/`` and then in ``path`` itself.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    for directory in (path / "checkpoints", path):
-        found = list_checkpoints(directory, prefix) if directory.is_dir() else []
-        if found:
-            return found[-1]
-    hint = (f": the run there stopped before its first checkpoint (see its metrics.jsonl); train it again with "
-            f"--overwrite --run-dir {path}") if (path / "config.json").is_file() else ""
-    raise CheckpointError(f"no checkpoint ({prefix}-*.h5) found in {path}/checkpoints or {path}{hint}")
