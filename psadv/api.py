@@ -83,7 +83,7 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     Returns what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``,
     ``examples``, per-attack rows (``attacks``, with their ``settings``), the ``masking_gap``, and
     ``dataset``, ``norm``, ``eps``, ``model``, ``version``, ``psadv_version``. A thin wrapper over
-    :func:`psadv.evaluate.measure_accuracy`.
+    :func:`psadv.grading.measure_accuracy`.
     """
     import math
     import sys
@@ -92,7 +92,7 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     from .config import MAX_THREADS, check_eps, parse_number, parse_norm
     from .data import dataset_info, load_dataset
     from .devices import set_threads
-    from .evaluate import evaluation_record, measure_accuracy
+    from .grading import evaluation_record, measure_accuracy
 
     if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):
         raise ConfigError(f"threads must be an integer from 0 (automatic) to {MAX_THREADS}, got {threads!r}")

@@ -234,7 +234,7 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     from .data import changed_data_warning, dataset_info, load_dataset
     from .devices import pick_device, set_threads
     from .errors import Interrupted
-    from .evaluate import evaluation_record, measure_accuracy
+    from .grading import evaluation_record, measure_accuracy
     from .rundir import FINAL_EVAL, write_json
     from .stop import SignalFlag, Stopped
 

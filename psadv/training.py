@@ -24,7 +24,7 @@ from .config import Config
 from .data import load_dataset
 from .devices import autocast, training_layout
 from .errors import TrainingDiverged
-from .evaluate import AccuracyJob
+from .grading import AccuracyJob
 from .gradalign import training_loss
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_
@@ -274,7 +274,7 @@ class Trainer:
     def record_eval(self, result: dict | None, version: int, time_at_version: float,
                           examples_at_version: int | None = None) -> dict | None:
         """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in.
-        ``None`` (a job a stop request cut short, :meth:`psadv.evaluate.AccuracyJob.result`) records nothing."""
+        ``None`` (a job a stop request cut short, :meth:`psadv.grading.AccuracyJob.result`) records nothing."""
         if result is None:
             return None
         self.state.last_eval = {**result, "version": version, "time": time_at_version}

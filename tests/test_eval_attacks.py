@@ -11,7 +11,7 @@ from psadv.attacks.suite import (EVAL_ATTACKS, EvalAttack, EvalSettings, build_c
                                  skip_after_gate)
 from psadv.config import check_eps, make_config
 from psadv.errors import ConfigError
-from psadv.evaluate import AccuracyJob, measure_accuracy
+from psadv.grading import AccuracyJob, measure_accuracy
 from psadv.models import build_model
 
 

@@ -103,7 +103,7 @@ class EvalAttack(abc.ABC):
 class PgdFamily(EvalAttack):
     """``none``, ``fgsm``, ``fgsm-rs``, ``pgd``: :func:`psadv.attacks.perturb`; a restart attacks only
     the examples still standing (same result as keeping each example's worst restart, cheaper).
-    Draws from the global generator, which :class:`psadv.evaluate.AccuracyJob` seeds per batch."""
+    Draws from the global generator, which :class:`psadv.grading.AccuracyJob` seeds per batch."""
 
     def __init__(self, settings: EvalSettings, name: str):
         super().__init__(settings)
