@@ -60,6 +60,23 @@ class EvalSettings:
             raise ConfigError(f"step size must be a finite number > 0, got {self.step_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalRun:
+    """How ``psadv eval`` and ``psadv.evaluate`` run a cascade over the test set, beside what each
+    attack reads (:class:`EvalSettings`): the one source of the defaults that the command's options,
+    the function's keywords and :func:`psadv.grading.prepare_evaluation` read (tests/test_eval_options.py
+    fails when one of them says otherwise). Not the device: the command picks one (``auto``), the
+    function keeps the caller's module on the CPU unless told, as it moves the module it is given."""
+
+    attack: str = "strong"  # the module docstring says why the strong cascade, not AutoAttack's four
+    examples: int | None = None  # the whole test set: a slice's grade is another number
+    # examples attacked at once: a CPU's cache and memory; a GPU wants more (--batch-size 10000 in
+    # docs/guides/evaluation.md). A seeded grade depends on it (batch i draws from seed + i).
+    batch_size: int = 500
+    seed: int = 0  # fixed, so the same command grades the same number
+    threads: int = 0  # 0 = automatic: the usable cores less those other work keeps busy (psadv/threads.py)
+
+
 # The settings a user chooses per attack (``psadv eval --steps`` …, ``psadv.evaluate(steps=…)``), in
 # the order the refusal names them, with what each one sets: an option no attack of the cascade
 # reads is refused (check_given), as ``psadv train`` refuses one its config ignores.
@@ -194,7 +211,6 @@ COMPOSITES: dict[str, tuple[str, ...]] = {
     "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "strong": ("apgd-ce", "apgd-t", "square"),
 }
-DEFAULT_EVAL = "strong"
 # PGD-family attacks that stay in the ε-ball (N-FGSM leaves it by design: training only)
 GRADED = tuple(name for name, kind in ATTACKS.items() if kind.reach == 1)
 EVAL_ATTACKS: tuple[str, ...] = (*GRADED, *SINGLE, *COMPOSITES)
@@ -230,7 +246,7 @@ def resolve(attack: str | None, given: dict, *, norm: str, eps: float, classes: 
     target: by default at most 9 (AutoAttack's), and asking for more is an error."""
     from ..config import parse_norm
 
-    name = attack or DEFAULT_EVAL
+    name = attack or EvalRun.attack
     if name not in EVAL_ATTACKS:
         raise ConfigError(f"--attack: unknown value {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
     chosen = {key: value for key, value in given.items() if value is not None}
