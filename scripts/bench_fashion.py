@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from psadv.report.child import run_child
+from psadv.bench.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from psadv.report.child import run_child
+from psadv.bench.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 RECIPE = ["--eval-every", "0", "--eval-examples", "1000", "--log-every", "50", "--no-progress"]

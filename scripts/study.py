@@ -48,8 +48,8 @@ from pathlib import Path
 
 from psadv.report import FINAL_EVAL
 from psadv.report.runs import final_eval_mismatch
-from psadv.report.budget import ratio
-from psadv.report.child import run_child
+from psadv.bench.budget import ratio
+from psadv.bench.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # The study recipe (scripts/bench_core.py) without its adversary and budget.
