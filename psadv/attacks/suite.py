@@ -162,7 +162,7 @@ def _fab_t(*args, **kwargs) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Kind:
+class EvalKind:
     """What makes one evaluation attack: the function, its budget and its label.
 
     ``attack(model, x, y, norm=, eps=, generator=, **budget(settings))`` is called as AutoAttack's
@@ -180,14 +180,14 @@ class Kind:
 
 
 # The evaluation attacks beside the PGD family, by name: adding one is one row here.
-SINGLE: dict[str, Kind] = {
-    "apgd-ce": Kind(apgd, lambda s: {"steps": s.apgd_steps, "loss": "ce"}, "APGD-CE-{apgd_steps}"),
-    "apgd-t": Kind(apgd_targeted, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
-                   "APGD-T-{apgd_steps}x{targets}"),
-    "fab-t": Kind(_fab_t, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
-                  "FAB-T-{apgd_steps}x{targets}"),
-    "square": Kind(square_attack, lambda s: {"queries": s.queries, "p_init": s.p_init}, "Square-{queries}",
-                   black_box=True),
+SINGLE: dict[str, EvalKind] = {
+    "apgd-ce": EvalKind(apgd, lambda s: {"steps": s.apgd_steps, "loss": "ce"}, "APGD-CE-{apgd_steps}"),
+    "apgd-t": EvalKind(apgd_targeted, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
+                       "APGD-T-{apgd_steps}x{targets}"),
+    "fab-t": EvalKind(_fab_t, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
+                      "FAB-T-{apgd_steps}x{targets}"),
+    "square": EvalKind(square_attack, lambda s: {"queries": s.queries, "p_init": s.p_init}, "Square-{queries}",
+                       black_box=True),
 }
 
 
