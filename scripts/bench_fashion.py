@@ -4,8 +4,8 @@
     python scripts/bench_fashion.py --data-dir ../shared/data --run-dir runs/bench-fashion [-- TRAIN FLAGS]
 
 trains ``psadv train --dataset fashion-mnist`` (its recipe: ε = 0.1, otherwise the MNIST defaults:
-mnist-small, PGD-10, Adam one-cycle) for 3 epochs on 1 thread into runs/bench-fashion unless the
-flags say otherwise, then evaluates the final checkpoint with ``psadv eval`` (PGD-50 with 10
+mnist-small, PGD-10, Adam one-cycle) for 3 epochs on 1 thread into runs/bench-fashion where the
+flags say nothing else, then evaluates the final checkpoint with ``psadv eval`` (PGD-50 with 10
 restarts) on the first --examples test images, and prints one JSON object: the commands, their
 wall-clock seconds, clean and robust accuracy. Every flag but --examples is ``psadv train``'s, read
 by its own parser (before or after ``--``, which is optional).
@@ -23,9 +23,10 @@ from pathlib import Path
 from psadv.bench.child import run_child
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
-# the benchmark's own defaults; the flags given after them win, as the last of a repeated flag does
-TRAIN_DEFAULTS = ["--dataset", "fashion-mnist", "--epochs", "3", "--threads", "1", "--run-dir", "runs/bench-fashion",
-                  "--no-progress"]
+# the benchmark's own defaults, by psadv train's parameter, for what the flags leave out
+TRAIN_DEFAULTS = (("dataset", ["--dataset", "fashion-mnist"]), ("epochs", ["--epochs", "3"]),
+                  ("threads", ["--threads", "1"]), ("run_dir", ["--run-dir", "runs/bench-fashion"]),
+                  ("progress", ["--no-progress"]))
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -38,18 +39,30 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, res.stdout
 
 
-def train_options(train_args: list[str]) -> dict:
-    """``psadv train``'s options as its click command reads ``train_args`` (a usage error exits 2,
-    as the command would, before anything runs)."""
+def train_context(train_args: list[str]):
+    """``psadv train``'s click context for ``train_args``: its options as the command reads them (a
+    usage error exits 2, as the command would, before anything runs)."""
     import click
 
     from psadv.cli import cli
 
     try:
-        return cli.commands["train"].make_context("train", list(train_args)).params
+        return cli.commands["train"].make_context("train", list(train_args))
     except click.ClickException as exc:
         print(f"bench_fashion.py: psadv train: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def train_command(train_args: list[str]) -> tuple[list[str], dict]:
+    """The ``psadv train`` command of ``train_args`` with the benchmark's defaults for what they leave
+    out, and its options."""
+    from click.core import ParameterSource
+
+    given = train_context(train_args)
+    defaults = [flag for name, flags in TRAIN_DEFAULTS
+                if given.get_parameter_source(name) is not ParameterSource.COMMANDLINE for flag in flags]
+    args = [*defaults, *train_args]
+    return [*PSADV, "train", *args], train_context(args).params
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = parser.parse_known_args(argv)
     if "--" in extra:
         extra.remove("--")
-    train = [*PSADV, "train", *TRAIN_DEFAULTS, *extra]
-    options = train_options(train[len(PSADV) + 1:])
+    train, options = train_command(extra)
     evaluate = [*PSADV, "eval", options["run_dir"], "--attack", "pgd", "--examples", str(args.examples),
                 "--threads", str(options["threads"]), "--json", "--no-progress"]
     train_s, _ = timed(train)
