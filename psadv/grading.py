@@ -2,6 +2,7 @@
 
 :func:`prepare_evaluation` and :meth:`Evaluation.run` are the one evaluation of a model on its test
 set behind ``psadv eval`` and ``psadv.evaluate``; the rest grades any examples.
+
 :class:`AccuracyJob` works in pieces (one batch per :meth:`AccuracyJob.step`), so the parameter
 server can interleave an evaluation with training and keep consuming the attackers' pushes;
 :func:`measure_accuracy` runs one to the end. A job given ``stop`` ends within one attack iteration
