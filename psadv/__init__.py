@@ -12,9 +12,6 @@ From Python::
 in :mod:`psadv.config`; both are imported on first use, so ``import psadv`` stays light.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 from .errors import CheckpointError, ConfigError, DataError, PsadvError  # noqa: E402 - after __version__
@@ -35,19 +32,3 @@ def __getattr__(name: str):
         return getattr(api, name)
     raise AttributeError(f"module 'psadv' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """``psadv.evaluate`` is the function even after the submodule ``psadv.evaluate`` is imported.
-
-    Importing a submodule binds it as an attribute of its package; that binding is skipped for
-    the API's names, so they keep resolving through ``__getattr__`` (the submodules stay in
-    ``sys.modules``, where ``from psadv.evaluate import measure_accuracy`` finds them).
-    """
-
-    def __setattr__(self, name, value):
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

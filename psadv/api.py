@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attacks.suite import EvalRun
 from .config import FIELDS, Config
 from .errors import ConfigError
 from .export import export_model, load_model, open_model
@@ -63,11 +64,11 @@ def train(config: Config | dict | None = None, /, *, resume: str | os.PathLike |
 
 def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None,
              data_dir: str | os.PathLike | None = None, eps: float | str | None = None, norm: str | None = None,
-             attack: str | None = None, steps: int | None = None, restarts: int | None = None,
+             attack: str | None = EvalRun.attack, steps: int | None = None, restarts: int | None = None,
              step_size: float | str | None = None, loss: str | None = None, apgd_steps: int | None = None,
-             targets: int | None = None, queries: int | None = None, examples: int | None = None,
-             batch_size: int = 500, device: str | torch.device = "cpu", seed: int = 0, threads: int = 0,
-             trust_factory: bool | str | None = None) -> dict:
+             targets: int | None = None, queries: int | None = None, examples: int | None = EvalRun.examples,
+             batch_size: int = EvalRun.batch_size, device: str | torch.device = "cpu", seed: int = EvalRun.seed,
+             threads: int = EvalRun.threads, trust_factory: bool | str | None = None) -> dict:
     """Clean and robust test accuracy, as ``psadv eval`` measures it.
 
     ``attack`` is any name ``psadv eval --attack`` takes (default ``strong``: APGD-CE, APGD-T and
@@ -80,19 +81,14 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     ones it was trained with, otherwise to :class:`psadv.Config`'s. ``eps`` may be a fraction such
     as ``"8/255"``, ``norm`` ``"Linf"`` or ``"L2"``. ``threads``: torch's threads while it runs
     (0, the default: chosen as ``psadv eval`` chooses them; the caller's setting is restored after).
+    ``device``: the CPU unless told, since a given module is moved there (``psadv eval`` picks a GPU).
     Returns what ``psadv eval --json`` prints: ``clean_acc``, ``robust_acc``, ``attack``,
     ``examples``, per-attack rows (``attacks``, with their ``settings``), the ``masking_gap``, and
-    ``dataset``, ``norm``, ``eps``, ``model``, ``version``, ``psadv_version``. A thin wrapper over
-    :func:`psadv.evaluate.measure_accuracy`.
+    ``dataset``, ``norm``, ``eps``, ``model``, ``version``, ``psadv_version``. The evaluation
+    ``psadv eval`` runs: :func:`psadv.grading.prepare_evaluation`, then its ``run``.
     """
-    import math
-    import sys
-
-    from .attacks.suite import resolve
-    from .config import MAX_THREADS, check_eps, parse_number, parse_norm
-    from .data import dataset_info, load_dataset
-    from .devices import set_threads
-    from .evaluate import evaluation_record, measure_accuracy
+    from .config import MAX_THREADS
+    from .grading import prepare_evaluation
 
     if not (isinstance(threads, int) and 0 <= threads <= MAX_THREADS):
         raise ConfigError(f"threads must be an integer from 0 (automatic) to {MAX_THREADS}, got {threads!r}")
@@ -101,29 +97,11 @@ def evaluate(model: nn.Module | str | os.PathLike, *, dataset: str | None = None
     if not isinstance(model, nn.Module):
         model, meta = open_model(Path(model), device, trust_factory=trust_factory)
         name = meta.get("model_name", name)
-    defaults = Config()
-    dataset = dataset or meta.get("dataset") or defaults.dataset
-    eps = (parse_number(eps, "eps") if eps is not None else float(meta["eps"]) if "eps" in meta
-           else defaults.eps)
-    norm = parse_norm(norm or meta.get("norm") or defaults.norm, "norm")
-    step_size = parse_number(step_size, "step_size") if step_size is not None else None
-    info = dataset_info(dataset, data_dir or meta.get("data_dir") or None)
-    check_eps(eps, norm, math.prod(info.shape), option="eps")
-    cascade = resolve(attack, dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss,
-                                   apgd_steps=apgd_steps, targets=targets, queries=queries),
-                      norm=norm, eps=eps, classes=info.num_classes)
-    test = load_dataset(dataset, "test", data_dir or meta.get("data_dir") or None)
-    n = min(examples or len(test), len(test))
-    before = torch.get_num_threads()
-    chosen = set_threads(threads)
-    if chosen.warning:
-        print(chosen.warning, file=sys.stderr)
-    try:
-        # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
-        result = measure_accuracy(model.to(device), torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
-                                  batch_size=batch_size, device=device, seed=seed)
-    finally:
-        torch.set_num_threads(before)
     version = meta.get("version")
-    return evaluation_record(result, cascade, dataset=dataset, model=name,
-                             version=int(version) if version and version.isdigit() else None)
+    # seeded per batch, apart from the global generator: a notebook's other random draws stay as they were
+    return prepare_evaluation(
+        model, recorded=meta, model_name=name, version=int(version) if version and version.isdigit() else None,
+        device=device, dataset=dataset, data_dir=data_dir, eps=eps, norm=norm, attack=attack,
+        options=dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss, apgd_steps=apgd_steps,
+                     targets=targets, queries=queries),
+        examples=examples, batch_size=batch_size, seed=seed, threads=threads).run()

@@ -38,6 +38,7 @@ class Attacker:
         self.device, self.signals = device, signals
         cfg = self.cfg
         self.mode = cfg.push
+        self.attack_schedule = schedules.AttackSchedule(cfg)
         # its weights come from the server
         self.model = training_layout(build_model(cfg.model, **setup.model_args).to(device), cfg.precision)
         self.seed = cfg.seed + w.rank  # each attacker its own random starts, seeded as its loop starts
@@ -134,7 +135,7 @@ class Attacker:
         x = torch.from_numpy(augment_batch(cfg.augment, self.x_train[idx], cfg.seed, self.w.rank, position))
         x = x.to(self.device)
         y = torch.from_numpy(self.y_train[idx]).to(self.device)
-        attack = schedules.training_attack(self.progress, cfg)
+        attack = self.attack_schedule.at(self.progress)
         memory = self.memory
         with autocast(cfg.precision, self.device):
             x_adv = perturb(self.model, x, y, attack,

@@ -36,7 +36,7 @@ def percent(fraction: float) -> str:
 
 def make_claim(record: dict, *, name: str, command: str, test_size: int, classes: int,
                date: _dt.date | None = None) -> dict:
-    """The claim of an evaluation ``record`` (:func:`psadv.evaluate.evaluation_record` of the
+    """The claim of an evaluation ``record`` (:func:`psadv.grading.evaluation_record` of the
     ``autoattack`` cascade on the first ``record["examples"]`` of ``test_size`` test examples)."""
     used = {key: value for row in record["attacks"] for key, value in row["settings"].items()}
     standard = {**STANDARD, "targets": min(STANDARD["targets"], classes - 1)}

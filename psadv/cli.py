@@ -25,7 +25,7 @@ import click  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .attacks.losses import LOSSES  # noqa: E402
-from .attacks.suite import COMPOSITES, DEFAULT_EVAL, EVAL_ATTACKS, EvalSettings  # noqa: E402
+from .attacks.suite import COMPOSITES, EVAL_ATTACKS, EvalRun, EvalSettings  # noqa: E402
 from .config import (FIELDS, MAX_SEED, MAX_THREADS, choices_of, parse_number, read_toml,  # noqa: E402
                      recipe_defaults)
 from .errors import ConfigError, PsadvError  # noqa: E402
@@ -166,14 +166,14 @@ LOSS_NAMES = tuple(LOSSES)
 
 
 def _default(name: str) -> str:
-    """An evaluation setting's default, for --help: :class:`EvalSettings` holds the defaults that
-    ``psadv eval`` and ``psadv.evaluate`` share."""
+    """An attack setting's default, for --help: :class:`EvalSettings` holds the defaults that
+    ``psadv eval`` and ``psadv.evaluate`` share (and :class:`EvalRun` those of the run)."""
     return f"[default: {getattr(EvalSettings, name)}]"
 
 
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--attack", type=click.Choice(EVAL_ATTACKS), default=DEFAULT_EVAL, show_default=True,
+@click.option("--attack", type=click.Choice(EVAL_ATTACKS), default=EvalRun.attack, show_default=True,
               help="attack, or cascade of attacks (" + ", ".join(f"{k}: {'+'.join(v)}" for k, v in COMPOSITES.items())
               + ")")
 # Not given (None) is not the default: an option the chosen attacks do not read is refused.
@@ -190,18 +190,20 @@ def _default(name: str) -> str:
 @click.option("--apgd-steps", type=click.IntRange(min=1), default=None,
               help="iterations of apgd-ce, apgd-t and fab-t " + _default("apgd_steps"))
 @click.option("--targets", type=click.IntRange(min=1), default=None,
-              help="target classes of apgd-t and fab-t [default: 9, or all other classes if fewer]")
+              help=f"target classes of apgd-t and fab-t [default: {EvalSettings.targets}, or all other classes "
+                   "if fewer]")
 @click.option("--queries", type=click.IntRange(min=1), default=None,
               help="queries per example of square " + _default("queries"))
 @click.option("--norm", type=click.Choice(["linf", "l2"], case_sensitive=False), default=None,
               help="threat model, Linf or L2 (default: the checkpoint's)")
-@click.option("--examples", type=click.IntRange(min=1), default=None, help="first N test examples (default: all)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--examples", type=click.IntRange(min=1), default=EvalRun.examples,
+              help="first N test examples (default: all)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=EvalRun.batch_size, show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None, help="dataset directory (default: the checkpoint's)")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=0, max=MAX_THREADS), default=0, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0, max=MAX_THREADS), default=EvalRun.threads, show_default=True,
               help="torch threads (0 = automatic: the usable cores less those other work keeps busy)")
-@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=EvalRun.seed, show_default=True,
               help="seed of the random draws (batch i uses SEED + i)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--save", is_flag=True,
@@ -225,20 +227,15 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
     """
     from pathlib import Path
 
-    import torch
-
-    from .attacks.suite import masking_warning, resolve
+    from .attacks.suite import masking_warning
     from .checkpoint.restore import open_checkpoint
     from .claim import CLAIM_ATTACK, make_claim
-    from .config import check_eps
-    from .data import changed_data_warning, dataset_info, load_dataset
-    from .devices import pick_device, set_threads
+    from .devices import pick_device
     from .errors import Interrupted
-    from .evaluate import evaluation_record, measure_accuracy
+    from .export import is_safetensors, metadata_version, open_model
+    from .grading import prepare_evaluation
     from .rundir import FINAL_EVAL, run_of, write_json
     from .stop import SignalFlag, Stopped
-
-    from .export import is_safetensors, metadata_version, open_model
 
     if claim_file is not None:  # checked before minutes of attacking, and never over an existing file
         if attack != CLAIM_ATTACK:
@@ -278,39 +275,27 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
             raise click.UsageError(f"{why} {source} holds version {version}, not the newest of "
                                    f"{run_dir} ({newest[0] if newest else 'none'}); evaluate {run_dir} --save, or "
                                    "leave --save out to grade this checkpoint")
-    norm = (norm or cfg["norm"]).lower()
-    eps = cfg["eps"] if eps is None else eps
-    data_dir = data_dir or cfg.get("data_dir") or None
-    info = dataset_info(cfg["dataset"], data_dir)
-    check_eps(eps, norm, math.prod(info.shape))
-    cascade = resolve(attack, dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss,
-                                   apgd_steps=apgd_steps, targets=targets, queries=queries),
-                      norm=norm, eps=eps, classes=info.num_classes)
-    chosen = set_threads(threads)
-    if chosen.warning:
-        click.echo(chosen.warning, err=True)
-    dev = pick_device(device)
-    model = model.to(dev)
-    test = load_dataset(cfg["dataset"], "test", data_dir)
-    changed = changed_data_warning(cfg["dataset"], data_dir, cfg.get("data_md5", ""))
-    if changed:
-        click.echo(changed, err=True)
-    n = min(examples or len(test), len(test))
+    evaluation = prepare_evaluation(
+        model, recorded=cfg, model_name=model_name, version=version, device=pick_device(device), eps=eps,
+        norm=norm, data_dir=data_dir, attack=attack,
+        options=dict(steps=steps, restarts=restarts, step_size=step_size, loss=loss, apgd_steps=apgd_steps,
+                     targets=targets, queries=queries),
+        examples=examples, batch_size=batch_size, seed=seed, threads=threads, check_data=True,
+        spell=lambda name: "--" + name.replace("_", "-"), warn=lambda line: click.echo(line, err=True))
+    cascade, n = evaluation.cascade, evaluation.examples
     start = time.perf_counter()
     # A signal ends the evaluation within one attack iteration (psadv/stop.py), with one line and
     # exit 128 + its number: minutes of a strong batch never outlive SLURM's grace period.
     signals = SignalFlag().install()
     try:
-        result = measure_accuracy(model, torch.tensor(test.x[:n]), torch.tensor(test.y[:n]), cascade,
-                                  batch_size=batch_size, device=dev, progress=progress and not as_json, seed=seed,
-                                  stop=signals.stop_requested)
+        result = evaluation.run(progress=progress and not as_json, stop=signals.stop_requested)
     except Stopped:
         raise Interrupted(f"evaluation of {source} interrupted by {signals.name()} after "
                           f"{time.perf_counter() - start:.0f}s; nothing was recorded", signals.signum) from None
     finally:
         signals.restore()
-    result = evaluation_record(result, cascade, dataset=cfg["dataset"], model=model_name, version=version)
-    result.update(checkpoint=str(source), seconds=round(time.perf_counter() - start, 2), threads=chosen.threads)
+    result.update(checkpoint=str(source), seconds=round(time.perf_counter() - start, 2),
+                  threads=evaluation.threads.threads)
     warning = masking_warning(result["masking_gap"])
     if warning:
         click.echo(warning, err=True)
@@ -324,10 +309,10 @@ def eval_(checkpoint, attack, steps, restarts, eps, step_size, loss, apgd_steps,
                 click.echo(f"  after {row['attack']}: {row['robust_acc']:.2%} ({row['flipped']} flipped, "
                            f"{row['seconds']:.0f}s)")
     if claim_file is not None:  # after printing: a write that fails must not throw away minutes of attacking
-        command = _eval_command(source, cascade, data_dir=data_dir, examples=n, test_size=len(test), seed=seed,
-                                model=expected_model)
-        claim = make_claim(result, name=(run_dir or source).name, command=command, test_size=len(test),
-                           classes=info.num_classes)
+        command = _eval_command(source, cascade, data_dir=evaluation.data_dir, examples=n,
+                                test_size=evaluation.test_size, seed=seed, model=expected_model)
+        claim = make_claim(result, name=(run_dir or source).name, command=command, test_size=evaluation.test_size,
+                           classes=evaluation.classes)
         write_json(claim_path, claim)
         click.echo(f"psadv: wrote the claim to {claim_path}", err=True)
     if save:

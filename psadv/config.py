@@ -134,7 +134,7 @@ class Config:
     eval_attack: str = opt("pgd", "attack (or cascade) of periodic evaluation", choices="eval_attacks")
     eval_steps: int = opt(20, "PGD steps of periodic evaluation (and of its gate)", min=0)
     eval_restarts: int = opt(1, "PGD restarts of periodic evaluation (and of its gate)", min=1)
-    # AutoAttack's standard budgets.
+    # AutoAttack's standard budgets, as psadv eval's defaults.
     eval_apgd_steps: int = opt(100, "iterations of APGD-CE, APGD-T and FAB-T in periodic evaluation", min=1)
     eval_queries: int = opt(5000, "queries of the Square attack in periodic evaluation", min=1)
     # A strong evaluation costs hundreds of passes per example: PGD first bounds the robust

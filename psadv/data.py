@@ -309,6 +309,19 @@ def _decode_cifar10(spec: DatasetSpec, split: str, path: Path) -> tuple[np.ndarr
     return records[:, 1:].reshape(-1, *spec.shape), records[:, 0]
 
 
+# How the split files of each official format decode (your own npz/HDF5 file: _FILE_READERS).
+_DECODERS = {"idx": _decode_idx, "cifar10-binary": _decode_cifar10}
+
+
+def _decoder(spec: DatasetSpec):
+    """The decoder of ``spec``'s format; a format without one is psadv's own mistake, said as such
+    (not read as another format's files)."""
+    if spec.format not in _DECODERS:
+        raise ValueError(f"dataset {spec.name!r} has format {spec.format!r}, which psadv cannot decode; "
+                         f"its formats: {', '.join(_DECODERS)}")
+    return _DECODERS[spec.format]
+
+
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None = None,
                  download: bool = True) -> Dataset:
     """Load one split of a dataset, verifying md5s; decoded arrays are cached in-process."""
@@ -321,10 +334,7 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None 
     paths = [_locate(spec, filename, base, download) for filename in spec.split_files[split]]
     key = (name, split, tuple((str(p.resolve()), _md5(p)) for p in paths))
     if key not in _ARRAY_CACHE:
-        if spec.format == "idx":
-            images, labels = _decode_idx(spec, split, *paths)
-        else:
-            images, labels = _decode_cifar10(spec, split, *paths)
+        images, labels = _decoder(spec)(spec, split, *paths)
         if labels.size and int(labels.max()) >= spec.num_classes:
             raise DataError(f"{spec.name}: {split} labels reach {int(labels.max())}, "
                             f"expected 0..{spec.num_classes - 1}; replace the files with the official ones")
@@ -339,7 +349,6 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None 
 
 # --- your own data: one npz or HDF5 file ------------------------------------------------------
 
-FILE_DATASETS = ("npz", "hdf5")
 FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _FILE_CACHE: dict[tuple[str, str], tuple[DatasetSpec, dict[str, Dataset]]] = {}
 
@@ -436,6 +445,11 @@ def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"hdf5 file {path} is not a readable HDF5 file (truncated or corrupted?): {first}") from None
 
 
+# The formats of your own file, each with its reader (a --dataset of one of these names is that file)
+_FILE_READERS = {"npz": _read_npz, "hdf5": _read_hdf5}
+FILE_DATASETS = tuple(_FILE_READERS)
+
+
 def _check_images(x: np.ndarray, key: str, source: str) -> np.ndarray:
     """Images as float32 N×C×H×W in [0, 1], or DataError."""
     if x.dtype != np.uint8 and x.dtype.kind != "f":
@@ -511,7 +525,7 @@ def _load_file(name: str, data_dir: str | os.PathLike[str] | None) -> tuple[Data
     path = data_file(name, data_dir)
     key = (str(path.resolve()), _md5(path))
     if key not in _FILE_CACHE:
-        arrays = _read_npz(path) if name == "npz" else _read_hdf5(path)
+        arrays = _FILE_READERS[name](path)
         splits, num_classes = check_arrays(arrays, f"{name} file {path}")
         datasets = {}
         for split, (x, y) in splits.items():

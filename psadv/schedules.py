@@ -50,20 +50,28 @@ def eps_at(p: float, cfg: Config) -> float:
     return cfg.eps * p / cfg.eps_ramp
 
 
-def attack_steps_at(p: float, cfg: Config) -> int:
-    steps = cfg.attack_steps
-    for at, k in parse_steps_schedule(cfg.attack_steps_schedule):
-        if p >= at:
-            steps = k
-    return steps
+class AttackSchedule:
+    """The adversary to train with as a function of progress (ε ramp, steps schedule, relative step
+    size), built once per run: ``--attack-steps-schedule`` is read here, not at every batch."""
 
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.steps_schedule = parse_steps_schedule(cfg.attack_steps_schedule)
 
-def training_attack(p: float, cfg: Config) -> Attack:
-    """The adversary to train with at progress ``p`` (ε ramp, steps schedule, relative step size)."""
-    eps = eps_at(p, cfg)
-    step_size = cfg.attack_step_ratio * eps if cfg.attack_step_ratio > 0 and eps > 0 else None
-    return Attack(name=cfg.attack, eps=eps, steps=attack_steps_at(p, cfg), step_size=step_size,
-                  restarts=cfg.attack_restarts, norm=cfg.norm)
+    def steps_at(self, p: float) -> int:
+        steps = self.cfg.attack_steps
+        for at, k in self.steps_schedule:
+            if p >= at:
+                steps = k
+        return steps
+
+    def at(self, p: float) -> Attack:
+        """The training attack at progress ``p``."""
+        cfg = self.cfg
+        eps = eps_at(p, cfg)
+        step_size = cfg.attack_step_ratio * eps if cfg.attack_step_ratio > 0 and eps > 0 else None
+        return Attack(name=cfg.attack, eps=eps, steps=self.steps_at(p), step_size=step_size,
+                      restarts=cfg.attack_restarts, norm=cfg.norm)
 
 
 def eval_settings(cfg: Config, eps: float | None = None) -> EvalSettings:

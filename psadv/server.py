@@ -226,8 +226,9 @@ class Server:
                 clean = torch.from_numpy(self.x_train[self.layout.indices(msg, count)]).to(self.trainer.device)
             if refining:
                 with trainer.autocast():
-                    x = refine(trainer.model, clean, y, refine_attack(trainer.attack(), self.cfg.refine_steps,
-                                                                         self.cfg.refine_step_ratio), start=x)
+                    refining_attack = refine_attack(trainer.training_attack(), self.cfg.refine_steps,
+                                                    self.cfg.refine_step_ratio)
+                    x = refine(trainer.model, clean, y, refining_attack, start=x)
             out = trainer.step(x, y, clean=clean)
             self._note_batch(out["loss"], out["acc"], out["grad_align"])
             return True
@@ -276,7 +277,7 @@ class Server:
             own.update(loss=win["loss"] / win["batches"], adv_acc=win["acc"] / win["batches"],
                        **grad_align_field(win["align"]))
         trainer.check_finite()  # gradients and sync mode compute no loss here: watch the weights
-        row = trainer.log_train(lr=out_lr, attack=trainer.attack(), rate=consumed / dt, **own)
+        row = trainer.log_train(lr=out_lr, attack=trainer.training_attack(), rate=consumed / dt, **own)
         for r in self.attackers:  # per attacker: examples/s it produced, and the share of time it computed
             trainer.metrics.write("attacker", version=trainer.version, time=row["time"], rank=r,
                                   examples_per_s=round(win["produced"][r] / dt, 1),

@@ -67,7 +67,7 @@ def _loop(run: SingleRun, bar: ProgressBar) -> dict:
     reason = run.stop_reason()
     while reason is None:
         idx, x, y = run.next_batch()
-        attack = trainer.attack()
+        attack = trainer.training_attack()
         attacker = lag.attacker()  # the live model, the one of S versions ago, or an emulated attacker's
         with trainer.autocast():
             x_adv = perturb(attacker, x, y, attack, start=memory.starts(idx, x, attack) if memory else None)

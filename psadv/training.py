@@ -26,7 +26,7 @@ from .config import Config
 from .data import load_dataset
 from .devices import autocast, training_layout
 from .errors import TrainingDiverged
-from .evaluate import AccuracyJob
+from .grading import AccuracyJob
 from .gradalign import training_loss
 from .metrics import MetricsLog
 from .models import build_model, flat_state, float_buffers, load_flat_state_
@@ -98,6 +98,7 @@ class Trainer:
     def __init__(self, setup: RunSetup, *, device: torch.device, train_size: int, role: str = "single",
                  attackers: int = 0, stop_requested: Callable[[], bool] | None = None):
         cfg = self.cfg = setup.cfg
+        self.attack_schedule = schedules.AttackSchedule(cfg)
         # what cuts an evaluation short within one attack iteration (psadv/stop.py): the runner's
         # signal flag, so a SIGTERM during a strong evaluation never outlives SLURM's grace period
         self.stop_requested = stop_requested
@@ -166,8 +167,9 @@ class Trainer:
     def progress(self) -> float:
         return schedules.progress(self.version, self.elapsed(), self.total_versions, self.cfg.time_budget)
 
-    def attack(self):
-        return schedules.training_attack(self.progress(), self.cfg)
+    def training_attack(self):
+        """The adversary of this moment of training (:class:`psadv.schedules.AttackSchedule`)."""
+        return self.attack_schedule.at(self.progress())
 
     def autocast(self):
         """The context of the training arithmetic (``--precision``): the training attack and step."""
@@ -195,7 +197,7 @@ class Trainer:
         lr = self._set_lr()
         self.model.train()
         # GradAlign's ball is the training attack's, ε ramp included; without it no schedule is read
-        attack = self.attack() if self.cfg.grad_align else None
+        attack = self.training_attack() if self.cfg.grad_align else None
         with self.autocast():
             loss, logits, penalty = training_loss(self.model, x_adv, y, clean=clean, weight=self.cfg.grad_align,
                                                   eps=attack.eps if attack else 0.0,
@@ -280,7 +282,7 @@ class Trainer:
     def record_eval(self, result: dict | None, version: int, time_at_version: float,
                           examples_at_version: int | None = None) -> dict | None:
         """Record a measurement of the model of ``version`` (target, best, eval row), reached ``time_at_version`` seconds in.
-        ``None`` (a job a stop request cut short, :meth:`psadv.evaluate.AccuracyJob.result`) records nothing."""
+        ``None`` (a job a stop request cut short, :meth:`psadv.grading.AccuracyJob.result`) records nothing."""
         if result is None:
             return None
         self.state.last_eval = {**result, "version": version, "time": time_at_version}

@@ -247,7 +247,7 @@ class StepParts:
     def __init__(self, x_train, y_train, *, steps: int, batch: int, precision: str, seed: int = 0):
         torch.manual_seed(seed)
         self.cfg = Config(attack_steps=steps, batch_size=batch)
-        self.attack = schedules.training_attack(1.0, self.cfg)
+        self.attack = schedules.AttackSchedule(self.cfg).at(1.0)
         self.precision, self.device = precision, torch.device("cpu")
         self.model = training_layout(build_model(self.cfg.model, in_channels=1, num_classes=10), precision)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)

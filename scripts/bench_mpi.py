@@ -7,9 +7,10 @@ Throughput (default): one short run per world size, each with the same recipe an
 
 ``--ranks 1`` is the single-process trainer (plain ``psadv train``), ``2`` and ``3`` are
 ``mpiexec -n 2|3 psadv train`` (server + 1 or 2 attackers). Reported per run: examples/s consumed
-by the optimizer (steady state, from the metrics rows), examples/s produced per attacker, server
-utilization (time computing / (computing + waiting)), bytes on the wire per example (pushes only,
-and pushes + parameter refreshes), staleness.
+by the optimizer (steady state, as ``psadv scaling-report`` measures it: the median over the windows
+between train rows), examples/s produced per attacker, server utilization (time computing /
+(computing + waiting)), bytes on the wire per example (pushes only, and pushes + parameter
+refreshes), staleness.
 
 Time to target: the single-process trainer and the asynchronous examples mode with the same recipe,
 one after the other in one invocation, each stopping when periodic evaluation (on a test slice)
@@ -34,20 +35,11 @@ import sys
 from pathlib import Path
 
 from psadv.errors import PsadvError
-from psadv.report import Sweep, run_sweep
-from psadv.rundir import read_metrics
+from psadv.report import Sweep, load_run, run_sweep
+from psadv.report.analysis import throughput
 
 DEFAULT_RECIPE = ["--batch-size", "100", "--attack-steps", "10", "--eval-every", "0", "--eval-examples", "200",
                   "--eval-steps", "5", "--log-every", "20"]
-
-
-def steady_rate(rows: list[dict]) -> float | None:
-    """Examples/s consumed between the first and the last train row (start-up excluded)."""
-    train = [r for r in rows if r["kind"] == "train"]
-    if len(train) < 2:
-        return None
-    first, last = train[0], train[-1]
-    return (last["examples_seen"] - first["examples_seen"]) / max(last["time"] - first["time"], 1e-9)
 
 
 def run_all(ranks: list[int], runs_dir: Path, data_dir: str, args: list[str]) -> list[dict]:
@@ -69,13 +61,14 @@ def run_all(ranks: list[int], runs_dir: Path, data_dir: str, args: list[str]) ->
 def describe(job: dict) -> dict:
     ranks = job["attackers"] + 1
     run_dir = Path(job["run_dir"])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in rows if r["kind"] == "train"]
+    run = load_run(run_dir)
+    summary, train = run.summary, run.of_kind("train")
+    # the scaling report's steady throughput, so a benchmark's number and a report's are one number
+    rate = throughput(run).get("examples_per_s")
     out = {"ranks": ranks, "attackers": ranks - 1, "run_dir": str(run_dir), "wall_s": job["seconds"],
            "version": summary["version"], "examples_seen": summary["examples_seen"],
            "elapsed_s": summary["elapsed"],
-           "examples_per_s": round(steady_rate(rows) or summary["examples_seen"] / max(summary["elapsed"], 1e-9), 1),
+           "examples_per_s": rate["value"] if rate else None,
            "time_to_target_s": summary.get("time_to_target"), "last_eval": summary.get("last_eval"),
            "stop_reason": summary["stop_reason"]}
     if ranks > 1:
@@ -153,7 +146,7 @@ def main() -> None:
           f"{'tau mean':>8} {'to target':>10} {'confirmed robust':>16}")
     for r in results["runs"]:
         conf = r.get("confirm", {}).get("robust_acc")
-        print(f"{r['ranks']:>5} {r['attackers']:>9} {r['examples_per_s']:>8.1f} {r.get('utilization', float('nan')):>6.2f} "
+        print(f"{r['ranks']:>5} {r['attackers']:>9} {r['examples_per_s'] or float('nan'):>8.1f} {r.get('utilization', float('nan')):>6.2f} "
               f"{r.get('push_bytes_per_example', float('nan')):>10.1f} {r.get('wire_bytes_per_example', float('nan')):>10.1f} "
               f"{r.get('staleness_mean') or float('nan'):>8.2f} {r['time_to_target_s'] or float('nan'):>10.1f} "
               f"{conf if conf is not None else float('nan'):>16.4f}")

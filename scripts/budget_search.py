@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Time to target, measured fairly: for each recipe, the smallest ``--time-budget`` whose runs end at
-the target for every seed (``psadv.report.budget.BudgetSearch`` picks the budgets).
+the target for every seed (``psadv.bench.budget.BudgetSearch`` picks the budgets).
 
     python scripts/budget_search.py --data-dir ../shared/data --out runs/budget \\
         --recipe default= --recipe pgd5='--attack-steps 5' --seeds 0,1,2 --start 60
@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from psadv.report.budget import BudgetSearch, bracket_text, ratio
-from psadv.report.child import run_child, run_children
+from psadv.bench.budget import BudgetSearch, bracket_text, ratio
+from psadv.bench.child import run_child, run_children
 from psadv.rundir import SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]

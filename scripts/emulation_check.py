@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from psadv.report.child import run_child
+from psadv.bench.child import run_child
 from psadv.rundir import SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]

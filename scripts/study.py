@@ -47,8 +47,8 @@ import sys
 from pathlib import Path
 
 from psadv.report.runs import final_eval_mismatch
-from psadv.report.budget import ratio
-from psadv.report.child import run_child
+from psadv.bench.budget import ratio
+from psadv.bench.child import run_child
 from psadv.rundir import FINAL_EVAL, SUMMARY
 
 PSADV = [sys.executable, "-m", "psadv.cli"]

@@ -67,7 +67,7 @@ class ConvDtypes:
 
     def install(self) -> ConvDtypes:
         import torch
-        from psadv.evaluate import AccuracyJob
+        from psadv.grading import AccuracyJob
 
         real_batch = AccuracyJob._batch
 

@@ -5,7 +5,7 @@ import torch
 
 from psadv.attacks import ATTACKS, Attack, L2Threat, LinfThreat, margin_loss, perturb
 from psadv.errors import ConfigError
-from psadv.evaluate import measure_accuracy
+from psadv.grading import measure_accuracy
 from psadv.models import MODELS, build_model
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from psadv.report.budget import BudgetSearch, bracket_text, ratio
+from psadv.bench.budget import BudgetSearch, bracket_text, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -86,6 +86,14 @@ def test_mnist_loads_with_official_counts(mnist_dir: Path) -> None:
         assert np.bincount(ds.y, minlength=10).tolist() == counts
 
 
+def test_a_format_without_a_decoder_is_refused_not_read_as_another(mnist_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(data, "_ARRAY_CACHE", {})  # decoded arrays are cached by their files, not their format
+    with_spec(monkeypatch, "mnist", format="idx-v2")
+    with pytest.raises(ValueError, match="format 'idx-v2', which psadv cannot decode; its formats: idx, "
+                                         "cifar10-binary$"):
+        load_dataset("mnist", "test", data_dir=mnist_dir, download=False)
+
+
 def test_loaded_arrays_are_cached_and_read_only(mnist_dir: Path) -> None:
     first = load_dataset("mnist", "test", data_dir=mnist_dir, download=False)
     assert load_dataset("mnist", "test", data_dir=mnist_dir, download=False) is first

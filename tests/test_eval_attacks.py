@@ -7,11 +7,11 @@ from psadv.attacks import Attack, perturb
 from psadv.attacks.apgd import apgd, apgd_targeted, checkpoints
 from psadv.attacks.losses import dlr_loss, targeted_dlr_loss
 from psadv.attacks.square import _linf_window, _linf_windows, p_at, square_attack
-from psadv.attacks.suite import (EVAL_ATTACKS, EvalAttack, EvalSettings, build_cascade, masking_gap, masking_warning,
-                                 skip_after_gate)
+from psadv.attacks.suite import (EVAL_ATTACKS, SINGLE, EvalAttack, EvalKind, EvalSettings, build_cascade, check_given,
+                                 masking_gap, masking_warning, skip_after_gate)
 from psadv.config import check_eps, make_config
 from psadv.errors import ConfigError
-from psadv.evaluate import AccuracyJob, measure_accuracy
+from psadv.grading import AccuracyJob, measure_accuracy
 from psadv.models import build_model
 
 
@@ -246,6 +246,22 @@ def test_registry_names_and_config_choices():
         make_config({"eval_attack": "bogus"})
     with pytest.raises(ConfigError):
         build_cascade("bogus", EvalSettings())
+
+
+def test_an_attack_is_one_row_of_the_table(monkeypatch):
+    def noise(model, x, y, *, norm, eps, generator, queries):  # called as the table calls every attack
+        return (x + eps * (2 * torch.rand(x.shape, generator=generator) - 1)).clamp(0, 1)
+
+    monkeypatch.setitem(SINGLE, "noise", EvalKind(noise, lambda s: {"queries": s.queries}, "Noise-{queries}",
+                                                  black_box=True))
+    (attack,) = build_cascade("noise", EvalSettings(eps=0.1, queries=7))
+    assert (attack.name, attack.label(), attack.describe()) == ("noise", "Noise-7", "Noise-7 linf eps=0.1")
+    assert attack.black_box and attack.used_settings() == {"norm": "linf", "eps": 0.1, "queries": 7}
+    x = torch.rand(4, 1, 5, 5)
+    assert (attack.run(None, x, None, torch.Generator().manual_seed(0)) - x).abs().max() <= 0.1 + 1e-6
+    check_given("noise", [attack], {"queries"})  # what its label names, it reads; the rest is refused
+    with pytest.raises(ConfigError, match="--apgd-steps sets the iterations .* --attack noise does not read it"):
+        check_given("noise", [attack], {"apgd_steps"})
 
 
 def test_eps_bounds_depend_on_the_norm():

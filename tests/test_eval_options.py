@@ -50,6 +50,34 @@ def test_options_the_attacks_read_are_taken_and_the_rest_keep_the_shared_default
         resolve("apgd-t", {"targets": 10}, norm="linf", eps=0.3, classes=10)
 
 
+def test_the_command_the_function_and_the_grading_read_one_source_of_defaults():
+    import dataclasses
+    import inspect
+
+    from psadv.api import evaluate
+    from psadv.attacks.suite import OPTIONS, EvalRun
+    from psadv.cli import cli
+    from psadv.config import FIELDS
+    from psadv.grading import prepare_evaluation
+
+    command = {param.name: param for param in cli.commands["eval"].params}
+    function = inspect.signature(evaluate).parameters
+    grading = inspect.signature(prepare_evaluation).parameters
+    for field in dataclasses.fields(EvalRun):
+        assert command[field.name].default == function[field.name].default == grading[field.name].default == \
+            field.default, field.name
+    for option in OPTIONS:  # not given, so that an option no attack reads is refused; its default is EvalSettings'
+        assert command[option].default is None and function[option].default is None, option
+        if option not in ("step_size", "targets"):  # these two depend on ε and the model's classes
+            assert f"[default: {getattr(EvalSettings, option)}]" in command[option].help, option
+    assert f"[default: {EvalSettings.targets}," in command["targets"].help
+    # the one default of their own (EvalRun says why): the function moves the module it is given
+    assert (command["device"].default, function["device"].default) == ("auto", "cpu")
+    # periodic evaluation's strong budgets are psadv eval's (config.py does not import the attacks)
+    assert (FIELDS["eval_apgd_steps"].default, FIELDS["eval_queries"].default) == (EvalSettings.apgd_steps,
+                                                                                     EvalSettings.queries)
+
+
 def test_eval_and_the_api_refuse_them_with_one_line(tiny_run, mnist_dir):
     args = [tiny_run, "--data-dir", mnist_dir, *FAST]
     assert_one_line_error(invoke("eval", *args, "--steps", 20, "--restarts", 1), 2, "--steps", "--attack strong")

@@ -488,13 +488,13 @@ time.sleep(60)
 """
 PARENT = """
 import subprocess, sys
-from psadv.report.child import run_child
+from psadv.bench.child import run_child
 print(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]]).returncode)
 """
 
 
 def test_run_child_passes_a_kill_on_to_the_child_and_exits_with_its_signal(tmp_path):
-    from psadv.report.child import run_child
+    from psadv.bench.child import run_child
 
     done = run_child([sys.executable, "-c", "print('out'); raise SystemExit(3)"], stdout=subprocess.PIPE, text=True)
     assert (done.returncode, done.stdout) == (3, "out\n")
@@ -512,13 +512,13 @@ def test_run_child_passes_a_kill_on_to_the_child_and_exits_with_its_signal(tmp_p
 
 MANY_PARENT = """
 import sys
-from psadv.report.child import run_children
+from psadv.bench.child import run_children
 print(run_children([([sys.executable, "-c", sys.argv[1], f"{sys.argv[2]}/c{i}"], {}) for i in range(3)], jobs=2))
 """
 
 
 def test_run_children_keeps_to_jobs_and_a_kill_stops_every_running_child_and_starts_no_other(tmp_path):
-    from psadv.report.child import run_children
+    from psadv.bench.child import run_children
 
     codes = run_children([([sys.executable, "-c", f"raise SystemExit({c})"], {}) for c in (3, 0, 5)], jobs=2)
     assert codes == [3, 0, 5]  # in the order given, not the order they ended
@@ -537,7 +537,7 @@ def test_run_children_keeps_to_jobs_and_a_kill_stops_every_running_child_and_sta
 
 
 def test_a_child_started_after_a_signal_still_gets_it_and_the_handlers_come_back():
-    from psadv.report.child import _Forwarding
+    from psadv.bench.child import _Forwarding
 
     before = signal.getsignal(signal.SIGUSR1)
     with _Forwarding() as forwarding:

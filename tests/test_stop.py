@@ -22,7 +22,7 @@ from torch import nn
 from psadv import stop
 from psadv.attacks.suite import EvalSettings, build_cascade
 from psadv.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint
-from psadv.evaluate import AccuracyJob, measure_accuracy
+from psadv.grading import AccuracyJob, measure_accuracy
 from psadv.rundir import prepare
 from test_mpi import _cmd, _env, needs_mpi, rows, summary, wait_for
 

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -94,9 +93,9 @@ def test_resume_rewrites_csv_from_metrics_and_purges_abandoned_tensorboard_steps
     assert [e.step for e in acc.Scalars("train/loss")] == [3, 6, 9]
 
 
-def test_under_mpi_only_the_server_logs_and_every_row_arrives(tmp_path, mnist_dir):
+def test_under_mpi_only_the_server_logs_and_every_row_arrives(tmp_path, mnist_dir, mpiexec):
     run_dir = tmp_path / "mpi"
-    cmd = [shutil.which("mpiexec"), "-n", "3", sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir),
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "psadv.cli", "train", "--data-dir", str(mnist_dir),
            "--run-dir", str(run_dir), "--steps", "12", "--log", "csv,tensorboard", *TINY]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr

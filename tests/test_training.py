@@ -447,12 +447,13 @@ def test_schedules_are_pure_functions_of_progress():
     cfg.lr_schedule = "piecewise"
     assert [schedules.lr_at(p, cfg) for p in (0.1, 0.6, 0.9)] == pytest.approx([1.0, 0.1, 0.01])
     assert schedules.eps_at(0.25, cfg) == pytest.approx(0.15) and schedules.eps_at(0.9, cfg) == 0.3
-    assert [schedules.attack_steps_at(p, cfg) for p in (0.0, 0.3, 0.59, 0.6)] == [2, 5, 5, 10]
-    attack = schedules.training_attack(0.25, cfg)
+    adversary = schedules.AttackSchedule(cfg)
+    assert [adversary.steps_at(p) for p in (0.0, 0.3, 0.59, 0.6)] == [2, 5, 5, 10]
+    attack = adversary.at(0.25)
     assert attack.eps == pytest.approx(0.15) and attack.effective_steps == 2
     assert attack.effective_step_size == pytest.approx(2.5 * 0.15 / 2)
     cfg.attack_step_ratio = 0.1
-    assert schedules.training_attack(0.8, cfg).effective_step_size == pytest.approx(0.03)
+    assert schedules.AttackSchedule(cfg).at(0.8).effective_step_size == pytest.approx(0.03)
 
 
 def test_budget_and_progress():

@@ -1,7 +1,8 @@
 """Evaluation attacks by name, and the rules that read a cascade of them.
 
-A name maps to an :class:`EvalAttack` class (``run(model, x, y, generator) -> x_adv``) or to a
-composite: a cascade, run in order, each attack on the examples the earlier ones left standing, so
+A name maps to an :class:`EvalAttack` (``run(model, x, y, generator) -> x_adv``) of the PGD family
+(:class:`PgdFamily`) or of the table :data:`SINGLE` (:class:`NamedAttack`), or to a composite: a
+cascade, run in order, each attack on the examples the earlier ones left standing, so
 an example counts as robust only if every attack fails on it (the worst case over the attacks).
 
 * ``autoattack``: the standard AutoAttack of Croce & Hein (2020): APGD-CE, APGD-T, FAB-T, Square.
@@ -16,7 +17,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +58,23 @@ class EvalSettings:
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
             # an infinite step makes NaN images, which no model classifies: a bogus 0% robust
             raise ConfigError(f"step size must be a finite number > 0, got {self.step_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRun:
+    """How ``psadv eval`` and ``psadv.evaluate`` run a cascade over the test set, beside what each
+    attack reads (:class:`EvalSettings`): the one source of the defaults that the command's options,
+    the function's keywords and :func:`psadv.grading.prepare_evaluation` read (tests/test_eval_options.py
+    fails when one of them says otherwise). Not the device: the command picks one (``auto``), the
+    function keeps the caller's module on the CPU unless told, as it moves the module it is given."""
+
+    attack: str = "strong"  # the module docstring says why the strong cascade, not AutoAttack's four
+    examples: int | None = None  # the whole test set: a slice's grade is another number
+    # examples attacked at once: a CPU's cache and memory; a GPU wants more (--batch-size 10000 in
+    # docs/guides/evaluation.md). A seeded grade depends on it (batch i draws from seed + i).
+    batch_size: int = 500
+    seed: int = 0  # fixed, so the same command grades the same number
+    threads: int = 0  # 0 = automatic: the usable cores less those other work keeps busy (psadv/threads.py)
 
 
 # The settings a user chooses per attack (``psadv eval --steps`` …, ``psadv.evaluate(steps=…)``), in
@@ -103,7 +122,7 @@ class EvalAttack(abc.ABC):
 class PgdFamily(EvalAttack):
     """``none``, ``fgsm``, ``fgsm-rs``, ``pgd``: :func:`psadv.attacks.perturb`; a restart attacks only
     the examples still standing (same result as keeping each example's worst restart, cheaper).
-    Draws from the global generator, which :class:`psadv.evaluate.AccuracyJob` seeds per batch."""
+    Draws from the global generator, which :class:`psadv.grading.AccuracyJob` seeds per batch."""
 
     def __init__(self, settings: EvalSettings, name: str):
         super().__init__(settings)
@@ -136,66 +155,62 @@ class PgdFamily(EvalAttack):
         return self.attack.describe()
 
 
-class ApgdCE(EvalAttack):
-    name = "apgd-ce"
-    reads = ("apgd_steps",)
+def _fab_t(*args, **kwargs) -> torch.Tensor:
+    from .fab import fab_attack  # written apart; imported only when FAB-T runs
+
+    return fab_attack(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalKind:
+    """What makes one evaluation attack: the function, its budget and its label.
+
+    ``attack(model, x, y, norm=, eps=, generator=, **budget(settings))`` is called as AutoAttack's
+    attacks are; ``label`` is formatted with the settings, and the :data:`OPTIONS` it names are the
+    ones the attack reads (so the label and the refusal of unread options cannot disagree)."""
+
+    attack: Callable[..., torch.Tensor]
+    budget: Callable[[EvalSettings], dict]
+    label: str
+    black_box: bool = False
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return tuple(field for _, field, _, _ in string.Formatter().parse(self.label) if field in OPTIONS)
+
+
+# The evaluation attacks beside the PGD family, by name: adding one is one row here.
+SINGLE: dict[str, EvalKind] = {
+    "apgd-ce": EvalKind(apgd, lambda s: {"steps": s.apgd_steps, "loss": "ce"}, "APGD-CE-{apgd_steps}"),
+    "apgd-t": EvalKind(apgd_targeted, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
+                       "APGD-T-{apgd_steps}x{targets}"),
+    "fab-t": EvalKind(_fab_t, lambda s: {"steps": s.apgd_steps, "n_target_classes": s.targets},
+                      "FAB-T-{apgd_steps}x{targets}"),
+    "square": EvalKind(square_attack, lambda s: {"queries": s.queries, "p_init": s.p_init}, "Square-{queries}",
+                       black_box=True),
+}
+
+
+class NamedAttack(EvalAttack):
+    """An attack of :data:`SINGLE` with its settings."""
+
+    def __init__(self, settings: EvalSettings, name: str):
+        super().__init__(settings)
+        self.name, self.kind = name, SINGLE[name]
+        self.black_box, self.reads = self.kind.black_box, self.kind.reads
 
     def run(self, model, x, y, generator=None):
         s = self.settings
-        return apgd(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, loss="ce", generator=generator)
+        return self.kind.attack(model, x, y, norm=s.norm, eps=s.eps, generator=generator, **self.kind.budget(s))
 
     def label(self):
-        return f"APGD-CE-{self.settings.apgd_steps}"
+        return self.kind.label.format(**dataclasses.asdict(self.settings))
 
 
-class ApgdT(EvalAttack):
-    name = "apgd-t"
-    reads = ("apgd_steps", "targets")
-
-    def run(self, model, x, y, generator=None):
-        s = self.settings
-        return apgd_targeted(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, n_target_classes=s.targets,
-                             generator=generator)
-
-    def label(self):
-        return f"APGD-T-{self.settings.apgd_steps}x{self.settings.targets}"
-
-
-class FabT(EvalAttack):
-    name = "fab-t"
-    reads = ("apgd_steps", "targets")
-
-    def run(self, model, x, y, generator=None):
-        from .fab import fab_attack  # written apart; imported only when FAB-T runs
-
-        s = self.settings
-        return fab_attack(model, x, y, norm=s.norm, eps=s.eps, steps=s.apgd_steps, n_target_classes=s.targets,
-                          generator=generator)
-
-    def label(self):
-        return f"FAB-T-{self.settings.apgd_steps}x{self.settings.targets}"
-
-
-class Square(EvalAttack):
-    name = "square"
-    black_box = True
-    reads = ("queries",)
-
-    def run(self, model, x, y, generator=None):
-        s = self.settings
-        return square_attack(model, x, y, norm=s.norm, eps=s.eps, queries=s.queries, p_init=s.p_init,
-                             generator=generator)
-
-    def label(self):
-        return f"Square-{self.settings.queries}"
-
-
-SINGLE: dict[str, type[EvalAttack]] = {"apgd-ce": ApgdCE, "apgd-t": ApgdT, "fab-t": FabT, "square": Square}
 COMPOSITES: dict[str, tuple[str, ...]] = {
     "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "strong": ("apgd-ce", "apgd-t", "square"),
 }
-DEFAULT_EVAL = "strong"
 # PGD-family attacks that stay in the ε-ball (N-FGSM leaves it by design: training only)
 GRADED = tuple(name for name, kind in ATTACKS.items() if kind.reach == 1)
 EVAL_ATTACKS: tuple[str, ...] = (*GRADED, *SINGLE, *COMPOSITES)
@@ -206,9 +221,9 @@ def build_cascade(name: str, settings: EvalSettings) -> list[EvalAttack]:
     if name in GRADED:
         return [PgdFamily(settings, name)]
     if name in SINGLE:
-        return [SINGLE[name](settings)]
+        return [NamedAttack(settings, name)]
     if name in COMPOSITES:
-        return [SINGLE[part](settings) for part in COMPOSITES[name]]
+        return [NamedAttack(settings, part) for part in COMPOSITES[name]]
     raise ConfigError(f"unknown evaluation attack {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
 
 
@@ -231,7 +246,7 @@ def resolve(attack: str | None, given: dict, *, norm: str, eps: float, classes: 
     target: by default at most 9 (AutoAttack's), and asking for more is an error."""
     from ..config import parse_norm
 
-    name = attack or DEFAULT_EVAL
+    name = attack or EvalRun.attack
     if name not in EVAL_ATTACKS:
         raise ConfigError(f"--attack: unknown value {name!r}; choose one of: {', '.join(EVAL_ATTACKS)}")
     chosen = {key: value for key, value in given.items() if value is not None}

@@ -1,5 +1,8 @@
 """Clean and robust accuracy of a model under a cascade of attacks, batched.
 
+:func:`prepare_evaluation` and :meth:`Evaluation.run` are the one evaluation of a model on its test
+set behind ``psadv eval`` and ``psadv.evaluate``; the rest grades any examples.
+
 :class:`AccuracyJob` works in pieces (one batch per :meth:`AccuracyJob.step`), so the parameter
 server can interleave an evaluation with training and keep consuming the attackers' pushes;
 :func:`measure_accuracy` runs one to the end. A job given ``stop`` ends within one attack iteration
@@ -9,8 +12,11 @@ of ``stop()`` turning true (:mod:`psadv.stop`): it is then :attr:`AccuracyJob.do
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,12 +24,21 @@ from tqdm import tqdm
 
 from . import stop as _stop
 from .attacks import Attack
-from .attacks.suite import EvalAttack, EvalSettings, PgdFamily, describe_cascade, masking_gap, skip_after_gate
+from .attacks.suite import (EvalAttack, EvalRun, EvalSettings, PgdFamily, describe_cascade, masking_gap, resolve,
+                            skip_after_gate)
+from .config import Config, check_eps, parse_number, parse_norm
+from .data import changed_data_warning, dataset_info, load_dataset
+from .devices import set_threads
+from .threads import ThreadChoice
 
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def as_cascade(attack: Attack | EvalAttack | Sequence[EvalAttack]) -> list[EvalAttack]:
@@ -50,7 +65,7 @@ class AccuracyJob:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = 500,
+                 attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = EvalRun.batch_size,
                  device: torch.device | str = "cpu", seed: int | None = None,
                  gate: Sequence[EvalAttack] = (), target: float = 0.0, stop: Callable[[], bool] | None = None):
         self.model, self.x, self.y = model, x, y
@@ -162,7 +177,7 @@ class AccuracyJob:
 
 
 def measure_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = 500,
+                     attack: Attack | EvalAttack | Sequence[EvalAttack], *, batch_size: int = EvalRun.batch_size,
                      device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval",
                      seed: int | None = None, stop: Callable[[], bool] | None = None) -> dict:
     """Clean and robust accuracy: an :class:`AccuracyJob` run to the end (with a progress bar on request).
@@ -187,3 +202,88 @@ def evaluation_record(result: dict, attacks: Sequence[EvalAttack], *, dataset: s
     settings = attacks[0].settings
     return {**result, "dataset": dataset, "norm": settings.norm, "eps": settings.eps, "model": model,
             "version": version, "psadv_version": __version__}
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A model, its test examples and the cascade that grades them, checked and loaded by
+    :func:`prepare_evaluation`; :meth:`run` attacks. torch's threads are the evaluation's from
+    preparing until :meth:`run` returns, then the caller's again."""
+
+    model: nn.Module
+    cascade: list[EvalAttack]
+    x: torch.Tensor
+    y: torch.Tensor
+    dataset: str
+    data_dir: str | None
+    classes: int
+    test_size: int  # the whole test split; ``len(y)`` of it are graded
+    model_name: str
+    version: int | None
+    batch_size: int
+    device: torch.device | str
+    seed: int
+    threads: ThreadChoice
+    threads_before: int
+
+    @property
+    def examples(self) -> int:
+        return len(self.y)
+
+    def run(self, *, progress: bool = False, stop: Callable[[], bool] | None = None) -> dict:
+        """:func:`evaluation_record` of the cascade's grade; :class:`psadv.stop.Stopped` if ``stop()``
+        turned true on the way (nothing graded)."""
+        try:
+            result = measure_accuracy(self.model, self.x, self.y, self.cascade, batch_size=self.batch_size,
+                                      device=self.device, progress=progress, seed=self.seed, stop=stop)
+        finally:
+            torch.set_num_threads(self.threads_before)
+        return evaluation_record(result, self.cascade, dataset=self.dataset, model=self.model_name,
+                                 version=self.version)
+
+
+def prepare_evaluation(model: nn.Module, *, recorded: Mapping, model_name: str, version: int | None,
+                       device: torch.device | str, dataset: str | None = None, data_dir=None, eps=None,
+                       norm: str | None = None, attack: str | None = EvalRun.attack, options: Mapping | None = None,
+                       examples: int | None = EvalRun.examples, batch_size: int = EvalRun.batch_size,
+                       seed: int = EvalRun.seed, threads: int = EvalRun.threads, check_data: bool = False,
+                       spell: Callable[[str], str] = str, warn: Callable[[str], None] = _stderr) -> Evaluation:
+    """Everything ``psadv eval`` and ``psadv.evaluate`` check and load before minutes of attacking.
+
+    ``recorded`` is what the model's file says of its training (``dataset``, ``data_dir``, ``eps``,
+    ``norm``, ``data_md5``; empty for a bare module): the dataset, ε, norm and data directory the
+    caller leaves out (None) are the recorded ones, else :class:`psadv.Config`'s. ``options`` are the
+    attacks' :data:`psadv.attacks.suite.OPTIONS` (None: not chosen), checked against the cascade
+    ``attack`` (see :func:`psadv.attacks.suite.resolve`). ``eps`` and a ``step_size`` option may be
+    fractions such as ``"8/255"``. ``check_data``: warn when an npz/HDF5 file is not the one the
+    model trained on. ``spell`` names an option as the caller's user wrote it, in errors; ``warn``
+    prints a warning line. ConfigError, DataError: one line."""
+    defaults = Config()
+    dataset = dataset or recorded.get("dataset") or defaults.dataset
+    eps = (parse_number(eps, spell("eps")) if eps is not None else float(recorded["eps"]) if "eps" in recorded
+           else defaults.eps)
+    norm = parse_norm(norm or recorded.get("norm") or defaults.norm, spell("norm"))
+    options = dict(options or {})
+    if options.get("step_size") is not None:
+        options["step_size"] = parse_number(options["step_size"], spell("step_size"))
+    data_dir = data_dir or recorded.get("data_dir") or None
+    info = dataset_info(dataset, data_dir)
+    check_eps(eps, norm, math.prod(info.shape), option=spell("eps"))
+    cascade = resolve(attack, options, norm=norm, eps=eps, classes=info.num_classes)
+    test = load_dataset(dataset, "test", data_dir)
+    changed = changed_data_warning(dataset, data_dir, recorded.get("data_md5", "")) if check_data else None
+    n = min(examples or len(test), len(test))
+    before = torch.get_num_threads()
+    chosen = set_threads(threads)
+    try:
+        for line in (chosen.warning, changed):
+            if line:
+                warn(line)
+        model = model.to(device)
+    except BaseException:
+        torch.set_num_threads(before)
+        raise
+    return Evaluation(model=model, cascade=cascade, x=torch.tensor(test.x[:n]), y=torch.tensor(test.y[:n]),
+                      dataset=dataset, data_dir=data_dir, classes=info.num_classes, test_size=len(test),
+                      model_name=model_name, version=version, batch_size=batch_size, device=device, seed=seed,
+                      threads=chosen, threads_before=before)
