@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from psadv.bench.child import run_child
+from psadv.rundir import CONFIG
 
 PSADV = [sys.executable, "-m", "psadv.cli"]
 # the benchmark's own defaults, by psadv train's parameter, for what the flags leave out
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_s, _ = timed(train)
     eval_s, out = timed(evaluate)
     result = json.loads(out)
-    config = json.loads((Path(options["run_dir"]) / "config.json").read_text())["config"]
+    config = json.loads((Path(options["run_dir"]) / CONFIG).read_text())["config"]
     summary = {"train_cmd": " ".join(train[2:]), "eval_cmd": " ".join(evaluate[2:]), "eps": config["eps"],
                "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
                "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"], "attack": result["attack"],
