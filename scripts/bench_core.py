@@ -29,6 +29,15 @@
         Python and dispatch outside any op); and the real loop's examples/s from short `psadv train`
         runs, whose difference from the parts is the loop's bookkeeping
 
+    python scripts/bench_core.py phase --data-dir ../shared/data --threads 2 [--baseline-src DIR]
+        the phase-form input gradient (psadv/layers.py): torch's input-gradient kernel against the
+        phase form for the convolutions of the built-in models (float32 and bfloat16, NCHW and
+        channels-last, with the relative difference); a training version with mnist-small's first
+        convolution in the phase form and in torch's (alternating rounds); and `psadv train` itself
+        against an older checkout of psadv (--baseline-src, alone and with the passive OpenMP wait
+        psadv had before results/openmp-wait.toml), alternating rounds. The script leaves OpenMP's
+        wait as the caller set it; GOMP_SPINCOUNT=10000 KMP_BLOCKTIME=0 before it is psadv's own
+
 Each command prints one JSON object (and writes it with --out). Run on a quiet machine: a
 second busy process on the same cores distorts every number.
 """
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -403,10 +413,135 @@ def roofline(args) -> dict:
     return out
 
 
+# --- the phase-form input gradient --------------------------------------------------------------
+# (in channels, out channels, image side, kernel, stride, padding) of the built-in models' convolutions
+PHASE_CONVS = {"mnist-small conv1": (1, 16, 28, 4, 2, 1), "mnist-small conv2": (16, 32, 14, 4, 2, 1),
+               "mnist-madry conv1": (1, 32, 28, 5, 1, 2), "mnist-madry conv2": (32, 64, 14, 5, 1, 2),
+               "preact-resnet18 stem": (3, 64, 32, 3, 1, 1), "3 channels, 4x4 stride 2": (3, 16, 28, 4, 2, 1)}
+
+
+def microseconds(fn, calls: int) -> float:
+    for _ in range(5):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def phase_kernels(batch: int, calls: int) -> list[dict]:
+    """Input gradient of each convolution: torch's kernel against the phase form."""
+    from psadv.layers import phase_input_gradient
+    rows = []
+    for name, (c_in, c_out, side, k, s, p) in PHASE_CONVS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(batch, c_in, side, side, dtype=dtype).contiguous(memory_format=layout)
+                w = torch.randn(c_out, c_in, k, k, dtype=dtype).contiguous(memory_format=layout)
+                g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, s, p))
+
+                def torchs():
+                    return torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False,
+                                                              [0, 0], 1, [True, False, False])[0]
+
+                def phase():
+                    return phase_input_gradient(g, w, (s, s), (p, p), (side, side))
+
+                want = torchs().float()
+                t_torch, t_phase = microseconds(torchs, calls), microseconds(phase, calls)
+                rows.append({"convolution": name, "dtype": str(dtype).removeprefix("torch."),
+                             "layout": "channels_last" if layout == torch.channels_last else "NCHW",
+                             "torch_us": round(t_torch), "phase_us": round(t_phase),
+                             "speedup": round(t_torch / t_phase, 2),
+                             "relative_difference": float(f"{((phase().float() - want).abs().max() / want.abs().max()).item():.1g}")})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def phase_versions(x_train, y_train, precision: str, steps_list, batches, seconds: float, rounds: int) -> list[dict]:
+    """examples/s of whole training versions, mnist-small's first convolution's input gradient in
+    torch's form and in the phase form, taking turns round by round."""
+    rows = []
+    for steps in steps_list:
+        for batch in batches:
+            variants = {}
+            for phase in (False, True):
+                parts = StepParts(x_train, y_train, steps=steps, batch=batch, precision=precision)
+                for module in parts.model.modules():
+                    if hasattr(module, "phase_gradient"):
+                        module.phase_gradient = module.phase_gradient and phase
+                variants["phase" if phase else "torch"] = parts
+            rates = {name: [] for name in variants}
+            for _ in range(rounds):
+                for name, parts in variants.items():
+                    per_part, _ = parts.seconds(seconds)
+                    rates[name].append(round(batch / sum(per_part.values()), 1))
+            ratios = [p / t for p, t in zip(rates["phase"], rates["torch"])]
+            rows.append({"attack": f"PGD-{steps}", "batch_size": batch, "examples_per_s": rates,
+                         "ratio_per_round": [round(r, 3) for r in ratios],
+                         "ratio_median": round(float(np.median(ratios)), 3)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def phase_loops(args) -> dict:
+    """`psadv train` of this checkout against ``--baseline-src`` (alone and with the passive OpenMP
+    wait it had before results/openmp-wait.toml), taking turns round by round: examples/s as the
+    median of the run's train rows, and the versions it trained in the budget."""
+    import tempfile
+    here = str(Path(__file__).resolve().parents[1])
+    variants = {"this checkout": (here, {})}
+    if args.baseline_src:
+        variants["baseline"] = (args.baseline_src, {})
+        variants["baseline, passive wait"] = (args.baseline_src, {"OMP_WAIT_POLICY": "PASSIVE"})
+    out = {name: {"examples_per_s": [], "versions": []} for name in variants}
+    cmd, run_tmp = None, None
+    for _ in range(args.loop_rounds):
+        for name, (src, env) in variants.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "-c", "import sys; from psadv.cli import main; sys.exit(main())", "train", "--data-dir", args.data_dir, "--time-budget",
+                       str(args.loop_seconds), "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10",
+                       "--no-progress", "--threads", str(torch.get_num_threads()), "--seed", "0",
+                       "--eval-examples", "100", "--eval-attack", "pgd", "--eval-steps", "1", "--run-dir", f"{tmp}/run"]
+                run_tmp = tmp
+                environ = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                               env={**environ, **env, "PYTHONPATH": src})
+                rows = [json.loads(line) for line in (Path(tmp) / "run" / METRICS).read_text().splitlines()]
+                summary = json.loads((Path(tmp) / "run" / SUMMARY).read_text())
+            train = [r for r in rows if r.get("kind") == "train"]
+            rates = sorted((b["examples_seen"] - a["examples_seen"]) / (b["time"] - a["time"])
+                           for a, b in zip(train, train[1:]) if b["time"] > a["time"])
+            out[name]["examples_per_s"].append(round(rates[len(rates) // 2], 1))
+            out[name]["versions"].append(summary["version"])
+            print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
+    first = out["this checkout"]["examples_per_s"]
+    for name in variants:
+        if name != "this checkout":
+            ratios = [a / b for a, b in zip(first, out[name]["examples_per_s"])]
+            out[name]["this_checkout_over_it"] = [round(r, 3) for r in ratios]
+            out[name]["this_checkout_over_it_median"] = round(float(np.median(ratios)), 3)
+    return {"command": "psadv " + " ".join(cmd[3:]).replace(run_tmp, "TMP"), "variants": out}
+
+
+def phase(args) -> dict:
+    precision = auto_precision(torch.device("cpu")) if args.precision == "auto" else args.precision
+    data = load_dataset("mnist", "train", args.data_dir)
+    x_train, y_train = torch.tensor(data.x), torch.tensor(data.y)
+    out = {"machine": machine(), "precision": precision,
+           "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")},
+           "kernels": phase_kernels(args.batch_size, args.calls)}
+    out["versions"] = phase_versions(x_train, y_train, precision, [int(s) for s in args.attack_steps.split(",")],
+                                     [int(b) for b in args.batch_sizes.split(",")], args.seconds, args.rounds)
+    if args.loop_seconds > 0:
+        out["psadv_train"] = phase_loops(args)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("throughput", "robust", "madry", "arithmetic", "roofline"):
+    for name in ("throughput", "robust", "madry", "arithmetic", "roofline", "phase"):
         p = sub.add_parser(name)
         p.add_argument("--data-dir", default="../shared/data")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -431,12 +566,23 @@ def main() -> None:
     roof.add_argument("--profile-batch", type=int, default=100, help="batch size of the op profile")
     roof.add_argument("--loop-batch", type=int, default=100, help="batch size of the `psadv train` comparison")
     roof.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of it (0: skip)")
+    ph = sub.choices["phase"]
+    ph.add_argument("--batch-size", type=int, default=100, help="batch of the kernel timings")
+    ph.add_argument("--calls", type=int, default=100, help="calls per kernel timing")
+    ph.add_argument("--attack-steps", default="5,40", help="PGD steps of the version timings")
+    ph.add_argument("--batch-sizes", default="100,500", help="batches of the version timings")
+    ph.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ph.add_argument("--seconds", type=float, default=3.0, help="seconds per version timing and round")
+    ph.add_argument("--rounds", type=int, default=4, help="rounds of the version timings")
+    ph.add_argument("--baseline-src", help="an older psadv checkout (its repository root) to run `psadv train` from")
+    ph.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of each `psadv train` (0: skip)")
+    ph.add_argument("--loop-rounds", type=int, default=3, help="rounds of the `psadv train` comparison")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
     args = parser.parse_args()
     set_threads(args.threads)
     result = {"throughput": throughput, "robust": robust, "madry": madry, "arithmetic": arithmetic,
-              "roofline": roofline}[args.what](args)
+              "roofline": roofline, "phase": phase}[args.what](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

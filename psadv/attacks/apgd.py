@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import stop
 from .losses import LOSSES, targeted_dlr_loss
+from .mode import attacking
 from .threats import THREATS, ThreatModel
 
 MOMENTUM = 0.75
@@ -113,9 +114,7 @@ def _single_run(model, x, y, target, loss_fn, threat: ThreatModel, steps: int,
 def _run(model: nn.Module, x, y, targets: list[torch.Tensor | None], loss_fn, norm: str, eps: float, steps: int,
          restarts: int, generator) -> torch.Tensor:
     threat = THREATS[norm](eps)
-    was_training = model.training
-    model.eval()
-    try:
+    with attacking(model):
         x_adv = x.detach().clone()
         standing = torch.ones(len(x), dtype=torch.bool, device=x.device)
         for target in targets:
@@ -128,8 +127,6 @@ def _run(model: nn.Module, x, y, targets: list[torch.Tensor | None], loss_fn, no
                 x_adv[idx] = cand
                 standing[idx[fooled]] = False
         return x_adv
-    finally:
-        model.train(was_training)
 
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int = 100,
@@ -146,11 +143,8 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     """APGD-T: targeted DLR towards the 2nd, 3rd, … highest clean logit, up to ``n_target_classes``
     targets, each run on the examples the earlier targets left standing."""
     x = x.detach()
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
+    with attacking(model), torch.no_grad():
         ranked = model(x).argsort(dim=1, descending=True)
-        model.train(was_training)
     n_targets = min(n_target_classes, ranked.shape[1] - 1)
     targets = [ranked[:, r] for r in range(1, n_targets + 1)]
     return _run(model, x, y, targets, targeted_dlr_loss, norm, eps, steps, restarts, generator)

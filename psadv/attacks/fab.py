@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import stop
 from ..errors import ConfigError
+from .mode import attacking
 from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 
 ALPHA_MAX = 0.1  # largest weight of the clean input's projection in a step (paper, AutoAttack)
@@ -209,9 +210,7 @@ def fab_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
     adv = x.clone()
     if eps == 0 or steps == 0 or len(x) == 0:
         return adv
-    was_training = model.training
-    model.eval()
-    try:
+    with attacking(model):
         with torch.no_grad():
             logits = model(x)
         classes = logits.shape[1]
@@ -236,5 +235,3 @@ def fab_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
                     adv[todo[hit]] = found[hit]
                     robust[todo[hit]] = False
         return adv
-    finally:
-        model.train(was_training)

@@ -6,7 +6,8 @@ Training, the MPI attackers and periodic evaluation call :func:`perturb`. Invari
   a training attack, by design reaches 3ε: its ball is ``reach × ε``, see :class:`AttackKind`);
 * parameter gradients are untouched (only the input gradient is computed, with
   ``torch.autograd.grad``, which also means nothing accumulates from step to step);
-* the model is in eval mode while attacking and its previous mode is restored afterwards;
+* the model is in eval mode, its parameters frozen, while attacking, and both are restored
+  afterwards (:func:`.mode.attacking`);
 * with restarts, each example keeps its worst restart (misclassified first, then highest loss).
 
 FGSM, FGSM with random start ("fast" adversarial training), N-FGSM and PGD are the same loop with
@@ -24,6 +25,7 @@ from torch import nn
 from .. import stop
 from ..errors import ConfigError
 from .losses import LOSSES
+from .mode import attacking
 from .threats import THREATS, ThreatModel
 
 
@@ -152,9 +154,7 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
         return x.detach().clone() if start is None else start.detach().clone()
     threat = THREATS[attack.norm](attack.eps * attack.kind.reach)
     loss_fn = LOSSES[attack.loss]
-    was_training = model.training
-    model.eval()
-    try:
+    with attacking(model):
         best = _single_run(model, x, y, attack, threat, loss_fn, start)
         if attack.restarts > 1:
             with torch.no_grad():
@@ -168,8 +168,6 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                 best_wrong = best_wrong | wrong
                 best_loss = torch.where(better, loss, best_loss)
         return best
-    finally:
-        model.train(was_training)
 
 
 def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, start: torch.Tensor) -> torch.Tensor:
@@ -181,13 +179,8 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, s
     start = start.detach()
     out = perturb(model, x, y, attack, start=start)
     loss_fn = LOSSES[attack.loss]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            better = _stronger(*_score(model, out, y, loss_fn), *_score(model, start, y, loss_fn))
-    finally:
-        model.train(was_training)
+    with attacking(model), torch.no_grad():
+        better = _stronger(*_score(model, out, y, loss_fn), *_score(model, start, y, loss_fn))
     return torch.where(better.view(-1, *([1] * (x.dim() - 1))), out, start)
 
 

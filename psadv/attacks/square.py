@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import stop
 from .losses import margin_loss
+from .mode import attacking
 from .threats import PIXEL_MAX, PIXEL_MIN, THREATS
 
 # Square's schedule, for 10,000 queries: p is halved after iterations 10, 50, 200, 500, 1000,
@@ -168,13 +169,8 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: s
     if x.shape[1] > MAX_CHANNELS:
         raise ValueError(f"square_attack handles up to {MAX_CHANNELS} channels, got {x.shape[1]}")
     x = x.detach()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # forward queries only: no graph to build
-            return _search(model, x, y, THREATS[norm](eps), norm, queries, p_init, generator)
-    finally:
-        model.train(was_training)
+    with attacking(model), torch.no_grad():  # forward queries only: no graph to build
+        return _search(model, x, y, THREATS[norm](eps), norm, queries, p_init, generator)
 
 
 def _search(model, x, y, threat, norm, queries, p_init, generator) -> torch.Tensor:
