@@ -484,22 +484,29 @@ def phase_versions(x_train, y_train, precision: str, steps_list, batches, second
     return rows
 
 
+# `psadv train` as its console script runs it; the second with the phase rule switched off, so every
+# convolution takes torch's input gradient (the attacks still freeze the parameters)
+PSADV_MAIN = "import sys; from psadv.cli import main; sys.exit(main())"
+PSADV_TORCH_GRADIENT = "import sys, psadv.layers as l; l.phase_gradient_pays = lambda conv: False; " + PSADV_MAIN.split("; ", 1)[1]
+
+
 def phase_loops(args) -> dict:
-    """`psadv train` of this checkout against ``--baseline-src`` (alone and with the passive OpenMP
-    wait it had before results/openmp-wait.toml), taking turns round by round: examples/s as the
-    median of the run's train rows, and the versions it trained in the budget."""
+    """`psadv train` of this checkout, with the phase form and without it, against ``--baseline-src``
+    (alone and with the passive OpenMP wait it had before results/openmp-wait.toml), taking turns
+    round by round: examples/s as the median of the run's train rows, and the versions it trained."""
     import tempfile
     here = str(Path(__file__).resolve().parents[1])
-    variants = {"this checkout": (here, {})}
+    variants = {"this checkout": (here, {}, PSADV_MAIN),
+                "this checkout, torch's input gradient": (here, {}, PSADV_TORCH_GRADIENT)}
     if args.baseline_src:
-        variants["baseline"] = (args.baseline_src, {})
-        variants["baseline, passive wait"] = (args.baseline_src, {"OMP_WAIT_POLICY": "PASSIVE"})
+        variants["baseline"] = (args.baseline_src, {}, PSADV_MAIN)
+        variants["baseline, passive wait"] = (args.baseline_src, {"OMP_WAIT_POLICY": "PASSIVE"}, PSADV_MAIN)
     out = {name: {"examples_per_s": [], "versions": []} for name in variants}
     cmd, run_tmp = None, None
     for _ in range(args.loop_rounds):
-        for name, (src, env) in variants.items():
+        for name, (src, env, code) in variants.items():
             with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-c", "import sys; from psadv.cli import main; sys.exit(main())", "train", "--data-dir", args.data_dir, "--time-budget",
+                cmd = [sys.executable, "-c", code, "train", "--data-dir", args.data_dir, "--time-budget",
                        str(args.loop_seconds), "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10",
                        "--no-progress", "--threads", str(torch.get_num_threads()), "--seed", "0",
                        "--eval-examples", "100", "--eval-attack", "pgd", "--eval-steps", "1", "--run-dir", f"{tmp}/run"]
@@ -529,11 +536,14 @@ def phase(args) -> dict:
     data = load_dataset("mnist", "train", args.data_dir)
     x_train, y_train = torch.tensor(data.x), torch.tensor(data.y)
     out = {"machine": machine(), "precision": precision,
-           "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")},
-           "kernels": phase_kernels(args.batch_size, args.calls)}
-    out["versions"] = phase_versions(x_train, y_train, precision, [int(s) for s in args.attack_steps.split(",")],
-                                     [int(b) for b in args.batch_sizes.split(",")], args.seconds, args.rounds)
-    if args.loop_seconds > 0:
+           "openmp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}}
+    parts = args.parts.split(",")
+    if "kernels" in parts:
+        out["kernels"] = phase_kernels(args.batch_size, args.calls)
+    if "versions" in parts:
+        out["versions"] = phase_versions(x_train, y_train, precision, [int(s) for s in args.attack_steps.split(",")],
+                                         [int(b) for b in args.batch_sizes.split(",")], args.seconds, args.rounds)
+    if "loops" in parts:
         out["psadv_train"] = phase_loops(args)
     return out
 
@@ -575,7 +585,8 @@ def main() -> None:
     ph.add_argument("--seconds", type=float, default=3.0, help="seconds per version timing and round")
     ph.add_argument("--rounds", type=int, default=4, help="rounds of the version timings")
     ph.add_argument("--baseline-src", help="an older psadv checkout (its repository root) to run `psadv train` from")
-    ph.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of each `psadv train` (0: skip)")
+    ph.add_argument("--parts", default="kernels,versions,loops", help="which comparisons to run")
+    ph.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of each `psadv train`")
     ph.add_argument("--loop-rounds", type=int, default=3, help="rounds of the `psadv train` comparison")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
