@@ -484,27 +484,48 @@ def phase_versions(x_train, y_train, precision: str, steps_list, batches, second
     return rows
 
 
-# `psadv train` as its console script runs it; the second with the phase rule switched off, so every
-# convolution takes torch's input gradient (the attacks still freeze the parameters)
+# `psadv train` as its console script runs it, and with either of the change's two parts taken out:
+# the phase rule switched off (every convolution takes torch's input gradient), and the attacks'
+# parameters left unfrozen (eval mode only, as before psadv/attacks/mode.py)
 PSADV_MAIN = "import sys; from psadv.cli import main; sys.exit(main())"
-PSADV_TORCH_GRADIENT = "import sys, psadv.layers as l; l.phase_gradient_pays = lambda conv: False; " + PSADV_MAIN.split("; ", 1)[1]
+TORCH_GRADIENT = "import psadv.layers as l; l.phase_gradient_pays = lambda conv: False; "
+UNFROZEN = ("import contextlib, psadv.attacks.pgd as p\n"
+            "@contextlib.contextmanager\n"
+            "def eval_only(model):\n"
+            "    was = model.training\n"
+            "    model.eval()\n"
+            "    try:\n"
+            "        yield model\n"
+            "    finally:\n"
+            "        model.train(was)\n"
+            "p.attacking = eval_only\n")
+LOOP_VARIANTS = {"this checkout": PSADV_MAIN,
+                 "torch's input gradient": TORCH_GRADIENT + PSADV_MAIN,
+                 "parameters not frozen": UNFROZEN + PSADV_MAIN,
+                 "torch's input gradient, parameters not frozen": UNFROZEN + TORCH_GRADIENT + PSADV_MAIN}
 
 
 def phase_loops(args) -> dict:
-    """`psadv train` of this checkout, with the phase form and without it, against ``--baseline-src``
-    (alone and with the passive OpenMP wait it had before results/openmp-wait.toml), taking turns
-    round by round: examples/s as the median of the run's train rows, and the versions it trained."""
+    """`psadv train` of this checkout, whole and with either part of the change taken out
+    (:data:`LOOP_VARIANTS`), and of ``--baseline-src`` (alone and with the passive OpenMP wait it had
+    before results/openmp-wait.toml), in an order shuffled each round (seeded) so that the VM's
+    drift reaches every variant alike: examples/s as the median of the run's train rows, the versions
+    it trained, and versions per second of training."""
+    import random
     import tempfile
     here = str(Path(__file__).resolve().parents[1])
-    variants = {"this checkout": (here, {}, PSADV_MAIN),
-                "this checkout, torch's input gradient": (here, {}, PSADV_TORCH_GRADIENT)}
+    variants = {name: (here, {}, code) for name, code in LOOP_VARIANTS.items()
+                if name == "this checkout" or name in args.loop_variants.split(",") or args.loop_variants == "all"}
     if args.baseline_src:
         variants["baseline"] = (args.baseline_src, {}, PSADV_MAIN)
         variants["baseline, passive wait"] = (args.baseline_src, {"OMP_WAIT_POLICY": "PASSIVE"}, PSADV_MAIN)
-    out = {name: {"examples_per_s": [], "versions": []} for name in variants}
+    out = {name: {"examples_per_s": [], "versions": [], "versions_per_s": []} for name in variants}
     cmd, run_tmp = None, None
+    order, rng = list(variants), random.Random(args.loop_order_seed)
     for _ in range(args.loop_rounds):
-        for name, (src, env, code) in variants.items():
+        rng.shuffle(order)
+        for name in order:
+            src, env, code = variants[name]
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, "-c", code, "train", "--data-dir", args.data_dir, "--time-budget",
                        str(args.loop_seconds), "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10",
@@ -521,11 +542,12 @@ def phase_loops(args) -> dict:
                            for a, b in zip(train, train[1:]) if b["time"] > a["time"])
             out[name]["examples_per_s"].append(round(rates[len(rates) // 2], 1))
             out[name]["versions"].append(summary["version"])
+            out[name]["versions_per_s"].append(round(summary["version"] / summary["elapsed"], 2))
             print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
-    first = out["this checkout"]["examples_per_s"]
+    first = out["this checkout"]["versions_per_s"]
     for name in variants:
         if name != "this checkout":
-            ratios = [a / b for a, b in zip(first, out[name]["examples_per_s"])]
+            ratios = [a / b for a, b in zip(first, out[name]["versions_per_s"])]
             out[name]["this_checkout_over_it"] = [round(r, 3) for r in ratios]
             out[name]["this_checkout_over_it_median"] = round(float(np.median(ratios)), 3)
     return {"command": "psadv " + " ".join(cmd[3:]).replace(run_tmp, "TMP"), "variants": out}
@@ -588,6 +610,8 @@ def main() -> None:
     ph.add_argument("--parts", default="kernels,versions,loops", help="which comparisons to run")
     ph.add_argument("--loop-seconds", type=float, default=20.0, help="--time-budget of each `psadv train`")
     ph.add_argument("--loop-rounds", type=int, default=3, help="rounds of the `psadv train` comparison")
+    ph.add_argument("--loop-variants", default="all", help=f"of {', '.join(LOOP_VARIANTS)} (comma-separated), or all")
+    ph.add_argument("--loop-order-seed", type=int, default=0, help="seed of the rounds' shuffled order")
     sub.choices["robust"].add_argument("--run-dir", default="runs/bench-robust")
     sub.choices["robust"].add_argument("extra", nargs="*", help="more `psadv train` flags (after --)")
     args = parser.parse_args()
