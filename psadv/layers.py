@@ -8,7 +8,8 @@ backward-data kernel on this CPU took 9× the forward's time and a fifth of a PG
 convolution of stride s whose kernel divides into s × s phases is one ordinary stride-1
 convolution into s² · C_in channels (one per phase), interleaved back into the image's grid — the
 "phase" (polyphase) decomposition. Forward kernels are the fast ones, so :class:`PhaseConv2d` runs
-its input gradient that way; the forward pass and the weight's gradient stay torch's own.
+its input gradient that way on the CPU; the forward pass and the weight's gradient stay torch's own,
+and a GPU keeps cuDNN's kernel (not measured there).
 
 The rule of where it pays is measured, not assumed (:func:`phase_gradient_pays`): for strided
 convolutions of 1 and 3 input channels the phase form was 1.8–4× faster; with 16 or 32 input
@@ -91,18 +92,19 @@ class _PhaseConv2dFunction(torch.autograd.Function):
 
 class PhaseConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state dict and forward values) whose input gradient takes the
-    phase form where :func:`phase_gradient_pays`. Only a pass that needs the input's gradient (an
-    attack step, GradAlign) takes the custom path; evaluation without gradients, export and training
-    on clean inputs run torch's convolution unchanged."""
+    phase form where :func:`phase_gradient_pays`, on the CPU (where it was measured). Only a pass that
+    needs the input's gradient (an attack step, GradAlign) takes the custom path; evaluation without
+    gradients, export and training on clean inputs run torch's convolution unchanged."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.phase_gradient = phase_gradient_pays(self)
 
     def _conv_forward(self, x, weight, bias):
-        if not (self.phase_gradient and x.requires_grad and torch.is_grad_enabled()):
-            return super()._conv_forward(x, weight, bias)
         device = x.device.type
+        # measured on CPUs only (oneDNN); a GPU keeps cuDNN's kernel until a GPU run says otherwise
+        if not (self.phase_gradient and device == "cpu" and x.requires_grad and torch.is_grad_enabled()):
+            return super()._conv_forward(x, weight, bias)
         if torch.is_autocast_enabled(device):  # autocast's own casts for conv2d, made here so that
             dtype = torch.get_autocast_dtype(device)  # the function sees (and returns) one dtype
             x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))

@@ -119,6 +119,22 @@ def test_where_the_phase_form_is_used(kw, pays):
     assert PhaseConv2d(**kw).phase_gradient is pays
 
 
+def test_only_a_cpu_pass_that_needs_the_input_gradient_takes_the_phase_form(monkeypatch):
+    calls = []
+    original = _PhaseConv2dFunction.apply
+    monkeypatch.setattr(_PhaseConv2dFunction, "apply", lambda *a: calls.append(a) or original(*a))
+    conv = PhaseConv2d(1, 4, 4, stride=2, padding=1)
+    x = torch.rand(2, 1, 8, 8)
+    conv(x)  # no input gradient wanted
+    with torch.no_grad():
+        conv(x.requires_grad_(True))
+    PhaseConv2d(1, 4, 4, stride=2, padding=1, device="meta")(
+        torch.rand(2, 1, 8, 8, device="meta", requires_grad=True))  # not a CPU
+    assert calls == []
+    conv(x)
+    assert len(calls) == 1
+
+
 def test_mnist_small_uses_it_only_for_its_first_convolution():
     model = build_model("mnist-small")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

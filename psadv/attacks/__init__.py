@@ -2,6 +2,7 @@
 
 * :mod:`.threats` — ε-balls (L∞, L2) intersected with the pixel range, by name in ``THREATS``;
 * :mod:`.losses` — per-example attack losses, by name in ``LOSSES``;
+* :mod:`.mode` — :func:`attacking`: every attack's model in eval mode with its parameters frozen;
 * :mod:`.pgd` — :class:`Attack` and :func:`perturb`: FGSM, FGSM-RS, N-FGSM and PGD as one loop;
 * :mod:`.memory` — :class:`PerturbationMemory`: each training example's last perturbation.
 """
