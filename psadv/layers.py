@@ -3,8 +3,8 @@
 Every attack step ends in the gradient of the loss with respect to the input image, and the last
 thing that gradient passes through is the model's first convolution. For a strided convolution of
 few input channels (mnist-small's first layer: 1 → 16 channels, 4 × 4, stride 2), oneDNN's
-backward-data kernel on this CPU took 9× the forward's time and a fifth of a PGD-5 training version
-(results/input-gradient.toml). The same gradient is a transposed convolution, and a transposed
+backward-data kernel on this CPU took 9× the forward's time and about a quarter of a PGD-5 training
+version (results/input-gradient.toml). The same gradient is a transposed convolution, and a transposed
 convolution of stride s whose kernel divides into s × s phases is one ordinary stride-1
 convolution into s² · C_in channels (one per phase), interleaved back into the image's grid — the
 "phase" (polyphase) decomposition. Forward kernels are the fast ones, so :class:`PhaseConv2d` runs
@@ -12,7 +12,7 @@ its input gradient that way on the CPU; the forward pass and the weight's gradie
 and a GPU keeps cuDNN's kernel (not measured there).
 
 The rule of where it pays is measured, not assumed (:func:`phase_gradient_pays`): for strided
-convolutions of 1 and 3 input channels the phase form was 1.8–4× faster; with 16 or 32 input
+convolutions of 1 and 3 input channels the phase form was 1.5–4.2× faster; with 16 or 32 input
 channels, or at stride 1, torch's kernel was as fast or faster, so those stay torch's.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # The most input channels the phase form was measured to pay for (results/input-gradient.toml):
-# 1 and 3 did (1.8-4x), 16 did not (0.5-1x).
+# 1 and 3 did (1.5-4.2x), 16 did not (0.35-0.82x).
 MAX_PHASE_CHANNELS = 3
 
 

@@ -3,8 +3,8 @@
 An attack wants the gradient of its loss with respect to the input only. With the parameters'
 ``requires_grad`` switched off for the attack's length, autograd neither saves nor computes
 anything for the weights' gradients, and a layer with its own backward
-(:class:`psadv.layers.PhaseConv2d`) skips the weight's gradient too: at batch 100 that made a PGD-5
-training version 1.2× faster together with the phase-form input gradient
+(:class:`psadv.layers.PhaseConv2d`) skips the weight's gradient too. Together with the phase-form
+input gradient that made `psadv train` 1.07× faster; freezing alone measured within the VM's noise
 (results/input-gradient.toml). Both the mode and the flags are restored afterwards, also when the
 attack raises; parameter gradients already accumulated are untouched.
 """
