@@ -33,10 +33,12 @@
         the phase-form input gradient (psadv/layers.py): torch's input-gradient kernel against the
         phase form for the convolutions of the built-in models (float32 and bfloat16, NCHW and
         channels-last, with the relative difference); a training version with mnist-small's first
-        convolution in the phase form and in torch's (alternating rounds); and `psadv train` itself
-        against an older checkout of psadv (--baseline-src, alone and with the passive OpenMP wait
-        psadv had before results/openmp-wait.toml), alternating rounds. The script leaves OpenMP's
-        wait as the caller set it; GOMP_SPINCOUNT=10000 KMP_BLOCKTIME=0 before it is psadv's own
+        convolution in the phase form and in torch's (alternating rounds); and `psadv train` itself,
+        whole and with either part of the change taken out (the phase rule off; the attacks'
+        parameters not frozen), and from an older checkout (--baseline-src, alone and with the
+        passive OpenMP wait psadv had before results/openmp-wait.toml), in a seeded shuffled order
+        each round; --parts picks among kernels, versions, loops. The script leaves OpenMP's wait
+        as the caller set it; GOMP_SPINCOUNT=10000 KMP_BLOCKTIME=0 before it is psadv's own
 
 Each command prints one JSON object (and writes it with --out). Run on a quiet machine: a
 second busy process on the same cores distorts every number.
