@@ -3,8 +3,8 @@
 Every attack step ends in the gradient of the loss with respect to the input image, and the last
 thing that gradient passes through is the model's first convolution. For a strided convolution of
 few input channels (mnist-small's first layer: 1 → 16 channels, 4 × 4, stride 2), oneDNN's
-backward-data kernel on this CPU took 9× the forward's time and about a quarter of a PGD-5 training
-version (results/input-gradient.toml). The same gradient is a transposed convolution, and a transposed
+backward-data kernel on this CPU took longer than for the second layer, which has 8× its arithmetic,
+and about a quarter of a PGD-5 training version (results/input-gradient.toml). The same gradient is a transposed convolution, and a transposed
 convolution of stride s whose kernel divides into s × s phases is one ordinary stride-1
 convolution into s² · C_in channels (one per phase), interleaved back into the image's grid — the
 "phase" (polyphase) decomposition. Forward kernels are the fast ones, so :class:`PhaseConv2d` runs

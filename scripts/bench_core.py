@@ -488,7 +488,8 @@ def phase_versions(x_train, y_train, precision: str, steps_list, batches, second
 
 # `psadv train` as its console script runs it, and with either of the change's two parts taken out:
 # the phase rule switched off (every convolution takes torch's input gradient), and the attacks'
-# parameters left unfrozen (eval mode only, as before psadv/attacks/mode.py)
+# parameters left unfrozen in the training attack, psadv.attacks.pgd (eval mode only, as before
+# psadv/attacks/mode.py)
 PSADV_MAIN = "import sys; from psadv.cli import main; sys.exit(main())"
 TORCH_GRADIENT = "import psadv.layers as l; l.phase_gradient_pays = lambda conv: False; "
 UNFROZEN = ("import contextlib, psadv.attacks.pgd as p\n"
