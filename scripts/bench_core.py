@@ -147,7 +147,8 @@ def arithmetic(args) -> dict:
     # bf16+channels_last is --precision bf16; bf16 alone shows what the layout adds to it
     settings = {"eager": (torch.contiguous_format, False), "channels_last": (torch.channels_last, False),
                 "compile": (torch.contiguous_format, True), "bf16": (torch.contiguous_format, False, True),
-                "bf16+channels_last": (torch.channels_last, False, True)}
+                "bf16+channels_last": (torch.channels_last, False, True),
+                "bf16+channels_last+compile": (torch.channels_last, True, True)}
     names = [name.strip() for name in args.variants.split(",")]
     if "eager" not in names or not set(names) <= set(settings):
         raise SystemExit(f"bench_core: --variants takes eager and any of {', '.join(settings)}")
