@@ -1,8 +1,9 @@
 """How many torch threads a process takes, and OpenMP's behaviour while they wait.
 
 The decision is :func:`choose_threads`, a pure function of what the operating system says (the
-cores this process may run on, its cgroup CPU quota, the load average, the ranks per host); the
-readers of those facts (:func:`usable_cores`, :func:`cpu_quota`, :func:`load_average`) are the edge.
+cores this process may run on, its cgroup CPU quota, the other work (:func:`other_work`), the ranks
+per host); the readers of those facts (:func:`usable_cores`, :func:`cpu_quota`, :func:`load_average`,
+:func:`runnable_tasks`) are the edge.
 On a machine that other jobs share, OpenMP threads that spin long while they wait for each other
 take the cores from those jobs and from each other: next to other work, 2 threads spinning as
 libgomp does by default trained 3-9 versions in a 15 s budget where 2 passively waiting ones trained
@@ -38,6 +39,18 @@ WAIT_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 OVERSUBSCRIBED_SLACK = 0.5
 
 
+def other_work(load: float | None, runnable: int | None) -> float | None:
+    """Cores that other work keeps busy as psadv starts: the one-minute ``load`` average, at most the
+    ``runnable`` tasks of this instant less this process. Either alone misleads: the load average
+    lags, so a job that ended seconds ago still counts (one psadv run right after another warned
+    with a load of 0.9-1.5 on an idle 2-core machine), and the instant's count sees a short-lived
+    shell as busy; the smaller of the two counts only work that has run for a while and still runs.
+    None where neither is known."""
+    if load is None or runnable is None:
+        return load
+    return min(load, float(max(0, runnable - 1)))
+
+
 def quiet_openmp(environ=os.environ) -> dict[str, str]:
     """Set :data:`OPENMP_DEFAULTS` in ``environ`` where unset; returns what it set. Effective only
     before torch (and with it the OpenMP runtime) is first imported."""
@@ -64,8 +77,8 @@ def choose_threads(requested: int, cores: int, quota: float | None = None, load:
     ``requested`` > 0 is the user's (``--threads N``) and is taken as it is. 0 (automatic) takes the
     cores this process may use (``cores``, its CPU affinity), at most the cgroup ``quota`` in cores
     (rounded down: threads beyond the quota are throttled for the rest of each period), split between
-    the ranks on the host, and at least 1. The ``load`` average (read at start-up, before this job
-    adds to it) does not lower the count: with OpenMP's threads waiting passively, all the usable
+    the ranks on the host, and at least 1. The ``load`` of other work in cores (:func:`other_work`,
+    read at start-up, before this job adds to it) does not lower the count: with OpenMP's threads waiting passively, all the usable
     cores trained 1.6-2x the versions of one thread next to other work, while a count lowered by the
     load ran 2.3x fewer (results/threads-busy-machine.toml); it only makes the warning, when the load
     plus this job's threads exceed the usable cores (psadv will run, slower than on an idle machine),
@@ -88,7 +101,7 @@ def choose_threads(requested: int, cores: int, quota: float | None = None, load:
         warning = (f"psadv: warning: --threads {requested} x {ranks} rank{'s' if ranks != 1 else ''} on {limit} "
                    "oversubscribes them: expect it to run slower than with fewer threads")
     elif requested == 0 and (load or 0.0) + ours > usable + OVERSUBSCRIBED_SLACK:
-        busy = f"load average {load:.1f} before psadv, and " if load else ""
+        busy = f"other work on {load:.1f} cores before psadv, and " if load else ""
         warning = (f"psadv: warning: the machine is oversubscribed ({busy}{ours} psadv thread{'s' if ours != 1 else ''}"
                    f"{f' in {ranks} ranks' if ranks > 1 else ''} on {limit}): expect it to run slower than on an "
                    "idle machine; --threads N sets the count")
@@ -163,6 +176,16 @@ def load_average() -> float | None:
         return None
 
 
+def runnable_tasks(path: str | os.PathLike = "/proc/loadavg") -> int | None:
+    """The tasks (threads, host-wide) runnable at this instant, this one included: the fourth field
+    of Linux's ``/proc/loadavg`` ("RUNNABLE/TOTAL"); None where there is no such file."""
+    try:
+        return int(Path(path).read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def pick_threads(requested: int = 0, ranks_per_node: int = 1) -> ThreadChoice:
     """:func:`choose_threads` with this machine's facts."""
-    return choose_threads(requested, usable_cores(), cpu_quota(), load_average(), ranks_per_node)
+    load = other_work(load_average(), runnable_tasks())
+    return choose_threads(requested, usable_cores(), cpu_quota(), load, ranks_per_node)

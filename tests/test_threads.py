@@ -14,7 +14,7 @@ import psadv
 import psadv.threads
 from cli_helpers import invoke
 from conftest import REQUIRE_ALL, require, require_program
-from psadv.threads import choose_threads, cpu_quota, quiet_openmp
+from psadv.threads import choose_threads, cpu_quota, other_work, quiet_openmp, runnable_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,32 @@ def test_automatic_threads_take_the_usable_cores_and_warn_when_other_work_fills_
     # results/threads-busy-machine.toml); it makes the warning
     busy = choose_threads(0, cores=2, load=2.0)
     assert busy.threads == 2
-    assert busy.warning == ("psadv: warning: the machine is oversubscribed (load average 2.0 before psadv, and 2 "
+    assert busy.warning == ("psadv: warning: the machine is oversubscribed (other work on 2.0 cores before psadv, and 2 "
                             "psadv threads on 2 usable cores): expect it to run slower than on an idle machine; "
                             "--threads N sets the count")
     assert choose_threads(0, cores=16, load=4.2).threads == 16
+
+
+def test_other_work_counts_only_load_that_lasted_and_still_runs():
+    # a run that ended seconds ago: the load average still says 1.5, only this process runs now
+    assert other_work(1.5, 1) == 0.0
+    assert choose_threads(0, cores=2, load=other_work(1.5, 1)).warning is None
+    # a busy loop on each core for a minute: both agree
+    assert other_work(2.1, 3) == 2.0
+    assert "oversubscribed (other work on 2.0 cores" in choose_threads(0, cores=2, load=other_work(2.1, 3)).warning
+    # a burst of short-lived processes at this instant: the load average has not seen them for long
+    assert other_work(0.3, 9) == 0.3
+    assert other_work(None, 4) is None and other_work(0.7, None) == 0.7  # what is not known
+
+
+def test_runnable_tasks_reads_the_fourth_field_of_proc_loadavg(tmp_path):
+    _write(tmp_path / "loadavg", "1.26 1.03 0.52 3/115 3583\n")
+    assert runnable_tasks(tmp_path / "loadavg") == 3
+    _write(tmp_path / "short", "1.26 1.03\n")
+    assert runnable_tasks(tmp_path / "short") is None
+    assert runnable_tasks(tmp_path / "absent") is None
+    if Path("/proc/loadavg").exists():
+        assert runnable_tasks() >= 1  # this test runs
 
 
 def test_quota_and_ranks_per_node_bound_the_automatic_count():
@@ -120,6 +142,7 @@ def machine(monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setattr(psadv.threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(psadv.threads, "cpu_quota", lambda: None)
+    monkeypatch.setattr(psadv.threads, "runnable_tasks", lambda: None)  # the load average alone
     yield lambda load: monkeypatch.setattr(psadv.threads, "load_average", lambda: load)
     torch.set_num_threads(threads)
 
@@ -131,7 +154,7 @@ def test_eval_warns_once_on_a_busy_machine_and_reports_its_threads(tiny_run, mni
     busy = invoke(*args)
     assert busy.exit_code == 0, busy.stderr
     warnings = [line for line in busy.stderr.splitlines() if "oversubscribed" in line]
-    assert warnings == ["psadv: warning: the machine is oversubscribed (load average 7.5 before psadv, and 2 "
+    assert warnings == ["psadv: warning: the machine is oversubscribed (other work on 7.5 cores before psadv, and 2 "
                         "psadv threads on 2 usable cores): expect it to run slower than on an idle machine; "
                         "--threads N sets the count"]
     assert json.loads(busy.stdout)["threads"] == 2
