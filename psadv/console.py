@@ -80,6 +80,7 @@ def adversary_line(cfg: Config) -> str:
         text += f" x{cfg.attack_restarts} restarts"
     text += f", GradAlign λ={cfg.grad_align:g}" if cfg.grad_align else ""
     text += ", reused perturbations" if cfg.reuse_perturbations else ""
+    text += f", {cfg.clean_share:.0%} of each batch clean" if cfg.clean_share else ""
     return text + (", bfloat16 arithmetic" if cfg.precision == "bf16" else "")
 
 

@@ -71,7 +71,7 @@ class AttackSchedule:
         eps = eps_at(p, cfg)
         step_size = cfg.attack_step_ratio * eps if cfg.attack_step_ratio > 0 and eps > 0 else None
         return Attack(name=cfg.attack, eps=eps, steps=self.steps_at(p), step_size=step_size,
-                      restarts=cfg.attack_restarts, norm=cfg.norm)
+                      restarts=cfg.attack_restarts, norm=cfg.norm, clean_share=cfg.clean_share)
 
 
 def eval_settings(cfg: Config, eps: float | None = None) -> EvalSettings:

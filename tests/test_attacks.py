@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from psadv.attacks import ATTACKS, Attack, L2Threat, LinfThreat, margin_loss, perturb
+from psadv.attacks import ATTACKS, Attack, L2Threat, LinfThreat, margin_loss, perturb, refine
+from psadv.attacks.pgd import attacked_count
 from psadv.errors import ConfigError
 from psadv.grading import measure_accuracy
 from psadv.models import MODELS, build_model
@@ -187,7 +188,8 @@ def test_n_fgsm_leaves_the_eps_ball_by_design_but_not_its_reach(model, batch, no
 
 
 @pytest.mark.parametrize("kwargs", [dict(name="bim"), dict(eps=-0.1), dict(steps=-1), dict(restarts=0),
-                                    dict(norm="l1"), dict(loss="hinge"), dict(step_size=0.0)])
+                                    dict(norm="l1"), dict(loss="hinge"), dict(step_size=0.0),
+                                    dict(clean_share=1.0), dict(clean_share=-0.1)])
 def test_bad_attack_arguments(kwargs):
     with pytest.raises(ConfigError):
         Attack(**kwargs)
@@ -197,6 +199,30 @@ def test_clean_attack_returns_input(model, batch):
     x, y = batch
     assert torch.equal(perturb(model, x, y, Attack(name="none")), x)
     assert torch.equal(perturb(model, x, y, Attack(name="pgd", eps=0.0)), x)
+
+
+def test_a_clean_share_attacks_the_first_examples_and_leaves_the_rest_as_they_are(model, batch):
+    x, y = batch  # 16 examples
+    assert [attacked_count(16, s) for s in (0.0, 0.25, 0.5, 0.9)] == [16, 12, 8, 2]
+    assert attacked_count(3, 0.9) == 1 and attacked_count(0, 0.5) == 0  # at least one, when there is one
+    attack = Attack(name="pgd", eps=0.3, steps=3, clean_share=0.25)
+    torch.manual_seed(2)
+    x_adv = perturb(model, x, y, attack)
+    assert x_adv.shape == x.shape
+    assert torch.equal(x_adv[12:], x[12:])
+    assert (x_adv[:12] - x[:12]).flatten(1).abs().amax(1).gt(0).all()  # every attacked example moved
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    # the attacked part is the attack of those examples alone, random start included
+    torch.manual_seed(2)
+    alone = perturb(model, x[:12], y[:12], Attack(name="pgd", eps=0.3, steps=3))
+    assert torch.equal(x_adv[:12], alone)
+    # a given start (reused perturbations) is not carried into the clean share
+    shifted = (x + 0.1).clamp(0, 1)  # a perturbation remembered for every example
+    assert torch.equal(perturb(model, x, y, attack, start=shifted)[12:], x[12:])
+    # a refinement (a stale push's further steps) keeps the clean share clean
+    refined = refine(model, x, y, attack, start=x_adv)
+    assert torch.equal(refined[12:], x[12:]) and not torch.equal(refined[:12], x[:12])
+    assert "on 75% of each batch" in attack.describe()
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -343,6 +343,7 @@ def test_the_start_up_line_names_the_adversary():
     assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
         "adversary: PGD (steps 2,5@0.5) linf eps=0.3 x2 restarts"
     assert adversary_line(make_config({"dataset": "fashion-mnist"})) == "adversary: PGD-10 linf eps=0.1"
+    assert adversary_line(make_config({"clean_share": 0.25})) == "adversary: PGD-5 linf eps=0.3, 25% of each batch clean"
     assert adversary_line(make_config({"eps": 0})) == "adversary: none (clean training)"
 
 
@@ -466,3 +467,37 @@ def test_budget_and_progress():
     assert schedules.progress(100, 30.0, 0, 60) == 0.5
     assert schedules.progress(300, 30.0, 400, 60) == 0.75
     assert schedules.progress(900, 90.0, 400, 60) == 1.0
+
+
+def test_a_clean_share_trains_on_batches_whose_last_share_is_clean(tmp_path, mnist_dir, monkeypatch):
+    """--clean-share 0.2: every step sees the whole batch, its last fifth exactly as drawn and the rest
+    attacked inside the ε-ball; the run's config keeps the share, and 1 is refused."""
+    from psadv.training import Trainer
+    seen = []
+    step = Trainer.step
+
+    def spy(self, x_adv, y, clean=None):
+        seen.append((x_adv.clone(), self.training_attack()))
+        return step(self, x_adv, y, clean=clean)
+
+    perturbed = []
+    import psadv.single
+    original = psadv.single.perturb
+
+    def remember(model, x, y, attack, start=None):
+        perturbed.append(x.clone())
+        return original(model, x, y, attack, start=start)
+
+    monkeypatch.setattr(Trainer, "step", spy)
+    monkeypatch.setattr(psadv.single, "perturb", remember)
+    summary = run(tmp_path, mnist_dir, steps=6, eval_every=0, eps_ramp=0.0, clean_share=0.2)
+    assert summary["version"] == 6 and summary["examples_seen"] == 6 * 50
+    assert len(seen) == len(perturbed) == 6
+    for (x_adv, attack), x in zip(seen, perturbed):
+        assert x_adv.shape == x.shape and attack.clean_share == 0.2
+        assert torch.equal(x_adv[40:], x[40:])  # the last 10 of 50, as drawn
+        moved = (x_adv[:40] - x[:40]).flatten(1).abs().amax(1)
+        assert (moved > 0).all() and moved.max() <= 0.3 + 1e-6
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["clean_share"] == 0.2
+    with pytest.raises(ConfigError, match="--clean-share must be below 1"):
+        make_config({"clean_share": 1.0})

@@ -16,6 +16,7 @@ different (steps, step size, random start, reach): see :data:`ATTACKS`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -74,6 +75,9 @@ class Attack:
     restarts: int = 1
     norm: str = "linf"
     loss: str = "ce"
+    # A training recipe's share of each batch left as it is (``--clean-share``): :func:`perturb` and
+    # :func:`refine` attack only the first :func:`attacked_count` examples. Evaluation attacks keep 0.
+    clean_share: float = 0.0
 
     def __post_init__(self):
         if self.name not in ATTACKS:
@@ -90,6 +94,8 @@ class Attack:
             raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
         if self.step_size is not None and not self.step_size > 0:
             raise ConfigError(f"attack step size must be > 0, got {self.step_size}")
+        if not 0 <= self.clean_share < 1:
+            raise ConfigError(f"the clean share of a batch must be in [0, 1), got {self.clean_share}")
 
     @property
     def kind(self) -> AttackKind:
@@ -117,7 +123,17 @@ class Attack:
         label = {"pgd": f"PGD-{self.effective_steps}"}.get(self.name, self.name.upper())
         if self.restarts > 1:
             label += f"x{self.restarts}"
-        return f"{label} {self.norm} eps={self.eps:g}" + (" margin" if self.loss == "margin" else "")
+        return (f"{label} {self.norm} eps={self.eps:g}" + (" margin" if self.loss == "margin" else "")
+                + (f" on {1 - self.clean_share:.0%} of each batch" if self.clean_share else ""))
+
+
+def attacked_count(n: int, clean_share: float) -> int:
+    """How many of a batch of ``n`` an attack with ``clean_share`` perturbs: the first
+    ``n - round(clean_share * n)``, at least one. Batches come shuffled, so the first examples are a
+    random subset; the trainer that refines a push counts the same way from the push's size."""
+    if clean_share <= 0 or n <= 0:
+        return n
+    return max(1, n - round(clean_share * n))
 
 
 def initial_point(attack: Attack, x: torch.Tensor) -> torch.Tensor:
@@ -149,9 +165,15 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
 
     ``start`` (examples in the ε-ball around ``x``) replaces the first run's random start: the
     attack continues from earlier adversarial examples, e.g. ones made against a stale model.
+    A ``clean_share`` leaves the last examples as they are (``x``, whatever ``start`` holds for them).
     """
     if attack.name == "none" or attack.eps == 0 or attack.effective_steps == 0:
         return x.detach().clone() if start is None else start.detach().clone()
+    k = attacked_count(len(x), attack.clean_share)
+    if k < len(x):
+        whole = dataclasses.replace(attack, clean_share=0.0)
+        head = perturb(model, x[:k], y[:k], whole, start=None if start is None else start[:k])
+        return torch.cat([head, x[k:].detach()])
     threat = THREATS[attack.norm](attack.eps * attack.kind.reach)
     loss_fn = LOSSES[attack.loss]
     with attacking(model):
