@@ -469,9 +469,11 @@ def test_budget_and_progress():
     assert schedules.progress(900, 90.0, 400, 60) == 1.0
 
 
-def test_a_clean_share_trains_on_batches_whose_last_share_is_clean(tmp_path, mnist_dir, monkeypatch):
+@pytest.mark.parametrize("stale", [{}, {"emulate_staleness": 2, "refine_steps": 1}])
+def test_a_clean_share_trains_on_batches_whose_last_share_is_clean(tmp_path, mnist_dir, monkeypatch, stale):
     """--clean-share 0.2: every step sees the whole batch, its last fifth exactly as drawn and the rest
-    attacked inside the ε-ball; the run's config keeps the share, and 1 is refused."""
+    attacked inside the ε-ball, also after the trainer refines a stale batch (as the MPI server does);
+    the run's config keeps the share, and 1 is refused."""
     from psadv.training import Trainer
     seen = []
     step = Trainer.step
@@ -490,7 +492,7 @@ def test_a_clean_share_trains_on_batches_whose_last_share_is_clean(tmp_path, mni
 
     monkeypatch.setattr(Trainer, "step", spy)
     monkeypatch.setattr(psadv.single, "perturb", remember)
-    summary = run(tmp_path, mnist_dir, steps=6, eval_every=0, eps_ramp=0.0, clean_share=0.2)
+    summary = run(tmp_path, mnist_dir, steps=6, eval_every=0, eps_ramp=0.0, clean_share=0.2, **stale)
     assert summary["version"] == 6 and summary["examples_seen"] == 6 * 50
     assert len(seen) == len(perturbed) == 6
     for (x_adv, attack), x in zip(seen, perturbed):
