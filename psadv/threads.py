@@ -77,12 +77,12 @@ def choose_threads(requested: int, cores: int, quota: float | None = None, load:
     ``requested`` > 0 is the user's (``--threads N``) and is taken as it is. 0 (automatic) takes the
     cores this process may use (``cores``, its CPU affinity), at most the cgroup ``quota`` in cores
     (rounded down: threads beyond the quota are throttled for the rest of each period), split between
-    the ranks on the host, and at least 1. The ``load`` of other work in cores (:func:`other_work`,
-    read at start-up, before this job adds to it) does not lower the count: with OpenMP's threads waiting passively, all the usable
-    cores trained 1.6-2x the versions of one thread next to other work, while a count lowered by the
-    load ran 2.3x fewer (results/threads-busy-machine.toml); it only makes the warning, when the load
-    plus this job's threads exceed the usable cores (psadv will run, slower than on an idle machine),
-    or when the user's count alone does.
+    the ranks on the host, and at least 1. The ``load`` of other work, in cores (:func:`other_work`,
+    read at start-up, before this job adds to it), does not lower the count: with OpenMP's threads
+    waiting passively, all the usable cores trained 1.6-2x the versions of one thread next to other
+    work, while a count lowered by the load ran 2.3x fewer (results/threads-busy-machine.toml); it
+    only makes the warning, when the load plus this job's threads exceed the usable cores (psadv will
+    run, slower than on an idle machine), or when the user's count alone does.
     """
     cores = max(1, int(cores))
     ranks = max(1, int(ranks_per_node))

@@ -343,7 +343,8 @@ def test_the_start_up_line_names_the_adversary():
     assert adversary_line(make_config({"attack_steps_schedule": "2,5@0.5", "attack_restarts": 2})) == \
         "adversary: PGD (steps 2,5@0.5) linf eps=0.3 x2 restarts"
     assert adversary_line(make_config({"dataset": "fashion-mnist"})) == "adversary: PGD-10 linf eps=0.1"
-    assert adversary_line(make_config({"clean_share": 0.25})) == "adversary: PGD-5 linf eps=0.3, 25% of each batch clean"
+    assert adversary_line(make_config({"clean_share": 0.25})) == \
+        "adversary: PGD-5 linf eps=0.3, 25% of each batch clean"
     assert adversary_line(make_config({"eps": 0})) == "adversary: none (clean training)"
 
 
