@@ -558,8 +558,12 @@ def test_sigterm_ends_a_job_whose_attacker_hangs_while_the_ranks_exit(tmp_path, 
             world = wait_for(lambda: rows(run, "world"), 60, proc, "the world row")[0]
             pids = {r["rank"]: int(r["pid"]) for r in world["ranks"]}
             deadline = time.monotonic() + 90
-            while not (run / "summary.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+            # Stop the attacker only once its command has ended and SIGTERM is back at its default
+            # action: stopped while psadv's handler still held the signal, it stayed pending on the
+            # stopped rank and the job's end waited on mpiexec (a flaky failure under load).
+            while not ((run / "summary.json").exists() and _sigterm_is_default(pids[1])) \
+                    and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
             try:
                 os.kill(pids[1], signal.SIGSTOP)
                 stopped = proc.poll() is None
@@ -580,9 +584,21 @@ def test_sigterm_ends_a_job_whose_attacker_hangs_while_the_ranks_exit(tmp_path, 
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert stopped, "the attacker had always exited before it could be stopped"
+    assert stopped, "the attacker never ended its command with SIGTERM at its default action before it exited"
     s = summary(run)
     assert s["version"] == 20 and load_checkpoint(find_checkpoint(run)).state["version"] == 20
+
+
+def _sigterm_is_default(pid: int) -> bool:
+    """Whether SIGTERM has its default action in process ``pid``: neither caught nor ignored
+    (/proc/PID/status); False once the process has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith(("SigCgt", "SigIgn")))
+    bit = 1 << (signal.SIGTERM - 1)
+    return not (int(masks["SigCgt"], 16) | int(masks["SigIgn"], 16)) & bit
 
 
 @needs_mpi
