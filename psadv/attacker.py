@@ -144,7 +144,7 @@ class Attacker:
         if cfg.refine_steps and cfg.refine_on == "attackers" and self.mode == "examples" and attack.eps > 0:
             x_adv = self._refine_fresh(x, y, x_adv, attack)
         if memory is not None:
-            memory.remember(torch.from_numpy(idx), x, x_adv)
+            memory.remember(torch.from_numpy(idx), x, x_adv, attack)
         stats = None
         if self.mode == "examples":
             nbytes = self.layout.pack(slot, x_adv.detach().cpu().numpy().astype(self.layout.dtype, copy=False),

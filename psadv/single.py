@@ -75,7 +75,7 @@ def _loop(run: SingleRun, bar: ProgressBar) -> dict:
         if fresher is not None and attack.eps > 0:  # --refine-on attackers: the attacker's refinement
             x_adv = _refine(trainer, fresher, x, y, attack, x_adv)
         if memory is not None:  # what the attacker made: under MPI the server's refinement stays with it
-            memory.remember(idx, x, x_adv)
+            memory.remember(idx, x, x_adv, attack)
         if cfg.refine_steps and cfg.refine_on == "server" and lag.stale():  # docs/design/staleness.md
             x_adv = _refine(trainer, trainer.model, x, y, attack, x_adv)
         out = lag.step(x_adv, y, x, attack)  # the trainer's step, or an emulated attacker's gradient push

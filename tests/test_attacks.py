@@ -244,7 +244,7 @@ def test_perturbation_memory_starts_seen_examples_where_they_ended(model, batch)
     fresh = memory.starts(idx, x, attack)  # nothing seen: the attack's own random start
     assert (fresh - x).abs().max() <= 0.3 + 1e-6 and not torch.equal(fresh, x)
     x_adv = perturb(model, x, y, attack, start=fresh)
-    memory.remember(idx[:8], x[:8], x_adv[:8])
+    memory.remember(idx[:8], x[:8], x_adv[:8], attack)
     starts = memory.starts(idx, x, attack)
     torch.testing.assert_close(starts[:8], x_adv[:8], atol=1e-3, rtol=0)  # float16 storage
     assert (starts[8:] - x[8:]).abs().max() <= 0.3 + 1e-6  # unseen: fresh random starts
@@ -255,3 +255,27 @@ def test_perturbation_memory_starts_seen_examples_where_they_ended(model, batch)
     assert torch.equal(again.delta, memory.delta) and torch.equal(again.seen, memory.seen)
     with pytest.raises(ValueError, match="shape"):
         PerturbationMemory(99, tuple(x.shape[1:])).load_arrays(memory.to_arrays())
+
+
+def test_perturbation_memory_keeps_what_a_clean_share_left_unattacked(model, batch):
+    """The clean share's examples were not attacked: remembering their zero perturbation would start
+    their next attack at the clean point instead of a random one (or their last perturbation)."""
+    from psadv.attacks import PerturbationMemory
+
+    x, y = batch  # 16 examples, the last 4 the clean share
+    memory = PerturbationMemory(100, tuple(x.shape[1:]))
+    idx = torch.arange(16)
+    whole = Attack(name="pgd", eps=0.3, steps=3)
+    torch.manual_seed(0)
+    first = perturb(model, x, y, whole)
+    memory.remember(idx, x, first, whole)
+    shared = Attack(name="pgd", eps=0.3, steps=3, clean_share=0.25)
+    second = perturb(model, x, y, shared, start=memory.starts(idx, x, shared))
+    assert torch.equal(second[12:], x[12:])
+    memory.remember(idx, x, second, shared)
+    starts = memory.starts(idx, x, whole)
+    torch.testing.assert_close(starts[:12], second[:12], atol=1e-3, rtol=0)
+    torch.testing.assert_close(starts[12:], first[12:], atol=1e-3, rtol=0)  # not the clean point
+    unseen = PerturbationMemory(100, tuple(x.shape[1:]))
+    unseen.remember(idx, x, second, shared)
+    assert torch.equal(unseen.seen[:16], torch.arange(16) < 12)  # never attacked: a random start next time

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .pgd import Attack, initial_point
+from .pgd import Attack, attacked_count, initial_point
 from .threats import THREATS
 
 
@@ -32,8 +32,13 @@ class PerturbationMemory:
         warm = ball.project(x + self.delta[idx].to(x.device, x.dtype), x)
         return torch.where(seen.view(-1, *([1] * (x.dim() - 1))), warm, fresh)
 
-    def remember(self, idx: torch.Tensor, x: torch.Tensor, x_adv: torch.Tensor) -> None:
-        self.delta[idx] = (x_adv - x).detach().to("cpu", torch.float16)
+    def remember(self, idx: torch.Tensor, x: torch.Tensor, x_adv: torch.Tensor, attack: Attack) -> None:
+        """Keep the perturbations ``attack`` made. Its clean share (the batch's last examples) was
+        not attacked: those examples keep what they had, so a later visit that attacks them starts
+        from their last perturbation or a random point, not from the clean point."""
+        k = attacked_count(len(x), attack.clean_share)
+        idx = idx[:k]
+        self.delta[idx] = (x_adv[:k] - x[:k]).detach().to("cpu", torch.float16)
         self.seen[idx] = True
 
     def to_arrays(self) -> dict[str, np.ndarray]:
