@@ -8,12 +8,8 @@
 #
 #   bash scripts/clean_share_ema.sh OUT DATA_DIR
 #
-# Training only (quiet, one at a time, 2 threads); grade with scripts/grade_full.sh. Re-running
-# continues: finished runs are kept.
+# Training only (scripts/interleaved.sh); grade with scripts/grade_full.sh.
 set -euo pipefail
 out=${1:?OUT}; data=${2:?DATA_DIR}
-for seed in 0 1 2; do
-  python scripts/budget_search.py --data-dir "$data" --out "$out" --train-only --seeds "$seed" --grid 30 \
-      --recipe default= --recipe 'share-0.2-ema=--clean-share 0.2 --ema-decay 0.995' \
-      --recipe 'share-0.35-ema=--clean-share 0.35 --ema-decay 0.995'
-done
+exec bash "$(dirname "$0")/interleaved.sh" "$out" "$data" 30 0,1,2 default= 'share-0.2-ema=--clean-share 0.2 --ema-decay 0.995' \
+    'share-0.35-ema=--clean-share 0.35 --ema-decay 0.995'

@@ -9,12 +9,8 @@
 #
 #   bash scripts/steps_schedule.sh OUT DATA_DIR
 #
-# Training only (quiet, one at a time, 2 threads); grade with scripts/grade_full.sh. Re-running
-# continues: finished runs are kept.
+# Training only (scripts/interleaved.sh); grade with scripts/grade_full.sh.
 set -euo pipefail
 out=${1:?OUT}; data=${2:?DATA_DIR}
-for seed in 0 1 2; do
-  python scripts/budget_search.py --data-dir "$data" --out "$out" --train-only --seeds "$seed" --grid 30 \
-      --recipe default= --recipe 'steps-2-5=--attack-steps-schedule 2,5@0.2' \
-      --recipe 'steps-3-5=--attack-steps-schedule 3,5@0.5'
-done
+exec bash "$(dirname "$0")/interleaved.sh" "$out" "$data" 30 0,1,2 default= 'steps-2-5=--attack-steps-schedule 2,5@0.2' \
+    'steps-3-5=--attack-steps-schedule 3,5@0.5'
