@@ -43,8 +43,9 @@ def other_work(load: float | None, runnable: int | None) -> float | None:
     """Cores that other work keeps busy as psadv starts: the one-minute ``load`` average, at most the
     ``runnable`` tasks of this instant less this process. Either alone misleads: the load average
     lags, so a job that ended seconds ago still counts (one psadv run right after another warned
-    with a load of 0.9-1.5 on an idle 2-core machine: results/time-to-target-edge.toml), and the instant's count sees a short-lived
-    shell as busy; the smaller of the two counts only work that has run for a while and still runs.
+    with a load of 0.9-1.5 on an idle 2-core machine: results/time-to-target-edge.toml), and the
+    instant's count sees a short-lived shell as busy; the smaller of the two counts only work that
+    has run for a while and still runs.
     None where neither is known."""
     if load is None or runnable is None:
         return load
