@@ -8,13 +8,11 @@
 #
 #   bash scripts/clean_share.sh OUT DATA_DIR
 #
-# Every run trains first (quiet, one at a time, 2 threads), then scripts/grade_full.sh grades the
+# Every run trains first (scripts/interleaved.sh), then scripts/grade_full.sh grades the
 # candidates on the full test set. Re-running continues: finished runs and grades are kept.
 set -euo pipefail
 out=${1:?OUT}; data=${2:?DATA_DIR}
-for seed in 0 1 2; do
-  python scripts/budget_search.py --data-dir "$data" --out "$out" --train-only --seeds "$seed" --grid 30 \
-      --recipe default= --recipe 'share-0.2=--clean-share 0.2' --recipe 'share-0.35=--clean-share 0.35'
-done
+bash "$(dirname "$0")/interleaved.sh" "$out" "$data" 30 0,1,2 default= 'share-0.2=--clean-share 0.2' \
+    'share-0.35=--clean-share 0.35'
 bash scripts/grade_full.sh "$data" "$out"/share-0.2/T30/seed{0,1,2} "$out"/share-0.35/T30/seed{0,1,2} \
     "$out"/default/T30/seed{0,1,2}

@@ -8,11 +8,7 @@
 #   bash scripts/grade_full.sh DATA_DIR RUN_DIR...
 set -euo pipefail
 data=${1:?DATA_DIR}; shift
-grade() {  # grade RUN ATTACK FILE
-  [ -s "$1/$3" ] || { psadv eval "$1" --attack "$2" --json --no-progress --data-dir "$data" --threads 2 > "$1/$3.part"
-                      mv "$1/$3.part" "$1/$3"; }
-}
-field() { python -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
+. "$(dirname "$0")/grading.sh"
 for r in "$@"; do grade "$r" none clean.json; echo "$r clean $(field "$r/clean.json" clean_acc)"; done
 for r in "$@"; do
   if python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["clean_acc"] < 0.98)' "$r/clean.json"; then

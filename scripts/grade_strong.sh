@@ -8,13 +8,13 @@
 #   bash scripts/grade_strong.sh DATA_DIR RUN...
 set -euo pipefail
 data=${1:?DATA_DIR}; shift
+. "$(dirname "$0")/grading.sh"
 failed=" "
 for r in "$@"; do
   budget=$(dirname "$r")
   case "$failed" in *" $budget "*) echo "$r strong: skipped ($budget already failed)"; continue;; esac
-  [ -s "$r/strong.json" ] || { psadv eval "$r" --attack strong --json --no-progress --data-dir "$data" --threads 2 \
-                                   > "$r/strong.json.part"; mv "$r/strong.json.part" "$r/strong.json"; }
-  acc=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["robust_acc"])' "$r/strong.json")
+  grade "$r" strong strong.json
+  acc=$(field "$r/strong.json" robust_acc)
   echo "$r strong $acc"
   python -c 'import sys; sys.exit(float(sys.argv[1]) < 0.87)' "$acc" || failed="$failed$budget "
 done

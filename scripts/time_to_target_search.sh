@@ -14,6 +14,7 @@
 # Re-running continues: finished runs and grades are kept.
 set -euo pipefail
 out=${1:?OUT}; data=${2:?DATA_DIR}
+. "$(dirname "$0")/grading.sh"
 pgd40='madry-pgd40=--model mnist-small --eps 0.3 --eps-ramp 0.2 --optimizer adam --lr 5e-3 --lr-schedule onecycle --batch-size 100 --attack pgd --attack-steps 40'
 for seed in 0 1 2; do
   python scripts/budget_search.py --data-dir "$data" --out "$out" --train-only --seeds "$seed" --grid 22.5,30,37.5,45 \
@@ -21,6 +22,5 @@ for seed in 0 1 2; do
 done
 python scripts/budget_search.py --data-dir "$data" --out "$out" --train-only --seeds 0,1,2 --grid 360 --recipe "$pgd40"
 for r in "$out"/*/T*/seed*; do
-  [ -s "$r/clean.json" ] || psadv eval "$r" --attack none --json --no-progress --data-dir "$data" --threads 2 > "$r/clean.json"
-  echo "$r clean $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["clean_acc"])' "$r/clean.json")"
+  grade "$r" none clean.json; echo "$r clean $(field "$r/clean.json" clean_acc)"
 done
